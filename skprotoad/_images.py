@@ -1,0 +1,247 @@
+"""Image input: validation, loading and the resize + centre-crop geometry.
+
+Every accepted input form ends up as the same thing: a float32 RGB tensor in
+[0, 1], resized to ``image_size`` (bilinear, antialiased) and centre-cropped to
+``crop_size``. Arrays and files of the same pixels give the same tensor.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def check_size(value, name, allow_none=False):
+    """Return ``value`` as a (height, width) tuple of positive ints."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = (value, value)
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
+    ):
+        raise TypeError(f"{name} must be an int or a (height, width) pair, got {value!r}.")
+    if min(value) < 1:
+        raise ValueError(f"{name} must be positive, got {value!r}.")
+    return (int(value[0]), int(value[1]))
+
+
+def center_crop_box(image_size, crop_size):
+    """(top, left, height, width) of the centre crop inside the resized image.
+
+    Examples
+    --------
+    >>> center_crop_box(256, 224)
+    (16, 16, 224, 224)
+    """
+    image_size = check_size(image_size, "image_size")
+    crop_size = check_size(crop_size, "crop_size", allow_none=True) or image_size
+    if crop_size[0] > image_size[0] or crop_size[1] > image_size[1]:
+        raise ValueError(f"crop_size {crop_size} is larger than image_size {image_size}.")
+    top = (image_size[0] - crop_size[0]) // 2
+    left = (image_size[1] - crop_size[1]) // 2
+    return top, left, crop_size[0], crop_size[1]
+
+
+class ImageSequence:
+    """A validated, lazily loaded sequence of images.
+
+    Parameters
+    ----------
+    X : ndarray or sequence
+        ``(N, H, W)`` or ``(N, H, W, C)`` array (C = 1 or 3) of uint8 or float in
+        [0, 1]; or a list/tuple whose items are file paths, PIL images or such
+        arrays of one image each (sizes may differ).
+    """
+
+    def __init__(self, X, name="X"):
+        self.name = name
+        if isinstance(X, (str, os.PathLike)):
+            raise TypeError(
+                f"{name} must be a sequence of images; got a single path {str(X)!r}. "
+                f"Wrap it in a list, or list a folder's files first."
+            )
+        if isinstance(X, np.ndarray):
+            self._array = _check_array_batch(X, name)
+            self._items = None
+        elif _is_pil(X) or isinstance(X, torch.Tensor):
+            raise TypeError(
+                f"{name} must be a sequence of images; wrap a single image in a list"
+                + (" and pass tensors as numpy arrays." if isinstance(X, torch.Tensor) else ".")
+            )
+        elif isinstance(X, (list, tuple)) or (hasattr(X, "__len__") and hasattr(X, "__getitem__")):
+            items = list(X)
+            for i, item in enumerate(items):
+                _check_item_type(item, f"{name}[{i}]")
+            self._array = None
+            self._items = items
+        else:
+            raise TypeError(
+                f"{name} must be an array of images or a list of paths, PIL images or "
+                f"arrays; got {type(X).__name__}."
+            )
+        if len(self) == 0:
+            raise ValueError(f"{name} is empty: at least one image is needed.")
+
+    def __len__(self):
+        return len(self._array) if self._array is not None else len(self._items)
+
+    def load(self, index):
+        """Image ``index`` as a float32 tensor (3, H, W) in [0, 1]."""
+        if self._array is not None:
+            return _array_to_tensor(self._array[index], f"{self.name}[{index}]", checked=True)
+        return load_image(self._items[index], f"{self.name}[{index}]")
+
+    def original_size(self, index):
+        """(height, width) of image ``index`` before resizing."""
+        if self._array is not None:
+            return tuple(self._array.shape[1:3])
+        item = self._items[index]
+        if isinstance(item, np.ndarray):
+            return tuple(item.shape[:2])
+        if _is_pil(item):
+            return (item.height, item.width)
+        from PIL import Image
+
+        with Image.open(item) as img:
+            return (img.height, img.width)
+
+    def batches(self, batch_size, image_size, crop_size, indices=None):
+        """Yield ``(indices, tensor)`` with tensors of shape (B, 3, *crop)."""
+        order = range(len(self)) if indices is None else indices
+        order = list(order)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            tensors = [resize_and_crop(self.load(i), image_size, crop_size) for i in chunk]
+            yield chunk, torch.stack(tensors)
+
+
+def resize_and_crop(image, image_size, crop_size):
+    """Resize (3, H, W) to ``image_size`` and centre-crop to ``crop_size``."""
+    top, left, height, width = center_crop_box(image_size, crop_size)
+    size = check_size(image_size, "image_size")
+    if tuple(image.shape[-2:]) != size:
+        image = F.interpolate(
+            image[None], size=size, mode="bilinear", align_corners=False, antialias=True
+        )[0].clamp_(0.0, 1.0)
+    return image[:, top : top + height, left : left + width]
+
+
+def load_image(item, where="image"):
+    """Load one path, PIL image or array as a float32 tensor (3, H, W) in [0, 1]."""
+    if isinstance(item, np.ndarray):
+        return _array_to_tensor(item, where)
+    if _is_pil(item):
+        return _pil_to_tensor(item, where)
+    path = Path(item)
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.exists():
+        raise ValueError(f"{where}: image file not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{where}: {path} is a directory, not an image file.")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _pil_to_tensor(img, f"{where} ({path})")
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"{where}: cannot read image {path}: {exc}") from exc
+
+
+def _is_pil(obj):
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        return False
+    return isinstance(obj, Image.Image)
+
+
+def _check_item_type(item, where):
+    if isinstance(item, (str, os.PathLike)) or _is_pil(item):
+        return
+    if isinstance(item, np.ndarray):
+        _check_single_array(item, where)
+        return
+    raise TypeError(
+        f"{where} must be a file path, a PIL image or a numpy array, "
+        f"got {type(item).__name__}."
+    )
+
+
+def _check_dtype_and_range(arr, where):
+    if arr.dtype == np.uint8:
+        return
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(
+            f"{where} has dtype {arr.dtype}; use uint8 (0..255) or float in [0, 1]."
+        )
+    if arr.size and not np.isfinite(arr).all():
+        raise ValueError(f"{where} contains NaN or infinite values.")
+    if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
+        raise ValueError(
+            f"{where} is a float image with values in [{arr.min():g}, {arr.max():g}]; "
+            f"float images must lie in [0, 1] (divide 8-bit data by 255)."
+        )
+
+
+def _check_channels(shape, where, batch):
+    lead = "(N, H, W, C)" if batch else "(H, W, C)"
+    if len(shape) == (4 if batch else 3):
+        channels = shape[-1]
+        if channels not in (1, 3):
+            hint = ""
+            if shape[-3] in (1, 3):
+                hint = f" It looks channel-first: transpose to {lead}."
+            elif channels == 4:
+                hint = " RGBA is not accepted: drop the alpha channel."
+            raise ValueError(
+                f"{where} has shape {shape}: expected {lead} with C = 1 or 3 "
+                f"channels last.{hint}"
+            )
+    elif len(shape) != (3 if batch else 2):
+        expected = "(N, H, W) or (N, H, W, C)" if batch else "(H, W) or (H, W, C)"
+        raise ValueError(f"{where} has shape {shape}: expected {expected}.")
+    if min(shape) == 0:
+        raise ValueError(f"{where} has shape {shape}: an image needs at least one pixel.")
+
+
+def _check_array_batch(X, name):
+    _check_channels(X.shape, name, batch=True)
+    _check_dtype_and_range(X, name)
+    return X
+
+
+def _check_single_array(arr, where):
+    _check_channels(arr.shape, where, batch=False)
+    _check_dtype_and_range(arr, where)
+
+
+def _array_to_tensor(arr, where, checked=False):
+    if not checked:
+        _check_single_array(arr, where)
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = t.float().div_(255.0) if arr.dtype == np.uint8 else t.float()
+    if t.ndim == 2:
+        t = t[:, :, None]
+    t = t.permute(2, 0, 1)
+    return t.expand(3, -1, -1).contiguous() if t.shape[0] == 1 else t.contiguous()
+
+
+def _pil_to_tensor(img, where):
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        raise ValueError(
+            f"{where} is a {img.mode} (16-bit or float) image; convert it to 8-bit, "
+            f"or pass it as a float array scaled to [0, 1]."
+        )
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
+    return _array_to_tensor(np.asarray(img), where, checked=True)

