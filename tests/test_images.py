@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from skprotoad._images import ImageSequence, center_crop_box, load_image, resize_and_crop
+
+
+@pytest.fixture
+def rgb():
+    return np.random.default_rng(0).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+
+
+def test_all_input_forms_give_the_same_tensor(rgb, tmp_path):
+    path = tmp_path / "img.png"
+    Image.fromarray(rgb).save(path)
+    expected = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    for item in (rgb, rgb.astype(np.float32) / 255, Image.fromarray(rgb), str(path), path):
+        assert torch.allclose(load_image(item), expected, atol=1e-6), type(item)
+
+
+def test_grey_forms_are_replicated_to_three_channels(rgb):
+    grey = rgb[..., 0]
+    a = load_image(grey)
+    b = load_image(grey[..., None])
+    c = load_image(np.repeat(grey[..., None], 3, axis=2))
+    d = load_image(Image.fromarray(grey))
+    assert a.shape == (3, 20, 30)
+    for other in (b, c, d):
+        assert torch.equal(a, other)
+
+
+def test_sequence_of_mixed_sizes_batches_to_the_crop(rgb):
+    images = ImageSequence([rgb, rgb[:10], np.zeros((50, 7), np.uint8)])
+    (index, batch), = list(images.batches(4, image_size=32, crop_size=24))
+    assert index == [0, 1, 2]
+    assert batch.shape == (3, 3, 24, 24)
+    assert images.original_size(1) == (10, 30)
+
+
+def test_batches_follow_the_given_order(rgb):
+    X = np.stack([rgb, rgb // 2, rgb // 3])
+    images = ImageSequence(X)
+    chunks = list(images.batches(2, 20, None, indices=[2, 0, 1]))
+    assert [c for c, _ in chunks] == [[2, 0], [1]]
+    assert torch.allclose(chunks[0][1][0], resize_and_crop(load_image(X[2]), 20, None))
+
+
+def test_center_crop_box_geometry():
+    assert center_crop_box(256, 224) == (16, 16, 224, 224)
+    assert center_crop_box((100, 300), (50, 101)) == (25, 99, 50, 101)
+    assert center_crop_box(64, None) == (0, 0, 64, 64)
+    with pytest.raises(ValueError, match="larger than image_size"):
+        center_crop_box(200, 224)
+
+
+def test_resize_and_crop_keeps_a_feature_in_place():
+    img = torch.zeros(3, 100, 200)
+    img[:, 40:60, 90:110] = 1.0  # a square at the centre of a wide image
+    out = resize_and_crop(img, 64, 48)
+    ys, xs = np.nonzero(out[0].numpy() > 0.5)
+    assert abs(ys.mean() - 23.5) < 1 and abs(xs.mean() - 23.5) < 1
+
+
+@pytest.mark.parametrize(
+    "X, error, match",
+    [
+        (np.zeros((0, 8, 8, 3), np.uint8), ValueError, "empty"),
+        ([], ValueError, "empty"),
+        (np.zeros((2, 3, 8, 8), np.uint8), ValueError, "channel-first"),
+        (np.zeros((2, 8, 8, 4), np.uint8), ValueError, "RGBA"),
+        (np.zeros((2, 8), np.uint8), ValueError, "expected"),
+        (np.full((1, 8, 8), 2.0), ValueError, r"\[0, 1\]"),
+        (np.full((1, 8, 8), np.nan), ValueError, "NaN"),
+        (np.zeros((1, 8, 8), np.int16), TypeError, "dtype int16"),
+        (np.zeros((1, 8, 8), bool), TypeError, "dtype bool"),
+        ("some/folder", TypeError, "single path"),
+        (3, TypeError, "got int"),
+        ([np.zeros((8, 8)), 5], TypeError, r"X\[1\]"),
+        ([np.zeros((8, 8, 2))], ValueError, r"X\[0\]"),
+    ],
+)
+def test_bad_input_is_named(X, error, match):
+    with pytest.raises(error, match=match):
+        ImageSequence(X)
+
+
+def test_file_problems_are_named(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+        load_image(bad)
+    with pytest.raises(ValueError, match="not found"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match="directory"):
+        load_image(tmp_path)
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.zeros((4, 4), np.uint16)).save(deep)
+    with pytest.raises(ValueError, match="16-bit"):
+        load_image(deep)
+
+
+def test_truncated_file_is_named(tmp_path, rgb):
+    path = tmp_path / "cut.jpg"
+    Image.fromarray(rgb).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="cut.jpg"):
+        load_image(path)

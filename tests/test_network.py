@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from skprotoad.backbones import create_feature_extractor
+from skprotoad.network import GaussianSmoothing, PatchEmbedding, ProtoADNetwork
+
+
+@pytest.fixture(scope="module")
+def embedding():
+    return PatchEmbedding(create_feature_extractor("resnet18", (1, 2), weights=None))
+
+
+@pytest.mark.parametrize("sigma", [0.7, 4.0, 9.0])
+@pytest.mark.parametrize("size", [(31, 64), (12, 10)])
+def test_smoothing_matches_scipy(sigma, size):
+    maps = np.random.default_rng(0).random((2, *size)).astype(np.float32)
+    ours = GaussianSmoothing(sigma, size)(torch.from_numpy(maps)).numpy()
+    for m, o in zip(maps, ours):
+        ref = gaussian_filter(m.astype(np.float64), sigma=sigma, mode="reflect")
+        np.testing.assert_allclose(o, ref, atol=1e-5)
+
+
+def test_sigma_zero_is_identity():
+    maps = torch.rand(1, 9, 9)
+    assert torch.equal(GaussianSmoothing(0, (9, 9))(maps), maps)
+
+
+def test_embedding_joins_stages_at_the_finest_stride(embedding):
+    x = torch.rand(2, 3, 64, 64)
+    features = embedding(x)
+    assert features.shape == (2, 64 + 128, 16, 16)
+    torch.testing.assert_close(features.norm(dim=1), torch.ones(2, 16, 16))
+    # each stride-8 feature is repeated over the 2 x 2 stride-4 patches it covers
+    # (up to the joint normalisation, which scales each patch differently)
+    layer2 = F.normalize(features[:, 64:], dim=1)
+    torch.testing.assert_close(layer2[:, :, 0::2, 0::2], layer2[:, :, 1::2, 1::2])
+
+
+def test_network_computes_one_minus_max_cosine(embedding):
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 64, 64)
+    prototypes = torch.randn(7, 192)
+    net = ProtoADNetwork(embedding, prototypes, (64, 64), sigma=0).eval()
+    maps, scores = net(x)
+
+    feats = embedding(x).permute(0, 2, 3, 1).numpy()  # (N, h, w, C), unit rows
+    protos = F.normalize(prototypes, dim=1).numpy()
+    patch = 1 - (feats @ protos.T).max(axis=-1)
+    expected = F.interpolate(
+        torch.from_numpy(patch)[:, None], size=(64, 64), mode="bilinear", align_corners=False
+    )[:, 0]
+    torch.testing.assert_close(maps, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores, maps.flatten(1).amax(1))
+
+
+def test_a_patch_equal_to_a_prototype_scores_zero(embedding):
+    x = torch.rand(1, 3, 64, 64)
+    feats = embedding(x)
+    prototypes = feats[0].flatten(1).T  # every patch is a prototype
+    net = ProtoADNetwork(embedding, prototypes, (64, 64), sigma=0)
+    maps, scores = net(x)
+    assert scores.item() < 1e-5
+    other = net(torch.rand(1, 3, 64, 64))[1].item()
+    assert other > 1e-3
+
+
+def test_results_do_not_depend_on_the_batch(embedding):
+    net = ProtoADNetwork(embedding, torch.randn(5, 192), (64, 64))
+    x = torch.rand(4, 3, 64, 64)
+    together = net(x)[0]
+    alone = torch.cat([net(x[i : i + 1])[0] for i in range(4)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_prototypes_are_stored_unit_norm(embedding):
+    net = ProtoADNetwork(embedding, 3 * torch.randn(4, 192), (64, 64))
+    torch.testing.assert_close(net.prototypes.norm(dim=1), torch.ones(4))
+
+
+def test_wrong_prototype_width_is_named(embedding):
+    with pytest.raises(ValueError, match=r"\(n_prototypes, 192\)"):
+        ProtoADNetwork(embedding, torch.randn(4, 10), (64, 64))
+
+
+def test_network_has_no_trainable_parameters(embedding):
+    net = ProtoADNetwork(embedding, torch.randn(4, 192), (64, 64))
+    assert not any(p.requires_grad for p in net.parameters())
+    net.train()
+    assert not net.embedding.backbone.training  # batch-norm statistics stay frozen
