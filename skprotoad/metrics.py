@@ -185,8 +185,10 @@ def _auroc_from_split(neg, pos):
     Sorting the negatives once and binary-searching the positives gives the
     number of negatives strictly below and equal to each positive score.
     Integers keep the sum exact; the factor 2 folds in the one-half for ties.
+    ``neg`` must be a private copy: it is sorted in place to save memory.
     """
-    neg_sorted = np.sort(neg)
+    neg.sort()
+    neg_sorted = neg
     below = np.searchsorted(neg_sorted, pos, side="left")
     below_or_equal = np.searchsorted(neg_sorted, pos, side="right")
     twice_u = int(below.sum(dtype=np.int64)) + int(below_or_equal.sum(dtype=np.int64))
@@ -199,10 +201,12 @@ def _f1_max_from_split(neg, pos):
     The optimum is always reached at a threshold equal to an anomalous
     score: moving a threshold up to the next anomalous score keeps the true
     positives and can only drop false positives. So only those candidates
-    are evaluated.
+    are evaluated. ``neg`` and ``pos`` must be private copies: they are
+    sorted in place to save memory.
     """
-    neg_sorted = np.sort(neg)
-    pos_sorted = np.sort(pos)
+    neg.sort()
+    pos.sort()
+    neg_sorted, pos_sorted = neg, pos
     thresholds = np.unique(pos_sorted)
     tp = pos_sorted.size - np.searchsorted(pos_sorted, thresholds, side="left")
     fp = neg_sorted.size - np.searchsorted(neg_sorted, thresholds, side="left")
@@ -217,29 +221,26 @@ def _collect_regions(masks, maps):
     ``1 / (region size * total number of regions)``, so that the sum of the
     weights of the pixels above a threshold is the mean per-region overlap.
     """
+    neg, pos = _split_pixels(masks, maps)
+    weights = np.empty(pos.size, dtype=np.float64)
     n_regions = 0
-    labelled = []
+    start = 0
     for mask in masks:
         lab, n = ndimage.label(mask, structure=_STRUCTURE_8)
-        labelled.append((lab, n))
+        if n == 0:
+            continue
+        # Same pixels, same row-major order as amap[mask] in _split_pixels,
+        # so weights stay aligned with pos.
+        region_of_pixel = lab[mask]
+        sizes = np.bincount(region_of_pixel)
+        weights[start:start + region_of_pixel.size] = 1.0 / sizes[region_of_pixel]
+        start += region_of_pixel.size
         n_regions += n
-    neg, pos = _split_pixels(masks, maps)
     if n_regions == 0:
         raise ValueError("masks contain no anomalous pixel; the PRO is undefined.")
     if neg.size == 0:
         raise ValueError("masks contain no normal pixel; the FPR is undefined.")
-    weights = np.empty(pos.size, dtype=np.float64)
-    start = 0
-    for lab, n in labelled:
-        if n == 0:
-            continue
-        region_of_pixel = lab[lab > 0]
-        sizes = np.bincount(region_of_pixel)
-        weights[start:start + region_of_pixel.size] = 1.0 / sizes[region_of_pixel]
-        start += region_of_pixel.size
     weights /= n_regions
-    # _split_pixels gathers region pixels in row-major order per image, which
-    # is the same order as lab[lab > 0]; so pos and weights are aligned.
     return neg, pos, weights
 
 
@@ -249,9 +250,10 @@ def _pro_curve_from_regions(neg, pos, weights, max_fpr=None):
     A pixel is predicted anomalous when ``score >= threshold``. The first
     point is (0, 0) at threshold +inf. When ``max_fpr`` is given, thresholds
     whose FPR exceeds it are dropped, except the first one, which is needed to
-    interpolate at the limit.
+    interpolate at the limit. ``neg`` is sorted in place.
     """
-    neg_sorted = np.sort(neg)
+    neg.sort()
+    neg_sorted = neg
     order = np.argsort(pos, kind="stable")
     pos_sorted = pos[order]
     # tail[i] = weight of the region pixels with rank >= i, computed from the
