@@ -107,7 +107,7 @@ def main(argv=None):
         "pixel_auroc": lambda: pixel_auroc(masks, maps),
         "pixel_f1_max": lambda: pixel_f1_max(masks, maps),
         "aupro": lambda: aupro(masks, maps),
-        "pro_curve (full curve)": lambda: len(pro_curve(masks, maps)[0]),
+        "pro_curve (full curve; value = n points)": lambda: len(pro_curve(masks, maps)[0]),
         "evaluate_maps (all five)": lambda: evaluate_maps(y, scores, masks, maps)["aupro"],
         "baseline: sklearn roc_auc_score": lambda: roc_auc_score(flat_masks, flat_maps),
         "baseline: argsort AU-PRO": lambda: argsort_aupro(masks, maps),
@@ -117,7 +117,7 @@ def main(argv=None):
         value, seconds, peak = measure(func, args.repeat)
         rows.append({"metric": name, "value": float(value), "seconds": seconds,
                      "peak_mib": peak / 2**20})
-        print(f"{name:34s} value={float(value):.6f} time={seconds:.3f}s "
+        print(f"{name:42s} value={float(value):.6f} time={seconds:.3f}s "
               f"peak={peak / 2**20:.1f} MiB", flush=True)
 
     n_pixels = masks.size

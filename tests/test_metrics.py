@@ -1,5 +1,8 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
@@ -265,6 +268,27 @@ def test_aupro_continuous_scores(seed):
     fpr_ref, pro_ref = _ref_pro_curve(masks, maps)
     expected = _ref_trapezoid(fpr_ref, pro_ref, 0.3) / 0.3
     assert aupro(masks, maps) == pytest.approx(expected, abs=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    masks=arrays(bool, (2, 4, 5)),
+    maps=arrays(np.int8, (2, 4, 5), elements=st.integers(0, 3)),
+    limit=st.sampled_from([0.3, 0.1, 0.25, 0.5, 1.0, 1 / 3]),
+)
+def test_aupro_property_against_reference(masks, maps, limit):
+    if masks.all() or not masks.any():
+        return
+    fpr_ref, pro_ref = _ref_pro_curve(masks, maps)
+    expected = _ref_trapezoid(fpr_ref, pro_ref, limit) / limit
+    assert aupro(masks, maps, fpr_limit=limit) == pytest.approx(expected, abs=1e-12)
+    assert pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()))
+
+
+def test_aupro_constant_maps():
+    masks, _ = _hand_case()
+    # One threshold: the curve is the diagonal (0, 0) -> (1, 1).
+    assert aupro(masks, np.zeros(masks.shape)) == pytest.approx(0.15)
 
 
 def test_aupro_perfect_and_inverted():
