@@ -210,6 +210,8 @@ def _check_channels(shape, where, batch):
     elif len(shape) != (3 if batch else 2):
         expected = "(N, H, W) or (N, H, W, C)" if batch else "(H, W) or (H, W, C)"
         raise ValueError(f"{where} has shape {shape}: expected {expected}.")
+    if batch and shape[0] == 0:
+        raise ValueError(f"{where} is empty: at least one image is needed.")
     if min(shape) == 0:
         raise ValueError(f"{where} has shape {shape}: an image needs at least one pixel.")
 
@@ -228,7 +230,10 @@ def _check_single_array(arr, where):
 def _array_to_tensor(arr, where, checked=False):
     if not checked:
         _check_single_array(arr, where)
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # torch warns on read-only memory (PIL, memmaps)
+        arr = arr.copy()
+    t = torch.from_numpy(arr)
     t = t.float().div_(255.0) if arr.dtype == np.uint8 else t.float()
     if t.ndim == 2:
         t = t[:, :, None]

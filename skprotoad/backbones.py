@@ -287,9 +287,10 @@ def _load_matching(model, state, source):
     if all(k in state for k in target):
         matched = {k: state[k] for k in target}
     else:
-        # num_batches_tracked counters are not parameters in all checkpoints.
-        src = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
-        dst = [k for k in target if not k.endswith("num_batches_tracked")]
+        # Scalar batch-norm counters (num_batches_tracked) are missing from some
+        # checkpoints and carry no weights: leave them out of the pairing.
+        src = [(k, v) for k, v in state.items() if v.ndim > 0]
+        dst = [k for k, v in target.items() if v.ndim > 0]
         if len(src) < len(dst):
             raise ValueError(
                 f"Weights from {source} do not fit the backbone: {len(src)} tensors "

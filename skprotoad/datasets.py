@@ -19,6 +19,8 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.utils import Bunch, check_random_state
 
+from ._images import IMAGE_EXTENSIONS, center_crop_box, check_size
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "load_mvtec",
@@ -29,7 +31,6 @@ __all__ = [
     "make_defect_dataset",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # Mask file names tried for an image ``<stem>.<ext>``, in order of preference.
 _MASK_SUFFIXES = ("_mask", "")
@@ -319,35 +320,6 @@ def load_folder(normal_dir, abnormal_dir=None, mask_dir=None):
 # --------------------------------------------------------------------------
 
 
-def _as_hw(size, name):
-    """``size`` as a (height, width) pair of positive ints."""
-    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
-        size = (size, size)
-    try:
-        height, width = size
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int or a (height, width) pair, got {size!r}.") from None
-    for value in (height, width):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must hold positive integers, got {size!r}.")
-    return int(height), int(width)
-
-
-def _center_crop_box(image_size, crop_size):
-    """Centre crop of a resized image, as (top, left, height, width).
-
-    The offset on each axis is ``(image - crop) // 2`` (floor), the same
-    definition for images, masks and anomaly maps.
-    """
-    image_h, image_w = _as_hw(image_size, "image_size")
-    crop_h, crop_w = _as_hw(crop_size, "crop_size")
-    if crop_h > image_h or crop_w > image_w:
-        raise ValueError(
-            f"crop_size {(crop_h, crop_w)} is larger than image_size {(image_h, image_w)}."
-        )
-    return (image_h - crop_h) // 2, (image_w - crop_w) // 2, crop_h, crop_w
-
-
 def load_masks(mask_paths, image_size=256, crop_size=224):
     """Load binary masks in the model's input geometry.
 
@@ -374,8 +346,8 @@ def load_masks(mask_paths, image_size=256, crop_size=224):
     >>> load_masks([None, None], image_size=8, crop_size=6).shape
     (2, 6, 6)
     """
-    top, left, height, width = _center_crop_box(image_size, crop_size)
-    full_h, full_w = _as_hw(image_size, "image_size")
+    top, left, height, width = center_crop_box(image_size, crop_size)
+    full_h, full_w = check_size(image_size, "image_size")
     masks = np.zeros((len(mask_paths), height, width), dtype=bool)
     for i, path in enumerate(mask_paths):
         if path is None:
@@ -495,7 +467,7 @@ def _to_rgb(gray):
 def _check_generator_params(n_samples, image_size, anomaly_ratio, defect_types):
     if not isinstance(n_samples, numbers.Integral) or isinstance(n_samples, bool) or n_samples < 0:
         raise ValueError(f"n_samples must be a non-negative int, got {n_samples!r}.")
-    shape = _as_hw(image_size, "image_size")
+    shape = check_size(image_size, "image_size")
     if min(shape) < 16:
         raise ValueError(f"image_size must be at least 16 pixels per side, got {shape}.")
     if not isinstance(anomaly_ratio, numbers.Real) or not 0.0 <= anomaly_ratio <= 1.0:
