@@ -197,6 +197,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         features = self._extract_features(embedding, images, order, device)
         n_fit = len(order) - n_held_out
         crop = self._crop_size()
+        self._check_enough_patches(features, n_fit)
 
         self.calibration_scores_ = np.empty(0)
         if n_held_out:
@@ -291,6 +292,14 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         for index, batch_maps, _ in self._forward(images, keep_maps=True):
             maps[index] = batch_maps
         return maps
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # Input is a batch of images (N, H, W[, C]) or a list of paths / images,
+        # not a feature matrix.
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        return tags
 
     @property
     def prototypes_(self):
@@ -402,12 +411,6 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
 
     def _learn_prototypes(self, features, seed, device):
         patches = features.reshape(-1, features.shape[-1])
-        if self.n_clusters is not None and self.n_clusters > len(patches):
-            raise ValueError(
-                f"n_clusters={self.n_clusters} is more than the {len(patches)} training "
-                f"patches ({len(features)} images of {features.shape[1]} x "
-                f"{features.shape[2]} patches)."
-            )
         return torch.from_numpy(
             learn_prototypes(
                 patches,
@@ -418,6 +421,21 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
                 verbose=self.verbose,
             )
         )
+
+    def _check_enough_patches(self, features, n_fit):
+        n_patches = n_fit * features.shape[1] * features.shape[2]
+        if self.n_clusters is not None and self.n_clusters > n_patches:
+            held_out = len(features) - n_fit
+            note = (
+                f", after holding out {held_out} to calibrate contamination='auto'"
+                if held_out
+                else ""
+            )
+            raise ValueError(
+                f"n_clusters={self.n_clusters} is more than the {n_patches} training "
+                f"patches ({n_fit} images of {features.shape[1]} x {features.shape[2]} "
+                f"patches{note})."
+            )
 
     def _score_features(self, network, features, device):
         scores = np.empty(len(features))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from skprotoad import ProtoADDetector
+from skprotoad.datasets import make_defect_dataset
 
 DATA_ROOT = Path(
     os.environ.get("SKPROTOAD_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
@@ -27,43 +28,15 @@ TINY = dict(
 )
 
 
-def textured_images(n, size=64, random_state=0, defect=False):
-    """Grey wood-grain-like texture; with ``defect`` a bright square at a random place.
-
-    Returns images (n, size, size, 3) uint8 and masks (n, size, size) bool.
-    """
-    rng = np.random.default_rng(random_state)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    images = np.empty((n, size, size, 3), dtype=np.uint8)
-    masks = np.zeros((n, size, size), dtype=bool)
-    for i in range(n):
-        phase = rng.uniform(0, 2 * np.pi)
-        angle = rng.uniform(-0.2, 0.2)
-        grain = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 0.6 + phase)
-        noise = rng.normal(0, 0.15, (size, size))
-        img = 120 + 30 * grain + 20 * noise
-        if defect:
-            side = size // 6
-            top, left = rng.integers(4, size - side - 4, size=2)
-            img[top : top + side, left : left + side] = 250
-            masks[i, top : top + side, left : left + side] = True
-        images[i] = np.clip(img, 0, 255).astype(np.uint8)[..., None]
-    return images, masks
+@pytest.fixture(scope="session")
+def synthetic():
+    """12 normal training images; 16 test images (labels 1 = anomalous) with masks."""
+    return make_defect_dataset(n_train=12, n_test=16, image_size=(64, 64), random_state=0)
 
 
 @pytest.fixture(scope="session")
-def normal_images():
-    return textured_images(12, random_state=1)[0]
-
-
-@pytest.fixture(scope="session")
-def test_set():
-    """Six normal and six defective images with labels (1 anomalous) and masks."""
-    good, good_masks = textured_images(6, random_state=2)
-    bad, bad_masks = textured_images(6, random_state=3, defect=True)
-    X = np.concatenate([good, bad])
-    y = np.r_[np.zeros(6, int), np.ones(6, int)]
-    return X, y, np.concatenate([good_masks, bad_masks])
+def normal_images(synthetic):
+    return synthetic.X_train
 
 
 @pytest.fixture(scope="session")

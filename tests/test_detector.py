@@ -1,0 +1,286 @@
+import pickle
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer
+from sklearn.utils import estimator_checks as checks
+
+from skprotoad import ProtoADDetector
+from skprotoad.metrics import image_auroc, pixel_auroc
+
+from .conftest import TINY
+
+# --------------------------------------------------------- the convention
+
+
+def test_outlier_convention(tiny_detector, synthetic):
+    X = synthetic.X_test
+    scores = tiny_detector.score_samples(X)
+    decision = tiny_detector.decision_function(X)
+    np.testing.assert_allclose(decision, scores - tiny_detector.offset_)
+    labels = tiny_detector.predict(X)
+    assert set(np.unique(labels)) <= {-1, 1}
+    np.testing.assert_array_equal(labels == -1, decision < 0)
+
+
+def test_score_is_minus_the_max_of_the_map(tiny_detector, synthetic):
+    X = synthetic.X_test[:5]
+    maps = tiny_detector.anomaly_maps(X)
+    assert maps.shape == (5, 64, 64) and maps.dtype == np.float32
+    np.testing.assert_allclose(tiny_detector.score_samples(X), -maps.max(axis=(1, 2)), rtol=1e-6)
+
+
+def test_all_input_forms_score_alike(tiny_detector, synthetic, tmp_path):
+    from PIL import Image
+
+    X = synthetic.X_test[:3]
+    paths = []
+    for i, img in enumerate(X):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(img).save(paths[-1])
+    expected = tiny_detector.score_samples(X)
+    for form in (list(X), [Image.fromarray(x) for x in X], paths, X.astype(np.float64) / 255):
+        np.testing.assert_allclose(tiny_detector.score_samples(form), expected, rtol=1e-5)
+
+
+def test_images_of_different_sizes_in_a_list(tiny_detector, synthetic):
+    X = synthetic.X_test
+    mixed = [X[0], X[1][:40], X[2][:, :50, 0]]
+    assert tiny_detector.anomaly_maps(mixed).shape == (3, 64, 64)
+
+
+def test_fit_is_deterministic_for_a_random_state(normal_images, synthetic):
+    a = ProtoADDetector(**TINY).fit(normal_images)
+    b = ProtoADDetector(**TINY).fit(normal_images)
+    np.testing.assert_array_equal(a.prototypes_, b.prototypes_)
+    np.testing.assert_array_equal(a.score_samples(synthetic.X_test), b.score_samples(synthetic.X_test))
+    assert a.offset_ == b.offset_
+
+
+def test_fitted_attributes(tiny_detector, normal_images):
+    assert tiny_detector.prototypes_.shape == (16, 64 + 128)
+    np.testing.assert_allclose(np.linalg.norm(tiny_detector.prototypes_, axis=1), 1, rtol=1e-5)
+    assert tiny_detector.feature_shape_ == (16, 16, 192)
+    # contamination="auto" holds out 20 % of the 12 normal images
+    assert tiny_detector.n_train_images_ == 12
+    assert len(tiny_detector.calibration_scores_) == 2
+    assert -tiny_detector.offset_ >= np.median(tiny_detector.calibration_scores_)
+
+
+# ---------------------------------------------------------- detection works
+
+
+def test_imagenet_features_find_synthetic_defects(lite0_detector, synthetic):
+    """The offline backbone, 12 training images of 64 px: clearly above chance."""
+    X, y, masks = synthetic.X_test, synthetic.y_test, synthetic.masks_test
+    assert image_auroc(y, -lite0_detector.score_samples(X)) > 0.75
+    assert pixel_auroc(masks, lite0_detector.anomaly_maps(X)) > 0.75
+
+
+def test_auto_threshold_flags_defects_not_normals(lite0_detector, synthetic):
+    pred = lite0_detector.predict(synthetic.X_test)
+    normal = synthetic.y_test == 0
+    assert np.mean(pred[normal] == -1) <= 0.25  # false alarms on unseen normal images
+    assert np.mean(pred[~normal] == -1) >= 0.5
+
+
+# ------------------------------------------------------ labels and contamination
+
+
+def test_only_normal_labelled_images_are_learned_from(normal_images, synthetic):
+    anomalous = synthetic.X_test[synthetic.y_test == 1]
+    X = np.concatenate([normal_images, anomalous])
+    y = np.r_[np.ones(len(normal_images), int), -np.ones(len(anomalous), int)]
+    with_y = ProtoADDetector(**TINY).fit(X, y)
+    normal_only = ProtoADDetector(**TINY).fit(normal_images)
+    np.testing.assert_allclose(with_y.prototypes_, normal_only.prototypes_)
+    assert with_y.n_train_images_ == len(normal_images)
+
+
+@pytest.mark.parametrize(
+    "y, match",
+    [
+        (np.ones(3), "one label per image"),
+        (np.zeros(12), r"1 \(normal\) and -1"),
+        (np.full(12, 2), r"1 \(normal\) and -1"),
+        (-np.ones(12), "no image as normal"),
+        (np.array(["a"] * 12), r"1 \(normal\) and -1"),
+    ],
+)
+def test_bad_labels_are_named(normal_images, y, match):
+    with pytest.raises(ValueError, match=match):
+        ProtoADDetector(**TINY).fit(normal_images, y)
+
+
+@pytest.mark.parametrize("contamination", [0.1, 0.25, 0.5])
+def test_float_contamination_flags_that_share_of_training(normal_images, contamination):
+    det = ProtoADDetector(**{**TINY, "contamination": contamination}).fit(normal_images)
+    flagged = np.mean(det.predict(normal_images) == -1)
+    assert abs(flagged - contamination) <= 1 / len(normal_images) + 1e-9
+    assert len(det.calibration_scores_) == 0
+
+
+def test_auto_contamination_with_few_images_uses_the_worst(normal_images):
+    det = ProtoADDetector(**TINY).fit(normal_images[:3])
+    worst = -det.score_samples(normal_images[:3]).min()
+    np.testing.assert_allclose(-det.offset_, worst, rtol=1e-5)
+    assert len(det.calibration_scores_) == 0
+
+
+# ------------------------------------------------------------ bad parameters
+
+
+@pytest.mark.parametrize(
+    "params, error, match",
+    [
+        ({"clustering": "dbscan"}, ValueError, "clustering"),
+        ({"clustering": "kmeans", "n_clusters": None}, ValueError, "needs n_clusters"),
+        ({"n_clusters": 0}, ValueError, "at least 1"),
+        ({"n_clusters": 2.5}, TypeError, "n_clusters"),
+        ({"n_clusters": 10_000}, ValueError, r"more than the 2560 training patches \(10 images of 16 x 16 patches, after holding out 2"),
+        ({"sigma": -1}, ValueError, "sigma"),
+        ({"sigma": "4"}, TypeError, "sigma"),
+        ({"crop_size": 80}, ValueError, "larger than image_size"),
+        ({"image_size": "big"}, TypeError, "image_size"),
+        ({"mean": (0.5, 0.5)}, ValueError, "mean"),
+        ({"std": (0.2, 0.0, 0.2)}, ValueError, "std must be positive"),
+        ({"contamination": 0.7}, ValueError, "contamination"),
+        ({"contamination": "high"}, ValueError, "contamination"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"device": "tpu"}, ValueError, "device"),
+        ({"backbone": "no_such_net"}, ValueError, "Unknown backbone"),
+        ({"layers": (2, 1)}, ValueError, "strictly increasing"),
+        ({"layers": (1, 9)}, ValueError, "out of range"),
+    ],
+)
+def test_bad_parameters_are_named_at_fit(normal_images, params, error, match):
+    with pytest.raises(error, match=match):
+        ProtoADDetector(**{**TINY, **params}).fit(normal_images)
+
+
+def test_methods_before_fit_raise_not_fitted(synthetic):
+    det = ProtoADDetector(**TINY)
+    for method in ("score_samples", "decision_function", "predict", "anomaly_maps"):
+        with pytest.raises(NotFittedError):
+            getattr(det, method)(synthetic.X_test)
+    with pytest.raises(NotFittedError):
+        det.prototypes_
+
+
+# ------------------------------------------------- scikit-learn integration
+
+_DATA_INDEPENDENT_CHECKS = [
+    checks.check_no_attributes_set_in_init,
+    checks.check_parameters_default_constructible,
+    checks.check_get_params_invariance,
+    checks.check_set_params,
+    checks.check_estimator_repr,
+    checks.check_mixin_order,
+    checks.check_estimator_cloneable,
+    checks.check_estimator_tags_renamed,
+    checks.check_valid_tag_types,
+    checks.check_do_not_raise_errors_in_init_or_set_params,
+]
+
+
+@pytest.mark.parametrize("check", _DATA_INDEPENDENT_CHECKS, ids=lambda c: c.__name__)
+def test_sklearn_data_independent_checks(check):
+    check("ProtoADDetector", ProtoADDetector())
+
+
+def test_tags_describe_image_input():
+    tags = ProtoADDetector().__sklearn_tags__()
+    assert tags.estimator_type == "outlier_detector"
+    assert not tags.input_tags.two_d_array and tags.input_tags.three_d_array
+
+
+def test_fit_returns_self_and_leaves_params_alone(normal_images):
+    det = ProtoADDetector(**TINY)
+    before = det.get_params()
+    X = normal_images.copy()
+    X.setflags(write=False)  # read-only input, like a memmap
+    assert det.fit(X) is det
+    assert det.get_params() == before
+    np.testing.assert_array_equal(X, normal_images)  # input not modified
+
+
+def test_outliers_train_image_version(normal_images, synthetic):
+    """Image version of check_outliers_train: shapes, dtypes and consistency."""
+    det = ProtoADDetector(**TINY)
+    labels = det.fit_predict(normal_images)
+    assert labels.shape == (len(normal_images),) and labels.dtype.kind == "i"
+    X = synthetic.X_test
+    assert det.score_samples(X).shape == det.decision_function(X).shape == (len(X),)
+    assert det.score_samples(X).dtype == np.float64
+    np.testing.assert_array_equal(labels, det.predict(normal_images))
+
+
+def test_clone_is_unfitted_with_equal_params(tiny_detector):
+    twin = clone(tiny_detector)
+    assert twin.get_params() == tiny_detector.get_params()
+    assert not hasattr(twin, "network_")
+
+
+def test_pipeline(normal_images, synthetic):
+    as_float = FunctionTransformer(lambda X: X.astype(np.float32) / 255)
+    pipe = Pipeline([("scale", as_float), ("det", ProtoADDetector(**TINY))]).fit(normal_images)
+    direct = ProtoADDetector(**TINY).fit(normal_images)
+    np.testing.assert_allclose(
+        pipe.decision_function(synthetic.X_test), direct.decision_function(synthetic.X_test),
+        rtol=1e-5,
+    )
+    np.testing.assert_array_equal(pipe.predict(synthetic.X_test), direct.predict(synthetic.X_test))
+
+
+def test_grid_search_over_clusters_and_layers(normal_images, synthetic):
+    X = np.concatenate([normal_images, synthetic.X_test])
+    y = np.r_[np.ones(len(normal_images), int), np.where(synthetic.y_test == 1, -1, 1)]
+    grid = GridSearchCV(
+        ProtoADDetector(**{**TINY, "contamination": 0.1}),
+        param_grid={"n_clusters": [4, 16], "layers": [(2,), (1, 2)]},
+        scoring="roc_auc",
+        cv=2,
+        error_score="raise",
+    ).fit(X, y)
+    scores = grid.cv_results_["mean_test_score"]
+    assert len(scores) == 4 and np.all(np.isfinite(scores))
+    assert grid.best_params_["layers"] in [(2,), (1, 2)]
+    assert grid.best_estimator_.prototypes_.shape[0] == grid.best_params_["n_clusters"]
+
+
+# ------------------------------------------------------------- persistence
+
+
+def test_joblib_round_trip_gives_identical_scores(tiny_detector, synthetic, tmp_path):
+    path = tmp_path / "model.joblib"
+    joblib.dump(tiny_detector, path)
+    loaded = joblib.load(path)
+    X = synthetic.X_test
+    np.testing.assert_array_equal(loaded.score_samples(X), tiny_detector.score_samples(X))
+    np.testing.assert_array_equal(loaded.anomaly_maps(X), tiny_detector.anomaly_maps(X))
+    assert loaded.offset_ == tiny_detector.offset_
+    assert hasattr(tiny_detector, "network_")  # saving does not strip the original
+
+
+def test_pickle_holds_only_the_truncated_backbone(lite0_detector):
+    import timm
+
+    blob = pickle.dumps(lite0_detector)
+    full = sum(p.numel() for p in timm.create_model("efficientnet_lite0").parameters())
+    assert len(blob) < 0.5 * full * 4  # far less than the whole float32 network
+    state = lite0_detector.__getstate__()["_network_state"]
+    assert all(t.device.type == "cpu" for t in state["tensors"].values())
+    assert not any(k.startswith(("embedding.backbone.model.conv_head", "embedding.backbone.model.classifier")) for k in state["tensors"])
+
+
+def test_model_from_another_format_version_is_refused(tiny_detector):
+    state = tiny_detector.__getstate__()
+    state["_network_state"] = {**state["_network_state"], "format_version": 999}
+    det = ProtoADDetector.__new__(ProtoADDetector)
+    with pytest.raises(ValueError, match="format 999"):
+        det.__setstate__(state)
