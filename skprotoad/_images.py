@@ -250,3 +250,39 @@ def _pil_to_tensor(img, where):
     if img.mode not in ("L", "RGB"):
         img = img.convert("RGB")
     return _array_to_tensor(np.asarray(img), where, checked=True)
+
+
+def crop_map_to_input(crop_map, original_size, image_size, crop_size):
+    """Map an anomaly map on the crop back onto the original image's pixel grid.
+
+    The inverse of :func:`resize_and_crop`: each original pixel centre is carried
+    into the crop's coordinates and the map is sampled there bilinearly. Pixels
+    that the centre crop cut away have no score and are set to NaN.
+
+    Parameters
+    ----------
+    crop_map : ndarray of shape (crop_height, crop_width)
+    original_size : (height, width) of the input image
+    image_size, crop_size : the model's geometry
+
+    Returns
+    -------
+    ndarray of shape ``original_size``, float32
+    """
+    top, left, crop_h, crop_w = center_crop_box(image_size, crop_size)
+    size_h, size_w = check_size(image_size, "image_size")
+    height, width = original_size
+    # pixel centres of the original image, in resized-image pixel units
+    ys = (torch.arange(height, dtype=torch.float64) + 0.5) * size_h / height - 0.5 - top
+    xs = (torch.arange(width, dtype=torch.float64) + 0.5) * size_w / width - 0.5 - left
+    # grid_sample's normalised coordinates, align_corners=False: -1 and 1 are the
+    # outer edges of the crop's border pixels
+    gy = ((ys + 0.5) / crop_h * 2 - 1).float()
+    gx = ((xs + 0.5) / crop_w * 2 - 1).float()
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None]
+    source = torch.as_tensor(crop_map, dtype=torch.float32)[None, None]
+    out = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = out[0, 0]
+    outside = (gy.abs() > 1)[:, None] | (gx.abs() > 1)[None, :]
+    out[outside] = float("nan")
+    return out.numpy()

@@ -272,26 +272,78 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         labels[self.decision_function(X) < 0] = -1
         return labels
 
-    def anomaly_maps(self, X):
-        """Pixel-level anomaly maps on the model's crop (higher = more anomalous).
+    def anomaly_maps(self, X, output="crop"):
+        """Pixel-level anomaly maps (higher = more anomalous).
 
         Parameters
         ----------
         X : array or list of images
             See :meth:`fit`.
+        output : {"crop", "input"}, default="crop"
+            ``"crop"``: maps on the model's input, i.e. each image resized to
+            ``image_size`` and centre-cropped to ``crop_size`` (use these with
+            masks loaded by :func:`skprotoad.datasets.load_masks` for metrics).
+            ``"input"``: maps carried back onto each image's own pixel grid and
+            aspect; pixels cut away by the centre crop are NaN.
 
         Returns
         -------
-        maps : ndarray of shape (n_images, crop_height, crop_width), float32
-            ``1 - max cosine`` per patch, bilinearly upsampled and smoothed; the
-            image is resized to ``image_size`` and centre-cropped to
-            ``crop_size`` first (see :func:`skprotoad._images.center_crop_box`).
+        maps : ndarray of shape (n_images, crop_height, crop_width) or list
+            float32 ``1 - max cosine`` per patch, bilinearly upsampled and
+            smoothed. With ``output="input"``, a list of (H_i, W_i) arrays, one
+            per image.
+
+        Examples
+        --------
+        >>> maps = detector.anomaly_maps(X_test)  # doctest: +SKIP
+        >>> maps.shape
+        (n_images, 224, 224)
         """
+        if output not in ("crop", "input"):
+            raise ValueError(f"output must be 'crop' or 'input', got {output!r}.")
         images = self._check_fitted_input(X)
         maps = np.empty((len(images), *self.network_.input_size), dtype=np.float32)
         for index, batch_maps, _ in self._forward(images, keep_maps=True):
             maps[index] = batch_maps
-        return maps
+        if output == "crop":
+            return maps
+        return [
+            _images.crop_map_to_input(
+                m, images.original_size(i), self.image_size, self.network_.input_size
+            )
+            for i, m in enumerate(maps)
+        ]
+
+    def predict_masks(self, X, output="crop", threshold=None):
+        """Boolean defect masks: pixels whose anomaly exceeds a threshold.
+
+        Parameters
+        ----------
+        X : array or list of images
+            See :meth:`fit`.
+        output : {"crop", "input"}, default="crop"
+            Geometry of the masks, as in :meth:`anomaly_maps`; with ``"input"``
+            the pixels cut away by the crop are False.
+        threshold : float, default=None
+            Anomaly-map value above which a pixel is a defect; defaults to
+            ``pixel_threshold_``, the image threshold, so that an image has a
+            non-empty mask exactly when :meth:`predict` calls it an anomaly.
+
+        Returns
+        -------
+        masks : ndarray of bool (n_images, crop_height, crop_width) or list
+        """
+        threshold = self.pixel_threshold_ if threshold is None else float(threshold)
+        maps = self.anomaly_maps(X, output=output)
+        if output == "crop":
+            return maps > threshold
+        return [np.nan_to_num(m, nan=-np.inf) > threshold for m in maps]
+
+    @property
+    def pixel_threshold_(self):
+        """Anomaly-map value above which a pixel counts as defective (``-offset_``)."""
+        check_is_fitted(self, "offset_")
+        return -self.offset_
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
