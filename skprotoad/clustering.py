@@ -1,0 +1,805 @@
+"""Prototype learning for ProtoAD: FINCH clustering and k-means in torch.
+
+ProtoAD (Huang, Kang and Wu, 2023) summarises the patch features of normal
+training images by a small set of prototypes, the L2-normalised means of the
+clusters found by FINCH (Sarfraz, Sharma and Stiefelhagen, CVPR 2019).  This
+module implements
+
+* :func:`finch`: the FINCH hierarchy of partitions,
+* :func:`finch_n_clusters`: a partition with exactly ``n_clusters`` clusters,
+* :func:`kmeans`: spherical k-means with memory-bounded batched assignment,
+* :func:`learn_prototypes`: the entry point used by the estimator.
+
+All functions take float arrays of shape ``(n_samples, n_features)`` whose rows
+are unit vectors; the distance is the cosine distance ``1 - x @ y``.
+
+First neighbours are found by blocked matrix products in torch (never an
+``n_samples x n_samples`` matrix), exactly for small inputs and with an
+inverted-file (IVF) search for large ones, see :func:`finch`.
+"""
+
+import math
+import numbers
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.sparse.csgraph import connected_components
+from sklearn.utils import check_random_state
+from tqdm.auto import tqdm
+
+__all__ = [
+    "MAX_DEFAULT_PROTOTYPES",
+    "EXACT_NEIGHBORS_MAX_SAMPLES",
+    "finch",
+    "finch_n_clusters",
+    "kmeans",
+    "learn_prototypes",
+]
+
+#: Largest number of prototypes that ``learn_prototypes(method="finch")``
+#: picks on its own.  The cost of the 1x1 convolution against the prototypes
+#: at inference grows linearly with their number.
+MAX_DEFAULT_PROTOTYPES = 1000
+
+#: With ``neighbors="auto"``, inputs (or hierarchy levels) with at most this
+#: many rows use the exact first-neighbour search, larger ones the IVF search.
+EXACT_NEIGHBORS_MAX_SAMPLES = 50_000
+
+# IVF search: probes per row, training rows per list and Lloyd steps of the
+# coarse quantiser (see _first_neighbors_ivf and docs/clustering.md).
+_IVF_N_PROBE = 6
+_IVF_TRAIN_PER_LIST = 32
+_IVF_TRAIN_ITER = 6
+
+# Blocks of the similarity matrix hold at most this many float32 entries
+# (256 MiB), which bounds the memory of every search whatever ``n_samples``.
+_BLOCK_ENTRIES = 2**26
+
+
+# --------------------------------------------------------------------------
+# Input handling
+# --------------------------------------------------------------------------
+def _check_X(X, *, min_samples=1):
+    """Validate ``X`` and return it as a C-contiguous float32 array."""
+    if isinstance(X, torch.Tensor):
+        X = X.detach().cpu().numpy()
+    if sp.issparse(X):
+        raise TypeError("X must be a dense array, got a sparse matrix.")
+    X = np.asarray(X)
+    if X.dtype == object or not (
+        np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)
+    ):
+        raise TypeError(f"X must be an array of floats, got dtype {X.dtype}.")
+    if X.ndim != 2:
+        raise ValueError(
+            f"X must be 2-D of shape (n_samples, n_features), got {X.ndim}-D "
+            f"array of shape {X.shape}."
+        )
+    if X.shape[0] < min_samples:
+        raise ValueError(
+            f"X must have at least {min_samples} sample(s), got shape {X.shape}."
+        )
+    if X.shape[1] < 1:
+        raise ValueError(f"X must have at least 1 feature, got shape {X.shape}.")
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if not np.isfinite(X).all():
+        raise ValueError("X contains NaN or infinity.")
+    return X
+
+
+def _check_n_clusters(n_clusters, n_samples):
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, numbers.Integral):
+        raise TypeError(
+            f"n_clusters must be an int, got {type(n_clusters).__name__}."
+        )
+    n_clusters = int(n_clusters)
+    if n_clusters < 1 or n_clusters > n_samples:
+        raise ValueError(
+            f"n_clusters must be in [1, n_samples={n_samples}], got {n_clusters}."
+        )
+    return n_clusters
+
+
+def _check_neighbors(neighbors):
+    if neighbors not in ("auto", "exact", "approx"):
+        raise ValueError(
+            f"neighbors must be 'auto', 'exact' or 'approx', got {neighbors!r}."
+        )
+    return neighbors
+
+
+def _resolve_device(device):
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but CUDA is not available.")
+    return device
+
+
+def _normalize_rows(X):
+    """Return ``X`` with unit rows; zero rows stay zero (cosine 0 to all)."""
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    return (X / norms).astype(np.float32, copy=False)
+
+
+def _cluster_sums(X, labels, n_clusters):
+    """Per-cluster sums of the rows of ``X`` (float32, deterministic)."""
+    n = X.shape[0]
+    member = sp.csr_matrix(
+        (np.ones(n, dtype=np.float32), (labels, np.arange(n))),
+        shape=(n_clusters, n),
+    )
+    return np.asarray(member @ X, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------
+# First-neighbour search
+# --------------------------------------------------------------------------
+def _row_block(n_cols, batch_size):
+    if batch_size is not None:
+        return max(1, int(batch_size))
+    return int(min(8192, max(64, _BLOCK_ENTRIES // max(n_cols, 1))))
+
+
+def _best_match(Q, D, *, q_ids=None, d_ids=None, batch_size=None):
+    """Most similar row of ``D`` for every row of ``Q`` by blocked matmuls.
+
+    Pairs with ``q_ids[i] == d_ids[j]`` (the same point) are excluded.  Returns
+    ``(sim, idx)`` tensors; ``idx`` indexes the rows of ``D``.  Ties go to the
+    lowest index, as with ``np.argmax``.
+    """
+    n_q, n_d = Q.shape[0], D.shape[0]
+    # columns are split only beyond ~65k rows of D so that row blocks keep
+    # at least ~1k rows, enough for efficient matrix products
+    col_block = max(1, min(n_d, _BLOCK_ENTRIES // 1024))
+    row_block = _row_block(col_block, batch_size)
+    best_sim = torch.full((n_q,), -math.inf, dtype=Q.dtype, device=Q.device)
+    best_idx = torch.zeros(n_q, dtype=torch.int64, device=Q.device)
+    for c0 in range(0, n_d, col_block):
+        Dc = D[c0 : c0 + col_block]
+        dc_ids = None if d_ids is None else d_ids[c0 : c0 + col_block]
+        for r0 in range(0, n_q, row_block):
+            sim = Q[r0 : r0 + row_block] @ Dc.T
+            if q_ids is not None:
+                sim.masked_fill_(q_ids[r0 : r0 + row_block, None] == dc_ids[None, :], -math.inf)
+            val, arg = sim.max(dim=1)
+            cur = best_sim[r0 : r0 + row_block]
+            # strict '>' keeps the earlier (lower-index) column block on ties
+            better = val > cur
+            best_sim[r0 : r0 + row_block] = torch.where(better, val, cur)
+            best_idx[r0 : r0 + row_block] = torch.where(
+                better, arg + c0, best_idx[r0 : r0 + row_block]
+            )
+    return best_sim, best_idx
+
+
+def _first_neighbors_exact(X, *, device, batch_size=None, verbose=False):
+    """Exact first neighbour (highest cosine, itself excluded) of every row."""
+    n = X.shape[0]
+    Xt = torch.from_numpy(X).to(device)
+    ids = torch.arange(n, device=device)
+    # outer chunks only pace the progress bar; _best_match does the blocking
+    row_block = max(_row_block(n, batch_size), 8192)
+    sims = np.empty(n, dtype=np.float32)
+    nn = np.empty(n, dtype=np.int64)
+    for r0 in tqdm(
+        range(0, n, row_block),
+        desc="first neighbours (exact)",
+        disable=not verbose,
+        leave=False,
+    ):
+        s, i = _best_match(
+            Xt[r0 : r0 + row_block],
+            Xt,
+            q_ids=ids[r0 : r0 + row_block],
+            d_ids=ids,
+            batch_size=batch_size,
+        )
+        sims[r0 : r0 + row_block] = s.cpu().numpy()
+        nn[r0 : r0 + row_block] = i.cpu().numpy()
+    return nn, sims
+
+
+def _first_neighbors(X, *, neighbors, device, batch_size, random_state, verbose):
+    n = X.shape[0]
+    use_exact = neighbors == "exact" or (
+        neighbors == "auto" and n <= EXACT_NEIGHBORS_MAX_SAMPLES
+    )
+    if use_exact:
+        return _first_neighbors_exact(
+            X, device=device, batch_size=batch_size, verbose=verbose
+        )
+    return _first_neighbors_ivf(
+        X,
+        device=device,
+        batch_size=batch_size,
+        random_state=random_state,
+        verbose=verbose,
+    )
+
+
+# --------------------------------------------------------------------------
+# Approximate first neighbours: inverted file (IVF) with several probes
+# --------------------------------------------------------------------------
+def _first_neighbors_ivf(
+    X, *, device, batch_size=None, random_state=None, n_lists=None, n_probe=None,
+    verbose=False,
+):
+    """Approximate first neighbours by an inverted file with several probes.
+
+    A coarse spherical k-means splits the rows into ``n_lists`` lists (each row
+    is stored in the list of its closest centre); every row is then compared
+    exactly with the rows of the lists of its ``n_probe`` closest centres.
+    The cost is about ``n * (n_lists + n_probe * n / n_lists) * C`` multiply-
+    adds, lowest for ``n_lists = sqrt(n_probe * n)``, i.e. ``O(n^1.5)``.
+    """
+    n = X.shape[0]
+    rng = check_random_state(random_state)
+    n_probe = _IVF_N_PROBE if n_probe is None else int(n_probe)
+    if n_lists is None:
+        n_lists = int(round(math.sqrt(n_probe * n)))
+    n_lists = max(1, min(int(n_lists), n // 2))
+    n_probe = max(1, min(n_probe, n_lists))
+    Xt = torch.from_numpy(X).to(device)
+
+    # coarse quantiser: a few Lloyd steps from random rows of a subsample
+    # (a quantiser only needs to be reasonable; k-means++ would cost more)
+    n_train = min(n, _IVF_TRAIN_PER_LIST * n_lists)
+    train = np.sort(rng.choice(n, n_train, replace=False))
+    init = train[np.sort(rng.choice(n_train, n_lists, replace=False))]
+    centers = _spherical_lloyd(
+        Xt[torch.from_numpy(train).to(device)],
+        Xt[torch.from_numpy(init).to(device)].clone(),
+        max_iter=_IVF_TRAIN_ITER,
+        tol=0.0,
+        batch_size=batch_size,
+        verbose=verbose,
+        desc="IVF quantiser",
+    )
+
+    # each row's n_probe closest centres; the first is its own list
+    probes = torch.empty((n, n_probe), dtype=torch.int64, device=device)
+    block = _row_block(n_lists, batch_size)
+    for r0 in tqdm(
+        range(0, n, block), desc="IVF assignment", disable=not verbose, leave=False
+    ):
+        probes[r0 : r0 + block] = torch.topk(
+            Xt[r0 : r0 + block] @ centers.T, n_probe, dim=1
+        ).indices
+    probes = probes.cpu().numpy()
+
+    db_order = np.argsort(probes[:, 0], kind="stable")
+    db_bounds = np.searchsorted(probes[db_order, 0], np.arange(n_lists + 1))
+    q_lists = probes.ravel()
+    q_order = np.argsort(q_lists, kind="stable")
+    q_points = np.repeat(np.arange(n), n_probe)[q_order]
+    q_bounds = np.searchsorted(q_lists[q_order], np.arange(n_lists + 1))
+    db_order_t = torch.from_numpy(db_order).to(device)
+    q_points_t = torch.from_numpy(q_points).to(device)
+
+    best_sim = torch.full((n,), -math.inf, dtype=Xt.dtype, device=device)
+    best_idx = torch.zeros(n, dtype=torch.int64, device=device)
+    for lst in tqdm(
+        range(n_lists), desc="IVF search", disable=not verbose, leave=False
+    ):
+        d_ids = db_order_t[db_bounds[lst] : db_bounds[lst + 1]]
+        q_ids = q_points_t[q_bounds[lst] : q_bounds[lst + 1]]
+        if len(d_ids) == 0 or len(q_ids) == 0:
+            continue
+        sim, arg = _best_match(
+            Xt[q_ids], Xt[d_ids], q_ids=q_ids, d_ids=d_ids, batch_size=batch_size
+        )
+        # a row appears at most once per list, so this scatter has no clashes
+        better = sim > best_sim[q_ids]
+        best_sim[q_ids[better]] = sim[better]
+        best_idx[q_ids[better]] = d_ids[arg[better]]
+
+    # rows whose probed lists held nobody else: search them exhaustively
+    lonely = torch.nonzero(best_sim == -math.inf).flatten()
+    if len(lonely):
+        ids = torch.arange(n, device=device)
+        sim, arg = _best_match(Xt[lonely], Xt, q_ids=lonely, d_ids=ids)
+        best_sim[lonely], best_idx[lonely] = sim, arg
+    return best_idx.cpu().numpy(), best_sim.cpu().numpy()
+
+
+# --------------------------------------------------------------------------
+# FINCH
+# --------------------------------------------------------------------------
+def _components(nn):
+    """Labels of the weakly connected components of the graph ``i -> nn[i]``.
+
+    The FINCH adjacency also links ``nn[j] == i`` and ``nn[i] == nn[j]``; the
+    first is the same undirected edge and the second joins two points that are
+    already connected through their shared neighbour, so the components are
+    the same.
+    """
+    n = nn.shape[0]
+    graph = sp.csr_matrix(
+        (np.ones(n, dtype=np.int8), (np.arange(n), nn)), shape=(n, n)
+    )
+    n_comp, labels = connected_components(graph, directed=True, connection="weak")
+    return n_comp, labels.astype(np.int64)
+
+
+def finch(
+    X,
+    *,
+    neighbors="auto",
+    device="cpu",
+    batch_size=None,
+    random_state=None,
+    verbose=False,
+):
+    """FINCH hierarchy of partitions, finest first.
+
+    Each point is linked to its first neighbour (highest cosine similarity,
+    itself excluded); the clusters of a partition are the connected components
+    of these links.  The next partition clusters the cluster means the same
+    way, until a partition would have a single cluster or nothing merges.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        Unit-norm rows (the cosine distance is used; non-unit rows are
+        normalised first, which does not change cosine neighbours).
+    neighbors : {"auto", "exact", "approx"}, default="auto"
+        First-neighbour search.  ``"exact"`` uses blocked matrix products,
+        ``"approx"`` an inverted-file search (coarse spherical k-means, each
+        point probes several lists), ``"auto"`` the exact search at levels
+        with at most :data:`EXACT_NEIGHBORS_MAX_SAMPLES` rows.
+    device : str or torch.device, default="cpu"
+        Device of the matrix products, e.g. ``"cuda"``.
+    batch_size : int, default=None
+        Rows per block of the similarity matrix; ``None`` bounds a block to
+        about 256 MiB.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the coarse quantiser of the approximate search; the exact
+        search is deterministic.
+    verbose : bool, default=False
+        Show progress bars and the size of each partition.
+
+    Returns
+    -------
+    partitions : list of ndarray of shape (n_samples,), dtype int64
+        Cluster labels ``0..K-1`` of each partition, finest first.  As in the
+        reference implementation, the final single-cluster partition is not
+        included (unless the first partition already has one cluster).
+
+    Notes
+    -----
+    The reference implementation computes the cosine distance between the
+    plain (unnormalised) means of the points of each cluster; the cosine is
+    scale invariant, so normalising the means before the dot products gives
+    the same first neighbours.  The reference's optional ``min_sim`` early
+    exit is not applied (the reference skips it as well when it switches to
+    approximate neighbours, above 70,000 samples).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skprotoad.clustering import finch
+    >>> X = np.array([[1, 0], [.99, .1], [.98, -.1],
+    ...               [0, 1], [.1, .99], [-.1, .98]], dtype=np.float32)
+    >>> X /= np.linalg.norm(X, axis=1, keepdims=True)
+    >>> finch(X)[0]
+    array([0, 0, 0, 1, 1, 1])
+    """
+    X = _check_X(X)
+    _check_neighbors(neighbors)
+    device = _resolve_device(device)
+    rng = check_random_state(random_state)
+    X = _normalize_rows(X)
+    n = X.shape[0]
+    if n == 1:
+        return [np.zeros(1, dtype=np.int64)]
+
+    partitions = []
+    labels = None  # point -> cluster of the current partition
+    level_data = X
+    n_prev = n
+    level = 0
+    while True:
+        nn, _ = _first_neighbors(
+            level_data,
+            neighbors=neighbors,
+            device=device,
+            batch_size=batch_size,
+            random_state=rng,
+            verbose=verbose,
+        )
+        n_clusters, u = _components(nn)
+        labels = u if labels is None else u[labels]
+        if level > 0 and (n_clusters == 1 or n_clusters >= n_prev):
+            break
+        partitions.append(labels)
+        if verbose:
+            print(f"FINCH partition {level}: {n_clusters} clusters")
+        if n_clusters == 1:
+            break
+        # cosine ignores scale, so unit means give the reference's neighbours
+        level_data = _normalize_rows(_cluster_sums(X, labels, n_clusters))
+        n_prev = n_clusters
+        level += 1
+    return partitions
+
+
+def _merge_closest_pairs(X, labels, n_clusters, *, device, verbose=False):
+    """Merge the two closest clusters (cosine of their means) until
+    ``n_clusters`` remain; return consecutive labels 0..n_clusters-1."""
+    n_cur = int(labels.max()) + 1
+    sums = torch.from_numpy(_cluster_sums(X, labels, n_cur)).to(device, torch.float64)
+    units = sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    alive = torch.ones(n_cur, dtype=torch.bool, device=device)
+    ids = torch.arange(n_cur, device=device)
+
+    def nearest(rows):
+        sim = units[rows] @ units.T
+        sim[(rows[:, None] == ids[None, :]) | ~alive[None, :]] = -math.inf
+        return sim.max(dim=1)
+
+    nn_sim, nn_idx = torch.empty(n_cur, dtype=torch.float64, device=device), ids.clone()
+    block = _row_block(n_cur, None)
+    for r0 in range(0, n_cur, block):
+        nn_sim[r0 : r0 + block], nn_idx[r0 : r0 + block] = nearest(ids[r0 : r0 + block])
+
+    parent = np.arange(n_cur)
+    for _ in tqdm(
+        range(n_cur - n_clusters), desc="merging", disable=not verbose, leave=False
+    ):
+        # argmax returns the first maximum: ties go to the lowest index
+        a = int(torch.argmax(nn_sim))
+        b = int(nn_idx[a])
+        a, b = min(a, b), max(a, b)
+        sums[a] += sums[b]
+        units[a] = sums[a] / sums[a].norm().clamp_min(1e-30)
+        alive[b] = False
+        nn_sim[b] = -math.inf
+        parent[b] = a
+        # rows that pointed at a or b lose their neighbour; a itself moved
+        stale = torch.nonzero(
+            alive & ((nn_idx == a) | (nn_idx == b)) | (ids == a)
+        ).flatten()
+        if alive.sum() > 1:
+            nn_sim[stale], nn_idx[stale] = nearest(stale)
+            # other rows may now be closer to the new a than to their neighbour
+            sim_a = units @ units[a]
+            closer = alive & (sim_a > nn_sim) & (ids != a)
+            nn_sim[closer] = sim_a[closer]
+            nn_idx[closer] = a
+    # follow merges to the surviving root of each cluster
+    for i in range(n_cur):
+        root = i
+        while parent[root] != root:
+            root = parent[root]
+        parent[i] = root
+    _, new = np.unique(parent, return_inverse=True)
+    return new.astype(np.int64)[labels]
+
+
+def finch_n_clusters(
+    X,
+    n_clusters,
+    *,
+    neighbors="auto",
+    device="cpu",
+    batch_size=None,
+    random_state=None,
+    partitions=None,
+    verbose=False,
+):
+    """FINCH partition with exactly ``n_clusters`` clusters.
+
+    Like the reference ``req_clust`` mode: take the coarsest FINCH partition
+    with at least ``n_clusters`` clusters, then merge the two clusters whose
+    means are closest (cosine), one pair at a time, recomputing the merged
+    mean from its members, until ``n_clusters`` remain.  The reference finds
+    that pair as the smallest distance among the first-neighbour adjacency
+    entries, which is the globally closest pair of means; ties go to the
+    lowest cluster index here.  When ``n_clusters`` exceeds the size of the
+    first partition, merging starts from singletons.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        Unit-norm rows.
+    n_clusters : int
+        Required number of clusters, ``1 <= n_clusters <= n_samples``.
+    neighbors, device, batch_size, random_state, verbose
+        See :func:`finch`.
+    partitions : list of ndarray, default=None
+        A hierarchy already returned by :func:`finch` for ``X``, to avoid
+        recomputing it.
+
+    Returns
+    -------
+    labels : ndarray of shape (n_samples,), dtype int64
+        Labels ``0..n_clusters-1``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skprotoad.clustering import finch_n_clusters
+    >>> X = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    >>> X /= np.linalg.norm(X, axis=1, keepdims=True)
+    >>> len(np.unique(finch_n_clusters(X, 7)))
+    7
+    """
+    X = _check_X(X)
+    n_clusters = _check_n_clusters(n_clusters, X.shape[0])
+    device = _resolve_device(device)
+    X = _normalize_rows(X)
+    if partitions is None:
+        partitions = finch(
+            X,
+            neighbors=neighbors,
+            device=device,
+            batch_size=batch_size,
+            random_state=random_state,
+            verbose=verbose,
+        )
+    counts = [int(p.max()) + 1 for p in partitions]
+    for p, k in zip(partitions, counts):
+        if k == n_clusters:
+            return p.copy()
+    candidates = [p for p, k in zip(partitions, counts) if k > n_clusters]
+    start = candidates[-1] if candidates else np.arange(X.shape[0], dtype=np.int64)
+    return _merge_closest_pairs(X, start, n_clusters, device=device, verbose=verbose)
+
+
+# --------------------------------------------------------------------------
+# k-means
+# --------------------------------------------------------------------------
+def _kmeanspp(X, n_clusters, rng, device):
+    """k-means++ seeding for the cosine distance on the rows of ``X``."""
+    n = X.shape[0]
+    Xt = torch.from_numpy(X).to(device)
+    centers = torch.empty((n_clusters, X.shape[1]), dtype=Xt.dtype, device=device)
+    first = rng.randint(n)
+    centers[0] = Xt[first]
+    dist = (1.0 - Xt @ Xt[first]).clamp_min(0).double()
+    for k in range(1, n_clusters):
+        total = float(dist.sum())
+        if total <= 0:  # fewer distinct points than clusters
+            idx = rng.randint(n)
+        else:
+            p = (dist / total).cpu().numpy()
+            idx = int(rng.choice(n, p=p / p.sum()))
+        centers[k] = Xt[idx]
+        dist = torch.minimum(dist, (1.0 - Xt @ Xt[idx]).clamp_min(0).double())
+    return centers
+
+
+def _assign(Xt, centers, batch_size):
+    """Index of and cosine similarity to the closest centre, in blocks."""
+    n = Xt.shape[0]
+    block = _row_block(centers.shape[0], batch_size)
+    labels = torch.empty(n, dtype=torch.int64, device=Xt.device)
+    sims = torch.empty(n, dtype=Xt.dtype, device=Xt.device)
+    for r0 in range(0, n, block):
+        s, i = (Xt[r0 : r0 + block] @ centers.T).max(dim=1)
+        sims[r0 : r0 + block], labels[r0 : r0 + block] = s, i
+    return labels, sims
+
+
+def _spherical_lloyd(
+    Xt, centers, *, max_iter, tol, batch_size=None, verbose=False, desc="k-means"
+):
+    """Lloyd iterations of spherical k-means from ``centers`` (unit rows)."""
+    n_clusters = centers.shape[0]
+    prev = -math.inf
+    pbar = tqdm(range(max_iter), desc=desc, disable=not verbose, leave=False)
+    for _ in pbar:
+        labels, sims = _assign(Xt, centers, batch_size)
+        score = float(sims.double().mean())
+        pbar.set_postfix(mean_cos=f"{score:.5f}")
+        sums = _torch_cluster_sums(Xt, labels, n_clusters)
+        counts = torch.bincount(labels, minlength=n_clusters)
+        empty = torch.nonzero(counts == 0).flatten()
+        if len(empty):
+            # the worst-served rows make new centres for empty clusters
+            far = torch.argsort(sims, stable=True)[: len(empty)]
+            sums[empty] = Xt[far]
+        centers = sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if score - prev < tol and len(empty) == 0:
+            break
+        prev = score
+    return centers
+
+
+def _torch_cluster_sums(Xt, labels, n_clusters):
+    """Per-cluster sums of the rows of ``Xt``, deterministic on every device."""
+    if Xt.device.type == "cpu":
+        # the CPU scatter-add accumulates in row order, hence reproducibly
+        return torch.zeros(
+            (n_clusters, Xt.shape[1]), dtype=Xt.dtype, device=Xt.device
+        ).index_add_(0, labels, Xt)
+    # GPU scatter-adds use atomics (run-to-run rounding noise): sort instead
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels, minlength=n_clusters)
+    sums = torch.zeros(
+        (n_clusters, Xt.shape[1]), dtype=Xt.dtype, device=Xt.device
+    )
+    nonempty = counts > 0
+    sums[nonempty] = torch.segment_reduce(
+        Xt[order], "sum", lengths=counts[nonempty]
+    )
+    return sums
+
+
+def kmeans(
+    X,
+    n_clusters,
+    *,
+    random_state=None,
+    device="cpu",
+    max_iter=30,
+    tol=1e-4,
+    init_size=None,
+    batch_size=None,
+    verbose=False,
+):
+    """Spherical k-means: unit centres maximising the summed cosine similarity.
+
+    Seeding is k-means++ (cosine distance) on a random subsample of
+    ``init_size`` rows; Lloyd iterations then use every row, assigned in
+    blocks so that memory stays bounded.  Empty clusters are re-seeded with
+    the rows farthest from their centre.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        Unit-norm rows.
+    n_clusters : int
+        Number of centres, ``1 <= n_clusters <= n_samples``.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the subsample and the k-means++ seeding.
+    device : str or torch.device, default="cpu"
+    max_iter : int, default=30
+        Maximum number of Lloyd iterations.
+    tol : float, default=1e-4
+        Stop when the mean cosine similarity improves by less than ``tol``.
+    init_size : int, default=None
+        Rows used for seeding; ``None`` means
+        ``min(n_samples, max(50_000, 20 * n_clusters))``.
+    batch_size : int, default=None
+        Rows per assignment block; ``None`` bounds a block to about 256 MiB.
+    verbose : bool, default=False
+        Show a progress bar of the iterations.
+
+    Returns
+    -------
+    centers : ndarray of shape (n_clusters, n_features), dtype float32
+        Unit-norm centres.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skprotoad.clustering import kmeans
+    >>> X = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
+    >>> X /= np.linalg.norm(X, axis=1, keepdims=True)
+    >>> kmeans(X, 5, random_state=0).shape
+    (5, 8)
+    """
+    X = _check_X(X)
+    n_clusters = _check_n_clusters(n_clusters, X.shape[0])
+    device = _resolve_device(device)
+    rng = check_random_state(random_state)
+    X = _normalize_rows(X)
+    n = X.shape[0]
+
+    if init_size is None:
+        init_size = min(n, max(50_000, 20 * n_clusters))
+    init_size = min(n, max(int(init_size), n_clusters))
+    sample = np.sort(rng.choice(n, init_size, replace=False)) if init_size < n else np.arange(n)
+    centers = _kmeanspp(X[sample], n_clusters, rng, device)
+
+    centers = _spherical_lloyd(
+        torch.from_numpy(X).to(device),
+        centers,
+        max_iter=max_iter,
+        tol=tol,
+        batch_size=batch_size,
+        verbose=verbose,
+    )
+    return centers.cpu().numpy().astype(np.float32)
+
+
+# --------------------------------------------------------------------------
+# Prototypes
+# --------------------------------------------------------------------------
+def _select_partition(partitions, max_clusters=None):
+    """Finest partition with at most ``max_clusters`` clusters, else the
+    coarsest one."""
+    if max_clusters is None:
+        max_clusters = MAX_DEFAULT_PROTOTYPES
+    for p in partitions:
+        if int(p.max()) + 1 <= max_clusters:
+            return p
+    return partitions[-1]
+
+
+def learn_prototypes(
+    X,
+    *,
+    method="finch",
+    n_clusters=None,
+    neighbors="auto",
+    random_state=None,
+    device="cpu",
+    batch_size=None,
+    verbose=False,
+):
+    """Learn ProtoAD prototypes: L2-normalised cluster means of ``X``.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        Unit-norm patch features.
+    method : {"finch", "kmeans"}, default="finch"
+        Clustering method.
+    n_clusters : int, default=None
+        Number of prototypes.  Required for ``"kmeans"``.  For ``"finch"``,
+        ``None`` picks the finest FINCH partition with at most
+        :data:`MAX_DEFAULT_PROTOTYPES` clusters (the coarsest partition if
+        every partition has more); an int gives exactly that many clusters
+        (:func:`finch_n_clusters`).
+    neighbors : {"auto", "exact", "approx"}, default="auto"
+        First-neighbour search of FINCH, see :func:`finch`.
+    random_state : int, RandomState instance or None, default=None
+        Seeds k-means and the approximate neighbour search.
+    device : str or torch.device, default="cpu"
+    batch_size : int, default=None
+        Rows per block of the similarity computations.
+    verbose : bool, default=False
+        Show progress.
+
+    Returns
+    -------
+    prototypes : ndarray of shape (n_prototypes, n_features), dtype float32
+        Unit-norm prototypes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skprotoad.clustering import learn_prototypes
+    >>> X = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
+    >>> X /= np.linalg.norm(X, axis=1, keepdims=True)
+    >>> P = learn_prototypes(X, n_clusters=10)
+    >>> P.shape, bool(np.allclose(np.linalg.norm(P, axis=1), 1, atol=1e-5))
+    ((10, 16), True)
+    """
+    if method not in ("finch", "kmeans"):
+        raise ValueError(f"method must be 'finch' or 'kmeans', got {method!r}.")
+    X = _check_X(X)
+    if n_clusters is not None:
+        n_clusters = _check_n_clusters(n_clusters, X.shape[0])
+    _check_neighbors(neighbors)
+    X = _normalize_rows(X)
+
+    if method == "kmeans":
+        if n_clusters is None:
+            raise ValueError("method='kmeans' requires an int n_clusters, got None.")
+        return kmeans(
+            X,
+            n_clusters,
+            random_state=random_state,
+            device=device,
+            batch_size=batch_size,
+            verbose=verbose,
+        )
+
+    kwargs = dict(
+        neighbors=neighbors,
+        device=device,
+        batch_size=batch_size,
+        random_state=random_state,
+        verbose=verbose,
+    )
+    if n_clusters is None:
+        labels = _select_partition(finch(X, **kwargs))
+    else:
+        labels = finch_n_clusters(X, n_clusters, **kwargs)
+    k = int(labels.max()) + 1
+    return _normalize_rows(_cluster_sums(X, labels, k))

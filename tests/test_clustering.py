@@ -1,0 +1,378 @@
+"""Tests of skprotoad.clustering against brute-force dense references."""
+
+import numpy as np
+import pytest
+from scipy.sparse.csgraph import connected_components
+from sklearn.metrics import adjusted_rand_score
+
+from skprotoad import clustering
+from skprotoad.clustering import (
+    MAX_DEFAULT_PROTOTYPES,
+    finch,
+    finch_n_clusters,
+    kmeans,
+    learn_prototypes,
+)
+
+
+# --------------------------------------------------------------------------
+# Data and dense references
+# --------------------------------------------------------------------------
+def _unit(X):
+    X = np.asarray(X, dtype=np.float64)
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+def _blobs(n_samples, n_features, n_blobs, spread, seed):
+    rng = np.random.default_rng(seed)
+    centers = _unit(rng.normal(size=(n_blobs, n_features)))
+    assign = rng.integers(n_blobs, size=n_samples)
+    X = centers[assign] + spread * rng.normal(size=(n_samples, n_features))
+    return _unit(X).astype(np.float32), assign
+
+
+def _noise(n_samples, n_features, seed):
+    rng = np.random.default_rng(seed)
+    return _unit(rng.normal(size=(n_samples, n_features))).astype(np.float32)
+
+
+def _canonical(labels):
+    """Relabel so that clusters are numbered by first appearance."""
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty_like(first)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inverse]
+
+
+def _dense_first_neighbors(M):
+    """First neighbours by the full cosine-distance matrix (float64)."""
+    U = _unit(M)
+    dist = 1.0 - U @ U.T
+    np.fill_diagonal(dist, np.inf)
+    return np.argmin(dist, axis=1)
+
+
+def _dense_partition(M):
+    """One FINCH step with the paper's adjacency, on a dense matrix."""
+    kappa = _dense_first_neighbors(M)
+    n = len(kappa)
+    idx = np.arange(n)
+    A = np.zeros((n, n), dtype=bool)
+    A[idx, kappa] = True  # j == kappa_i
+    A[kappa, idx] = True  # kappa_j == i
+    A |= kappa[:, None] == kappa[None, :]  # kappa_i == kappa_j
+    np.fill_diagonal(A, False)
+    n_comp, labels = connected_components(A, directed=False)
+    return n_comp, labels
+
+
+def _dense_finch(X):
+    """FINCH hierarchy recursing on the plain (unnormalised) cluster means,
+    as the reference implementation does."""
+    X = np.asarray(X, dtype=np.float64)
+    n_comp, labels = _dense_partition(X)
+    partitions = [labels]
+    while n_comp > 1:
+        means = np.stack([X[labels == k].mean(axis=0) for k in range(n_comp)])
+        n_next, u = _dense_partition(means)
+        if n_next == 1 or n_next >= n_comp:
+            break
+        labels = u[labels]
+        partitions.append(labels)
+        n_comp = n_next
+    return partitions
+
+
+def _dense_merge(X, labels, n_clusters):
+    """Reference req_clust merging: merge the globally closest pair of plain
+    cluster means, one pair at a time."""
+    X = np.asarray(X, dtype=np.float64)
+    labels = _canonical(labels)
+    while labels.max() + 1 > n_clusters:
+        k = labels.max() + 1
+        means = np.stack([X[labels == c].mean(axis=0) for c in range(k)])
+        U = _unit(means)
+        dist = 1.0 - U @ U.T
+        np.fill_diagonal(dist, np.inf)
+        a, b = np.unravel_index(np.argmin(dist), dist.shape)
+        a, b = min(a, b), max(a, b)
+        labels = np.where(labels == b, a, labels)
+        labels = np.unique(labels, return_inverse=True)[1]
+    return labels
+
+
+DATASETS = {
+    "blobs": lambda: _blobs(400, 16, 12, 0.15, seed=0)[0],
+    "noise": lambda: _noise(300, 8, seed=1),
+    "blobs_wide": lambda: _blobs(500, 64, 30, 0.3, seed=2)[0],
+}
+
+
+# --------------------------------------------------------------------------
+# FINCH
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_first_neighbors_exact_match_dense(name):
+    X = DATASETS[name]()
+    # a tiny batch_size exercises the blocked running argmax
+    nn, sim = clustering._first_neighbors_exact(
+        X, device=clustering._resolve_device("cpu"), batch_size=7
+    )
+    np.testing.assert_array_equal(nn, _dense_first_neighbors(X))
+    np.testing.assert_allclose(sim, np.sum(X * X[nn], axis=1), atol=1e-5)
+
+
+def test_first_neighbors_column_blocks(monkeypatch):
+    # shrink the block budget so the columns are split into several blocks
+    monkeypatch.setattr(clustering, "_BLOCK_ENTRIES", 64 * 50)
+    X = DATASETS["noise"]()
+    nn, _ = clustering._first_neighbors_exact(
+        X, device=clustering._resolve_device("cpu")
+    )
+    np.testing.assert_array_equal(nn, _dense_first_neighbors(X))
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_finch_first_partition_matches_dense(name):
+    X = DATASETS[name]()
+    got = finch(X, neighbors="exact")[0]
+    _, expected = _dense_partition(X)
+    np.testing.assert_array_equal(_canonical(got), _canonical(expected))
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_finch_hierarchy_matches_dense(name):
+    X = DATASETS[name]()
+    got = finch(X, neighbors="exact")
+    expected = _dense_finch(X)
+    assert len(got) == len(expected) >= 2
+    for g, e in zip(got, expected):
+        assert g.dtype == np.int64
+        assert g.shape == (X.shape[0],)
+        # labels are 0..K-1 with no gaps
+        np.testing.assert_array_equal(np.unique(g), np.arange(g.max() + 1))
+        np.testing.assert_array_equal(_canonical(g), _canonical(e))
+    counts = [p.max() + 1 for p in got]
+    assert all(a > b for a, b in zip(counts, counts[1:]))
+    assert counts[-1] > 1
+
+
+def test_finch_tiny_two_groups():
+    X = np.array(
+        [[1, 0], [0.99, 0.1], [0.98, -0.1], [0, 1], [0.1, 0.99], [-0.1, 0.98]],
+        dtype=np.float32,
+    )
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    partitions = finch(X)
+    assert len(partitions) == 1
+    np.testing.assert_array_equal(partitions[0], [0, 0, 0, 1, 1, 1])
+
+
+def test_finch_single_and_two_points():
+    assert [p.tolist() for p in finch(np.array([[1.0, 0.0]]))] == [[0]]
+    assert [p.tolist() for p in finch(np.array([[1.0, 0.0], [0.0, 1.0]]))] == [
+        [0, 0]
+    ]
+
+
+def test_finch_normalises_rows():
+    X = DATASETS["blobs"]()
+    scale = np.random.default_rng(0).uniform(0.5, 3.0, size=(X.shape[0], 1))
+    for a, b in zip(finch(X), finch((X * scale).astype(np.float32))):
+        np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------
+# Approximate neighbours
+# --------------------------------------------------------------------------
+def test_approx_neighbors_agree_with_exact_on_blobs():
+    X, _ = _blobs(6000, 32, 60, 0.2, seed=3)
+    device = clustering._resolve_device("cpu")
+    exact, exact_sim = clustering._first_neighbors_exact(X, device=device)
+    approx, approx_sim = clustering._first_neighbors_ivf(
+        X, device=device, random_state=0
+    )
+    assert np.all(approx != np.arange(len(X)))
+    # an approximate neighbour is never closer than the exact one
+    assert np.all(approx_sim <= exact_sim + 1e-6)
+    assert np.mean(approx == exact) > 0.95
+    ari = adjusted_rand_score(
+        finch(X, neighbors="exact")[0],
+        finch(X, neighbors="approx", random_state=0)[0],
+    )
+    assert ari > 0.9
+
+
+def test_approx_deterministic():
+    X, _ = _blobs(3000, 16, 30, 0.2, seed=4)
+    a = finch(X, neighbors="approx", random_state=7)
+    b = finch(X, neighbors="approx", random_state=7)
+    assert len(a) == len(b)
+    for p, q in zip(a, b):
+        np.testing.assert_array_equal(p, q)
+
+
+def test_auto_is_exact_below_threshold(monkeypatch):
+    X = DATASETS["blobs"]()
+    expected = finch(X, neighbors="exact")
+    for p, q in zip(finch(X, neighbors="auto"), expected):
+        np.testing.assert_array_equal(p, q)
+    # above the threshold "auto" must take the approximate path
+    monkeypatch.setattr(clustering, "EXACT_NEIGHBORS_MAX_SAMPLES", 10)
+    calls = []
+    original = clustering._first_neighbors_ivf
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(clustering, "_first_neighbors_ivf", spy)
+    finch(X, neighbors="auto", random_state=0)
+    assert calls and calls[0] == X.shape[0]
+
+
+# --------------------------------------------------------------------------
+# Required number of clusters
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("n_clusters", [1, 2, 5, 17, 40, 150, 399, 400])
+def test_finch_n_clusters_exact_count(n_clusters):
+    X = DATASETS["blobs"]()
+    labels = finch_n_clusters(X, n_clusters)
+    assert labels.dtype == np.int64 and labels.shape == (X.shape[0],)
+    np.testing.assert_array_equal(np.unique(labels), np.arange(n_clusters))
+
+
+@pytest.mark.parametrize("n_clusters", [3, 9, 25, 120])
+def test_finch_n_clusters_matches_dense_merging(n_clusters):
+    X = DATASETS["noise"]()
+    partitions = finch(X)
+    counts = [p.max() + 1 for p in partitions]
+    above = [p for p, k in zip(partitions, counts) if k >= n_clusters]
+    start = above[-1] if above else np.arange(len(X))
+    expected = _dense_merge(X, start, n_clusters)
+    got = finch_n_clusters(X, n_clusters, partitions=partitions)
+    np.testing.assert_array_equal(_canonical(got), _canonical(expected))
+
+
+def test_finch_n_clusters_uses_partition_when_count_matches():
+    X = DATASETS["blobs"]()
+    partitions = finch(X)
+    k = partitions[1].max() + 1
+    np.testing.assert_array_equal(finch_n_clusters(X, k), partitions[1])
+
+
+# --------------------------------------------------------------------------
+# k-means
+# --------------------------------------------------------------------------
+def test_kmeans_deterministic_and_unit():
+    X, _ = _blobs(2000, 16, 10, 0.1, seed=5)
+    a = kmeans(X, 10, random_state=0)
+    b = kmeans(X, 10, random_state=0)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (10, 16) and a.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+
+
+def test_kmeans_recovers_blobs():
+    X, assign = _blobs(3000, 16, 8, 0.05, seed=6)
+    centers = kmeans(X, 8, random_state=0)
+    labels = np.argmax(X @ centers.T, axis=1)
+    assert adjusted_rand_score(assign, labels) > 0.99
+
+
+def test_kmeans_subsampled_seeding_and_small_batches():
+    X, assign = _blobs(3000, 16, 8, 0.05, seed=6)
+    centers = kmeans(X, 8, random_state=0, init_size=200, batch_size=64)
+    labels = np.argmax(X @ centers.T, axis=1)
+    assert adjusted_rand_score(assign, labels) > 0.95
+
+
+def test_kmeans_duplicate_points():
+    X = np.repeat(np.eye(3, dtype=np.float32), 10, axis=0)
+    centers = kmeans(X, 5, random_state=0)
+    assert centers.shape == (5, 3)
+    assert np.isfinite(centers).all()
+
+
+# --------------------------------------------------------------------------
+# learn_prototypes
+# --------------------------------------------------------------------------
+def test_learn_prototypes_finch_default_rule(monkeypatch):
+    X = DATASETS["blobs_wide"]()
+    partitions = finch(X)
+    counts = [p.max() + 1 for p in partitions]
+    P = learn_prototypes(X)
+    expected = next((k for k in counts if k <= MAX_DEFAULT_PROTOTYPES), counts[-1])
+    assert P.shape == (expected, X.shape[1])
+    # a smaller cap picks a coarser partition, and the coarsest if none fits
+    monkeypatch.setattr(clustering, "MAX_DEFAULT_PROTOTYPES", counts[1])
+    assert learn_prototypes(X).shape[0] == counts[1]
+    assert len(counts) >= 3
+    monkeypatch.setattr(clustering, "MAX_DEFAULT_PROTOTYPES", counts[1] - 1)
+    assert learn_prototypes(X).shape[0] == counts[2]
+    monkeypatch.setattr(clustering, "MAX_DEFAULT_PROTOTYPES", 0)
+    assert learn_prototypes(X).shape[0] == counts[-1]
+
+
+def test_learn_prototypes_are_normalised_means():
+    X = DATASETS["blobs"]()
+    labels = finch_n_clusters(X, 12)
+    P = learn_prototypes(X, n_clusters=12)
+    assert P.dtype == np.float32 and P.shape == (12, 16)
+    np.testing.assert_allclose(np.linalg.norm(P, axis=1), 1.0, atol=1e-5)
+    means = _unit(np.stack([X[labels == k].mean(axis=0) for k in range(12)]))
+    np.testing.assert_allclose(P, means, atol=1e-5)
+
+
+def test_learn_prototypes_kmeans():
+    X = DATASETS["blobs"]()
+    P = learn_prototypes(X, method="kmeans", n_clusters=12, random_state=0)
+    assert P.shape == (12, 16) and P.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(P, axis=1), 1.0, atol=1e-5)
+    Q = learn_prototypes(X, method="kmeans", n_clusters=12, random_state=0)
+    np.testing.assert_array_equal(P, Q)
+
+
+# --------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "X, exc, match",
+    [
+        (np.zeros((0, 4), dtype=np.float32), ValueError, "at least 1 sample"),
+        (np.ones(4, dtype=np.float32), ValueError, "2-D"),
+        (np.ones((2, 3, 4), dtype=np.float32), ValueError, "2-D"),
+        (np.array([[1.0, np.nan], [0.0, 1.0]]), ValueError, "NaN"),
+        (np.array([[1.0, np.inf], [0.0, 1.0]]), ValueError, "NaN or infinity"),
+        (np.array([["a", "b"]]), TypeError, "floats"),
+        (np.array([[1 + 1j, 0]]), TypeError, "floats"),
+    ],
+)
+def test_bad_X(X, exc, match):
+    for func in (finch, learn_prototypes):
+        with pytest.raises(exc, match=match):
+            func(X)
+    with pytest.raises(exc, match=match):
+        kmeans(X, 1)
+    with pytest.raises(exc, match=match):
+        finch_n_clusters(X, 1)
+
+
+def test_bad_parameters():
+    X = DATASETS["noise"]()
+    n = X.shape[0]
+    for bad in (0, -1, n + 1):
+        with pytest.raises(ValueError, match="n_clusters"):
+            finch_n_clusters(X, bad)
+        with pytest.raises(ValueError, match="n_clusters"):
+            kmeans(X, bad)
+        with pytest.raises(ValueError, match="n_clusters"):
+            learn_prototypes(X, n_clusters=bad)
+    with pytest.raises(TypeError, match="n_clusters"):
+        learn_prototypes(X, n_clusters=2.5)
+    with pytest.raises(ValueError, match="method"):
+        learn_prototypes(X, method="dbscan")
+    with pytest.raises(ValueError, match="requires an int n_clusters"):
+        learn_prototypes(X, method="kmeans")
+    with pytest.raises(ValueError, match="neighbors"):
+        finch(X, neighbors="fast")
