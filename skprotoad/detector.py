@@ -14,7 +14,13 @@ from . import _images
 from ._version import __version__
 from .backbones import create_feature_extractor
 from .clustering import learn_prototypes
-from .network import IMAGENET_MEAN, IMAGENET_STD, PatchEmbedding, ProtoADNetwork
+from .network import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PatchEmbedding,
+    ProtoADNetwork,
+    _check_alignment,
+)
 
 __all__ = ["ProtoADDetector"]
 
@@ -63,6 +69,12 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
     sigma : float, default=4.0
         Standard deviation, in pixels of the crop, of the Gaussian smoothing of
         the anomaly map; 0 disables it.
+    alignment : {"center", "paper"}, default="center"
+        Where patch features sit on the image. ``"center"``: each feature at
+        the centre of its receptive field, when joining stages and when
+        upsampling the map. ``"paper"``: the reference implementation's
+        nearest-neighbour join and corner-aligned resize, which shift maps by
+        up to half the coarsest stride (about 8 pixels with stride 16).
     image_size : int or (height, width), default=256
         Every image is resized to this size (bilinear, antialiased) ...
     crop_size : int, (height, width) or None, default=224
@@ -129,6 +141,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         clustering="finch",
         n_clusters=None,
         sigma=4.0,
+        alignment="center",
         image_size=256,
         crop_size=224,
         mean=IMAGENET_MEAN,
@@ -145,6 +158,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         self.clustering = clustering
         self.n_clusters = n_clusters
         self.sigma = sigma
+        self.alignment = alignment
         self.image_size = image_size
         self.crop_size = crop_size
         self.mean = mean
@@ -186,6 +200,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             ),
             mean=self.mean,
             std=self.std,
+            alignment=self.alignment,
         ).to(device)
 
         order = rng.permutation(normal)
@@ -292,12 +307,6 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             float32 ``1 - max cosine`` per patch, bilinearly upsampled and
             smoothed. With ``output="input"``, a list of (H_i, W_i) arrays, one
             per image.
-
-        Examples
-        --------
-        >>> maps = detector.anomaly_maps(X_test)  # doctest: +SKIP
-        >>> maps.shape
-        (n_images, 224, 224)
         """
         if output not in ("crop", "input"):
             raise ValueError(f"output must be 'crop' or 'input', got {output!r}.")
@@ -378,6 +387,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             raise TypeError(f"sigma must be a number, got {self.sigma!r}.")
         if not np.isfinite(self.sigma) or self.sigma < 0:
             raise ValueError(f"sigma must be finite and >= 0, got {self.sigma}.")
+        _check_alignment(self.alignment)
         _images.center_crop_box(self.image_size, self.crop_size)
         for name in ("mean", "std"):
             value = getattr(self, name)
@@ -529,6 +539,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
                 "layers": network.embedding.backbone.layers,
                 "mean": network.embedding.mean.flatten().tolist(),
                 "std": network.embedding.std.flatten().tolist(),
+                "alignment": network.embedding.alignment,
                 "input_size": network.input_size,
                 "sigma": network.smoothing.sigma,
                 "n_prototypes": int(network.prototype_conv.out_channels),
@@ -552,7 +563,9 @@ def _rebuild_network(saved):
             f"{_FORMAT_VERSION}). Install that version to load it, or refit."
         )
     backbone = create_feature_extractor(saved["backbone"], saved["layers"], weights=None)
-    embedding = PatchEmbedding(backbone, mean=saved["mean"], std=saved["std"])
+    embedding = PatchEmbedding(
+        backbone, mean=saved["mean"], std=saved["std"], alignment=saved["alignment"]
+    )
     n_channels = embedding.n_channels
     network = ProtoADNetwork(
         embedding,

@@ -60,9 +60,37 @@ class GaussianSmoothing(nn.Module):
         return x[:, 0]
 
 
+def upsample(x: torch.Tensor, factor: int, size, alignment: str) -> torch.Tensor:
+    """Upsample maps (N, C, h, w) of stride ``factor`` to ``size`` at stride 1.
+
+    ``alignment="center"`` puts grid point ``i`` where its receptive field is
+    centred, at pixel ``factor * i`` (true of CNNs with symmetric padding):
+    bilinear interpolation through exactly those points, edge values repeated
+    past the last one. ``alignment="paper"`` is the reference implementation's
+    ``cv2.resize``-style corner alignment, which places point ``i`` at pixel
+    ``factor * i + (factor - 1) / 2`` and so shifts maps by up to half a stride.
+    """
+    if alignment == "paper":
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    h, w = x.shape[-2:]
+    x = F.interpolate(
+        x, size=((h - 1) * factor + 1, (w - 1) * factor + 1), mode="bilinear", align_corners=True
+    )
+    pad_h = max(0, size[0] - x.shape[-2])
+    pad_w = max(0, size[1] - x.shape[-1])
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+    return x[..., : size[0], : size[1]]
+
+
 def _symmetric_index(n: int, radius: int) -> torch.Tensor:
     idx = torch.arange(-radius, n + radius) % (2 * n)
     return torch.where(idx >= n, 2 * n - 1 - idx, idx)
+
+
+def _check_alignment(alignment):
+    if alignment not in ("center", "paper"):
+        raise ValueError(f"alignment must be 'center' or 'paper', got {alignment!r}.")
 
 
 class PatchEmbedding(nn.Module):
@@ -74,11 +102,24 @@ class PatchEmbedding(nn.Module):
         Frozen feature extractor returning the maps of the chosen stages.
     mean, std : sequence of 3 floats
         Per-channel normalisation applied to the [0, 1] RGB input.
+    alignment : {"center", "paper"}, default="center"
+        How coarser stages are brought to the finest stride: bilinearly at
+        their receptive-field centres (see :func:`upsample`), or by repeating
+        each coarse feature over the finer patches it covers, as the reference
+        implementation's unfold/fold join does.
     """
 
-    def __init__(self, backbone: FeatureExtractor, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(
+        self,
+        backbone: FeatureExtractor,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        alignment="center",
+    ):
         super().__init__()
+        _check_alignment(alignment)
         self.backbone = backbone
+        self.alignment = alignment
         self.n_channels = sum(backbone.channels)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
@@ -86,10 +127,14 @@ class PatchEmbedding(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Features (N, C, h, w) at the finest chosen stride, unit norm over C."""
         maps = self.backbone((images - self.mean) / self.std)
-        size = maps[0].shape[-2:]
-        # Nearest upsampling repeats each coarse feature over the patches it
-        # covers, which is what the reference implementation's unfold/fold join does.
-        joined = [maps[0]] + [F.interpolate(m, size=size, mode="nearest") for m in maps[1:]]
+        size = tuple(maps[0].shape[-2:])
+        finest = self.backbone.strides[0]
+        joined = [maps[0]]
+        for m, stride in zip(maps[1:], self.backbone.strides[1:]):
+            if self.alignment == "paper":
+                joined.append(F.interpolate(m, size=size, mode="nearest"))
+            else:
+                joined.append(upsample(m, stride // finest, size, "center"))
         return F.normalize(torch.cat(joined, dim=1), dim=1)
 
 
@@ -159,9 +204,8 @@ class ProtoADNetwork(nn.Module):
         """Anomaly maps and scores from the embedding's unit-norm features."""
         cosine = self.prototype_conv(features)
         patch_scores = 1.0 - cosine.amax(dim=1, keepdim=True)
-        maps = F.interpolate(
-            patch_scores, size=self.input_size, mode="bilinear", align_corners=False
-        )[:, 0]
+        stride = self.embedding.backbone.strides[0]
+        maps = upsample(patch_scores, stride, self.input_size, self.embedding.alignment)[:, 0]
         maps = self.smoothing(maps)
         return maps, maps.flatten(1).amax(dim=1)
 

@@ -284,3 +284,62 @@ def test_model_from_another_format_version_is_refused(tiny_detector):
     det = ProtoADDetector.__new__(ProtoADDetector)
     with pytest.raises(ValueError, match="format 999"):
         det.__setstate__(state)
+
+
+# ------------------------------------------------------------- localization
+
+
+@pytest.fixture(scope="module")
+def wide_images():
+    from skprotoad.datasets import make_defect_images
+
+    X, _, _ = make_defect_images(
+        n_samples=10, image_size=(60, 120), anomaly_ratio=0.0, random_state=5
+    )
+    return X
+
+
+@pytest.fixture(scope="module")
+def cropping_detector(wide_images):
+    return ProtoADDetector(
+        image_size=80, crop_size=64, clustering="kmeans", n_clusters=32, random_state=0
+    ).fit(wide_images[:8])
+
+
+@pytest.mark.parametrize("centre", [(30, 85), (22, 35)])
+def test_a_blob_lands_where_it_is_on_a_non_square_input(cropping_detector, wide_images, centre):
+    image = wide_images[9].copy()
+    rows, cols = np.mgrid[:60, :120]
+    image[(rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= 5**2] = 20
+    (heat,) = cropping_detector.anomaly_maps([image], output="input")
+    assert heat.shape == (60, 120)
+    # Tolerance: efficientnet_lite0's deeper stages see a few pixels up-left of
+    # their grid point, and x is stretched 1.5 times more than y here.
+    peak = np.unravel_index(np.nanargmax(heat), heat.shape)
+    assert abs(peak[0] - centre[0]) <= 5 and abs(peak[1] - centre[1]) <= 10
+    # the crop keeps 64 of 80 resized pixels: 10 % of each side has no score
+    scored = ~np.isnan(heat)
+    assert scored[6:54, 12:108].all()
+    assert not scored[:5].any() and not scored[55:].any()
+    assert not scored[:, :11].any() and not scored[:, 109:].any()
+    (mask,) = cropping_detector.predict_masks(
+        [image], output="input", threshold=np.nanmax(heat) * 0.9
+    )
+    ys, xs = np.nonzero(mask)
+    assert mask[peak] and not mask[~scored].any()
+    assert abs(ys.mean() - centre[0]) <= 6 and abs(xs.mean() - centre[1]) <= 12
+
+
+def test_input_maps_agree_with_crop_maps(cropping_detector, wide_images):
+    crop = cropping_detector.anomaly_maps(wide_images[8:9])[0]
+    (full,) = cropping_detector.anomaly_maps(wide_images[8:9], output="input")
+    assert np.nanmax(full) <= crop.max() + 1e-6
+    assert np.nanmin(full) >= crop.min() - 1e-6
+    with pytest.raises(ValueError, match="output"):
+        cropping_detector.anomaly_maps(wide_images[:1], output="original")
+
+
+def test_masks_are_non_empty_exactly_for_predicted_anomalies(lite0_detector, synthetic):
+    masks = lite0_detector.predict_masks(synthetic.X_test)
+    flagged = lite0_detector.predict(synthetic.X_test) == -1
+    np.testing.assert_array_equal(masks.any(axis=(1, 2)), flagged)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from skprotoad.backbones import create_feature_extractor
-from skprotoad.network import GaussianSmoothing, PatchEmbedding, ProtoADNetwork
+from skprotoad.network import GaussianSmoothing, PatchEmbedding, ProtoADNetwork, upsample
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +28,10 @@ def test_sigma_zero_is_identity():
     assert torch.equal(GaussianSmoothing(0, (9, 9))(maps), maps)
 
 
-def test_embedding_joins_stages_at_the_finest_stride(embedding):
+def test_paper_join_repeats_coarse_features(embedding):
+    paper = PatchEmbedding(embedding.backbone, alignment="paper")
     x = torch.rand(2, 3, 64, 64)
-    features = embedding(x)
+    features = paper(x)
     assert features.shape == (2, 64 + 128, 16, 16)
     torch.testing.assert_close(features.norm(dim=1), torch.ones(2, 16, 16))
     # each stride-8 feature is repeated over the 2 x 2 stride-4 patches it covers
@@ -39,7 +40,39 @@ def test_embedding_joins_stages_at_the_finest_stride(embedding):
     torch.testing.assert_close(layer2[:, :, 0::2, 0::2], layer2[:, :, 1::2, 1::2])
 
 
-def test_network_computes_one_minus_max_cosine(embedding):
+def test_center_upsampling_puts_grid_points_at_stride_multiples():
+    coarse = torch.rand(1, 2, 5, 3)
+    fine = upsample(coarse, 4, (20, 12), "center")
+    assert fine.shape == (1, 2, 20, 12)
+    torch.testing.assert_close(fine[..., ::4, ::4], coarse)
+    # halfway between two grid points is their mean; past the last, the edge value
+    torch.testing.assert_close(fine[..., 2, 0], coarse[..., :2, 0].mean(-1))
+    torch.testing.assert_close(fine[..., 17:, :], fine[..., 16:17, :].expand(-1, -1, 3, -1))
+    torch.testing.assert_close(fine[..., :, 9:], fine[..., :, 8:9].expand(-1, -1, -1, 3))
+
+
+def test_center_join_samples_coarse_stage_at_patch_centres(embedding):
+    x = torch.rand(1, 3, 64, 64)
+    joined = embedding(x)
+    layer1, layer2 = embedding.backbone(embedding_input(embedding, x))
+    raw = torch.cat([layer1, upsample(layer2, 2, (16, 16), "center")], dim=1)
+    torch.testing.assert_close(joined, F.normalize(raw, dim=1))
+    # stride-8 feature j sits on stride-4 patch 2j
+    torch.testing.assert_close(raw[:, 64:, ::2, ::2], layer2)
+
+
+def embedding_input(embedding, x):
+    return (x - embedding.mean) / embedding.std
+
+
+def test_bad_alignment_is_named(embedding):
+    with pytest.raises(ValueError, match="alignment"):
+        PatchEmbedding(embedding.backbone, alignment="corner")
+
+
+@pytest.mark.parametrize("alignment", ["center", "paper"])
+def test_network_computes_one_minus_max_cosine(embedding, alignment):
+    embedding = PatchEmbedding(embedding.backbone, alignment=alignment)
     torch.manual_seed(0)
     x = torch.rand(3, 3, 64, 64)
     prototypes = torch.randn(7, 192)
@@ -49,9 +82,7 @@ def test_network_computes_one_minus_max_cosine(embedding):
     feats = embedding(x).permute(0, 2, 3, 1).numpy()  # (N, h, w, C), unit rows
     protos = F.normalize(prototypes, dim=1).numpy()
     patch = 1 - (feats @ protos.T).max(axis=-1)
-    expected = F.interpolate(
-        torch.from_numpy(patch)[:, None], size=(64, 64), mode="bilinear", align_corners=False
-    )[:, 0]
+    expected = upsample(torch.from_numpy(patch)[:, None], 4, (64, 64), alignment)[:, 0]
     torch.testing.assert_close(maps, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(scores, maps.flatten(1).amax(1))
 
