@@ -44,7 +44,7 @@ MAX_DEFAULT_PROTOTYPES = 1000
 
 #: With ``neighbors="auto"``, inputs (or hierarchy levels) with at most this
 #: many rows use the exact first-neighbour search, larger ones the IVF search.
-EXACT_NEIGHBORS_MAX_SAMPLES = 50_000
+EXACT_NEIGHBORS_MAX_SAMPLES = 20_000
 
 # IVF search: probes per row, training rows per list and Lloyd steps of the
 # coarse quantiser (see _first_neighbors_ivf and docs/clustering.md).
@@ -144,10 +144,12 @@ def _row_block(n_cols, batch_size):
     return int(min(8192, max(64, _BLOCK_ENTRIES // max(n_cols, 1))))
 
 
-def _best_match(Q, D, *, q_ids=None, d_ids=None, batch_size=None):
+def _best_match(Q, D, *, q_ids=None, d_ids=None, self_offset=None, batch_size=None):
     """Most similar row of ``D`` for every row of ``Q`` by blocked matmuls.
 
-    Pairs with ``q_ids[i] == d_ids[j]`` (the same point) are excluded.  Returns
+    Pairs with ``q_ids[i] == d_ids[j]`` (the same point) are excluded, or,
+    cheaper, pairs ``j == i + self_offset`` when ``Q`` is a slice of ``D``
+    starting at row ``self_offset``.  Returns
     ``(sim, idx)`` tensors; ``idx`` indexes the rows of ``D``.  Ties go to the
     lowest index, as with ``np.argmax``.
     """
@@ -163,7 +165,9 @@ def _best_match(Q, D, *, q_ids=None, d_ids=None, batch_size=None):
         dc_ids = None if d_ids is None else d_ids[c0 : c0 + col_block]
         for r0 in range(0, n_q, row_block):
             sim = Q[r0 : r0 + row_block] @ Dc.T
-            if q_ids is not None:
+            if self_offset is not None:
+                sim.diagonal(r0 + self_offset - c0).fill_(-math.inf)
+            elif q_ids is not None:
                 sim.masked_fill_(q_ids[r0 : r0 + row_block, None] == dc_ids[None, :], -math.inf)
             val, arg = sim.max(dim=1)
             cur = best_sim[r0 : r0 + row_block]
@@ -180,7 +184,6 @@ def _first_neighbors_exact(X, *, device, batch_size=None, verbose=False):
     """Exact first neighbour (highest cosine, itself excluded) of every row."""
     n = X.shape[0]
     Xt = torch.from_numpy(X).to(device)
-    ids = torch.arange(n, device=device)
     # outer chunks only pace the progress bar; _best_match does the blocking
     row_block = max(_row_block(n, batch_size), 8192)
     sims = np.empty(n, dtype=np.float32)
@@ -194,8 +197,7 @@ def _first_neighbors_exact(X, *, device, batch_size=None, verbose=False):
         s, i = _best_match(
             Xt[r0 : r0 + row_block],
             Xt,
-            q_ids=ids[r0 : r0 + row_block],
-            d_ids=ids,
+            self_offset=r0,
             batch_size=batch_size,
         )
         sims[r0 : r0 + row_block] = s.cpu().numpy()
