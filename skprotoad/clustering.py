@@ -44,13 +44,15 @@ MAX_DEFAULT_PROTOTYPES = 1000
 
 #: With ``neighbors="auto"``, inputs (or hierarchy levels) with at most this
 #: many rows use the exact first-neighbour search, larger ones the IVF search.
-EXACT_NEIGHBORS_MAX_SAMPLES = 50_000
+EXACT_NEIGHBORS_MAX_SAMPLES = 20_000
 
 # IVF search: probes per row, training rows per list and Lloyd steps of the
 # coarse quantiser (see _first_neighbors_ivf and docs/clustering.md).
-_IVF_N_PROBE = 6
+_IVF_N_PROBE = 4
 _IVF_TRAIN_PER_LIST = 32
 _IVF_TRAIN_ITER = 6
+# lists batched into one padded product must fill this fraction of it
+_IVF_MIN_FILL = 0.7
 
 # Blocks of the similarity matrix hold at most this many float32 entries
 # (256 MiB), which bounds the memory of every search whatever ``n_samples``.
@@ -142,10 +144,12 @@ def _row_block(n_cols, batch_size):
     return int(min(8192, max(64, _BLOCK_ENTRIES // max(n_cols, 1))))
 
 
-def _best_match(Q, D, *, q_ids=None, d_ids=None, batch_size=None):
+def _best_match(Q, D, *, q_ids=None, d_ids=None, self_offset=None, batch_size=None):
     """Most similar row of ``D`` for every row of ``Q`` by blocked matmuls.
 
-    Pairs with ``q_ids[i] == d_ids[j]`` (the same point) are excluded.  Returns
+    Pairs with ``q_ids[i] == d_ids[j]`` (the same point) are excluded, or,
+    cheaper, pairs ``j == i + self_offset`` when ``Q`` is a slice of ``D``
+    starting at row ``self_offset``.  Returns
     ``(sim, idx)`` tensors; ``idx`` indexes the rows of ``D``.  Ties go to the
     lowest index, as with ``np.argmax``.
     """
@@ -161,7 +165,9 @@ def _best_match(Q, D, *, q_ids=None, d_ids=None, batch_size=None):
         dc_ids = None if d_ids is None else d_ids[c0 : c0 + col_block]
         for r0 in range(0, n_q, row_block):
             sim = Q[r0 : r0 + row_block] @ Dc.T
-            if q_ids is not None:
+            if self_offset is not None:
+                sim.diagonal(r0 + self_offset - c0).fill_(-math.inf)
+            elif q_ids is not None:
                 sim.masked_fill_(q_ids[r0 : r0 + row_block, None] == dc_ids[None, :], -math.inf)
             val, arg = sim.max(dim=1)
             cur = best_sim[r0 : r0 + row_block]
@@ -178,7 +184,6 @@ def _first_neighbors_exact(X, *, device, batch_size=None, verbose=False):
     """Exact first neighbour (highest cosine, itself excluded) of every row."""
     n = X.shape[0]
     Xt = torch.from_numpy(X).to(device)
-    ids = torch.arange(n, device=device)
     # outer chunks only pace the progress bar; _best_match does the blocking
     row_block = max(_row_block(n, batch_size), 8192)
     sims = np.empty(n, dtype=np.float32)
@@ -192,8 +197,7 @@ def _first_neighbors_exact(X, *, device, batch_size=None, verbose=False):
         s, i = _best_match(
             Xt[r0 : r0 + row_block],
             Xt,
-            q_ids=ids[r0 : r0 + row_block],
-            d_ids=ids,
+            self_offset=r0,
             batch_size=batch_size,
         )
         sims[r0 : r0 + row_block] = s.cpu().numpy()
@@ -269,31 +273,31 @@ def _first_neighbors_ivf(
         ).indices
     probes = probes.cpu().numpy()
 
+    # database: rows sorted by their own list; queries: (row, probed list)
+    # pairs sorted by list.  Both make each list a contiguous segment.
     db_order = np.argsort(probes[:, 0], kind="stable")
     db_bounds = np.searchsorted(probes[db_order, 0], np.arange(n_lists + 1))
-    q_lists = probes.ravel()
-    q_order = np.argsort(q_lists, kind="stable")
-    q_points = np.repeat(np.arange(n), n_probe)[q_order]
-    q_bounds = np.searchsorted(q_lists[q_order], np.arange(n_lists + 1))
-    db_order_t = torch.from_numpy(db_order).to(device)
-    q_points_t = torch.from_numpy(q_points).to(device)
-
-    best_sim = torch.full((n,), -math.inf, dtype=Xt.dtype, device=device)
-    best_idx = torch.zeros(n, dtype=torch.int64, device=device)
-    for lst in tqdm(
-        range(n_lists), desc="IVF search", disable=not verbose, leave=False
-    ):
-        d_ids = db_order_t[db_bounds[lst] : db_bounds[lst + 1]]
-        q_ids = q_points_t[q_bounds[lst] : q_bounds[lst + 1]]
-        if len(d_ids) == 0 or len(q_ids) == 0:
-            continue
-        sim, arg = _best_match(
-            Xt[q_ids], Xt[d_ids], q_ids=q_ids, d_ids=d_ids, batch_size=batch_size
-        )
-        # a row appears at most once per list, so this scatter has no clashes
-        better = sim > best_sim[q_ids]
-        best_sim[q_ids[better]] = sim[better]
-        best_idx[q_ids[better]] = d_ids[arg[better]]
+    q_flat = probes.ravel()
+    q_order = np.argsort(q_flat, kind="stable")
+    q_bounds = np.searchsorted(q_flat[q_order], np.arange(n_lists + 1))
+    q_points = q_order // n_probe
+    # best match of every (row, probed list) pair, in q_order positions
+    pair_sim, pair_idx = _ivf_search(
+        Xt,
+        torch.from_numpy(db_order).to(device),
+        db_bounds,
+        torch.from_numpy(q_points).to(device),
+        q_bounds,
+        batch_size=batch_size,
+        verbose=verbose,
+    )
+    sim = torch.empty(n * n_probe, dtype=Xt.dtype, device=device)
+    idx = torch.empty(n * n_probe, dtype=torch.int64, device=device)
+    q_order_t = torch.from_numpy(q_order).to(device)
+    sim[q_order_t], idx[q_order_t] = pair_sim, pair_idx
+    # the max over a row's probes; ties go to the closer list (first probe)
+    best_sim, which = sim.view(n, n_probe).max(dim=1)
+    best_idx = idx.view(n, n_probe).gather(1, which[:, None]).squeeze(1)
 
     # rows whose probed lists held nobody else: search them exhaustively
     lonely = torch.nonzero(best_sim == -math.inf).flatten()
@@ -302,6 +306,77 @@ def _first_neighbors_ivf(
         sim, arg = _best_match(Xt[lonely], Xt, q_ids=lonely, d_ids=ids)
         best_sim[lonely], best_idx[lonely] = sim, arg
     return best_idx.cpu().numpy(), best_sim.cpu().numpy()
+
+
+def _ivf_search(Xt, db_order, db_bounds, q_points, q_bounds, *, batch_size, verbose):
+    """Best match of each query segment within the database segment of the
+    same list.  Lists of similar size are padded and handled together by one
+    batched matrix product: thousands of small products would spend most of
+    their time in per-call overhead, badly so when the cores are shared."""
+    device = Xt.device
+    n_lists = len(db_bounds) - 1
+    d_len = np.diff(db_bounds)
+    q_len = np.diff(q_bounds)
+    out_sim = torch.full(
+        (int(q_bounds[-1]),), -math.inf, dtype=Xt.dtype, device=device
+    )
+    out_idx = torch.zeros(int(q_bounds[-1]), dtype=torch.int64, device=device)
+    order = np.lexsort((q_len, d_len))[::-1]
+    order = order[(q_len[order] > 0) & (d_len[order] > 0)]
+    pbar = tqdm(total=len(order), desc="IVF search", disable=not verbose, leave=False)
+    start = 0
+    while start < len(order):
+        # grow the group while its padded similarities and gathered rows fit
+        # in one block and padding wastes at most ~30% of each list's work
+        # (lists come sorted by decreasing database size)
+        max_q, max_d = int(q_len[order[start]]), int(d_len[order[start]])
+        stop = start + 1
+        while stop < len(order):
+            lst = order[stop]
+            mq, md = max(max_q, int(q_len[lst])), max(max_d, int(d_len[lst]))
+            per_list = mq * md + (mq + md) * Xt.shape[1]
+            if (stop - start + 1) * per_list > _BLOCK_ENTRIES or (
+                q_len[lst] * d_len[lst] < _IVF_MIN_FILL * mq * md
+            ):
+                break
+            max_q, max_d, stop = mq, md, stop + 1
+        lists = order[start:stop]
+        if stop - start == 1 and max_q * max_d > _BLOCK_ENTRIES:
+            lst = lists[0]
+            q_ids = q_points[q_bounds[lst] : q_bounds[lst + 1]]
+            d_ids = db_order[db_bounds[lst] : db_bounds[lst + 1]]
+            s, a = _best_match(
+                Xt[q_ids], Xt[d_ids], q_ids=q_ids, d_ids=d_ids, batch_size=batch_size
+            )
+            out_sim[q_bounds[lst] : q_bounds[lst + 1]] = s
+            out_idx[q_bounds[lst] : q_bounds[lst + 1]] = d_ids[a]
+        else:
+            q_pos, q_ok = _padded_positions(q_bounds[lists], q_len[lists], max_q, device)
+            d_pos, d_ok = _padded_positions(db_bounds[lists], d_len[lists], max_d, device)
+            q_ids = q_points[q_pos]
+            d_ids = db_order[d_pos]
+            sim = torch.bmm(Xt[q_ids], Xt[d_ids].transpose(1, 2))
+            # padding columns and a row's own entry cannot be its neighbour
+            sim.masked_fill_(~d_ok[:, None, :], -math.inf)
+            sim.masked_fill_(q_ids[:, :, None] == d_ids[:, None, :], -math.inf)
+            s, a = sim.max(dim=2)
+            out_sim[q_pos[q_ok]] = s[q_ok]
+            out_idx[q_pos[q_ok]] = d_ids.gather(1, a)[q_ok]
+        pbar.update(stop - start)
+        start = stop
+    pbar.close()
+    return out_sim, out_idx
+
+
+def _padded_positions(starts, lengths, width, device):
+    """``(len(starts), width)`` positions ``start + j`` of padded segments,
+    clamped into range, and the mask of the real ones."""
+    j = torch.arange(width, device=device)
+    starts = torch.as_tensor(starts, device=device)
+    lengths = torch.as_tensor(lengths, device=device)
+    ok = j[None, :] < lengths[:, None]
+    pos = starts[:, None] + torch.minimum(j[None, :], (lengths - 1)[:, None])
+    return pos, ok
 
 
 # --------------------------------------------------------------------------
