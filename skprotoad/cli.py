@@ -576,6 +576,10 @@ def _write_atomically(path, write):
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates the file private (0600); give it the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -1032,7 +1036,7 @@ def _demo_selection(labels):
 
 def _cmd_demo(args):
     from .datasets import make_defect_dataset
-    from .plotting import grid
+    from .plotting import grid, save_png
 
     out_dir = _prepare_out_dir(args.output, args.force)
     data = make_defect_dataset(
@@ -1059,16 +1063,14 @@ def _cmd_demo(args):
     truth = ["anomaly" if y else "normal" for y in data.y_test]
     _write_scores_csv(out_dir / "scores.csv", names, result, extra={"truth": truth})
     titles = [
-        f"{'defect' if data.y_test[i] else 'normal'}: {result['score'][i]:.3f}"
-        f"{' ANOMALY' if result['anomaly'][i] else ''}"
+        f"{'defect' if data.y_test[i] else 'normal'}, score {result['score'][i]:.3f} "
+        f"({'anomaly' if result['anomaly'][i] else 'normal'})"
         for i in shown
     ]
     figure = grid(
         [out_dir / result["overlay"][i] for i in shown], titles=titles, ncols=4,
         tile_size=max(args.size, 192),
     )
-    from .plotting import save_png
-
     save_png(figure, out_dir / "grid.png")
     speed = len(data.X_test) / score_seconds
     _write_json(out_dir / "results.json", {

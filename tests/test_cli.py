@@ -260,6 +260,10 @@ def test_force_overwrites_the_model(folders, tmp_path, capsys):
     assert _run(argv, capsys)[0] == 0
     assert joblib.load(path).n_train_images_ == 12
     assert [p.name for p in tmp_path.iterdir()] == ["m.joblib"]  # no temporary file left
+    # Written with the permissions of any new file, not the temporary file's 0600.
+    reference = tmp_path / "reference"
+    reference.write_text("")
+    assert path.stat().st_mode & 0o777 == reference.stat().st_mode & 0o777
 
 
 def test_out_dir_is_not_overwritten_without_force(model, folders, tmp_path, capsys):
