@@ -12,6 +12,7 @@ and returns the exit code, so the commands can also be run from Python:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -856,7 +857,9 @@ def _fit(args, detector, train):
     _info(args, f"fitting on {len(train)} images with {detector.backbone} "
                 f"({detector.clustering} prototypes) ...")
     start = time.perf_counter()
-    detector.fit(train)
+    # stdout is for results (tables, summaries); library chatter goes with the bars.
+    with contextlib.redirect_stdout(sys.stderr):
+        detector.fit(train)
     seconds = time.perf_counter() - start
     _info(args, f"fitted in {seconds:.1f} s: {detector.prototypes_.shape[0]} prototypes, "
                 f"anomaly-score threshold {detector.pixel_threshold_:.4g}")
