@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
-from sklearn.model_selection import GridSearchCV
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 from sklearn.utils import estimator_checks as checks
@@ -244,7 +244,7 @@ def test_grid_search_over_clusters_and_layers(normal_images, synthetic):
         ProtoADDetector(**{**TINY, "contamination": 0.1}),
         param_grid={"n_clusters": [4, 16], "layers": [(2,), (1, 2)]},
         scoring="roc_auc",
-        cv=2,
+        cv=StratifiedKFold(2, shuffle=True, random_state=0),
         error_score="raise",
     ).fit(X, y)
     scores = grid.cv_results_["mean_test_score"]
