@@ -1,0 +1,123 @@
+"""Sphinx configuration of the skprotoad documentation.
+
+Build (warnings are errors)::
+
+    python -m sphinx -W --keep-going -b html docs docs/_build/html
+
+Before reading the sources, this file generates into ``docs/_generated/``
+(ignored by git): the network figure (``draw_network.py``) and one snippet per
+benchmark that includes ``benchmarks/results/<name>.md`` when that file
+exists (the path in it is relative to ``docs/benchmarks.md``, the page that
+includes the snippets), so the benchmark page always shows the committed results.
+"""
+
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+ROOT = DOCS.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(DOCS))
+
+import skprotoad  # noqa: E402
+from draw_network import draw_figure  # noqa: E402
+
+project = "skprotoad"
+author = "skprotoad developers"
+copyright = "skprotoad developers"
+release = skprotoad.__version__
+version = release
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.mathjax",
+    "numpydoc",
+    "myst_parser",
+]
+
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+exclude_patterns = ["_build", "_generated", "Thumbs.db", ".DS_Store"]
+templates_path = ["_templates"]
+
+myst_enable_extensions = ["colon_fence", "deflist", "dollarmath"]
+myst_heading_anchors = 3
+
+autosummary_generate = True
+autosummary_ignore_module_all = False  # document exactly each module's __all__
+autodoc_default_options = {"member-order": "bysource"}
+autodoc_typehints = "none"  # the numpydoc docstrings describe the types
+numpydoc_show_class_members = False  # members are listed by the class template
+numpydoc_validation_checks = set()
+
+html_theme = "furo"
+html_title = f"skprotoad {release}"
+html_static_path = []
+
+# ---------------------------------------------------------------- generated
+GENERATED = DOCS / "_generated"
+RESULTS = ROOT / "benchmarks" / "results"
+
+# name -> (what it measures, command to rerun)
+BENCHMARKS = {
+    "magnetic_tile": (
+        "ProtoADDetector on the Magnetic Tile Defect data set: accuracy, "
+        "threshold behaviour and speed of each variant.",
+        "python benchmarks/bench_magnetic_tile.py --variants default paper_alignment "
+        "kmeans_1000 finch_1000",
+    ),
+    "clustering": (
+        "FINCH and k-means: speed, peak memory and agreement with exact "
+        "references.",
+        "PYTHONPATH=. python benchmarks/bench_clustering.py",
+    ),
+    "metrics": (
+        "Time and peak memory of the pixel-level metrics.",
+        "PYTHONPATH=. python benchmarks/bench_metrics.py",
+    ),
+}
+
+
+def _benchmark_snippet(name):
+    _, command = BENCHMARKS[name]
+    md = RESULTS / f"{name}.md"
+    if md.is_file():
+        return (
+            f"```{{include}} ../benchmarks/results/{name}.md\n"
+            f":heading-offset: 2\n```\n"
+        )
+    return (
+        f":::{{note}}\nNot measured yet in this version of the repository: "
+        f"`benchmarks/results/{name}.md` will appear here once\n\n"
+        f"    {command}\n\nhas been run and its results committed.\n:::\n"
+    )
+
+
+def _generate():
+    GENERATED.mkdir(exist_ok=True)
+    draw_figure(GENERATED / "protoad_network.png")
+    for name in BENCHMARKS:
+        text = _benchmark_snippet(name)
+        path = GENERATED / f"bench_{name}.md"
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+
+
+_generate()
+
+
+# ------------------------------------------------------------ autodoc hooks
+def _drop_inherited_type_docstring(app, what, name, obj, options, lines):
+    """Module constants without a ``#:`` doc comment would otherwise show the
+    docstring of their type (``tuple``, ``str``): show only their value.
+
+    Runs before numpydoc (priority 400 < 500), on the raw docstring lines.
+    """
+    type_doc = (type(obj).__doc__ or "").strip()
+    first = next((line.strip() for line in lines if line.strip()), "")
+    if what in ("data", "attribute") and type_doc and first == type_doc.splitlines()[0].strip():
+        lines.clear()
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", _drop_inherited_type_docstring, priority=400)
