@@ -5,12 +5,15 @@ Build (warnings are errors)::
     python -m sphinx -W --keep-going -b html docs docs/_build/html
 
 Before reading the sources, this file generates into ``docs/_generated/``
-(ignored by git): the network figure (``draw_network.py``) and one snippet per
+(ignored by git): the network figure (``draw_network.py``), the figure of
+``examples/plot_quickstart.py`` (by running it) and one snippet per
 benchmark that includes ``benchmarks/results/<name>.md`` when that file
 exists (the path in it is relative to ``docs/benchmarks.md``, the page that
 includes the snippets), so the benchmark page always shows the committed results.
 """
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -93,9 +96,30 @@ def _benchmark_snippet(name):
     )
 
 
+def _run_quickstart():
+    """Run examples/plot_quickstart.py so the examples page shows its figure.
+
+    Skipped when the figure is newer than the script and the package; takes
+    a few seconds on a CPU otherwise (offline backbone, 64 px images).
+    """
+    script = ROOT / "examples" / "plot_quickstart.py"
+    figure = GENERATED / "quickstart_overlay.png"
+    sources = [script, *sorted((ROOT / "skprotoad").glob("*.py"))]
+    if figure.is_file() and figure.stat().st_mtime > max(p.stat().st_mtime for p in sources):
+        return
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    # one thread: the model is tiny, and competing OpenMP threads on a busy
+    # machine cost far more than they gain
+    env.setdefault("OMP_NUM_THREADS", "1")
+    subprocess.run([sys.executable, str(script), str(GENERATED)], check=True, env=env,
+                   cwd=str(ROOT), stdout=subprocess.DEVNULL)
+
+
 def _generate():
     GENERATED.mkdir(exist_ok=True)
     draw_figure(GENERATED / "protoad_network.png")
+    _run_quickstart()
     for name in BENCHMARKS:
         text = _benchmark_snippet(name)
         path = GENERATED / f"bench_{name}.md"
