@@ -1,0 +1,1094 @@
+"""The ``skprotoad`` command line: ``fit``, ``predict``, ``evaluate`` and ``demo``.
+
+Run ``skprotoad --help`` or ``python -m skprotoad --help``; ``docs/cli.md``
+describes every command and its outputs. :func:`main` takes an argument list
+and returns the exit code, so the commands can also be run from Python:
+
+>>> from skprotoad.cli import main
+>>> main(["demo", "-o", "demo_output"])  # doctest: +SKIP
+0
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from . import _images
+from ._version import __version__
+from .backbones import WeightsUnavailableError
+
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+_EXIT_INTERRUPTED = 130
+
+_PROG = "skprotoad"
+# Files and folders `predict` and `demo` write into their output folder; with
+# --force only these are replaced, never anything else the folder holds.
+_OUTPUT_FILES = ("scores.csv", "skipped.csv", "run.json", "results.json", "grid.png")
+_OUTPUT_DIRS = ("overlays", "masks")
+# Colour range of the overlays, as multiples of the image threshold: the
+# threshold sits mid-scale, well below it is dark, 1.5 times it saturates.
+_VMIN_FACTOR, _VMAX_FACTOR = 0.5, 1.5
+
+
+class CommandError(Exception):
+    """A failure reported as one line on stderr, with an exit code."""
+
+    def __init__(self, message, code=EXIT_FAILURE):
+        super().__init__(message)
+        self.code = code
+
+
+# ====================================================================== parser
+
+_EPILOG_MAIN = """\
+examples:
+  skprotoad demo                                  # synthetic data, no download
+  skprotoad fit images/good -o model.joblib
+  skprotoad predict model.joblib images/new -o results
+  skprotoad evaluate data/mvtec --category bottle -o bottle.json
+
+exit codes:
+  0  success
+  1  runtime failure (unreadable model or images, no images found, weights
+     unavailable, invalid data)
+  2  usage error (bad options, missing input path, output exists without --force)
+
+Run 'skprotoad COMMAND --help' for the options of a command.
+"""
+
+_EPILOG_FIT = """\
+Fits on the image files directly in each TRAIN folder (sub-folders are not
+searched; other files are reported and skipped). All images should be normal.
+
+examples:
+  skprotoad fit data/magnetic_tile/train/good -o tile.joblib
+  skprotoad fit good/ -o model.joblib --clustering kmeans --n-clusters 500
+  skprotoad fit good/ -o model.joblib --backbone wide_resnet50_2 --device cuda
+
+exit codes: 0 success, 1 runtime failure, 2 usage error (MODEL exists: --force).
+"""
+
+_EPILOG_PREDICT = """\
+Writes into OUT_DIR:
+  scores.csv         path, score, label, width, height, overlay, mask
+  overlays/NAME.png  heatmap over the image (its own size), predicted region outlined
+  masks/NAME.png     predicted defect mask, 0 / 255, the image's own size
+  run.json           model, threshold and colour range used
+  skipped.csv        files that were not images or could not be read (if any)
+score = anomaly score (higher = more anomalous); label = "anomaly" when the
+score is above the threshold. NAME is the file's stem, prefixed with its
+folder's name when two inputs share a stem.
+
+examples:
+  skprotoad predict tile.joblib new_images/ -o results
+  skprotoad predict tile.joblib a.png b.png -o results --threshold 0.4 --force
+
+exit codes: 0 success, 1 runtime failure, 2 usage error (OUT_DIR not empty: --force).
+"""
+
+_EPILOG_EVALUATE = """\
+Fits on train/good (BTAD: train/ok), scores the test split and reports image
+AUROC, pixel AUROC, AUPRO (FPR up to 0.3), image and pixel F1-max, the fit time
+and the test throughput. DATASET_ROOT is a dataset root with --category, or a
+category folder itself.
+
+examples:
+  skprotoad evaluate data/magnetic_tile --clustering kmeans --n-clusters 200
+  skprotoad evaluate data/mvtec --category bottle -o bottle.json
+  skprotoad evaluate data/BTAD --format btad --category 01
+
+exit codes: 0 success, 1 runtime failure, 2 usage error (JSON exists: --force).
+"""
+
+_EPILOG_DEMO = """\
+Generates a synthetic surface-defect data set (no data, no download), fits a
+detector with the offline efficientnet_lite0 backbone, prints the metrics and
+writes heatmap overlays (ground truth outlined in green), a grid.png and
+results.json into OUT_DIR. Takes about a minute on two CPU cores.
+
+examples:
+  skprotoad demo
+  skprotoad demo -o /tmp/demo --force -q
+
+exit codes: 0 success, 1 runtime failure, 2 usage error (OUT_DIR not empty: --force).
+"""
+
+
+def _weights_arg(value):
+    return None if value.lower() == "none" else value
+
+
+def _contamination_arg(value):
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {value!r}") from None
+
+
+def _crop_arg(value):
+    if value.lower() == "none":
+        return None
+    return _positive_int(value)
+
+
+def _positive_int(value):
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _add_common(parser):
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars or progress messages"
+    )
+
+
+def _add_detector_options(parser):
+    group = parser.add_argument_group("detector options")
+    group.add_argument(
+        "--backbone", default="efficientnet_lite0",
+        help="timm CNN: efficientnet_lite0 (default, works offline), "
+        "wide_resnet50_2 (the paper's), resnet18, ...",
+    )
+    group.add_argument(
+        "--layers", type=int, nargs="+", default=[1, 2, 3], metavar="I",
+        help="backbone stages whose features are joined (default: 1 2 3)",
+    )
+    group.add_argument(
+        "--weights", type=_weights_arg, default="imagenet",
+        help="'imagenet' (default), a state-dict file, or 'none' (random; tests only)",
+    )
+    group.add_argument(
+        "--clustering", choices=("finch", "kmeans"), default="finch",
+        help="how prototypes are learned (default: finch)",
+    )
+    group.add_argument(
+        "--n-clusters", type=_positive_int, default=None, metavar="N",
+        help="number of prototypes (required with kmeans; finch picks one if omitted)",
+    )
+    group.add_argument(
+        "--image-size", type=_positive_int, default=256, metavar="PX",
+        help="images are resized to PX x PX ... (default: 256)",
+    )
+    group.add_argument(
+        "--crop-size", type=_crop_arg, default=224, metavar="PX",
+        help="... and centre-cropped to PX x PX, or 'none' (default: 224)",
+    )
+    group.add_argument(
+        "--sigma", type=float, default=4.0,
+        help="Gaussian smoothing of the anomaly maps, in pixels (default: 4)",
+    )
+    group.add_argument(
+        "--contamination", type=_contamination_arg, default="auto",
+        help="'auto' (threshold from held-out normal images; default) or the "
+        "share of training images taken as anomalous",
+    )
+    _add_runtime_options(group)
+    group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def _add_runtime_options(group, defaults_from_model=False):
+    group.add_argument(
+        "--batch-size", type=_positive_int, default=None if defaults_from_model else 16,
+        metavar="N",
+        help="images per forward pass"
+        + (" (default: the model's)" if defaults_from_model else " (default: 16)"),
+    )
+    group.add_argument(
+        "--device", default=None if defaults_from_model else "auto",
+        help="auto, cpu, cuda or cuda:N"
+        + (" (default: the model's)" if defaults_from_model else " (default: auto)"),
+    )
+
+
+def build_parser():
+    """The argument parser of the ``skprotoad`` command.
+
+    Returns
+    -------
+    parser : argparse.ArgumentParser
+    """
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Image anomaly detection and localization with ProtoAD "
+        "(prototypes of pre-trained CNN patch features).",
+        epilog=_EPILOG_MAIN,
+        formatter_class=formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show full tracebacks instead of one-line errors"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    commands.required = True
+
+    fit = commands.add_parser(
+        "fit", help="learn a model from a folder of normal images",
+        description="Learn a ProtoAD model from normal images and save it with joblib.",
+        epilog=_EPILOG_FIT, formatter_class=formatter,
+    )
+    fit.add_argument("train", nargs="+", metavar="TRAIN", help="folder(s) or files of normal images")
+    fit.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (.joblib)")
+    fit.add_argument("--force", action="store_true", help="overwrite MODEL if it exists")
+    _add_common(fit)
+    _add_detector_options(fit)
+    fit.set_defaults(handler=_cmd_fit)
+
+    predict = commands.add_parser(
+        "predict", help="score images, write scores.csv, heatmap overlays and masks",
+        description="Score images with a fitted model; write a CSV, heatmap overlays and masks.",
+        epilog=_EPILOG_PREDICT, formatter_class=formatter,
+    )
+    predict.add_argument("model", metavar="MODEL", help="model file written by 'skprotoad fit'")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
+    predict.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder")
+    predict.add_argument("--force", action="store_true", help="write into OUT_DIR even if it is not empty")
+    predict.add_argument(
+        "--threshold", type=float, default=None, metavar="T",
+        help="anomaly score (and map value) above which an image (pixel) is an "
+        "anomaly (default: the model's)",
+    )
+    predict.add_argument(
+        "--vmin", type=float, default=None,
+        help="map value shown darkest (default: 0.5 x threshold)",
+    )
+    predict.add_argument(
+        "--vmax", type=float, default=None,
+        help="map value shown brightest (default: 1.5 x threshold)",
+    )
+    predict.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (default: 0.5)")
+    _add_common(predict)
+    _add_runtime_options(predict.add_argument_group("runtime options"), defaults_from_model=True)
+    predict.set_defaults(handler=_cmd_predict)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="fit and score a data set in MVTec AD or BTAD layout",
+        description="Fit on a data set's train split, score its test split, report metrics.",
+        epilog=_EPILOG_EVALUATE, formatter_class=formatter,
+    )
+    evaluate.add_argument("root", metavar="DATASET_ROOT", help="data set root or category folder")
+    evaluate.add_argument("--category", default=None, help="category folder under DATASET_ROOT")
+    evaluate.add_argument(
+        "--format", choices=("mvtec", "btad"), default="mvtec",
+        help="folder layout (default: mvtec)",
+    )
+    evaluate.add_argument("-o", "--output", default=None, metavar="JSON", help="write the results as JSON")
+    evaluate.add_argument("--save-model", default=None, metavar="MODEL", help="also save the fitted model")
+    evaluate.add_argument("--force", action="store_true", help="overwrite JSON / MODEL if they exist")
+    _add_common(evaluate)
+    _add_detector_options(evaluate)
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    demo = commands.add_parser(
+        "demo", help="run the whole pipeline on synthetic defects (no data needed)",
+        description="Fit and evaluate on generated surface-defect images; write overlays.",
+        epilog=_EPILOG_DEMO, formatter_class=formatter,
+    )
+    demo.add_argument("-o", "--output", default="demo_output", metavar="OUT_DIR",
+                      help="output folder (default: demo_output)")
+    demo.add_argument("--force", action="store_true", help="write into OUT_DIR even if it is not empty")
+    demo.add_argument(
+        "--clustering", choices=("finch", "kmeans"), default="finch",
+        help="how prototypes are learned (default: finch)",
+    )
+    demo.add_argument("--n-clusters", type=_positive_int, default=None, metavar="N",
+                      help="number of prototypes (required with kmeans)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_common(demo)
+    # Smaller problems for tests and quick checks; not part of the documented interface.
+    demo.add_argument("--n-train", type=_positive_int, default=40, help=argparse.SUPPRESS)
+    demo.add_argument("--n-test", type=_positive_int, default=30, help=argparse.SUPPRESS)
+    demo.add_argument("--size", type=_positive_int, default=128, help=argparse.SUPPRESS)
+    demo.add_argument("--backbone", default="efficientnet_lite0", help=argparse.SUPPRESS)
+    demo.add_argument("--weights", type=_weights_arg, default="imagenet", help=argparse.SUPPRESS)
+    demo.add_argument("--device", default="auto", help=argparse.SUPPRESS)
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+# ======================================================================== main
+
+
+def main(argv=None):
+    """Run the ``skprotoad`` command line.
+
+    Parameters
+    ----------
+    argv : list of str, default=None
+        Arguments without the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns
+    -------
+    code : int
+        0 on success, 1 on a runtime failure, 2 on a usage error (argparse's
+        own errors included), 130 when interrupted.
+
+    Examples
+    --------
+    >>> from skprotoad.cli import main
+    >>> main(["fit", "good/", "-o", "model.joblib", "-q"])  # doctest: +SKIP
+    0
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        args.handler(args)
+    except KeyboardInterrupt:
+        print(f"\n{_PROG}: interrupted", file=sys.stderr)
+        return _EXIT_INTERRUPTED
+    except CommandError as exc:
+        if args.debug:
+            raise
+        _error(str(exc))
+        return exc.code
+    except (ValueError, TypeError, OSError, RuntimeError, MemoryError) as exc:
+        # OSError covers FileNotFoundError and WeightsUnavailableError;
+        # RuntimeError covers torch's (e.g. out of memory).
+        if args.debug:
+            raise
+        _error(_describe(exc))
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _describe(exc):
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, WeightsUnavailableError):
+        return message
+    if isinstance(exc, (MemoryError, RuntimeError)) and not isinstance(exc, NotImplementedError):
+        return f"{type(exc).__name__}: {message}"
+    return message
+
+
+def _error(message):
+    print(f"{_PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def _warn(message):
+    print(f"{_PROG}: warning: {message}", file=sys.stderr)
+
+
+def _info(args, message):
+    if not args.quiet:
+        print(message, file=sys.stderr)
+
+
+def _progress(args, total, desc):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=args.quiet, leave=False)
+
+
+# ============================================================ inputs, outputs
+
+
+def _is_image_name(path):
+    return path.suffix.lower() in _images.IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def collect_images(inputs):
+    """Expand files and folders into readable image files.
+
+    Folders give their image files (sorted by name, not recursively); files
+    that are not images (by extension) or whose header cannot be read are
+    returned as skipped, with the reason.
+
+    Parameters
+    ----------
+    inputs : sequence of str or path-like
+
+    Returns
+    -------
+    paths : list of str
+        Readable image files, in the order given; duplicates removed.
+    skipped : list of (str, str)
+        (path, reason) of files left out.
+
+    Raises
+    ------
+    CommandError
+        If an input does not exist (exit code 2).
+    """
+    candidates, skipped = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            entries = sorted(path.iterdir(), key=lambda p: p.name)
+            files = [p for p in entries if p.is_file()]
+            candidates += [p for p in files if _is_image_name(p)]
+            skipped += [
+                (str(p), "not an image file (extension)")
+                for p in files
+                if not _is_image_name(p) and not p.name.startswith(".")
+            ]
+            subdirs = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
+            if subdirs and not any(_is_image_name(p) for p in files):
+                skipped.append(
+                    (str(path), f"holds no images; its sub-folders are not searched: "
+                     f"{', '.join(subdirs[:5])}{' ...' if len(subdirs) > 5 else ''}")
+                )
+        elif path.is_file():
+            if _is_image_name(path):
+                candidates.append(path)
+            else:
+                skipped.append((str(path), "not an image file (extension)"))
+        else:
+            raise CommandError(f"no such file or folder: {item}", EXIT_USAGE)
+
+    paths, seen = [], set()
+    for path in candidates:
+        key = os.path.realpath(path)
+        if key in seen:
+            continue
+        seen.add(key)
+        reason = _unreadable_reason(path)
+        if reason is None:
+            paths.append(str(path))
+        else:
+            skipped.append((str(path), reason))
+    return paths, skipped
+
+
+def _unreadable_reason(path):
+    """Why PIL cannot open ``path``'s header, or None; cheap, no pixel decoding."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.size  # noqa: B018 - the header is parsed on open
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"cannot read image: {exc}"
+    return None
+
+
+def _report_skipped(skipped, limit=10):
+    if not skipped:
+        return
+    _warn(f"skipped {len(skipped)} file(s):")
+    for path, reason in skipped[:limit]:
+        print(f"  {path}: {reason}", file=sys.stderr)
+    if len(skipped) > limit:
+        print(f"  ... and {len(skipped) - limit} more", file=sys.stderr)
+
+
+def _require_images(paths, inputs):
+    if not paths:
+        where = ", ".join(str(i) for i in inputs)
+        raise CommandError(
+            f"no readable image files ({', '.join(_images.IMAGE_EXTENSIONS)}) in {where}."
+        )
+
+
+def output_names(paths):
+    """Distinct output file names (without extension) for input paths.
+
+    The file's stem when it is unique; otherwise the parent folder's name and
+    the stem (``good_001``), then the extension, then a counter. Names are
+    compared case-insensitively, for case-insensitive file systems.
+
+    Examples
+    --------
+    >>> output_names(["a/x.png", "b/x.png", "b/y.png"])
+    ['a_x', 'b_x', 'y']
+    """
+    stems = [Path(p).stem for p in paths]
+    counts = Counter(s.casefold() for s in stems)
+    names, used = [], set()
+    for path, stem in zip(map(Path, paths), stems):
+        candidates = [stem] if counts[stem.casefold()] == 1 else []
+        with_parent = f"{path.parent.name}_{stem}" if path.parent.name else stem
+        candidates += [with_parent, f"{with_parent}_{path.suffix.lstrip('.').lower()}"]
+        name = next((c for c in candidates if c.casefold() not in used), None)
+        counter = 2
+        while name is None:
+            candidate = f"{candidates[-1]}-{counter}"
+            name = candidate if candidate.casefold() not in used else None
+            counter += 1
+        used.add(name.casefold())
+        names.append(name)
+    return names
+
+
+def _check_file_free(path, force, what):
+    path = Path(path)
+    if path.is_dir():
+        raise CommandError(f"{what} {path} is a folder; give a file name.", EXIT_USAGE)
+    if path.exists() and not force:
+        raise CommandError(f"{what} {path} exists; pass --force to overwrite it.", EXIT_USAGE)
+
+
+def _prepare_out_dir(path, force):
+    """Create ``path``; refuse a non-empty one without ``force``, else clear our outputs."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"output folder {path} is a file.", EXIT_USAGE)
+    if path.is_dir() and any(path.iterdir()):
+        if not force:
+            raise CommandError(
+                f"output folder {path} is not empty; pass --force to write into it "
+                f"(its previous skprotoad outputs are replaced).", EXIT_USAGE
+            )
+        # Only what we write ourselves is removed, so that a mistyped -o cannot
+        # wipe unrelated files; stale overlays of an earlier run would mislead.
+        for name in _OUTPUT_FILES:
+            (path / name).unlink(missing_ok=True)
+        for name in _OUTPUT_DIRS:
+            folder = path / name
+            if folder.is_dir():
+                for png in folder.glob("*.png"):
+                    png.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_atomically(path, write):
+    """Call ``write(tmp_path)`` and move the result onto ``path``.
+
+    An interrupted run leaves the previous file intact rather than half written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        # mkstemp creates the file private (0600); give it the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path, data):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, default=_json_default)
+            f.write("\n")
+
+    _write_atomically(path, write)
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (tuple, np.ndarray)):
+        return list(value)
+    return str(value)
+
+
+def _save_model(detector, path):
+    import joblib
+
+    _write_atomically(path, lambda tmp: joblib.dump(detector, tmp))
+
+
+def _load_model(path):
+    from sklearn.utils.validation import check_is_fitted
+
+    from .detector import ProtoADDetector
+
+    path = Path(path)
+    if not path.is_file():
+        raise CommandError(f"no such model file: {path}", EXIT_USAGE)
+    import joblib
+
+    try:
+        detector = joblib.load(path)
+    except Exception as exc:  # any unpickling failure means the same to the user
+        raise CommandError(f"cannot load model {path}: {_describe(exc)}") from exc
+    if not isinstance(detector, ProtoADDetector):
+        raise CommandError(
+            f"{path} holds a {type(detector).__name__}, not a ProtoADDetector "
+            f"(write models with 'skprotoad fit')."
+        )
+    try:
+        check_is_fitted(detector, "network_")
+    except Exception as exc:
+        raise CommandError(f"the model in {path} is not fitted.") from exc
+    return detector
+
+
+# ================================================== shared scoring plumbing
+
+
+def color_range(detector, threshold=None, vmin=None, vmax=None):
+    """The fixed (vmin, vmax) of the overlays, anchored at the image threshold.
+
+    Defaults put the threshold in the middle of the colour scale: maps at half
+    the threshold or less are dark, maps at 1.5 times or more saturate. The
+    same range for every image makes the colours comparable across images.
+    """
+    t = detector.pixel_threshold_ if threshold is None else float(threshold)
+    if t <= 0:
+        # No scale to anchor at: the whole range of 1 - cosine.
+        default_min, default_max = 0.0, 2.0
+    else:
+        default_min, default_max = _VMIN_FACTOR * t, _VMAX_FACTOR * t
+    vmin = default_min if vmin is None else float(vmin)
+    vmax = default_max if vmax is None else float(vmax)
+    if not vmin < vmax:
+        raise CommandError(f"--vmin ({vmin:g}) must be below --vmax ({vmax:g}).", EXIT_USAGE)
+    return vmin, vmax
+
+
+def score_and_write(
+    detector,
+    items,
+    *,
+    names=None,
+    out_dir=None,
+    threshold=None,
+    vmin=None,
+    vmax=None,
+    alpha=0.5,
+    write=None,
+    truth_masks=None,
+    keep_maps=False,
+    strict=False,
+    progress=None,
+):
+    """Score images chunk by chunk and write their overlays and masks.
+
+    The one scoring loop of ``predict``, ``evaluate`` and ``demo``. Images are
+    scored in chunks of ``detector.batch_size``, so memory does not grow with
+    their number; a chunk that fails to load is retried image by image and the
+    unreadable images are skipped (or, with ``strict``, raise).
+
+    Parameters
+    ----------
+    detector : fitted ProtoADDetector
+    items : list of paths or of image arrays
+    names : list of str, default=None
+        Output names (no extension), one per item; needed with ``out_dir``.
+    out_dir : path, default=None
+        Writes ``overlays/<name>.png`` (heatmap at the image's own size, the
+        outline of ``truth_masks`` if given, else of the predicted mask) and
+        ``masks/<name>.png`` (predicted mask, 0 / 255, the image's own size).
+    threshold : float, default=None
+        Anomaly score above which an image is an anomaly, and map value above
+        which a pixel is; ``None`` uses the detector's, so that labels equal
+        ``detector.predict``.
+    vmin, vmax, alpha : float
+        Overlay colour range and opacity, see :func:`skprotoad.plotting.overlay`.
+    write : sequence of bool, default=None
+        Which items get overlay and mask files (default: all).
+    truth_masks : sequence of (H, W) bool arrays, default=None
+        Ground truth, outlined in the overlays instead of the prediction.
+    keep_maps : bool, default=False
+        Return the crop-geometry anomaly maps (for metrics).
+    strict : bool, default=False
+        Raise on an unreadable image instead of skipping it.
+    progress : tqdm bar, default=None
+        Advanced by one per image.
+
+    Returns
+    -------
+    result : dict
+        ``index`` (int array, the items scored), ``score`` (float, higher =
+        more anomalous, equal to ``-detector.score_samples``), ``anomaly``
+        (bool), ``size`` (list of (height, width)), ``overlay`` / ``mask``
+        (relative output paths or ""), ``maps`` (crop maps, with ``keep_maps``)
+        and ``skipped`` (list of (index, reason)).
+    """
+    from .plotting import overlay, save_png
+
+    offset = detector.offset_ if threshold is None else -float(threshold)
+    pixel_threshold = -offset
+    sequence = _images.ImageSequence(items, name="images")
+    crop = detector.network_.input_size
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        if vmin is None or vmax is None:
+            vmin, vmax = color_range(detector, threshold, vmin, vmax)
+    result = {k: [] for k in ("index", "score", "anomaly", "size", "overlay", "mask", "maps")}
+    skipped = []
+    chunk_size = int(detector.batch_size)
+    for start in range(0, len(items), chunk_size):
+        chunk = list(range(start, min(start + chunk_size, len(items))))
+        for index, crop_map in _score_chunk(detector, items, chunk, strict, skipped):
+            score = float(crop_map.max())
+            # The same arithmetic as ProtoADDetector.predict, so labels agree exactly.
+            anomaly = bool((-score) - offset < 0)
+            size = sequence.original_size(index)
+            result["index"].append(index)
+            result["score"].append(score)
+            result["anomaly"].append(anomaly)
+            result["size"].append(size)
+            if keep_maps:
+                result["maps"].append(crop_map)
+            overlay_rel = mask_rel = ""
+            if out_dir is not None and (write is None or write[index]):
+                heat = _images.crop_map_to_input(crop_map, size, detector.image_size, crop)
+                predicted = np.nan_to_num(heat, nan=-np.inf) > pixel_threshold
+                outline = predicted if truth_masks is None else truth_masks[index]
+                image = items[index]
+                picture = overlay(image, heat, alpha=alpha, vmin=vmin, vmax=vmax, mask=outline)
+                overlay_rel = f"overlays/{names[index]}.png"
+                mask_rel = f"masks/{names[index]}.png"
+                save_png(picture, out_dir / overlay_rel)
+                save_png(predicted, out_dir / mask_rel)
+            result["overlay"].append(overlay_rel)
+            result["mask"].append(mask_rel)
+        if progress is not None:
+            progress.update(len(chunk))
+    result["index"] = np.asarray(result["index"], dtype=int)
+    result["score"] = np.asarray(result["score"], dtype=np.float64)
+    result["anomaly"] = np.asarray(result["anomaly"], dtype=bool)
+    result["maps"] = np.stack(result["maps"]) if keep_maps and result["maps"] else None
+    result["skipped"] = skipped
+    return result
+
+
+def _score_chunk(detector, items, chunk, strict, skipped):
+    """Yield (index, crop map) for the images of ``chunk`` that can be read."""
+    try:
+        maps = detector.anomaly_maps([items[i] for i in chunk])
+        yield from zip(chunk, maps)
+        return
+    except (ValueError, OSError) as exc:
+        if strict:
+            raise
+        if len(chunk) == 1:
+            skipped.append((chunk[0], _describe(exc)))
+            return
+    # One image of the chunk is unreadable (a truncated file, say): find it.
+    for index in chunk:
+        yield from _score_chunk(detector, items, [index], strict, skipped)
+
+
+def compute_metrics(labels, scores, masks=None, maps=None):
+    """Image- and pixel-level metrics of a scored test set.
+
+    Parameters
+    ----------
+    labels : array of int, 1 = anomalous
+    scores : array of float, higher = more anomalous
+    masks, maps : arrays of shape (n, h, w), default=None
+        Ground truth and anomaly maps in the same (crop) geometry.
+
+    Returns
+    -------
+    metrics : dict
+        ``image_auroc``, ``image_f1_max`` and, with masks, ``pixel_auroc``,
+        ``aupro`` (FPR up to 0.3) and ``pixel_f1_max``.
+    """
+    from .metrics import evaluate_maps
+
+    return evaluate_maps(labels, scores, masks, maps, fpr_limit=0.3)
+
+
+_METRIC_LABELS = (
+    ("image_auroc", "image AUROC"),
+    ("pixel_auroc", "pixel AUROC"),
+    ("aupro", "AUPRO@0.3"),
+    ("image_f1_max", "image F1-max"),
+    ("pixel_f1_max", "pixel F1-max"),
+)
+
+
+def format_table(metrics, extra=()):
+    """Metrics (and extra (label, text) rows) as an aligned two-column table."""
+    rows = [(label, f"{metrics[key]:.4f}") for key, label in _METRIC_LABELS if key in metrics]
+    rows += list(extra)
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value:>10}" for label, value in rows)
+
+
+# Detector parameter <- command-line option, for the options a command has.
+_DETECTOR_OPTIONS = {
+    "backbone": "backbone",
+    "layers": "layers",
+    "weights": "weights",
+    "clustering": "clustering",
+    "n_clusters": "n_clusters",
+    "sigma": "sigma",
+    "image_size": "image_size",
+    "crop_size": "crop_size",
+    "contamination": "contamination",
+    "batch_size": "batch_size",
+    "device": "device",
+    "random_state": "seed",
+}
+
+
+def _make_detector(args, **overrides):
+    from .detector import ProtoADDetector
+
+    params = {
+        param: getattr(args, option)
+        for param, option in _DETECTOR_OPTIONS.items()
+        if hasattr(args, option)
+    }
+    if "layers" in params:
+        params["layers"] = tuple(params["layers"])
+    params.update(overrides)
+    return ProtoADDetector(verbose=not args.quiet, **params)
+
+
+def _fit(args, detector, train):
+    _info(args, f"fitting on {len(train)} images with {detector.backbone} "
+                f"({detector.clustering} prototypes) ...")
+    start = time.perf_counter()
+    # stdout is for results (tables, summaries); library chatter goes with the bars.
+    with contextlib.redirect_stdout(sys.stderr):
+        detector.fit(train)
+    seconds = time.perf_counter() - start
+    _info(args, f"fitted in {seconds:.1f} s: {detector.prototypes_.shape[0]} prototypes, "
+                f"anomaly-score threshold {detector.pixel_threshold_:.4g}")
+    # A saved model should not show progress bars when used from Python.
+    detector.set_params(verbose=False)
+    return seconds
+
+
+# ==================================================================== commands
+
+
+def _cmd_fit(args):
+    _check_file_free(args.output, args.force, "model file")
+    paths, skipped = collect_images(args.train)
+    _report_skipped(skipped)
+    _require_images(paths, args.train)
+    detector = _make_detector(args)
+    _fit(args, detector, paths)
+    _save_model(detector, args.output)
+    print(f"saved model to {args.output} (fitted on {len(paths)} images)")
+
+
+def _cmd_predict(args):
+    detector = _load_model(args.model)
+    out_dir = Path(args.output)
+    paths, skipped = collect_images(args.inputs)
+    _report_skipped(skipped)
+    _require_images(paths, args.inputs)
+    overrides = {k: getattr(args, k) for k in ("batch_size", "device") if getattr(args, k) is not None}
+    detector.set_params(verbose=False, **overrides)
+    vmin, vmax = color_range(detector, args.threshold, args.vmin, args.vmax)
+    if not 0.0 <= args.alpha <= 1.0:
+        raise CommandError(f"--alpha must be in [0, 1], got {args.alpha}.", EXIT_USAGE)
+    _prepare_out_dir(out_dir, args.force)
+
+    names = output_names(paths)
+    with _progress(args, len(paths), "predict") as bar:
+        result = score_and_write(
+            detector, paths, names=names, out_dir=out_dir, threshold=args.threshold,
+            vmin=vmin, vmax=vmax, alpha=args.alpha, progress=bar,
+        )
+    skipped += [(paths[i], reason) for i, reason in result["skipped"]]
+    _report_skipped([(paths[i], r) for i, r in result["skipped"]])
+    _write_scores_csv(out_dir / "scores.csv", [paths[i] for i in result["index"]], result)
+    if skipped:
+        _write_skipped_csv(out_dir / "skipped.csv", skipped)
+    threshold = detector.pixel_threshold_ if args.threshold is None else args.threshold
+    _write_json(out_dir / "run.json", {
+        "model": str(Path(args.model).resolve()),
+        "threshold": threshold,
+        "vmin": vmin,
+        "vmax": vmax,
+        "n_images": len(result["index"]),
+        "n_anomalies": int(result["anomaly"].sum()),
+        "n_skipped": len(skipped),
+        "skprotoad_version": __version__,
+    })
+    print(f"{len(result['index'])} images scored, {int(result['anomaly'].sum())} anomalies "
+          f"(threshold {threshold:.4g}), {len(skipped)} skipped; wrote {out_dir}/scores.csv, "
+          f"overlays/ and masks/")
+    if not len(result["index"]):
+        raise CommandError("no image could be scored.")
+
+
+def _write_scores_csv(path, paths, result, extra=None):
+    extra = extra or {}
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "score", "label", "width", "height", "overlay", "mask", *extra])
+        for row, p in enumerate(paths):
+            height, width = result["size"][row]
+            writer.writerow([
+                p,
+                f"{result['score'][row]:.8g}",
+                "anomaly" if result["anomaly"][row] else "normal",
+                width,
+                height,
+                result["overlay"][row],
+                result["mask"][row],
+                *(values[row] for values in extra.values()),
+            ])
+
+
+def _write_skipped_csv(path, skipped):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "reason"])
+        writer.writerows(skipped)
+
+
+def _load_dataset(args):
+    from .datasets import load_btad, load_mvtec
+
+    if not Path(args.root).is_dir():
+        raise CommandError(f"no such data set folder: {args.root}", EXIT_USAGE)
+    loader = load_btad if args.format == "btad" else load_mvtec
+    return loader(args.root, args.category)
+
+
+def _per_type_auroc(types, labels, scores, normal_name):
+    """Image AUROC of each defect type against the normal test images."""
+    from .metrics import image_auroc
+
+    types = np.asarray(types)
+    normal = types == normal_name
+    out = {}
+    for name in sorted(set(types[~normal].tolist())):
+        keep = normal | (types == name)
+        if normal.any():
+            out[name] = image_auroc(labels[keep], scores[keep])
+    return out
+
+
+def _cmd_evaluate(args):
+    from .datasets import load_masks
+
+    for path, what in ((args.output, "results file"), (args.save_model, "model file")):
+        if path is not None:
+            _check_file_free(path, args.force, what)
+    data = _load_dataset(args)
+    detector = _make_detector(args)
+    fit_seconds = _fit(args, detector, data.train_paths)
+    if args.save_model:
+        _save_model(detector, args.save_model)
+        _info(args, f"saved model to {args.save_model}")
+
+    _info(args, f"scoring {len(data.test_paths)} test images ...")
+    start = time.perf_counter()
+    with _progress(args, len(data.test_paths), "scoring") as bar:
+        result = score_and_write(detector, data.test_paths, keep_maps=True, strict=True, progress=bar)
+    score_seconds = time.perf_counter() - start
+    masks = load_masks(data.test_mask_paths, detector.image_size, detector.crop_size)
+    metrics = compute_metrics(data.test_labels, result["score"], masks, result["maps"])
+    normal_name = "ok" if args.format == "btad" else "good"
+    per_type = _per_type_auroc(
+        data.test_defect_types, data.test_labels, result["score"], normal_name
+    )
+    speed = len(data.test_paths) / score_seconds
+    timing = [("fit time (s)", f"{fit_seconds:.1f}"), ("test images/s", f"{speed:.2f}")]
+    name = args.category or Path(args.root).name
+    print(f"{name}: {len(data.train_paths)} training images, {len(data.test_paths)} test "
+          f"images ({int(data.test_labels.sum())} anomalous)")
+    print(format_table(metrics, timing))
+    if len(per_type) > 1:
+        print("image AUROC per defect type: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in per_type.items()))
+    if args.output:
+        _write_json(args.output, {
+            "dataset": {
+                "root": str(args.root),
+                "category": args.category,
+                "format": args.format,
+                "n_train": len(data.train_paths),
+                "n_test": len(data.test_paths),
+                "n_test_anomalous": int(data.test_labels.sum()),
+            },
+            "detector": detector.get_params(),
+            "metrics": metrics,
+            "image_auroc_per_defect_type": per_type,
+            "fit_seconds": fit_seconds,
+            "test_images_per_second": speed,
+            "threshold": detector.pixel_threshold_,
+            "skprotoad_version": __version__,
+        })
+        _info(args, f"wrote {args.output}")
+
+
+# Overlays the demo writes: this many anomalous and normal test images.
+_DEMO_SHOWN = (6, 2)
+
+
+def _demo_selection(labels):
+    anomalous = np.flatnonzero(labels == 1)[: _DEMO_SHOWN[0]]
+    normal = np.flatnonzero(labels == 0)[: _DEMO_SHOWN[1]]
+    return np.concatenate([anomalous, normal])
+
+
+def _cmd_demo(args):
+    from .datasets import make_defect_dataset
+    from .plotting import grid, save_png
+
+    out_dir = _prepare_out_dir(args.output, args.force)
+    data = make_defect_dataset(
+        n_train=args.n_train, n_test=args.n_test, image_size=args.size, random_state=args.seed
+    )
+    _info(args, f"generated {args.n_train} normal training images and {args.n_test} test "
+                f"images ({int(data.y_test.sum())} with defects) of {args.size} x {args.size} px")
+    detector = _make_detector(args, image_size=args.size, crop_size=args.size)
+    fit_seconds = _fit(args, detector, data.X_train)
+
+    shown = _demo_selection(data.y_test)
+    write = np.zeros(len(data.y_test), dtype=bool)
+    write[shown] = True
+    names = [f"test_{i:03d}_{'defect' if y else 'normal'}" for i, y in enumerate(data.y_test)]
+    start = time.perf_counter()
+    with _progress(args, len(data.X_test), "scoring") as bar:
+        result = score_and_write(
+            detector, list(data.X_test), names=names, out_dir=out_dir, write=write,
+            truth_masks=data.masks_test, keep_maps=True, strict=True, progress=bar,
+        )
+    score_seconds = time.perf_counter() - start
+    metrics = compute_metrics(data.y_test, result["score"], data.masks_test, result["maps"])
+
+    truth = ["anomaly" if y else "normal" for y in data.y_test]
+    _write_scores_csv(out_dir / "scores.csv", names, result, extra={"truth": truth})
+    titles = [
+        f"{'defect' if data.y_test[i] else 'normal'}, score {result['score'][i]:.3f} "
+        f"({'anomaly' if result['anomaly'][i] else 'normal'})"
+        for i in shown
+    ]
+    figure = grid(
+        [out_dir / result["overlay"][i] for i in shown], titles=titles, ncols=4,
+        tile_size=max(args.size, 192),
+    )
+    save_png(figure, out_dir / "grid.png")
+    speed = len(data.X_test) / score_seconds
+    _write_json(out_dir / "results.json", {
+        "data": {"n_train": args.n_train, "n_test": args.n_test, "size": args.size,
+                 "n_test_anomalous": int(data.y_test.sum()), "seed": args.seed},
+        "detector": detector.get_params(),
+        "metrics": metrics,
+        "fit_seconds": fit_seconds,
+        "test_images_per_second": speed,
+        "threshold": detector.pixel_threshold_,
+        "skprotoad_version": __version__,
+    })
+    print(f"synthetic defects, {args.n_train} training / {args.n_test} test images "
+          f"({int(data.y_test.sum())} with defects)")
+    print(format_table(metrics, [("fit time (s)", f"{fit_seconds:.1f}"),
+                                 ("test images/s", f"{speed:.2f}")]))
+    print(f"wrote {len(shown)} overlays (ground truth outlined in green), grid.png, "
+          f"scores.csv and results.json to {out_dir}")

@@ -1,0 +1,356 @@
+"""The command line, run in-process through ``skprotoad.cli.main``."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import joblib
+import numpy as np
+import pytest
+from PIL import Image
+
+from skprotoad.cli import main, output_names
+
+# The random resnet18 of conftest.TINY as command-line options.
+TINY_OPTIONS = [
+    "--backbone", "resnet18", "--weights", "none", "--layers", "1", "2",
+    "--image-size", "64", "--crop-size", "64", "--clustering", "kmeans",
+    "--n-clusters", "16", "--batch-size", "8", "--seed", "0",
+]
+# Sizes (height, width) of the test images: non-square ones included, so that
+# outputs must follow each image's own size.
+TEST_SIZES = [(64, 64), (48, 80), (90, 60), (64, 64), (40, 64)]
+
+
+def _save(array, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def _resized(array, size):
+    return np.asarray(Image.fromarray(array).resize((size[1], size[0]), Image.BILINEAR))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, synthetic):
+    root = tmp_path_factory.mktemp("images")
+    for i, image in enumerate(synthetic.X_train):
+        _save(image, root / "train" / f"good_{i:02d}.png")
+    for i, size in enumerate(TEST_SIZES):
+        _save(_resized(synthetic.X_test[i], size), root / "test" / f"img_{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(folders):
+    path = folders / "model.joblib"
+    assert main(["fit", str(folders / "train"), "-o", str(path), "-q", *TINY_OPTIONS]) == 0
+    return path
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------- help
+
+
+def test_help_as_a_module_in_a_subprocess():
+    done = subprocess.run(
+        [sys.executable, "-m", "skprotoad", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    for word in ("fit", "predict", "evaluate", "demo", "examples", "exit codes"):
+        assert word in done.stdout
+
+
+@pytest.mark.parametrize("command", ["fit", "predict", "evaluate", "demo"])
+def test_every_command_has_help_with_examples(command, capsys):
+    code, out, _ = _run([command, "--help"], capsys)
+    assert code == 0 and "examples:" in out and "exit codes" in out
+
+
+def test_usage_errors_exit_with_2(capsys):
+    code, _, err = _run(["fit"], capsys)
+    assert code == 2 and "usage" in err
+    code, _, err = _run(["predict", "m.joblib", "x.png", "-o", "out", "--threshold", "abc"], capsys)
+    assert code == 2
+
+
+# ------------------------------------------------------------ fit, predict
+
+
+def test_fit_writes_a_fitted_detector(model):
+    detector = joblib.load(model)
+    assert detector.n_train_images_ == 12 and detector.backbone == "resnet18"
+    assert detector.verbose is False  # no progress bars when used from Python later
+
+
+def test_predict_round_trip(model, folders, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, _ = _run(["predict", model, folders / "test", "-o", out, "-q"], capsys)
+    assert code == 0
+    assert "5 images scored" in stdout
+    rows = _read_csv(out / "scores.csv")
+    assert list(rows[0]) == ["path", "score", "label", "width", "height", "overlay", "mask"]
+    paths = sorted(str(p) for p in (folders / "test").glob("*.png"))
+    assert [r["path"] for r in rows] == paths
+
+    detector = joblib.load(model)
+    expected = detector.predict(paths)
+    labels = np.array([-1 if r["label"] == "anomaly" else 1 for r in rows])
+    np.testing.assert_array_equal(labels, expected)
+    np.testing.assert_allclose(
+        [float(r["score"]) for r in rows], -detector.score_samples(paths), rtol=1e-6
+    )
+    run = json.loads((out / "run.json").read_text())
+    assert run["threshold"] == pytest.approx(detector.pixel_threshold_)
+    assert not (out / "skipped.csv").exists()
+
+
+def test_outputs_have_each_images_own_size(model, folders, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(["predict", model, folders / "test", "-o", out, "-q"], capsys)[0] == 0
+    for row in _read_csv(out / "scores.csv"):
+        with Image.open(row["path"]) as img:
+            size = img.size  # (width, height)
+        assert (int(row["width"]), int(row["height"])) == size
+        with Image.open(out / row["overlay"]) as overlay:
+            assert overlay.size == size and overlay.mode == "RGB"
+        with Image.open(out / row["mask"]) as mask:
+            assert mask.size == size and mask.mode == "L"
+            assert set(np.unique(np.asarray(mask))) <= {0, 255}
+
+
+def test_threshold_option_sets_labels_and_masks(model, folders, tmp_path, capsys):
+    high, low = tmp_path / "high", tmp_path / "low"
+    assert _run(["predict", model, folders / "test", "-o", high, "-q", "--threshold", "5"],
+                capsys)[0] == 0
+    assert _run(["predict", model, folders / "test", "-o", low, "-q", "--threshold", "-1"],
+                capsys)[0] == 0
+    assert {r["label"] for r in _read_csv(high / "scores.csv")} == {"normal"}
+    assert {r["label"] for r in _read_csv(low / "scores.csv")} == {"anomaly"}
+    for mask in (high / "masks").glob("*.png"):
+        assert not np.asarray(Image.open(mask)).any()
+
+
+def test_progress_bars_unless_quiet(model, folders, tmp_path, capsys):
+    _, _, err = _run(["predict", model, folders / "test", "-o", tmp_path / "a"], capsys)
+    assert "predict" in err
+    _, _, err = _run(["predict", model, folders / "test", "-o", tmp_path / "b", "-q"], capsys)
+    assert err == ""
+
+
+# ------------------------------------------------------- skipping, naming
+
+
+def test_non_image_and_unreadable_files_are_skipped_and_reported(
+    model, folders, tmp_path, capsys, synthetic
+):
+    mixed = tmp_path / "mixed"
+    _save(synthetic.X_test[0], mixed / "ok.png")
+    (mixed / "notes.txt").write_text("not an image")
+    (mixed / "fake.png").write_text("not a png either")
+    # A valid header but truncated pixel data: only decoding finds out.
+    full = _save(synthetic.X_test[1], tmp_path / "full.png").read_bytes()
+    (mixed / "truncated.png").write_bytes(full[: len(full) // 2])
+    out = tmp_path / "out"
+    code, _, err = _run(["predict", model, mixed, "-o", out, "-q"], capsys)
+    assert code == 0
+    for name in ("notes.txt", "fake.png", "truncated.png"):
+        assert name in err
+    assert [r["path"] for r in _read_csv(out / "scores.csv")] == [str(mixed / "ok.png")]
+    skipped = {r["path"]: r["reason"] for r in _read_csv(out / "skipped.csv")}
+    assert set(skipped) == {str(mixed / n) for n in ("notes.txt", "fake.png", "truncated.png")}
+
+
+def test_fit_skips_non_image_files(folders, tmp_path, capsys):
+    train = tmp_path / "train"
+    for p in sorted((folders / "train").glob("*.png"))[:6]:
+        (train / p.name).parent.mkdir(exist_ok=True)
+        (train / p.name).write_bytes(p.read_bytes())
+    (train / "README.md").write_text("normal images")
+    code, _, err = _run(["fit", train, "-o", tmp_path / "m.joblib", "-q", *TINY_OPTIONS], capsys)
+    assert code == 0 and "README.md" in err
+    assert joblib.load(tmp_path / "m.joblib").n_train_images_ == 6
+
+
+def test_same_stems_from_different_folders_do_not_overwrite(model, folders, tmp_path, capsys,
+                                                            synthetic):
+    a = _save(synthetic.X_test[0], tmp_path / "a" / "x.png")
+    b = _save(synthetic.X_test[1], tmp_path / "b" / "x.png")
+    out = tmp_path / "out"
+    assert _run(["predict", model, a, b, "-o", out, "-q"], capsys)[0] == 0
+    rows = _read_csv(out / "scores.csv")
+    assert [r["overlay"] for r in rows] == ["overlays/a_x.png", "overlays/b_x.png"]
+    assert len(list((out / "masks").glob("*.png"))) == 2
+
+
+def test_output_names_are_distinct():
+    names = output_names(["a/x.png", "b/x.png", "a/x.jpg", "c/y.png", "d/a_x.png", "e/Y.png"])
+    assert len({n.casefold() for n in names}) == len(names)
+    assert names[3] == "c_y" and names[5] == "e_Y"  # y and Y collide on some file systems
+    assert output_names(["p/q.png"]) == ["q"]
+
+
+# ------------------------------------------------------------ error paths
+
+
+def test_missing_paths_are_usage_errors(model, tmp_path, capsys):
+    code, _, err = _run(["predict", model, tmp_path / "nope", "-o", tmp_path / "o"], capsys)
+    assert code == 2 and "no such file or folder" in err and "Traceback" not in err
+    code, _, err = _run(["predict", tmp_path / "none.joblib", tmp_path, "-o", tmp_path / "o"],
+                        capsys)
+    assert code == 2 and "no such model file" in err
+    code, _, err = _run(["fit", tmp_path / "nope", "-o", tmp_path / "m.joblib"], capsys)
+    assert code == 2 and "nope" in err
+
+
+def test_unreadable_model_is_a_runtime_failure(folders, tmp_path, capsys):
+    broken = tmp_path / "broken.joblib"
+    broken.write_text("garbage")
+    code, _, err = _run(["predict", broken, folders / "test", "-o", tmp_path / "o"], capsys)
+    assert code == 1 and "cannot load model" in err
+    joblib.dump({"not": "a detector"}, tmp_path / "dict.joblib")
+    code, _, err = _run(["predict", tmp_path / "dict.joblib", folders / "test", "-o",
+                         tmp_path / "o"], capsys)
+    assert code == 1 and "not a ProtoADDetector" in err
+
+
+def test_library_errors_are_one_clean_line(folders, tmp_path, capsys):
+    # k-means without a number of clusters: the detector's ValueError.
+    options = [o for o in TINY_OPTIONS if o not in ("--n-clusters", "16")]
+    code, _, err = _run(["fit", folders / "train", "-o", tmp_path / "m.joblib", "-q", *options],
+                        capsys)
+    assert code == 1
+    assert err.startswith("skprotoad: error: ") and err.count("\n") == 1
+    assert "n_clusters" in err and "Traceback" not in err
+    assert not (tmp_path / "m.joblib").exists()
+
+
+def test_folder_without_images_fails(tmp_path, capsys):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    code, _, err = _run(["fit", tmp_path / "empty", "-o", tmp_path / "m.joblib", "-q"], capsys)
+    assert code == 1 and "no readable image files" in err and "sub-folders" in err
+
+
+# ----------------------------------------------------------- no overwrite
+
+
+def test_model_is_not_overwritten_without_force(folders, model, capsys):
+    before = model.read_bytes()
+    code, _, err = _run(["fit", folders / "train", "-o", model, "-q", *TINY_OPTIONS], capsys)
+    assert code == 2 and "--force" in err
+    assert model.read_bytes() == before
+
+
+def test_force_overwrites_the_model(folders, tmp_path, capsys):
+    path = tmp_path / "m.joblib"
+    path.write_text("old")
+    argv = ["fit", folders / "train", "-o", path, "-q", "--force", *TINY_OPTIONS]
+    assert _run(argv, capsys)[0] == 0
+    assert joblib.load(path).n_train_images_ == 12
+    assert [p.name for p in tmp_path.iterdir()] == ["m.joblib"]  # no temporary file left
+    # Written with the permissions of any new file, not the temporary file's 0600.
+    reference = tmp_path / "reference"
+    reference.write_text("")
+    assert path.stat().st_mode & 0o777 == reference.stat().st_mode & 0o777
+
+
+def test_out_dir_is_not_overwritten_without_force(model, folders, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(["predict", model, folders / "test", "-o", out, "-q"], capsys)[0] == 0
+    code, _, err = _run(["predict", model, folders / "test", "-o", out, "-q"], capsys)
+    assert code == 2 and "not empty" in err and "--force" in err
+
+    stale = out / "overlays" / "from_an_old_run.png"
+    stale.write_bytes(b"")
+    (out / "keep_me.txt").write_text("user file")
+    one = sorted((folders / "test").glob("*.png"))[0]
+    assert _run(["predict", model, one, "-o", out, "-q", "--force"], capsys)[0] == 0
+    assert len(_read_csv(out / "scores.csv")) == 1
+    assert not stale.exists() and len(list((out / "overlays").iterdir())) == 1
+    assert (out / "keep_me.txt").read_text() == "user file"
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+@pytest.fixture(scope="module")
+def fake_mvtec(tmp_path_factory, synthetic):
+    """A one-category MVTec AD tree: 12 good training images, 4 good and 4 defect tests."""
+    root = tmp_path_factory.mktemp("mvtec")
+    cat = root / "widget"
+    for i, image in enumerate(synthetic.X_train):
+        _save(image, cat / "train" / "good" / f"{i:03d}.png")
+    defects = np.flatnonzero(synthetic.y_test == 1)[:4]
+    normals = np.flatnonzero(synthetic.y_test == 0)[:4]
+    for k, i in enumerate(normals):
+        _save(synthetic.X_test[i], cat / "test" / "good" / f"{k:03d}.png")
+    for k, i in enumerate(defects):
+        _save(synthetic.X_test[i], cat / "test" / "scratch" / f"{k:03d}.png")
+        mask = synthetic.masks_test[i].astype(np.uint8) * 255
+        _save(mask, cat / "ground_truth" / "scratch" / f"{k:03d}_mask.png")
+    return root
+
+
+def test_evaluate_writes_json(fake_mvtec, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    argv = ["evaluate", fake_mvtec, "--category", "widget", "-o", out, "-q", *TINY_OPTIONS]
+    code, stdout, _ = _run(argv, capsys)
+    assert code == 0
+    for label in ("image AUROC", "pixel AUROC", "AUPRO@0.3", "image F1-max", "pixel F1-max",
+                  "fit time (s)", "test images/s"):
+        assert label in stdout
+    results = json.loads(out.read_text())
+    assert set(results["metrics"]) == {
+        "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"
+    }
+    assert {"dataset", "detector", "fit_seconds", "test_images_per_second"} <= set(results)
+    assert results["dataset"]["n_test"] == 8 and results["dataset"]["n_test_anomalous"] == 4
+    assert results["detector"]["backbone"] == "resnet18"
+    assert all(0.0 <= v <= 1.0 for v in results["metrics"].values())
+
+    # The same no-overwrite rule as the model and output folder.
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and "--force" in err
+    assert _run([*argv, "--force"], capsys)[0] == 0
+
+
+def test_evaluate_category_folder_and_missing_root(fake_mvtec, tmp_path, capsys):
+    code, stdout, _ = _run(["evaluate", fake_mvtec / "widget", "-q", *TINY_OPTIONS], capsys)
+    assert code == 0 and "image AUROC" in stdout
+    code, _, err = _run(["evaluate", tmp_path / "nope", "-q"], capsys)
+    assert code == 2 and "nope" in err
+    code, _, err = _run(["evaluate", fake_mvtec, "--category", "gadget", "-q"], capsys)
+    assert code == 1 and "widget" in err  # the message lists the available categories
+
+
+# -------------------------------------------------------------------- demo
+
+
+def test_demo_small(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "-o", out, "-q", "--n-train", "8", "--n-test", "6", "--size", "64",
+            "--clustering", "kmeans", "--n-clusters", "16"]
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    assert "image AUROC" in stdout and "pixel AUROC" in stdout and "AUPRO" in stdout
+    assert (out / "grid.png").is_file()
+    overlays = sorted((out / "overlays").glob("*.png"))
+    assert overlays and all(Image.open(p).size == (64, 64) for p in overlays)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["metrics"]) >= {"image_auroc", "pixel_auroc", "aupro"}
+    assert len(_read_csv(out / "scores.csv")) == 6
+
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and "not empty" in err

@@ -1,0 +1,179 @@
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from skprotoad.plotting import (
+    COLORMAPS,
+    apply_colormap,
+    contour,
+    draw_contour,
+    grid,
+    overlay,
+    save_png,
+)
+
+
+@pytest.fixture
+def image():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(30, 45, 3), dtype=np.uint8)
+
+
+def _peak_map(shape, where):
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    return np.exp(-((rows - where[0]) ** 2 + (cols - where[1]) ** 2) / 20.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(COLORMAPS))
+def test_colormaps_are_256_uint8_entries(name):
+    table = COLORMAPS[name]
+    assert table.shape == (256, 3) and table.dtype == np.uint8
+
+
+def test_inferno_gets_brighter_from_low_to_high():
+    luminance = COLORMAPS["inferno"].astype(float) @ [0.299, 0.587, 0.114]
+    assert np.all(np.diff(luminance) >= -1.0)  # rounding only
+    assert luminance[0] < 10 and luminance[-1] > 230
+
+
+def test_overlay_shape_and_dtype(image):
+    out = overlay(image, _peak_map(image.shape[:2], (10, 20)))
+    assert out.shape == image.shape and out.dtype == np.uint8
+
+
+def test_overlay_accepts_grey_float_pil_and_path(image, tmp_path):
+    heat = _peak_map(image.shape[:2], (10, 20))
+    grey = image[..., 0]
+    expected = overlay(np.repeat(grey[..., None], 3, axis=2), heat, vmin=0, vmax=1)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    for form in (grey, grey[..., None], grey / 255.0, Image.fromarray(grey), tmp_path / "g.png"):
+        np.testing.assert_array_equal(overlay(form, heat, vmin=0, vmax=1), expected)
+
+
+def test_peak_gets_the_hot_colour_at_the_right_place(image):
+    heat = _peak_map(image.shape[:2], (7, 33))
+    out = overlay(image, heat, alpha=1.0, vmin=0.0, vmax=1.0)
+    hot = COLORMAPS["inferno"][-1]
+    np.testing.assert_array_equal(out[7, 33], hot)
+    # Far from the peak the colour is the cold end.
+    np.testing.assert_array_equal(out[29, 0], COLORMAPS["inferno"][0])
+    # Half blending lands half way between the image and the hot colour.
+    half = overlay(image, heat, alpha=0.5, vmin=0.0, vmax=1.0)
+    expected = np.round(0.5 * image[7, 33].astype(float) + 0.5 * hot).astype(np.uint8)
+    np.testing.assert_array_equal(half[7, 33], expected)
+
+
+def test_fixed_range_makes_colours_comparable(image):
+    heat = _peak_map(image.shape[:2], (10, 10))
+    weak = 0.2 * heat
+    # Stretched to its own range, a weak map looks as hot as a strong one...
+    np.testing.assert_array_equal(overlay(image, weak), overlay(image, heat))
+    # ...a fixed range shows it as it is.
+    assert not np.array_equal(
+        overlay(image, weak, vmin=0, vmax=1), overlay(image, heat, vmin=0, vmax=1)
+    )
+    # Values past vmax saturate.
+    np.testing.assert_array_equal(
+        overlay(image, 5 * heat, alpha=1, vmin=0, vmax=1)[10, 10], COLORMAPS["inferno"][-1]
+    )
+
+
+def test_nan_region_is_the_original_image(image):
+    heat = _peak_map(image.shape[:2], (15, 22))
+    heat[:, :8] = np.nan
+    heat[:, -8:] = np.nan
+    out = overlay(image, heat, alpha=0.7)
+    np.testing.assert_array_equal(out[:, :8], image[:, :8])
+    np.testing.assert_array_equal(out[:, -8:], image[:, -8:])
+    assert not np.array_equal(out[:, 8:-8], image[:, 8:-8])
+
+
+def test_all_nan_map_is_the_image(image):
+    heat = np.full(image.shape[:2], np.nan)
+    np.testing.assert_array_equal(overlay(image, heat), image)
+
+
+def test_contour_pixels_are_exactly_the_mask_boundary(image):
+    mask = np.zeros(image.shape[:2], dtype=bool)
+    mask[5:20, 10:30] = True
+    mask[12:15, 15:20] = False  # a hole has a boundary too
+    mask[0:4, 40:45] = True  # touching the image border
+    heat = np.zeros(image.shape[:2])
+    color = (1, 2, 3)
+    out = overlay(image, heat, alpha=0.0, mask=mask, contour_color=color)
+    expected = mask & ~ndimage.binary_erosion(mask)
+    painted = np.all(out == color, axis=-1) & ~np.all(image == color, axis=-1)
+    np.testing.assert_array_equal(painted, expected)
+    np.testing.assert_array_equal(out[~expected], image[~expected])
+    # The rectangle's outline is 1 pixel wide, with the border pixels included.
+    assert contour(mask)[5, 10:30].all() and not contour(mask)[6, 11:14].any()
+    assert contour(mask)[0, 40:45].all()
+
+
+def test_draw_contour_accepts_mask_files(image, tmp_path):
+    mask = np.zeros(image.shape[:2], dtype=np.uint8)
+    mask[3:9, 3:9] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    np.testing.assert_array_equal(
+        draw_contour(image, tmp_path / "m.png"), draw_contour(image, mask > 0)
+    )
+
+
+def test_overlay_rejects_mismatched_shapes(image):
+    with pytest.raises(ValueError, match="output='input'"):
+        overlay(image, np.zeros((10, 10)))
+    with pytest.raises(ValueError, match="mask"):
+        overlay(image, np.zeros(image.shape[:2]), mask=np.zeros((3, 3), bool))
+    with pytest.raises(ValueError, match="vmin"):
+        overlay(image, np.zeros(image.shape[:2]), vmin=2, vmax=1)
+    with pytest.raises(ValueError, match="colormap"):
+        overlay(image, np.zeros(image.shape[:2]), colormap="nope")
+
+
+def test_apply_colormap_flat_map_and_custom_table():
+    np.testing.assert_array_equal(apply_colormap(np.ones((2, 2)), colormap="gray"), 255)
+    table = np.array([[0, 0, 0], [10, 20, 30]], dtype=np.uint8)
+    out = apply_colormap([[0.0, 1.0]], colormap=table)
+    assert out[0, 1].tolist() == [10, 20, 30]
+
+
+def test_save_png_round_trip(tmp_path, image):
+    path = save_png(image, tmp_path / "sub" / "x.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), image)
+    mask = np.zeros((4, 6), dtype=bool)
+    mask[1, 2] = True
+    saved = np.asarray(Image.open(save_png(mask, tmp_path / "m.png")))
+    assert saved.shape == (4, 6) and set(np.unique(saved)) == {0, 255} and saved[1, 2] == 255
+
+
+@pytest.mark.parametrize("n, ncols, rows, cols", [(1, 4, 1, 1), (5, 2, 3, 2), (4, 4, 1, 4)])
+def test_grid_tiling_size(n, ncols, rows, cols):
+    tiles = [np.full((20, 30, 3), 40 * i, dtype=np.uint8) for i in range(n)]
+    out = grid(tiles, ncols=ncols, pad=2)
+    assert out.shape == (rows * 20 + (rows + 1) * 2, cols * 30 + (cols + 1) * 2, 3)
+    # Tiles sit where the formula says.
+    np.testing.assert_array_equal(out[2:22, 2:32], tiles[0])
+
+
+def test_grid_titles_add_a_strip_and_text():
+    tiles = [np.zeros((20, 30, 3), dtype=np.uint8)] * 3
+    plain = grid(tiles, ncols=3, pad=2)
+    titled = grid(tiles, titles=["a", "bb", "a much too long title for the tile"], ncols=3, pad=2)
+    strip = titled.shape[0] - plain.shape[0]
+    assert strip > 5 and titled.shape[1] == plain.shape[1]
+    # Some dark text pixels are in the strip, above the first tile.
+    assert (titled[2 : 2 + strip, 2:32] < 128).any()
+
+
+def test_grid_scales_images_of_different_sizes_into_tiles():
+    tiles = [np.zeros((10, 40, 3), np.uint8), np.zeros((40, 10), np.uint8)]
+    out = grid(tiles, ncols=2, tile_size=32, pad=0)
+    assert out.shape == (32, 64, 3)
+    # The wide image is letterboxed: background above and below it.
+    assert (out[0, :32] == 255).all() and (out[16, :32] == 0).all()
+
+
+def test_grid_rejects_bad_titles():
+    with pytest.raises(ValueError, match="titles"):
+        grid([np.zeros((4, 4))], titles=["a", "b"])
