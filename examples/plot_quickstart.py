@@ -3,8 +3,9 @@
 Fits a :class:`~skprotoad.ProtoADDetector` on defect-free images only, then,
 for a labelled test set, predicts which images are anomalous, computes
 anomaly maps and defect masks, reports the standard metrics and saves a
-figure ``quickstart_overlay.png``: for a few test images, the image, the
-anomaly map as a heat overlay, the predicted mask and the true mask.
+figure ``quickstart_overlay.png`` (with :mod:`skprotoad.plotting`): for a few
+test images, the image, the anomaly map as a heat overlay with the true
+defect outlined, and the predicted mask.
 
 Runs in a few seconds on a CPU: 64 x 64 images, the offline
 ``efficientnet_lite0`` backbone and k-means prototypes.
@@ -16,11 +17,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from skprotoad import ProtoADDetector
 from skprotoad.datasets import make_defect_dataset
 from skprotoad.metrics import evaluate_maps
+from skprotoad.plotting import grid, overlay, save_png
 
 # 1. data: 30 normal training images, 20 test images (half with defects)
 data = make_defect_dataset(n_train=30, n_test=20, image_size=(64, 64), random_state=0)
@@ -48,30 +49,21 @@ for name, value in results.items():
     print(f"{name:>13s}: {value:.3f}")
 
 
-# 6. figure: image | heat overlay | predicted mask | true mask, one row per image
-def heat_overlay(image, amap, vmin, vmax, alpha=0.5):
-    """Blend a blue-to-red rendering of ``amap`` over an RGB uint8 ``image``."""
-    t = np.clip((amap - vmin) / (vmax - vmin), 0.0, 1.0)[..., None]
-    heat = (255 * np.concatenate([t, 1 - np.abs(2 * t - 1), 1 - t], axis=-1))
-    return (alpha * heat + (1 - alpha) * image).astype(np.uint8)
-
-
-def mask_rgb(mask):
-    return np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=-1)
-
-
-threshold = det.pixel_threshold_
-rows = []
-for i in np.argsort(-anomaly_scores)[:4]:  # the four most anomalous test images
-    rows.append(np.concatenate([
+# 6. figure with skprotoad.plotting (PIL + numpy): for the four most anomalous
+#    test images, the image, the heat map with the true defect outlined in
+#    green, and the predicted mask. A fixed colour range, centred on the
+#    threshold, makes the maps comparable across images.
+t = det.pixel_threshold_
+tiles, titles = [], []
+for i in np.argsort(-anomaly_scores)[:4]:
+    kind = "defect" if data.y_test[i] else "normal"
+    tiles += [
         data.X_test[i],
-        heat_overlay(data.X_test[i], maps[i], 0.5 * threshold, 1.5 * threshold),
-        mask_rgb(masks[i]),
-        mask_rgb(data.masks_test[i]),
-    ], axis=1))
+        overlay(data.X_test[i], maps[i], vmin=0.5 * t, vmax=1.5 * t, mask=data.masks_test[i]),
+        masks[i].astype(np.uint8) * 255,
+    ]
+    titles += [f"{kind}, score {anomaly_scores[i]:.3f}", "anomaly map", "predicted mask"]
 out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
-out_dir.mkdir(parents=True, exist_ok=True)
-figure = Image.fromarray(np.concatenate(rows, axis=0)).resize((4 * 128, len(rows) * 128),
-                                                             Image.NEAREST)
-figure.save(out_dir / "quickstart_overlay.png")
-print(f"wrote {out_dir / 'quickstart_overlay.png'}")
+path = save_png(grid(tiles, titles=titles, ncols=3, tile_size=160),
+                out_dir / "quickstart_overlay.png")
+print(f"wrote {path}")

@@ -24,11 +24,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from skprotoad import ProtoADDetector
 from skprotoad.datasets import load_masks, load_mvtec
 from skprotoad.metrics import evaluate_maps
+from skprotoad.plotting import overlay, save_png
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,15 +48,6 @@ def subset(data, n, rng):
     test = np.concatenate([rng.choice(good, min(len(good), n - n_bad), False),
                            rng.choice(bad, n_bad, False)])
     return [data.train_paths[i] for i in train], test
-
-
-def heat_overlay(image, amap, vmin, vmax, alpha=0.5):
-    """Blend a blue-to-red rendering of ``amap`` over an RGB uint8 ``image``."""
-    t = np.clip((amap - vmin) / (vmax - vmin), 0.0, 1.0)[..., None]
-    heat = 255 * np.concatenate([t, 1 - np.abs(2 * t - 1), 1 - t], axis=-1)
-    blended = alpha * heat + (1 - alpha) * image
-    # pixels the centre crop cut away have no score (NaN): show them as is
-    return np.where(np.isnan(amap)[..., None], image, blended).astype(np.uint8)
 
 
 def main(argv=None):
@@ -93,15 +84,15 @@ def main(argv=None):
     for name, value in results.items():
         print(f"{name:>13s}: {value:.3f}")
 
-    # overlays at each image's own size; NaN outside the centre crop
-    args.output.mkdir(parents=True, exist_ok=True)
+    # overlays at each image's own size (NaN outside the centre crop is shown
+    # unblended), true defect outlined in green
     defective = [i for i in range(len(test)) if y_true[i] == 1][:3]
     t = det.pixel_threshold_
     input_maps = det.anomaly_maps([test_paths[i] for i in defective], output="input")
     for i, amap in zip(defective, input_maps):
-        image = np.asarray(Image.open(test_paths[i]).convert("RGB"))
         out = args.output / (Path(test_paths[i]).stem + "_overlay.png")
-        Image.fromarray(heat_overlay(image, amap, 0.5 * t, 1.5 * t)).save(out)
+        mask = data.test_mask_paths[test[i]]
+        save_png(overlay(test_paths[i], amap, vmin=0.5 * t, vmax=1.5 * t, mask=mask), out)
         print(f"wrote {out}")
     return results
 
