@@ -50,6 +50,8 @@ autosummary_generate = True
 autosummary_ignore_module_all = False  # document exactly each module's __all__
 autodoc_default_options = {"member-order": "bysource"}
 autodoc_typehints = "none"  # the numpydoc docstrings describe the types
+# Module constants are shown with their value, except these (too long to print).
+autosummary_context = {"hide_values": ["skprotoad.plotting.COLORMAPS"]}
 numpydoc_show_class_members = False  # members are listed by the class template
 numpydoc_validation_checks = set()
 
