@@ -81,3 +81,13 @@ def test_real_data_few_images(run_example, tmp_path, capsys):
     assert "aupro" in capsys.readouterr().out
     overlays = list((tmp_path / "overlays").glob("*_overlay.png"))
     assert 1 <= len(overlays) <= 3
+
+
+def test_network_figure_draws(tmp_path):
+    """docs/draw_network.py (run by the docs build) works without Sphinx."""
+    from PIL import Image
+
+    ns = runpy.run_path(str(EXAMPLES.parent / "docs" / "draw_network.py"))
+    path = ns["draw_figure"](tmp_path / "net.png")
+    with Image.open(path) as image:
+        assert image.width > image.height > 100
