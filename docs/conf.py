@@ -1,0 +1,149 @@
+"""Sphinx configuration of the skprotoad documentation.
+
+Build (warnings are errors)::
+
+    python -m sphinx -W --keep-going -b html docs docs/_build/html
+
+Before reading the sources, this file generates into ``docs/_generated/``
+(ignored by git): the network figure (``draw_network.py``), the figure of
+``examples/plot_quickstart.py`` (by running it) and one snippet per
+benchmark that includes ``benchmarks/results/<name>.md`` when that file
+exists (the path in it is relative to ``docs/benchmarks.md``, the page that
+includes the snippets), so the benchmark page always shows the committed results.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+ROOT = DOCS.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(DOCS))
+
+import skprotoad  # noqa: E402
+from draw_network import draw_figure  # noqa: E402
+
+project = "skprotoad"
+author = "skprotoad developers"
+copyright = "skprotoad developers"
+release = skprotoad.__version__
+version = release
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.mathjax",
+    "numpydoc",
+    "myst_parser",
+]
+
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+exclude_patterns = ["_build", "_generated", "Thumbs.db", ".DS_Store"]
+templates_path = ["_templates"]
+
+myst_enable_extensions = ["colon_fence", "deflist", "dollarmath"]
+myst_heading_anchors = 3
+
+autosummary_generate = True
+autosummary_ignore_module_all = False  # document exactly each module's __all__
+autodoc_default_options = {"member-order": "bysource"}
+autodoc_typehints = "none"  # the numpydoc docstrings describe the types
+# Module constants are shown with their value, except these (too long to print).
+autosummary_context = {"hide_values": ["skprotoad.plotting.COLORMAPS"]}
+numpydoc_show_class_members = False  # members are listed by the class template
+numpydoc_validation_checks = set()
+
+html_theme = "furo"
+html_title = f"skprotoad {release}"
+html_static_path = []
+
+# ---------------------------------------------------------------- generated
+GENERATED = DOCS / "_generated"
+RESULTS = ROOT / "benchmarks" / "results"
+
+# name -> (what it measures, command to rerun)
+BENCHMARKS = {
+    "magnetic_tile": (
+        "ProtoADDetector on the Magnetic Tile Defect data set: accuracy, "
+        "threshold behaviour and speed of each variant.",
+        "python benchmarks/bench_magnetic_tile.py --variants default paper_alignment "
+        "kmeans_1000 finch_1000",
+    ),
+    "clustering": (
+        "FINCH and k-means: speed, peak memory and agreement with exact "
+        "references.",
+        "PYTHONPATH=. python benchmarks/bench_clustering.py",
+    ),
+    "metrics": (
+        "Time and peak memory of the pixel-level metrics.",
+        "PYTHONPATH=. python benchmarks/bench_metrics.py",
+    ),
+}
+
+
+def _benchmark_snippet(name):
+    _, command = BENCHMARKS[name]
+    md = RESULTS / f"{name}.md"
+    if md.is_file():
+        return (
+            f"```{{include}} ../benchmarks/results/{name}.md\n"
+            f":heading-offset: 2\n```\n"
+        )
+    return (
+        f":::{{note}}\nNot measured yet in this version of the repository: "
+        f"`benchmarks/results/{name}.md` will appear here once\n\n"
+        f"    {command}\n\nhas been run and its results committed.\n:::\n"
+    )
+
+
+def _run_quickstart():
+    """Run examples/plot_quickstart.py so the examples page shows its figure.
+
+    Skipped when the figure is newer than the script and the package; takes
+    a few seconds on a CPU otherwise (offline backbone, 64 px images).
+    """
+    script = ROOT / "examples" / "plot_quickstart.py"
+    figure = GENERATED / "quickstart_overlay.png"
+    sources = [script, *sorted((ROOT / "skprotoad").glob("*.py"))]
+    if figure.is_file() and figure.stat().st_mtime > max(p.stat().st_mtime for p in sources):
+        return
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    # one thread: the model is tiny, and competing OpenMP threads on a busy
+    # machine cost far more than they gain
+    env.setdefault("OMP_NUM_THREADS", "1")
+    subprocess.run([sys.executable, str(script), str(GENERATED)], check=True, env=env,
+                   cwd=str(ROOT), stdout=subprocess.DEVNULL)
+
+
+def _generate():
+    GENERATED.mkdir(exist_ok=True)
+    draw_figure(GENERATED / "protoad_network.png")
+    _run_quickstart()
+    for name in BENCHMARKS:
+        text = _benchmark_snippet(name)
+        path = GENERATED / f"bench_{name}.md"
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+
+
+_generate()
+
+
+# ------------------------------------------------------------ autodoc hooks
+def _drop_inherited_type_docstring(app, what, name, obj, options, lines):
+    """Module constants without a ``#:`` doc comment would otherwise show the
+    docstring of their type (``tuple``, ``str``): show only their value.
+
+    Runs before numpydoc (priority 400 < 500), on the raw docstring lines.
+    """
+    type_doc = (type(obj).__doc__ or "").strip()
+    first = next((line.strip() for line in lines if line.strip()), "")
+    if what in ("data", "attribute") and type_doc and first == type_doc.splitlines()[0].strip():
+        lines.clear()
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", _drop_inherited_type_docstring, priority=400)
