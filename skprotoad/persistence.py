@@ -122,10 +122,9 @@ def save(model, path, *, overwrite=False):
 
     from safetensors.torch import save_file
 
-    _write_new_file(
+    return _write_new_file(
         path, lambda tmp: save_file(tensors, tmp, metadata={_METADATA_KEY: header}), overwrite
     )
-    return path
 
 
 def _collect_tensors(model):
@@ -484,7 +483,7 @@ def _refuse_existing(path, overwrite):
 
 
 def _write_new_file(path, write, overwrite=False):
-    """Call ``write(tmp_path)`` and move the result onto ``path``.
+    """Call ``write(tmp_path)`` and move the result onto ``path``; return ``path``.
 
     An interrupted write leaves no partial file, and without ``overwrite`` an
     existing file is never replaced, even one that appears while writing.
@@ -506,6 +505,7 @@ def _write_new_file(path, write, overwrite=False):
             _publish_without_replacing(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+    return path
 
 
 def _publish_without_replacing(tmp, path):
