@@ -235,18 +235,17 @@ class _CheckedInput(nn.Module):
             or images.size(1) != 3
             or images.size(2) != self.height
             or images.size(3) != self.width
-            or images.dtype != torch.float32
         ):
             raise ValueError(
-                "expected float32 images of shape (N, 3, "
+                "expected images of shape (N, 3, "
                 + str(self.height)
                 + ", "
                 + str(self.width)
-                + "), RGB in [0, 1], resized and centre-cropped; got shape "
+                + "): RGB in [0, 1], resized and centre-cropped; got shape "
                 + str(images.shape)
-                + " and dtype "
-                + str(images.dtype)
             )
+        if images.dtype != torch.float32:
+            raise ValueError("expected float32 images in [0, 1]")
         return self.network(images)
 
 
