@@ -446,10 +446,18 @@ def _check_layout(layout, expected):
 
 def _check_tensor_values(tensors, config):
     for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not _all_finite(t):
             raise _Invalid(f"tensor {name!r} holds non-finite values")
     if len(tensors[_CALIBRATION]) > config["fitted"]["n_train_images_"]:
         raise _Invalid(f"more {_CALIBRATION} than training images")
+
+
+def _all_finite(t):
+    if t.dtype in (torch.float16, torch.float32, torch.float64):
+        # numpy's vectorised check is many times faster than torch.isfinite
+        # here, which matters for the 100 MB of a wide_resnet50_2.
+        return bool(np.isfinite(t.numpy()).all())
+    return bool(torch.isfinite(t).all())
 
 
 def _assemble(config, network, calibration, device):
