@@ -63,7 +63,8 @@ def preprocess(model, X):
 
     Examples
     --------
-    >>>     >>> from skprotoad import ProtoADDetector
+    >>> import numpy as np
+    >>> from skprotoad import ProtoADDetector
     >>> from skprotoad.export import preprocess
     >>> X = np.random.default_rng(0).integers(0, 255, (4, 40, 50, 3), dtype=np.uint8)
     >>> det = ProtoADDetector(backbone="resnet18", weights=None, layers=(1,),
