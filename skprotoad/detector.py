@@ -535,14 +535,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             state["_network_state"] = {
                 "format_version": _FORMAT_VERSION,
                 "skprotoad_version": __version__,
-                "backbone": network.embedding.backbone.name,
-                "layers": network.embedding.backbone.layers,
-                "mean": network.embedding.mean.flatten().tolist(),
-                "std": network.embedding.std.flatten().tolist(),
-                "alignment": network.embedding.alignment,
-                "input_size": network.input_size,
-                "sigma": network.smoothing.sigma,
-                "n_prototypes": int(network.prototype_conv.out_channels),
+                **_describe_network(network),
                 "tensors": {k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
             }
         return state
@@ -554,6 +547,49 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             self.network_ = _rebuild_network(saved)
 
 
+def _describe_network(network):
+    """The plain values that, with its tensors, rebuild ``network``.
+
+    Shared by pickling and :mod:`skprotoad.persistence`, so that both formats
+    describe a network alike and :data:`_FORMAT_VERSION` covers both.
+    """
+    return {
+        "backbone": network.embedding.backbone.name,
+        "layers": network.embedding.backbone.layers,
+        "mean": network.embedding.mean.flatten().tolist(),
+        "std": network.embedding.std.flatten().tolist(),
+        "alignment": network.embedding.alignment,
+        "input_size": network.input_size,
+        "sigma": network.smoothing.sigma,
+        "n_prototypes": int(network.prototype_conv.out_channels),
+    }
+
+
+def _build_network(description):
+    """The network ``description`` names, with placeholder weights, in eval mode.
+
+    The backbone is created with ``weights=None``: its weights come from the
+    saved tensors, so the file or download the model was fitted with is not
+    needed.
+    """
+    backbone = create_feature_extractor(
+        description["backbone"], description["layers"], weights=None
+    )
+    embedding = PatchEmbedding(
+        backbone,
+        mean=description["mean"],
+        std=description["std"],
+        alignment=description["alignment"],
+    )
+    network = ProtoADNetwork(
+        embedding,
+        torch.zeros(description["n_prototypes"], embedding.n_channels),
+        description["input_size"],
+        description["sigma"],
+    )
+    return network.eval()
+
+
 def _rebuild_network(saved):
     version = saved.get("format_version")
     if version != _FORMAT_VERSION:
@@ -562,16 +598,6 @@ def _rebuild_network(saved):
             f"(format {version}); this is skprotoad {__version__} (format "
             f"{_FORMAT_VERSION}). Install that version to load it, or refit."
         )
-    backbone = create_feature_extractor(saved["backbone"], saved["layers"], weights=None)
-    embedding = PatchEmbedding(
-        backbone, mean=saved["mean"], std=saved["std"], alignment=saved["alignment"]
-    )
-    n_channels = embedding.n_channels
-    network = ProtoADNetwork(
-        embedding,
-        torch.zeros(saved["n_prototypes"], n_channels),
-        saved["input_size"],
-        saved["sigma"],
-    )
+    network = _build_network(saved)
     network.load_state_dict(saved["tensors"], strict=True)
     return network.eval()

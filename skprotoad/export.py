@@ -1,0 +1,333 @@
+"""Export a fitted detector's network to TorchScript or ONNX for deployment.
+
+The exported model is the fitted end-to-end :class:`~skprotoad.network.ProtoADNetwork`,
+which runs without skprotoad, timm or scikit-learn:
+
+* **input** ``images``: float32 ``(N, 3, crop_h, crop_w)``, RGB in [0, 1], each image
+  already resized to ``image_size`` (bilinear, antialiased) and centre-cropped
+  to ``crop_size``; :func:`preprocess` does exactly that. The batch size ``N``
+  is free; the spatial size is fixed at export.
+* **inside**: ImageNet (``mean``/``std``) normalisation, backbone, join of the
+  stages, L2 normalisation, prototypes, ``1 - max cosine``, upsampling,
+  Gaussian smoothing and the maximum.
+* **outputs** ``maps``: float32 ``(N, crop_h, crop_w)`` anomaly maps, and
+  ``scores``: float32 ``(N,)`` anomaly scores (their maxima), which are
+  ``-score_samples``. An image is an anomaly when its score exceeds
+  ``pixel_threshold_`` (``-offset_``), a pixel a defect when its map value does;
+  the threshold and the preprocessing settings travel in the file's metadata
+  (``skprotoad.json`` extra file / ONNX ``metadata_props["skprotoad"]``).
+
+ONNX export needs the optional ``export`` extra (``onnx``, ``onnxscript``,
+``onnxruntime``); TorchScript only needs torch, but ``torch.jit`` is deprecated
+in PyTorch 2.14 (it still works, and is what C++ ``torch::jit::load`` and older
+runtimes read).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import torch
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from . import _images
+from ._version import __version__
+from .detector import ProtoADDetector
+from .persistence import _write_new_file
+
+__all__ = ["preprocess", "to_torchscript", "to_onnx"]
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("maps", "scores")
+_METADATA_KEY = "skprotoad"
+_TOLERANCE = 1e-4
+_CHECK_BATCH = 3  # differs from the tracing batch, so a batch size baked in shows
+
+
+def preprocess(model, X):
+    """The exported model's input for images ``X``: resized, cropped, in [0, 1].
+
+    Parameters
+    ----------
+    model : ProtoADDetector
+        The fitted detector that was exported.
+    X : array or list of images
+        As for :meth:`ProtoADDetector.fit`.
+
+    Returns
+    -------
+    images : ndarray of shape (n_images, 3, crop_h, crop_w), float32
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skprotoad import ProtoADDetector
+    >>> from skprotoad.export import preprocess
+    >>> X = np.random.default_rng(0).integers(0, 255, (4, 40, 50, 3), dtype=np.uint8)
+    >>> det = ProtoADDetector(backbone="resnet18", weights=None, layers=(1,),
+    ...                       image_size=32, crop_size=24, clustering="kmeans",
+    ...                       n_clusters=4, contamination=0.1).fit(X)
+    >>> preprocess(det, X).shape
+    (4, 3, 24, 24)
+    """
+    network = _fitted_network(model)
+    images = _images.ImageSequence(X)
+    batches = images.batches(model.batch_size, model.image_size, network.input_size)
+    return torch.cat([batch for _, batch in batches]).numpy()
+
+
+def to_torchscript(model, path, *, overwrite=False, check=True):
+    """Write the fitted network as a TorchScript module (``torch.jit.load``-able).
+
+    The network is traced on the CPU (``torch.jit.trace``) and wrapped in a
+    scripted module that rejects inputs of the wrong shape or dtype (a traced
+    graph would silently misread them). ``torch.jit`` is deprecated in PyTorch
+    2.14; its deprecation warnings are silenced here, since this function exists
+    for runtimes that read TorchScript.
+
+    Parameters
+    ----------
+    model : ProtoADDetector
+        A fitted detector; it is not modified.
+    path : str or os.PathLike
+        File to write, conventionally ``*.pt``.
+    overwrite : bool, default=False
+        Replace ``path`` if it exists; otherwise an existing file is an error.
+    check : bool, default=True
+        Run the exported module on random images (batch of 3) and raise
+        ``RuntimeError`` if its maps or scores differ from the network's by
+        more than 1e-4.
+
+    Returns
+    -------
+    path : pathlib.Path
+
+    Examples
+    --------
+    >>> from skprotoad.export import to_torchscript, preprocess
+    >>> to_torchscript(detector, "model.pt")  # doctest: +SKIP
+    >>> module = torch.jit.load("model.pt")  # doctest: +SKIP
+    >>> maps, scores = module(torch.from_numpy(preprocess(detector, X)))  # doctest: +SKIP
+    """
+    network = _cpu_copy(model)
+    example = _example_input(network, batch=2)
+    with _quiet_tracing():
+        traced = torch.jit.trace(network, example, check_trace=False)
+        module = torch.jit.script(_CheckedInput(traced, *network.input_size))
+    if check:
+        _check_outputs(network, lambda x: module(x))
+    extra = {f"{_METADATA_KEY}.json": json.dumps(_metadata(model))}
+
+    def write(tmp):
+        with _quiet_tracing():
+            torch.jit.save(module, tmp, _extra_files=extra)
+
+    return _write_new_file(path, write, overwrite)
+
+
+def to_onnx(model, path, *, opset=18, dynamo=True, overwrite=False, check=True):
+    """Write the fitted network as an ONNX model with a dynamic batch size.
+
+    Needs the ``export`` extra: ``onnx`` and, for ``dynamo=True``, ``onnxscript``;
+    ``onnxruntime`` for ``check``.
+
+    Parameters
+    ----------
+    model : ProtoADDetector
+        A fitted detector; it is not modified.
+    path : str or os.PathLike
+        File to write, conventionally ``*.onnx``; weights are stored inside it.
+    opset : int, default=18
+        ONNX opset version.
+    dynamo : bool, default=True
+        Use PyTorch's ``torch.export``-based exporter (the default of
+        ``torch.onnx.export`` since PyTorch 2.9). ``False`` selects the legacy
+        TorchScript-based exporter, deprecated but without the ``onnxscript``
+        dependency, and faster.
+    overwrite : bool, default=False
+        Replace ``path`` if it exists; otherwise an existing file is an error.
+    check : bool, default=True
+        Run the file with onnxruntime on random images (batch of 3) and raise
+        ``RuntimeError`` if its maps or scores differ from the network's by
+        more than 1e-4.
+
+    Returns
+    -------
+    path : pathlib.Path
+
+    Examples
+    --------
+    >>> import onnxruntime as ort  # doctest: +SKIP
+    >>> from skprotoad.export import to_onnx, preprocess
+    >>> to_onnx(detector, "model.onnx")  # doctest: +SKIP
+    >>> session = ort.InferenceSession("model.onnx")  # doctest: +SKIP
+    >>> maps, scores = session.run(None, {"images": preprocess(detector, X)})  # doctest: +SKIP
+    """
+    onnx = _require("onnx")
+    if dynamo:
+        _require("onnxscript", "the dynamo ONNX exporter; or pass dynamo=False")
+    if check:
+        ort = _require("onnxruntime", "check=True; or pass check=False")
+    network = _cpu_copy(model)
+    example = _example_input(network, batch=2)
+    metadata = json.dumps(_metadata(model))
+
+    def write(tmp):
+        _export_onnx(network, example, tmp, opset, dynamo)
+        proto = onnx.load(tmp)
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = _METADATA_KEY, metadata
+        onnx.checker.check_model(proto)
+        onnx.save(proto, tmp)
+        if check:
+            session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+            _check_outputs(
+                network,
+                lambda x: [torch.from_numpy(o) for o in session.run(None, {INPUT_NAME: x.numpy()})],
+            )
+
+    return _write_new_file(path, write, overwrite)
+
+
+def _export_onnx(network, example, path, opset, dynamo):
+    names = dict(input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES))
+    with _quiet_tracing():
+        if dynamo:
+            torch.onnx.export(
+                network,
+                (example,),
+                path,
+                **names,
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
+                external_data=False,
+                verbose=False,
+            )
+        else:
+            torch.onnx.export(
+                network,
+                (example,),
+                path,
+                **names,
+                opset_version=opset,
+                dynamo=False,
+                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+            )
+
+
+class _CheckedInput(nn.Module):
+    """Scripted guard around the traced network: a trace fixes the spatial
+    size (smoothing indices, upsampling sizes) and would misread other inputs."""
+
+    def __init__(self, network, height, width):
+        super().__init__()
+        self.network = network
+        self.height = int(height)
+        self.width = int(width)
+
+    def forward(self, images):
+        # type: (Tensor) -> Tuple[Tensor, Tensor]
+        if (
+            images.dim() != 4
+            or images.size(1) != 3
+            or images.size(2) != self.height
+            or images.size(3) != self.width
+        ):
+            raise ValueError(
+                "expected images of shape (N, 3, "
+                + str(self.height)
+                + ", "
+                + str(self.width)
+                + "): RGB in [0, 1], resized and centre-cropped; got shape "
+                + str(images.shape)
+            )
+        if images.dtype != torch.float32:
+            raise ValueError("expected float32 images in [0, 1]")
+        return self.network(images)
+
+
+def _fitted_network(model):
+    if not isinstance(model, ProtoADDetector):
+        raise TypeError(f"model must be a ProtoADDetector, got {type(model).__name__}.")
+    check_is_fitted(model, "network_")
+    return model.network_
+
+
+def _cpu_copy(model):
+    # Exported on the CPU, in float32, from a copy: the model keeps its device.
+    network = copy.deepcopy(_fitted_network(model)).to("cpu", torch.float32)
+    return network.eval().requires_grad_(False)
+
+
+def _example_input(network, batch):
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(batch, 3, *network.input_size, generator=generator)
+
+
+def _check_outputs(network, run):
+    x = _example_input(network, batch=_CHECK_BATCH)
+    with torch.inference_mode():
+        expected = network(x)
+        got = run(x)
+    for name, e, g in zip(OUTPUT_NAMES, expected, got):
+        if tuple(g.shape) != tuple(e.shape) or not torch.allclose(g, e, rtol=0, atol=_TOLERANCE):
+            error = (g - e).abs().max().item() if g.shape == e.shape else "shape"
+            raise RuntimeError(
+                f"The exported model's {name} differ from the network's (max error "
+                f"{error}, shape {tuple(g.shape)} vs {tuple(e.shape)}): export failed."
+            )
+
+
+def _metadata(model):
+    network = model.network_
+    return {
+        "skprotoad_version": __version__,
+        "torch_version": torch.__version__,
+        "input": {
+            "name": INPUT_NAME,
+            "shape": ["N", 3, *network.input_size],
+            "dtype": "float32",
+            "description": "RGB in [0, 1], resized to image_size (bilinear, antialiased) "
+            "and centre-cropped to crop_size",
+            "image_size": list(_images.check_size(model.image_size, "image_size")),
+            "crop_size": list(network.input_size),
+        },
+        "outputs": {
+            "maps": "float32 (N, crop_h, crop_w), 1 - max cosine, higher = more anomalous",
+            "scores": "float32 (N,), max of each map = -score_samples",
+        },
+        "pixel_threshold": float(model.pixel_threshold_),
+        "backbone": network.embedding.backbone.name,
+        "layers": list(network.embedding.backbone.layers),
+    }
+
+
+class _quiet_tracing(warnings.catch_warnings):
+    """Silence torch's deprecation notices for ``torch.jit`` / the legacy ONNX
+    exporter, and the tracer's notes about Python ints: those come from the
+    spatial-size arithmetic, fixed at export, and ``check`` verifies the result
+    at another batch size."""
+
+    def __enter__(self):
+        result = super().__enter__()
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r".*deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
+        warnings.filterwarnings(
+            "ignore", message=r".*legacy TorchScript-based ONNX", category=DeprecationWarning
+        )
+        return result
+
+
+def _require(name, purpose=None):
+    try:
+        return __import__(name)
+    except ImportError:
+        raise ImportError(
+            f"{name} is needed for {purpose or 'ONNX export'}: "
+            f"pip install 'skprotoad[export]' (or pip install {name})."
+        ) from None

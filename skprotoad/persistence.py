@@ -1,0 +1,529 @@
+"""Save and load fitted detectors in a format that runs no code when loaded.
+
+:func:`save` writes one `safetensors <https://github.com/huggingface/safetensors>`_
+file: the network's tensors (the backbone truncated after the last stage used,
+and the prototypes) plus ``calibration_scores_``, with everything else (the
+constructor parameters, the fitted scalars, the network's description and
+versions) as JSON in the file's metadata header. :func:`load` parses that header
+and the raw tensor bytes, nothing else: unlike ``joblib.load`` / ``pickle.load``
+it cannot run code from the file, so it is the format to use for models that come
+from elsewhere.
+
+Before a model is returned, :func:`load` checks the format version, the JSON's
+keys, types and finite values, the tensors' names, shapes and dtypes against the
+network rebuilt from the description, and a SHA-256 checksum of the tensor
+bytes. A file that fails any check raises :class:`ValueError`; no partly loaded
+model is ever returned. The checksum catches corruption (a truncated download,
+flipped bits), not deliberate forgery: whoever edits a file can recompute it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.utils.validation import check_is_fitted
+
+from ._version import __version__
+from .detector import _FORMAT_VERSION, ProtoADDetector, _build_network, _describe_network
+
+__all__ = ["save", "load", "FORMAT_VERSION"]
+
+#: Version of the file layout written by :func:`save`; bumped when it changes.
+#: The network description inside also carries the detector's pickle format
+#: version, since both formats share it.
+FORMAT_VERSION = 1
+
+_FORMAT_NAME = "skprotoad-safetensors"
+_METADATA_KEY = "skprotoad"
+_NETWORK_PREFIX = "network."
+_CALIBRATION = "calibration_scores_"
+# safetensors' names of the dtypes a detector holds.
+_DTYPE_NAMES = {
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+# --------------------------------------------------------------------- save
+def save(model, path, *, overwrite=False):
+    """Save a fitted :class:`~skprotoad.ProtoADDetector` to one safetensors file.
+
+    Parameters
+    ----------
+    model : ProtoADDetector
+        A fitted detector; it is not modified (its network stays on its device).
+    path : str or os.PathLike
+        File to write, conventionally ``*.safetensors``. Written to a temporary
+        file next to it first, so an interrupted save leaves no partial file.
+    overwrite : bool, default=False
+        Replace ``path`` if it exists; otherwise an existing file is an error.
+
+    Returns
+    -------
+    path : pathlib.Path
+        The file written.
+
+    Raises
+    ------
+    FileExistsError
+        When ``path`` exists and ``overwrite`` is False.
+    TypeError
+        When a parameter has no JSON form (e.g. a custom object). A
+        ``numpy.random.RandomState`` as ``random_state`` is stored as ``None``
+        with a warning, since only refitting uses it.
+
+    Examples
+    --------
+    >>> from skprotoad.persistence import save, load
+    >>> save(detector, "model.safetensors")  # doctest: +SKIP
+    >>> detector = load("model.safetensors")  # doctest: +SKIP
+    """
+    if not isinstance(model, ProtoADDetector):
+        raise TypeError(f"model must be a ProtoADDetector, got {type(model).__name__}.")
+    check_is_fitted(model, "network_")
+    path = Path(path)
+    _refuse_existing(path, overwrite)
+    tensors = _collect_tensors(model)
+    config = {
+        "format": _FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "network_format_version": _FORMAT_VERSION,
+        "skprotoad_version": __version__,
+        "torch_version": torch.__version__,
+        "timm_version": _timm_version(),
+        "params": _params_to_json(model.get_params(deep=False)),
+        "fitted": {
+            "offset_": float(model.offset_),
+            "feature_shape_": [int(v) for v in model.feature_shape_],
+            "n_train_images_": int(model.n_train_images_),
+        },
+        "network": _describe_network(model.network_),
+        "tensors_sha256": _digest(tensors),
+    }
+    # Round-trip through JSON and validate what load() will see, so that save
+    # never writes a file that load() refuses.
+    header = json.dumps(config, allow_nan=False, sort_keys=True)
+    _check_config(json.loads(header))
+
+    from safetensors.torch import save_file
+
+    return _write_new_file(
+        path, lambda tmp: save_file(tensors, tmp, metadata={_METADATA_KEY: header}), overwrite
+    )
+
+
+def _collect_tensors(model):
+    # Copies on the CPU, contiguous (as safetensors needs): a GPU-fitted model
+    # saves like a CPU one and the model's own tensors are left alone.
+    state = model.network_.state_dict()
+    tensors = {
+        _NETWORK_PREFIX + name: t.detach().to("cpu", copy=True).contiguous()
+        for name, t in state.items()
+    }
+    tensors[_CALIBRATION] = torch.tensor(
+        np.asarray(model.calibration_scores_, dtype=np.float64).reshape(-1)
+    )
+    return tensors
+
+
+def _params_to_json(params):
+    out = {}
+    for name, value in params.items():
+        if name == "random_state" and isinstance(value, np.random.RandomState):
+            warnings.warn(
+                "random_state is a RandomState instance, which the safe format cannot "
+                "hold; it is saved as None (it only matters when refitting).",
+                UserWarning,
+                stacklevel=3,
+            )
+            value = None
+        out[name] = _json_value(name, value)
+    return out
+
+
+def _json_value(name, value):
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, torch.device):
+        return str(value)
+    if isinstance(value, (tuple, list, np.ndarray)):
+        return [_json_value(name, v) for v in np.asarray(value, dtype=object).ravel()]
+    raise TypeError(
+        f"Parameter {name}={value!r} cannot be saved in the safe format, which holds "
+        f"only JSON values; use joblib for this model."
+    )
+
+
+def _timm_version():
+    import timm
+
+    return timm.__version__
+
+
+def _digest(tensors):
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------- load
+def load(path, *, device=None):
+    """Load a detector written by :func:`save`, running no code from the file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file written by :func:`save`.
+    device : str, default=None
+        Replaces the saved ``device`` parameter, e.g. ``"cpu"`` for a model
+        fitted with ``device="cuda"`` and loaded where there is no GPU. The
+        tensors are always loaded on the CPU; the detector moves them to its
+        device when it scores.
+
+    Returns
+    -------
+    model : ProtoADDetector
+        Fitted, scoring exactly as the saved one did. Its backbone is rebuilt
+        with ``weights=None`` and filled from the file, so a ``weights`` path
+        or download used at fit time is not needed; the ``weights`` parameter
+        keeps its saved value (refitting would use it).
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` does not exist.
+    ValueError
+        When the file is not a valid model of this format version: truncated,
+        corrupted, edited, or written by an incompatible version of skprotoad
+        (the message says which check failed).
+
+    Examples
+    --------
+    >>> from skprotoad.persistence import load
+    >>> detector = load("model.safetensors", device="cpu")  # doctest: +SKIP
+    >>> detector.predict(images)  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No model file at {path}.")
+    try:
+        return _load(path, device)
+    except _Invalid as exc:
+        raise ValueError(f"{path} is not a valid skprotoad model file: {exc}") from None
+
+
+class _Invalid(Exception):
+    """A check of the file failed; :func:`load` turns it into a ValueError."""
+
+
+def _load(path, device):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            layout = {
+                k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
+                for k in f.keys()
+            }
+            config = _parse_header(metadata)
+            _check_config(config)
+            network = _rebuild(config["network"])
+            expected = {
+                _NETWORK_PREFIX + k: (_DTYPE_NAMES.get(v.dtype, str(v.dtype)), tuple(v.shape))
+                for k, v in network.state_dict().items()
+            }
+            expected[_CALIBRATION] = ("F64", layout.get(_CALIBRATION, ("F64", (0,)))[1])
+            _check_layout(layout, expected)
+            tensors = {k: f.get_tensor(k) for k in sorted(layout)}
+    except SafetensorError as exc:
+        raise _Invalid(
+            f"{exc} (truncated or damaged? A joblib file needs joblib.load, which can "
+            f"run code: use it only for files you trust)"
+        ) from None
+    if _digest(tensors) != config["tensors_sha256"]:
+        raise _Invalid("the tensor data does not match its checksum (corrupted file)")
+    _check_tensor_values(tensors, config)
+    state = {k[len(_NETWORK_PREFIX):]: v for k, v in tensors.items() if k != _CALIBRATION}
+    network.load_state_dict(state, strict=True)
+    return _assemble(config, network.eval(), tensors[_CALIBRATION], device)
+
+
+def _parse_header(metadata):
+    if _METADATA_KEY not in metadata:
+        raise _Invalid(
+            f"no {_METADATA_KEY!r} entry in the safetensors metadata (a safetensors "
+            f"file, but not one written by skprotoad.persistence.save)"
+        )
+    try:
+        config = json.loads(metadata[_METADATA_KEY], parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise _Invalid(f"the metadata is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise _Invalid("the metadata JSON is not an object")
+    return config
+
+
+def _refuse_constant(name):
+    raise _Invalid(f"the metadata holds the non-finite number {name}")
+
+
+# ------------------------------------------------------------- JSON checks
+def _check_config(config):
+    _require(config, "format", str)
+    if config["format"] != _FORMAT_NAME:
+        raise _Invalid(f"format is {config['format']!r}, expected {_FORMAT_NAME!r}")
+    saved_by = config.get("skprotoad_version", "?")
+    versions = (("format_version", FORMAT_VERSION), ("network_format_version", _FORMAT_VERSION))
+    for key, ours in versions:
+        version = _require(config, key, int)
+        if version != ours:
+            raise _Invalid(
+                f"it was saved by skprotoad {saved_by} with {key} {version}; this is "
+                f"skprotoad {__version__} ({key} {ours}). Install that version to "
+                f"load it, or refit"
+            )
+    for key in ("skprotoad_version", "torch_version", "timm_version", "tensors_sha256"):
+        _require(config, key, str)
+    _check_params(_require(config, "params", dict))
+    _check_fitted(_require(config, "fitted", dict))
+    _check_network(_require(config, "network", dict))
+    extra = set(config) - {
+        "format", "format_version", "network_format_version", "skprotoad_version",
+        "torch_version", "timm_version", "params", "fitted", "network", "tensors_sha256",
+    }
+    if extra:
+        raise _Invalid(f"unexpected metadata keys {sorted(extra)}")
+
+
+def _require(mapping, key, kind, where=""):
+    if key not in mapping:
+        raise _Invalid(f"missing {where}{key!r}")
+    value = mapping[key]
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+    }.get(kind, isinstance(value, kind))
+    if not ok:
+        raise _Invalid(f"{where}{key!r} must be {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise _Invalid(f"{where}{key!r} must be finite, got {value!r}")
+    return value
+
+
+def _require_list(mapping, key, kind, length=None, where="", positive=False):
+    values = _require(mapping, key, list, where)
+    if length is not None and len(values) != length:
+        raise _Invalid(f"{where}{key!r} must hold {length} values, got {values!r}")
+    for i in range(len(values)):
+        v = _require({i: values[i]}, i, kind, f"{where}{key}")
+        if positive and v <= 0:
+            raise _Invalid(f"{where}{key!r} must be positive, got {values!r}")
+    return values
+
+
+def _check_params(params):
+    names = set(ProtoADDetector().get_params(deep=False))
+    if set(params) != names:
+        missing, extra = sorted(names - set(params)), sorted(set(params) - names)
+        raise _Invalid(
+            f"params do not match ProtoADDetector's: missing {missing}, unknown {extra}"
+        )
+    for name, value in params.items():
+        if not _is_json_param(value):
+            raise _Invalid(f"parameter {name!r} has an unexpected value {value!r}")
+    device = params["device"]
+    if not isinstance(device, str):
+        raise _Invalid(f"parameter 'device' must be a string, got {device!r}")
+    try:
+        if device != "auto":
+            torch.device(device)
+        # The device is checked above: validating it here would reject a
+        # GPU-fitted model on a machine without a GPU.
+        ProtoADDetector(**{**_params_from_json(params), "device": "cpu"})._check_params()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise _Invalid(f"invalid parameters: {exc}") from None
+
+
+def _is_json_param(value):
+    if value is None or isinstance(value, (bool, str, int)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for v in value
+    )
+
+
+def _params_from_json(params):
+    # JSON has no tuples; every sequence parameter (layers, sizes, mean, std)
+    # is a tuple by default.
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+
+
+def _check_fitted(fitted):
+    where = "fitted "
+    _require(fitted, "offset_", float, where)
+    _require_list(fitted, "feature_shape_", int, 3, where, positive=True)
+    if _require(fitted, "n_train_images_", int, where) < 1:
+        raise _Invalid("fitted 'n_train_images_' must be at least 1")
+    if set(fitted) != {"offset_", "feature_shape_", "n_train_images_"}:
+        raise _Invalid(f"unexpected fitted keys {sorted(fitted)}")
+
+
+def _check_network(network):
+    where = "network "
+    _require(network, "backbone", str, where)
+    _require_list(network, "layers", int, None, where)
+    _require_list(network, "mean", float, 3, where)
+    _require_list(network, "std", float, 3, where, positive=True)
+    if _require(network, "alignment", str, where) not in ("center", "paper"):
+        raise _Invalid(f"network 'alignment' is {network['alignment']!r}")
+    _require_list(network, "input_size", int, 2, where, positive=True)
+    if _require(network, "sigma", float, where) < 0:
+        raise _Invalid("network 'sigma' must be >= 0")
+    if _require(network, "n_prototypes", int, where) < 1:
+        raise _Invalid("network 'n_prototypes' must be at least 1")
+    known = {
+        "backbone", "layers", "mean", "std", "alignment", "input_size", "sigma", "n_prototypes",
+    }
+    if set(network) != known:
+        raise _Invalid(f"network keys {sorted(network)} differ from {sorted(known)}")
+
+
+# ---------------------------------------------------------- tensor checks
+def _rebuild(description):
+    try:
+        return _build_network(description)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise _Invalid(f"cannot rebuild the network it describes: {exc}") from None
+
+
+def _check_layout(layout, expected):
+    missing = sorted(set(expected) - set(layout))
+    extra = sorted(set(layout) - set(expected))
+    if missing or extra:
+        raise _Invalid(
+            f"its tensors do not fit the network: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
+            f"{' ...' if len(extra) > 5 else ''} (saved by another timm version?)"
+        )
+    for name in sorted(expected):
+        if layout[name] != expected[name]:
+            raise _Invalid(
+                f"tensor {name!r} is {layout[name][0]} of shape {layout[name][1]}, "
+                f"the network needs {expected[name][0]} of shape {expected[name][1]}"
+            )
+    if len(layout[_CALIBRATION][1]) != 1:
+        raise _Invalid(f"{_CALIBRATION!r} must be 1-D, got shape {layout[_CALIBRATION][1]}")
+
+
+def _check_tensor_values(tensors, config):
+    for name, t in tensors.items():
+        if t.is_floating_point() and not _all_finite(t):
+            raise _Invalid(f"tensor {name!r} holds non-finite values")
+    if len(tensors[_CALIBRATION]) > config["fitted"]["n_train_images_"]:
+        raise _Invalid(f"more {_CALIBRATION} than training images")
+
+
+def _all_finite(t):
+    if t.dtype in (torch.float16, torch.float32, torch.float64):
+        # numpy's vectorised check is many times faster than torch.isfinite
+        # here, which matters for the 100 MB of a wide_resnet50_2.
+        return bool(np.isfinite(t.numpy()).all())
+    return bool(torch.isfinite(t).all())
+
+
+def _assemble(config, network, calibration, device):
+    params = _params_from_json(config["params"])
+    if device is not None:
+        params["device"] = device
+    model = ProtoADDetector(**params)
+    fitted = config["fitted"]
+    if tuple(network.input_size) != model._crop_size():
+        raise _Invalid(
+            f"the network's input size {network.input_size} is not the crop "
+            f"{model._crop_size()} of its parameters"
+        )
+    if fitted["feature_shape_"][2] != network.embedding.n_channels:
+        raise _Invalid(
+            f"fitted 'feature_shape_' {fitted['feature_shape_']} does not match the "
+            f"network's {network.embedding.n_channels} channels"
+        )
+    model.network_ = network
+    model.offset_ = float(fitted["offset_"])
+    model.calibration_scores_ = calibration.numpy().astype(np.float64)
+    model.feature_shape_ = tuple(fitted["feature_shape_"])
+    model.n_train_images_ = fitted["n_train_images_"]
+    return model
+
+
+# ------------------------------------------------------------------ files
+def _refuse_existing(path, overwrite):
+    if not overwrite and os.path.lexists(path):
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+
+
+def _write_new_file(path, write, overwrite=False):
+    """Call ``write(tmp_path)`` and move the result onto ``path``; return ``path``.
+
+    An interrupted write leaves no partial file, and without ``overwrite`` an
+    existing file is never replaced, even one that appears while writing.
+    """
+    path = Path(path)
+    _refuse_existing(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        # mkstemp creates the file private (0600); give it the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _publish_without_replacing(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def _publish_without_replacing(tmp, path):
+    try:
+        # A hard link fails if the target exists, atomically: no window in
+        # which another writer's file could be replaced.
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.") from None
+    except OSError:
+        # File systems without hard links: check, then move.
+        _refuse_existing(path, False)
+        os.replace(tmp, path)

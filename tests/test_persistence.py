@@ -1,0 +1,345 @@
+"""Saving and loading fitted detectors: joblib/pickle and the safe format."""
+
+import copy
+import json
+import os
+import pickle
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from sklearn.exceptions import NotFittedError
+
+from skprotoad import ProtoADDetector, detector, persistence
+
+from .conftest import TINY
+
+
+def _assert_same_model(loaded, original, X):
+    np.testing.assert_array_equal(loaded.anomaly_maps(X), original.anomaly_maps(X))
+    assert loaded.get_params() == original.get_params()
+    assert loaded.offset_ == original.offset_
+    assert loaded.feature_shape_ == original.feature_shape_
+    assert loaded.n_train_images_ == original.n_train_images_
+    np.testing.assert_array_equal(loaded.calibration_scores_, original.calibration_scores_)
+    assert loaded.calibration_scores_.dtype == original.calibration_scores_.dtype
+
+
+def _full_model_bytes(name):
+    import timm
+
+    return 4 * sum(p.numel() for p in timm.create_model(name).parameters())
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_detector, tmp_path_factory):
+    return persistence.save(tiny_detector, tmp_path_factory.mktemp("safe") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def X(synthetic):
+    """A few test images, normal and defective: scoring is what these tests cost."""
+    return synthetic.X_test[[0, 1, -2, -1]]
+
+
+@pytest.fixture(scope="module")
+def tiny_scores(tiny_detector, X):
+    return tiny_detector.score_samples(X)
+
+
+# ----------------------------------------------------------------- round trips
+
+
+def test_safe_round_trip_is_identical(tiny_detector, saved, X):
+    _assert_same_model(persistence.load(saved), tiny_detector, X)
+
+
+def test_safe_round_trip_of_an_imagenet_backbone(lite0_detector, X, tmp_path):
+    path = persistence.save(lite0_detector, tmp_path / "lite0.safetensors")
+    _assert_same_model(persistence.load(path), lite0_detector, X)
+
+
+@pytest.mark.parametrize("fixture, name", [
+    ("tiny_detector", "resnet18"),
+    ("lite0_detector", "efficientnet_lite0"),
+])
+def test_files_hold_only_the_truncated_backbone(fixture, name, request, tmp_path):
+    model = request.getfixturevalue(fixture)
+    joblib.dump(model, tmp_path / "m.joblib")
+    persistence.save(model, tmp_path / "m.safetensors")
+    full = _full_model_bytes(name)
+    for file in ("m.joblib", "m.safetensors"):
+        assert os.path.getsize(tmp_path / file) < 0.5 * full
+    # Both formats hold the same tensors: sizes agree to a few percent.
+    sizes = [os.path.getsize(tmp_path / f) for f in ("m.joblib", "m.safetensors")]
+    assert max(sizes) < 1.05 * min(sizes)
+
+
+def test_saving_leaves_the_model_alone(tiny_detector, tmp_path, tiny_scores, X):
+    before = {k: v.data_ptr() for k, v in tiny_detector.network_.state_dict().items()}
+    params = tiny_detector.get_params()
+    persistence.save(tiny_detector, tmp_path / "m.safetensors")
+    joblib.dump(tiny_detector, tmp_path / "m.joblib")
+    assert {k: v.data_ptr() for k, v in tiny_detector.network_.state_dict().items()} == before
+    assert tiny_detector.get_params() == params
+    np.testing.assert_array_equal(tiny_detector.score_samples(X), tiny_scores)
+
+
+def test_weights_file_is_not_needed_to_load(tiny_detector, normal_images, X, tmp_path):
+    weights = tmp_path / "resnet18.pth"
+    torch.save(tiny_detector.network_.embedding.backbone.model.state_dict(), weights)
+    params = {**TINY, "weights": str(weights), "contamination": 0.1}
+    model = ProtoADDetector(**params).fit(normal_images[:6])
+    path = persistence.save(model, tmp_path / "m.safetensors")
+    joblib.dump(model, tmp_path / "m.joblib")
+    weights.unlink()
+    for loaded in (persistence.load(path), joblib.load(tmp_path / "m.joblib")):
+        assert loaded.weights == str(weights)  # the parameter is kept, for refitting
+        _assert_same_model(loaded, model, X)
+
+
+def test_unfitted_or_foreign_models_are_refused(tmp_path):
+    with pytest.raises(NotFittedError):
+        persistence.save(ProtoADDetector(), tmp_path / "m.safetensors")
+    with pytest.raises(TypeError, match="ProtoADDetector"):
+        persistence.save(object(), tmp_path / "m.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
+def test_parameters_without_a_json_form(tiny_detector, tmp_path):
+    model = copy.deepcopy(tiny_detector)
+    model.set_params(random_state=np.random.RandomState(0))
+    with pytest.warns(UserWarning, match="saved as None"):
+        path = persistence.save(model, tmp_path / "m.safetensors")
+    assert persistence.load(path).random_state is None
+    model.set_params(random_state=0, weights=object())
+    with pytest.raises(TypeError, match="weights"):
+        persistence.save(model, tmp_path / "other.safetensors")
+
+
+# -------------------------------------------------------------- cross device
+# There is no GPU here. What is simulated: a model whose device parameter is
+# "cuda", loaded where torch.cuda.is_available() is False; and a network whose
+# tensors sit in a non-default memory layout (channels_last, as GPU inference
+# set-ups use). Tensors are always written from CPU copies.
+
+
+def test_gpu_fitted_model_loads_on_a_cpu_only_machine(
+    tiny_detector, tmp_path, monkeypatch, X, tiny_scores
+):
+    model = copy.deepcopy(tiny_detector).set_params(device="cuda")
+    path = persistence.save(model, tmp_path / "m.safetensors")
+    joblib.dump(model, tmp_path / "m.joblib")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for loaded in (persistence.load(path), joblib.load(tmp_path / "m.joblib")):
+        assert loaded.device == "cuda"
+        assert all(t.device.type == "cpu" for t in loaded.network_.state_dict().values())
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            loaded.score_samples(X)
+        loaded.set_params(device="cpu")
+        np.testing.assert_array_equal(loaded.score_samples(X), tiny_scores)
+    on_cpu = persistence.load(path, device="cpu")
+    np.testing.assert_array_equal(on_cpu.score_samples(X), tiny_scores)
+
+
+def test_non_default_memory_layout_round_trips(tiny_detector, tmp_path, X, tiny_scores):
+    model = copy.deepcopy(tiny_detector)
+    model.network_.to(memory_format=torch.channels_last)
+    assert not model.network_.embedding.backbone.model.conv1.weight.is_contiguous()
+    path = persistence.save(model, tmp_path / "m.safetensors")
+    joblib.dump(model, tmp_path / "m.joblib")
+    for loaded in (persistence.load(path), joblib.load(tmp_path / "m.joblib")):
+        np.testing.assert_allclose(loaded.score_samples(X), tiny_scores, atol=1e-6)
+
+
+# ------------------------------------------------------------------ versions
+
+
+def test_joblib_file_of_another_format_version_is_refused(tiny_detector, tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(detector, "_FORMAT_VERSION", 999)
+        joblib.dump(tiny_detector, tmp_path / "m.joblib")
+    with pytest.raises(ValueError, match="format 999.*Install that version"):
+        joblib.load(tmp_path / "m.joblib")
+
+
+@pytest.mark.parametrize("key", ["format_version", "network_format_version"])
+def test_safe_file_of_another_format_version_is_refused(saved, tmp_path, key):
+    path = _rewrite(saved, tmp_path / "m.safetensors", config=lambda c: c.update({key: 999}))
+    with pytest.raises(ValueError, match=f"{key} 999.*Install that version"):
+        persistence.load(path)
+
+
+# ---------------------------------------------------------------- overwriting
+
+
+def test_save_never_overwrites_unless_asked(tiny_detector, tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        persistence.save(tiny_detector, path)
+    assert path.read_bytes() == b"precious"
+    persistence.save(tiny_detector, path, overwrite=True)
+    assert persistence.load(path).offset_ == tiny_detector.offset_
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temp files
+
+
+def test_saved_file_has_normal_permissions(saved):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert saved.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ------------------------------------------------------------------ tampering
+
+
+def _rewrite(src, dst, config=None, tensors=None, fix_checksum=True):
+    """Copy a saved model, editing its JSON config and/or tensors in place."""
+    with safe_open(str(src), framework="pt") as f:
+        header = json.loads(f.metadata()["skprotoad"])
+        data = {k: f.get_tensor(k) for k in f.keys()}
+    if config:
+        config(header)
+    if tensors:
+        tensors(data)
+    if fix_checksum:
+        header["tensors_sha256"] = persistence._digest(data)
+    save_file(data, str(dst), metadata={"skprotoad": json.dumps(header)})
+    return dst
+
+
+def _flip_byte(src, dst, offset_from_end):
+    data = bytearray(src.read_bytes())
+    data[-offset_from_end] ^= 0xFF
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def _setter(dotted, value):
+    keys = dotted.split(".")
+
+    def edit(config):
+        target = config
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+
+    return edit
+
+
+_TAMPERED_JSON = {
+    "more prototypes than tensors": (
+        _setter("network.n_prototypes", 17), "prototype_conv.weight.*shape"),
+    "fewer layers": (_setter("network.layers", [1]), "missing|unexpected|shape"),
+    "unknown backbone": (_setter("network.backbone", "no_such_net"), "Unknown backbone"),
+    "offset as a string": (_setter("fitted.offset_", "0.5"), "offset_.*must be float"),
+    "feature shape of 2": (_setter("fitted.feature_shape_", [8, 8]), "must hold 3"),
+    "bool as int": (_setter("fitted.n_train_images_", True), "must be int"),
+    "negative sigma": (_setter("network.sigma", -1.0), "sigma"),
+    "unknown parameter": (_setter("params.colour", "red"), "unknown \\['colour'\\]"),
+    "bad parameter": (_setter("params.clustering", "dbscan"), "clustering must be"),
+    "object parameter": (_setter("params.weights", {"a": 1}), "weights"),
+    "crop differs from network": (_setter("params.crop_size", 32), "input size"),
+    "feature channels": (_setter("fitted.feature_shape_", [16, 16, 5]), "channels"),
+    "foreign format": (_setter("format", "something-else"), "format is"),
+    "extra key": (_setter("code", "import os"), "unexpected metadata keys"),
+    "missing key": (lambda c: c.pop("fitted"), "missing 'fitted'"),
+}
+
+
+@pytest.mark.parametrize("case", list(_TAMPERED_JSON))
+def test_edited_json_is_refused(case, saved, tmp_path, tiny_detector, X, tiny_scores):
+    edit, match = _TAMPERED_JSON[case]
+    path = _rewrite(saved, tmp_path / "m.safetensors", config=edit)
+    with pytest.raises(ValueError, match=match):
+        persistence.load(path)
+    np.testing.assert_array_equal(tiny_detector.score_samples(X[:2]), tiny_scores[:2])
+
+
+def test_non_finite_json_is_refused(saved, tmp_path):
+    path = _rewrite(saved, tmp_path / "m.safetensors", config=_setter("fitted.offset_", 1.0))
+    # json.dumps writes NaN for float("nan"): put one where a number was.
+    with safe_open(str(path), framework="pt") as f:
+        data = {k: f.get_tensor(k) for k in f.keys()}
+        header = f.metadata()["skprotoad"].replace('"offset_": 1.0', '"offset_": NaN')
+    save_file(data, str(path), metadata={"skprotoad": header})
+    with pytest.raises(ValueError, match="non-finite number NaN"):
+        persistence.load(path)
+
+
+def test_edited_tensor_shapes_and_values_are_refused(saved, tmp_path):
+    name = "network.prototype_conv.weight"
+
+    def reshape(data):
+        data[name] = data[name][:-1].contiguous()
+
+    path = _rewrite(saved, tmp_path / "a.safetensors", tensors=reshape)
+    with pytest.raises(ValueError, match="prototype_conv.weight.*shape"):
+        persistence.load(path)
+
+    def to_double(data):
+        data[name] = data[name].double()
+
+    path = _rewrite(saved, tmp_path / "b.safetensors", tensors=to_double)
+    with pytest.raises(ValueError, match="is F64.*needs F32"):
+        persistence.load(path)
+
+    def poison(data):
+        data[name][0, 0] = float("nan")
+
+    path = _rewrite(saved, tmp_path / "c.safetensors", tensors=poison)
+    with pytest.raises(ValueError, match="non-finite values"):
+        persistence.load(path)
+
+    path = _rewrite(saved, tmp_path / "d.safetensors", tensors=lambda d: d.pop(name))
+    with pytest.raises(ValueError, match="missing"):
+        persistence.load(path)
+
+
+@pytest.mark.parametrize("offset_from_end", [1, 1000, 100_000])
+def test_flipped_bytes_in_the_tensors_are_caught(saved, tmp_path, offset_from_end):
+    path = _flip_byte(saved, tmp_path / "m.safetensors", offset_from_end)
+    with pytest.raises(ValueError, match="checksum"):
+        persistence.load(path)
+
+
+def test_flipped_byte_in_the_header_is_caught(saved, tmp_path):
+    data = bytearray(saved.read_bytes())
+    data[data.index(b"offset_")] ^= 0x01  # a key name in the JSON
+    (tmp_path / "m.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="not a valid skprotoad model"):
+        persistence.load(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("keep", [0, 4, 100, 0.5, -1])
+def test_truncated_files_are_refused(saved, tmp_path, keep):
+    data = saved.read_bytes()
+    n = int(len(data) * keep) if isinstance(keep, float) else keep % len(data)
+    (tmp_path / "m.safetensors").write_bytes(data[:n])
+    with pytest.raises(ValueError, match="not a valid skprotoad model"):
+        persistence.load(tmp_path / "m.safetensors")
+
+
+def test_other_files_are_refused_with_a_hint(tiny_detector, tmp_path):
+    joblib.dump(tiny_detector, tmp_path / "m.joblib")
+    with pytest.raises(ValueError, match="joblib.load"):
+        persistence.load(tmp_path / "m.joblib")
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not one written by skprotoad"):
+        persistence.load(tmp_path / "plain.safetensors")
+    with pytest.raises(FileNotFoundError):
+        persistence.load(tmp_path / "absent.safetensors")
+
+
+def test_loading_runs_no_code(tiny_detector, tmp_path):
+    # A pickle payload placed where a string belongs stays a string.
+    payload = pickle.dumps(os.system).decode("latin-1")
+    path = _rewrite(
+        persistence.save(tiny_detector, tmp_path / "m.safetensors"),
+        tmp_path / "evil.safetensors",
+        config=_setter("params.weights", payload),
+    )
+    assert persistence.load(path).weights == payload
