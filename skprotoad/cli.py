@@ -200,6 +200,16 @@ def _add_detector_options(parser):
         help="Gaussian smoothing of the anomaly maps, in pixels (default: 4)",
     )
     group.add_argument(
+        "--alignment", choices=("center", "paper"), default="center",
+        help="features at receptive-field centres (default) or the reference "
+        "code's join",
+    )
+    group.add_argument(
+        "--neighborhood-size", type=_positive_int, default=3, metavar="K",
+        help="average each stage's features over K x K patches (odd; 1 = off, "
+        "as in the paper; default: 3)",
+    )
+    group.add_argument(
         "--contamination", type=_contamination_arg, default="auto",
         help="'auto' (threshold from held-out normal images; default) or the "
         "share of training images taken as anomalous",
@@ -830,6 +840,8 @@ _DETECTOR_OPTIONS = {
     "clustering": "clustering",
     "n_clusters": "n_clusters",
     "sigma": "sigma",
+    "alignment": "alignment",
+    "neighborhood_size": "neighborhood_size",
     "image_size": "image_size",
     "crop_size": "crop_size",
     "contamination": "contamination",

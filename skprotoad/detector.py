@@ -20,6 +20,7 @@ from .network import (
     PatchEmbedding,
     ProtoADNetwork,
     _check_alignment,
+    _check_neighborhood_size,
 )
 
 __all__ = ["ProtoADDetector"]
@@ -75,6 +76,11 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         upsampling the map. ``"paper"``: the reference implementation's
         nearest-neighbour join and corner-aligned resize, which shift maps by
         up to half the coarsest stride (about 8 pixels with stride 16).
+    neighborhood_size : int, default=3
+        Each stage's patch features are averaged over this odd-sized square
+        neighbourhood before the stages are joined (PatchCore's local
+        aggregation), so that a prototype describes a patch in its context;
+        1 turns it off, as in the paper. See ``benchmarks/results``.
     image_size : int or (height, width), default=256
         Every image is resized to this size (bilinear, antialiased) ...
     crop_size : int, (height, width) or None, default=224
@@ -142,6 +148,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         n_clusters=None,
         sigma=4.0,
         alignment="center",
+        neighborhood_size=3,
         image_size=256,
         crop_size=224,
         mean=IMAGENET_MEAN,
@@ -159,6 +166,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         self.n_clusters = n_clusters
         self.sigma = sigma
         self.alignment = alignment
+        self.neighborhood_size = neighborhood_size
         self.image_size = image_size
         self.crop_size = crop_size
         self.mean = mean
@@ -201,6 +209,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             mean=self.mean,
             std=self.std,
             alignment=self.alignment,
+            neighborhood_size=self.neighborhood_size,
         ).to(device)
 
         order = rng.permutation(normal)
@@ -388,6 +397,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         if not np.isfinite(self.sigma) or self.sigma < 0:
             raise ValueError(f"sigma must be finite and >= 0, got {self.sigma}.")
         _check_alignment(self.alignment)
+        _check_neighborhood_size(self.neighborhood_size)
         _images.center_crop_box(self.image_size, self.crop_size)
         for name in ("mean", "std"):
             value = getattr(self, name)
@@ -559,6 +569,7 @@ def _describe_network(network):
         "mean": network.embedding.mean.flatten().tolist(),
         "std": network.embedding.std.flatten().tolist(),
         "alignment": network.embedding.alignment,
+        "neighborhood_size": network.embedding.neighborhood_size,
         "input_size": network.input_size,
         "sigma": network.smoothing.sigma,
         "n_prototypes": int(network.prototype_conv.out_channels),
@@ -580,6 +591,7 @@ def _build_network(description):
         mean=description["mean"],
         std=description["std"],
         alignment=description["alignment"],
+        neighborhood_size=description["neighborhood_size"],
     )
     network = ProtoADNetwork(
         embedding,

@@ -93,6 +93,11 @@ def _check_alignment(alignment):
         raise ValueError(f"alignment must be 'center' or 'paper', got {alignment!r}.")
 
 
+def _check_neighborhood_size(size):
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
+        raise ValueError(f"neighborhood_size must be an odd int >= 1, got {size!r}.")
+
+
 class PatchEmbedding(nn.Module):
     """Normalised images in, unit-norm patch features out.
 
@@ -107,6 +112,10 @@ class PatchEmbedding(nn.Module):
         their receptive-field centres (see :func:`upsample`), or by repeating
         each coarse feature over the finer patches it covers, as the reference
         implementation's unfold/fold join does.
+    neighborhood_size : int, default=1
+        Each stage's features are averaged over this square neighbourhood of
+        patches (odd; stride 1, zero padding not counted) before the join,
+        PatchCore's local aggregation; 1 leaves them as they are, as the paper.
     """
 
     def __init__(
@@ -115,11 +124,14 @@ class PatchEmbedding(nn.Module):
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         alignment="center",
+        neighborhood_size=1,
     ):
         super().__init__()
         _check_alignment(alignment)
+        _check_neighborhood_size(neighborhood_size)
         self.backbone = backbone
         self.alignment = alignment
+        self.neighborhood_size = neighborhood_size
         self.n_channels = sum(backbone.channels)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
@@ -127,6 +139,12 @@ class PatchEmbedding(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Features (N, C, h, w) at the finest chosen stride, unit norm over C."""
         maps = self.backbone((images - self.mean) / self.std)
+        if self.neighborhood_size > 1:
+            k = self.neighborhood_size
+            maps = [
+                F.avg_pool2d(m, k, stride=1, padding=k // 2, count_include_pad=False)
+                for m in maps
+            ]
         size = tuple(maps[0].shape[-2:])
         finest = self.backbone.strides[0]
         joined = [maps[0]]

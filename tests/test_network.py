@@ -121,3 +121,21 @@ def test_network_has_no_trainable_parameters(embedding):
     assert not any(p.requires_grad for p in net.parameters())
     net.train()
     assert not net.embedding.backbone.training  # batch-norm statistics stay frozen
+
+
+def test_neighborhood_averages_each_stage_before_the_join(embedding):
+    x = torch.rand(1, 3, 64, 64)
+    local = PatchEmbedding(embedding.backbone, neighborhood_size=3)
+    layer1, layer2 = embedding.backbone(embedding_input(embedding, x))
+    pooled = [F.avg_pool2d(m, 3, 1, 1, count_include_pad=False) for m in (layer1, layer2)]
+    raw = torch.cat([pooled[0], upsample(pooled[1], 2, (16, 16), "center")], dim=1)
+    torch.testing.assert_close(local(x), F.normalize(raw, dim=1))
+    # an inner patch is the plain mean of its 3 x 3 neighbours
+    torch.testing.assert_close(pooled[0][..., 5, 7], layer1[..., 4:7, 6:9].mean((-2, -1)))
+    assert not torch.allclose(local(x), embedding(x))
+
+
+@pytest.mark.parametrize("size", [0, 2, 1.0, True])
+def test_bad_neighborhood_size_is_named(embedding, size):
+    with pytest.raises(ValueError, match="neighborhood_size"):
+        PatchEmbedding(embedding.backbone, neighborhood_size=size)
