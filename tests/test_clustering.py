@@ -254,6 +254,15 @@ def test_finch_n_clusters_matches_dense_merging(n_clusters):
     np.testing.assert_array_equal(_canonical(got), _canonical(expected))
 
 
+@pytest.mark.parametrize("n_clusters", [3, 25])
+def test_finch_n_clusters_without_similarity_matrix(monkeypatch, n_clusters):
+    # the low-memory path recomputes similarities row by row
+    X = DATASETS["noise"]()
+    expected = finch_n_clusters(X, n_clusters)
+    monkeypatch.setattr(clustering, "_MERGE_MATRIX_ENTRIES", 0)
+    np.testing.assert_array_equal(finch_n_clusters(X, n_clusters), expected)
+
+
 def test_finch_n_clusters_uses_partition_when_count_matches():
     X = DATASETS["blobs"]()
     partitions = finch(X)
