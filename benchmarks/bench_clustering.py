@@ -116,7 +116,7 @@ def load(dataset, n):
         if n and n < X.shape[0]:
             idx = np.sort(np.random.default_rng(0).choice(X.shape[0], n, replace=False))
             X = X[idx]
-        X = np.ascontiguousarray(X, dtype=np.float32)
+        X = np.array(X, dtype=np.float32)  # a writable copy, not the memmap
         X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
         return X
     return synthetic(n)
@@ -304,7 +304,17 @@ def run_case(case, dataset, n, timeout, **extra):
     return res
 
 
-def plan(quick):
+def plan(quick, real_only=False):
+    if real_only:
+        return [
+            ("agreement", "real", 0, {"sub": 20_000}),
+            ("nn_recall", "real", 0, {}),
+            ("finch", "real", 0, {}),
+            ("prototypes", "real", 0, {}),
+            ("nn_recall", "real", 0, {"n_probe": 4}),
+            ("nn_recall", "real", 0, {"n_probe": 10}),
+            ("kmeans", "real", 0, {"k": 1000, "max_iter": 10}),
+        ]
     if quick:
         return [
             ("finch", "synthetic", 20_000, {}),
@@ -376,6 +386,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="*", help="case names to run")
+    parser.add_argument("--real-only", action="store_true", help="only the real-feature cases")
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--output", default="clustering")
     parser.add_argument("--child", choices=sorted(CASES))
@@ -399,7 +410,7 @@ def main():
 
     command = "PYTHONPATH=. python benchmarks/bench_clustering.py " + " ".join(sys.argv[1:])
     results = []
-    for case, dataset, n, extra in plan(args.quick):
+    for case, dataset, n, extra in plan(args.quick, args.real_only):
         if args.only and case not in args.only:
             continue
         results.append(run_case(case, dataset, n, args.timeout, **extra))
