@@ -385,3 +385,11 @@ def test_bad_parameters():
         learn_prototypes(X, method="kmeans")
     with pytest.raises(ValueError, match="neighbors"):
         finch(X, neighbors="fast")
+
+
+def test_verbose_reports_progress(capsys):
+    X = DATASETS["blobs"]()
+    finch(X, neighbors="approx", random_state=0, verbose=True)
+    learn_prototypes(X, method="kmeans", n_clusters=5, random_state=0, verbose=True)
+    out = capsys.readouterr()
+    assert "FINCH partition 0" in out.out
