@@ -19,6 +19,7 @@ inverted-file (IVF) search for large ones, see :func:`finch`.
 """
 
 import math
+import sys
 import numbers
 
 import numpy as np
@@ -519,7 +520,8 @@ def finch(
             break
         partitions.append(labels)
         if verbose:
-            print(f"FINCH partition {level}: {n_clusters} clusters")
+            # through tqdm, so the message neither breaks a bar nor mixes with stdout
+            tqdm.write(f"FINCH partition {level}: {n_clusters} clusters", file=sys.stderr)
         if n_clusters == 1:
             break
         # cosine ignores scale, so unit means give the reference's neighbours
