@@ -301,8 +301,11 @@ def wide_images():
 
 @pytest.fixture(scope="module")
 def cropping_detector(wide_images):
+    # geometry under test, not aggregation: a 3 x 3 neighbourhood on this
+    # 16 x 16 patch grid would spread the blob over a fifth of the image
     return ProtoADDetector(
-        image_size=80, crop_size=64, clustering="kmeans", n_clusters=32, random_state=0
+        image_size=80, crop_size=64, clustering="kmeans", n_clusters=32,
+        neighborhood_size=1, random_state=0,
     ).fit(wide_images[:8])
 
 
