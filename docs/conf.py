@@ -71,6 +71,26 @@ BENCHMARKS = {
         "python benchmarks/bench_magnetic_tile.py --variants default paper_alignment "
         "kmeans_1000 finch_1000",
     ),
+    "feature_variants": (
+        "Patch-feature variants on Magnetic Tile, one factor at a time.",
+        "python benchmarks/bench_feature_variants.py",
+    ),
+    "synthetic_variants": (
+        "Alignment and neighbourhood averaging on generated data.",
+        "python benchmarks/bench_synthetic_variants.py",
+    ),
+    "clustering_real": (
+        "FINCH and k-means on real efficientnet_lite0 features of Magnetic Tile.",
+        "PYTHONPATH=. python benchmarks/bench_clustering.py --real-only --output clustering_real",
+    ),
+    "persistence": (
+        "File sizes and load times of every saved and exported format.",
+        "python benchmarks/bench_persistence.py",
+    ),
+    "anchors": (
+        "ProtoAD side by side with PatchCore and PaDiM on the same backbone.",
+        "python benchmarks/bench_anchors.py",
+    ),
     "clustering": (
         "FINCH and k-means: speed, peak memory and agreement with exact "
         "references.",
