@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+# this checkout's skprotoad, not whichever one is installed
+sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from anchors import PaDiM, PatchCore, join_stages  # noqa: E402
+from anchors import PaDiM, PatchCore, join_stages, local_average  # noqa: E402
 
 from skprotoad import ProtoADDetector  # noqa: E402
 from skprotoad._images import ImageSequence, resize_and_crop  # noqa: E402
@@ -52,11 +53,16 @@ SEED = 0
 METHODS = {
     "protoad_finch": dict(kind="protoad", clustering="finch", n_clusters=None),
     "protoad_kmeans1000": dict(kind="protoad", clustering="kmeans", n_clusters=1000),
+    # PatchCore's 3x3 local aggregation before the join, as main's
+    # ProtoADDetector(neighborhood_size=3) does (not in this branch's package)
+    "protoad_finch_nbhd3": dict(kind="protoad", clustering="finch", n_clusters=None,
+                                neighbourhood=3),
     "patchcore_1pct": dict(kind="patchcore", coreset_ratio=0.01),
     "padim_d100": dict(kind="padim", n_features=100),
 }
 # cheap first, so that a run cut short still reports the quick methods
-ORDER = ["padim_d100", "protoad_finch", "protoad_kmeans1000", "patchcore_1pct"]
+ORDER = ["padim_d100", "protoad_finch", "protoad_kmeans1000", "patchcore_1pct",
+         "protoad_finch_nbhd3"]
 SPEED_IMAGES = 32
 
 
@@ -134,13 +140,20 @@ def batched(maps, size=16):
 
 
 # ------------------------------------------------------------------ methods
+def protoad_features(maps, strides, cfg):
+    """Unit patch features (N, C, h, w), optionally after local aggregation."""
+    if cfg.get("neighbourhood", 1) > 1:
+        maps = local_average(maps, cfg["neighbourhood"])
+    return F.normalize(join_stages(maps, strides), dim=1)
+
+
 def fit_protoad(cfg, train, strides):
     from skprotoad.clustering import learn_prototypes
     from sklearn.utils import check_random_state
 
     # same seed derivation as ProtoADDetector.fit(random_state=0)
     seed = int(check_random_state(SEED).randint(np.iinfo(np.int32).max))
-    feats = F.normalize(join_stages(train, strides), dim=1).permute(0, 2, 3, 1)
+    feats = protoad_features(train, strides, cfg).permute(0, 2, 3, 1)
     feats = feats.reshape(-1, feats.shape[-1]).numpy()
     protos = learn_prototypes(
         feats, method=cfg["clustering"], n_clusters=cfg["n_clusters"], random_state=seed
@@ -150,10 +163,9 @@ def fit_protoad(cfg, train, strides):
     return ProtoADNetwork(embedding, torch.from_numpy(protos), (CROP, CROP), 4.0).eval()
 
 
-def protoad_scorer(network, strides):
+def protoad_scorer(network, strides, cfg):
     def score(maps):
-        feats = F.normalize(join_stages(maps, strides), dim=1)
-        return network.head(feats)
+        return network.head(protoad_features(maps, strides, cfg))
 
     return score
 
@@ -164,7 +176,7 @@ def save_protoad(network, cfg, train_maps, strides, path):
         backbone=BACKBONE, layers=LAYERS, clustering=cfg["clustering"],
         n_clusters=cfg["n_clusters"], contamination=0.01, random_state=SEED,
     )
-    score = protoad_scorer(network, strides)
+    score = protoad_scorer(network, strides, cfg)
     with torch.inference_mode():
         train_scores = torch.cat([score(b)[1] for b in batched(train_maps)]).numpy()
     det.network_ = network
@@ -183,7 +195,7 @@ def check_protoad_matches_estimator(network, test_paths, test_maps, strides):
     det.network_ = network
     direct = det.anomaly_maps(test_paths[:2])
     with torch.inference_mode():
-        cached = protoad_scorer(network, strides)([m[:2] for m in test_maps])[0].numpy()
+        cached = protoad_scorer(network, strides, {})([m[:2] for m in test_maps])[0].numpy()
     err = float(np.abs(direct - cached).max())
     if err > 1e-4:
         raise AssertionError(f"cached ProtoAD maps differ from the estimator's by {err}")
@@ -203,7 +215,7 @@ def stage_method(args):
         if cfg["kind"] == "protoad":
             network = fit_protoad(cfg, train, strides)
             row["n_prototypes"] = int(network.prototypes.shape[0])
-            score = protoad_scorer(network, strides)
+            score = protoad_scorer(network, strides, cfg)
         elif cfg["kind"] == "patchcore":
             model = PatchCore(strides, (CROP, CROP), cfg["coreset_ratio"], seed=SEED)
             feats = torch.cat([model.patch_features(b) for b in batched(train)])
@@ -230,7 +242,7 @@ def stage_method(args):
 
     data, _ = splits(args)
     test = load_maps(args.work, "test")
-    if cfg["kind"] == "protoad":
+    if cfg["kind"] == "protoad" and cfg.get("neighbourhood", 1) == 1:
         row["max_abs_diff_vs_estimator"] = check_protoad_matches_estimator(
             network, data.test_paths, test, strides
         )
@@ -260,7 +272,13 @@ def load_predictors(work, names):
         path = work / f"model_{name}"
         cfg = METHODS[name]
         if cfg["kind"] == "protoad":
-            predictors[name] = joblib.load(path).network_.eval()
+            network = joblib.load(path).network_.eval()
+            if cfg.get("neighbourhood", 1) > 1:
+                backbone = network.embedding.backbone
+                predictors[name] = _with_backbone(
+                    backbone, protoad_scorer(network, backbone.strides, cfg))
+            else:
+                predictors[name] = network
             continue
         saved = torch.load(path, weights_only=True)
         backbone = create_feature_extractor(BACKBONE, LAYERS, weights=None)
