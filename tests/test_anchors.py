@@ -27,10 +27,10 @@ CROP = (32, 32)
 
 def stage_maps(rng, n, channels=(3, 5), size=8):
     """Random stage maps (finest first) as the backbone would return them."""
+    sides = [size * STRIDES[0] // s for s in STRIDES]
     return [
-        torch.from_numpy(rng.normal(size=(n, c, size // (s // STRIDES[0]), size // (s // STRIDES[0])))
-                         .astype(np.float32))
-        for c, s in zip(channels, STRIDES)
+        torch.from_numpy(rng.normal(size=(n, c, h, h)).astype(np.float32))
+        for c, h in zip(channels, sides)
     ]
 
 
@@ -125,7 +125,8 @@ def test_methods_find_a_synthetic_defect(kind):
         model = PatchCore(STRIDES, CROP, coreset_ratio=0.25, projection_dim=4, sigma=1.0)
         feats = model.patch_features(train)
         model.fit(feats.reshape(-1, feats.shape[-1]))
-        assert model.memory_bank.shape[0] == round(0.25 * feats.shape[0] * feats.shape[1] * feats.shape[2])
+        n_patches = feats.shape[0] * feats.shape[1] * feats.shape[2]
+        assert model.memory_bank.shape[0] == round(0.25 * n_patches)
     else:
         model = PaDiM(STRIDES, 8, CROP, n_features=6, sigma=1.0).fit([train])
         assert model.inv_cov.shape == (8, 8, 6, 6)
