@@ -404,7 +404,7 @@ def bar_chart(rows, panels, path, panel_size=(300, 260)):
     """
     from PIL import Image, ImageDraw
 
-    colours = [(31, 119, 180), (174, 199, 232), (255, 127, 14), (44, 160, 44)]
+    colours = [(31, 119, 180), (174, 199, 232), (255, 127, 14), (44, 160, 44), (148, 103, 189)]
     pw, ph = panel_size
     legend_h = 18 * len(rows) + 10
     img = Image.new("RGB", (pw * len(panels), ph + legend_h), "white")
@@ -419,6 +419,9 @@ def bar_chart(rows, panels, path, panel_size=(300, 260)):
         scale = 1.0 if key != "img_per_s_batch1" and vmax <= 1 else vmax * 1.1
         bar_w = (pw - 2 * left) // max(1, len(rows))
         draw.line((x0 + left, bottom, x0 + pw - left, bottom), fill="black")
+        if scale == 1.0:  # chance level of the AUROC-type metrics
+            y_half = bottom - (bottom - top) * 0.5
+            draw.line((x0 + left, y_half, x0 + pw - left, y_half), fill=(160, 160, 160))
         for i, v in enumerate(values):
             bx = x0 + left + i * bar_w + 4
             by = bottom - (bottom - top) * v / scale
