@@ -43,7 +43,12 @@ from skprotoad._images import ImageSequence, resize_and_crop  # noqa: E402
 from skprotoad.backbones import create_feature_extractor  # noqa: E402
 from skprotoad.datasets import load_masks, load_mvtec  # noqa: E402
 from skprotoad.metrics import evaluate_maps  # noqa: E402
-from skprotoad.network import IMAGENET_MEAN, IMAGENET_STD, PatchEmbedding, ProtoADNetwork  # noqa: E402
+from skprotoad.network import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PatchEmbedding,
+    ProtoADNetwork,
+)
 
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile"
 DEFAULT_WORK = Path("/tmp/skprotoad_anchors")
@@ -182,7 +187,8 @@ def save_protoad(network, cfg, train_maps, strides, path):
     det.network_ = network
     det.offset_ = float(np.percentile(-train_scores, 1.0))
     det.calibration_scores_ = np.empty(0)
-    det.feature_shape_ = (train_maps[0].shape[2], train_maps[0].shape[3], network.embedding.n_channels)
+    h, w = train_maps[0].shape[2:]
+    det.feature_shape_ = (h, w, network.embedding.n_channels)
     det.n_train_images_ = len(train_maps[0])
     import joblib
 
@@ -224,7 +230,8 @@ def stage_method(args):
             row["memory_bank"] = int(model.memory_bank.shape[0])
             score = model
         else:
-            model = PaDiM(strides, sum(info["channels"]), (CROP, CROP), cfg["n_features"], seed=SEED)
+            n_channels = sum(info["channels"])
+            model = PaDiM(strides, n_channels, (CROP, CROP), cfg["n_features"], seed=SEED)
             model.fit(batched(train))
             score = model
     row["own_fit_seconds"] = time.perf_counter() - start
@@ -326,7 +333,8 @@ def stage_speed(args):
     rows = {}
     for name in names:
         rows[name] = {
-            f"img_per_s_batch{bs}": len(images) / float(np.median(t)) for bs, t in times[name].items()
+            f"img_per_s_batch{bs}": len(images) / float(np.median(t))
+            for bs, t in times[name].items()
         }
         rows[name]["raw_seconds"] = {str(bs): t for bs, t in times[name].items()}
     (args.work / "speed.json").write_text(json.dumps(
@@ -352,7 +360,8 @@ def command_line(args):
 
 def stage_report(args):
     extract_info = json.loads((args.work / "extract.json").read_text())
-    speed = json.loads((args.work / "speed.json").read_text()) if (args.work / "speed.json").exists() else {"rows": {}}
+    speed_path = args.work / "speed.json"
+    speed = json.loads(speed_path.read_text()) if speed_path.exists() else {"rows": {}}
     rows = []
     for name in ORDER:
         path = args.work / f"{name}.json"
