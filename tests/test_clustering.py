@@ -392,4 +392,5 @@ def test_verbose_reports_progress(capsys):
     finch(X, neighbors="approx", random_state=0, verbose=True)
     learn_prototypes(X, method="kmeans", n_clusters=5, random_state=0, verbose=True)
     out = capsys.readouterr()
-    assert "FINCH partition 0" in out.out
+    assert "FINCH partition 0" in out.err  # stderr: stdout is for results
+    assert "FINCH partition" not in out.out
