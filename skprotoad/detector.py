@@ -64,9 +64,9 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
     clustering : {"finch", "kmeans"}, default="finch"
         How prototypes are learned from the normal patch features.
     n_clusters : int or None, default=None
-        Number of prototypes. ``None`` lets FINCH choose a partition of its
-        hierarchy (see :func:`skprotoad.clustering.learn_prototypes`); k-means
-        needs an int.
+        Number of prototypes. With FINCH, ``None`` means 1,000 (fewer when
+        FINCH's first partition has fewer clusters, see
+        :func:`skprotoad.clustering.learn_prototypes`); k-means needs an int.
     sigma : float, default=4.0
         Standard deviation, in pixels of the crop, of the Gaussian smoothing of
         the anomaly map; 0 disables it.

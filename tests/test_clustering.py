@@ -309,18 +309,20 @@ def test_kmeans_duplicate_points():
 def test_learn_prototypes_finch_default_rule(monkeypatch):
     X = DATASETS["blobs_wide"]()
     partitions = finch(X)
-    counts = [p.max() + 1 for p in partitions]
+    counts = [int(p.max()) + 1 for p in partitions]
+    assert len(counts) >= 2
+    # the first partition when it is small enough ...
+    monkeypatch.setattr(clustering, "MAX_DEFAULT_PROTOTYPES", counts[0])
     P = learn_prototypes(X)
-    expected = next((k for k in counts if k <= MAX_DEFAULT_PROTOTYPES), counts[-1])
-    assert P.shape == (expected, X.shape[1])
-    # a smaller cap picks a coarser partition, and the coarsest if none fits
-    monkeypatch.setattr(clustering, "MAX_DEFAULT_PROTOTYPES", counts[1])
-    assert learn_prototypes(X).shape[0] == counts[1]
-    assert len(counts) >= 3
-    monkeypatch.setattr(clustering, "MAX_DEFAULT_PROTOTYPES", counts[1] - 1)
-    assert learn_prototypes(X).shape[0] == counts[2]
-    monkeypatch.setattr(clustering, "MAX_DEFAULT_PROTOTYPES", 0)
-    assert learn_prototypes(X).shape[0] == counts[-1]
+    assert P.shape == (counts[0], X.shape[1])
+    expected = _unit([X[partitions[0] == k].mean(axis=0) for k in range(counts[0])])
+    np.testing.assert_allclose(np.sort(P, axis=0), np.sort(expected, axis=0), atol=1e-5)
+    # ... else exactly the cap, merged from the hierarchy like finch_n_clusters
+    cap = (counts[0] + counts[1]) // 2
+    monkeypatch.setattr(clustering, "MAX_DEFAULT_PROTOTYPES", cap)
+    P = learn_prototypes(X)
+    assert P.shape == (cap, X.shape[1])
+    np.testing.assert_allclose(P, learn_prototypes(X, n_clusters=cap), atol=1e-6)
 
 
 def test_learn_prototypes_are_normalised_means():
