@@ -17,7 +17,6 @@ import csv
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _images
+from ._files import write_new_file
 from ._version import __version__
 from .backbones import WeightsUnavailableError
 
@@ -576,34 +576,13 @@ def _prepare_out_dir(path, force):
     return path
 
 
-def _write_atomically(path, write):
-    """Call ``write(tmp_path)`` and move the result onto ``path``.
-
-    An interrupted run leaves the previous file intact rather than half written.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp creates the file private (0600); give it the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path, data):
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(data, f, indent=2, default=_json_default)
             f.write("\n")
 
-    _write_atomically(path, write)
+    write_new_file(path, write, overwrite=True)
 
 
 def _json_default(value):
@@ -617,7 +596,7 @@ def _json_default(value):
 def _save_model(detector, path):
     import joblib
 
-    _write_atomically(path, lambda tmp: joblib.dump(detector, tmp))
+    write_new_file(path, lambda tmp: joblib.dump(detector, tmp), overwrite=True)
 
 
 def _load_model(path):

@@ -331,7 +331,6 @@ def _ivf_search(Xt, db_order, db_bounds, q_points, q_bounds, *, batch_size, verb
     batched matrix product: thousands of small products would spend most of
     their time in per-call overhead, badly so when the cores are shared."""
     device = Xt.device
-    n_lists = len(db_bounds) - 1
     d_len = np.diff(db_bounds)
     q_len = np.diff(q_bounds)
     out_sim = torch.full(

@@ -36,7 +36,7 @@ from torch import nn
 from . import _images
 from ._version import __version__
 from .detector import ProtoADDetector
-from .persistence import _write_new_file
+from ._files import write_new_file
 
 __all__ = ["preprocess", "to_torchscript", "to_onnx"]
 
@@ -125,7 +125,7 @@ def to_torchscript(model, path, *, overwrite=False, check=True):
         with _quiet_tracing():
             torch.jit.save(module, tmp, _extra_files=extra)
 
-    return _write_new_file(path, write, overwrite)
+    return write_new_file(path, write, overwrite)
 
 
 def to_onnx(model, path, *, opset=18, dynamo=True, overwrite=False, check=True):
@@ -189,7 +189,7 @@ def to_onnx(model, path, *, opset=18, dynamo=True, overwrite=False, check=True):
                 lambda x: [torch.from_numpy(o) for o in session.run(None, {INPUT_NAME: x.numpy()})],
             )
 
-    return _write_new_file(path, write, overwrite)
+    return write_new_file(path, write, overwrite)
 
 
 def _export_onnx(network, example, path, opset, dynamo):

@@ -24,7 +24,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
 
+from ._files import refuse_existing, write_new_file
 from ._version import __version__
 from .detector import _FORMAT_VERSION, ProtoADDetector, _build_network, _describe_network
 
@@ -97,7 +97,7 @@ def save(model, path, *, overwrite=False):
         raise TypeError(f"model must be a ProtoADDetector, got {type(model).__name__}.")
     check_is_fitted(model, "network_")
     path = Path(path)
-    _refuse_existing(path, overwrite)
+    refuse_existing(path, overwrite)
     tensors = _collect_tensors(model)
     config = {
         "format": _FORMAT_NAME,
@@ -122,7 +122,7 @@ def save(model, path, *, overwrite=False):
 
     from safetensors.torch import save_file
 
-    return _write_new_file(
+    return write_new_file(
         path, lambda tmp: save_file(tensors, tmp, metadata={_METADATA_KEY: header}), overwrite
     )
 
@@ -488,46 +488,3 @@ def _assemble(config, network, calibration, device):
     return model
 
 
-# ------------------------------------------------------------------ files
-def _refuse_existing(path, overwrite):
-    if not overwrite and os.path.lexists(path):
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-
-
-def _write_new_file(path, write, overwrite=False):
-    """Call ``write(tmp_path)`` and move the result onto ``path``; return ``path``.
-
-    An interrupted write leaves no partial file, and without ``overwrite`` an
-    existing file is never replaced, even one that appears while writing.
-    """
-    path = Path(path)
-    _refuse_existing(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp creates the file private (0600); give it the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _publish_without_replacing(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
-def _publish_without_replacing(tmp, path):
-    try:
-        # A hard link fails if the target exists, atomically: no window in
-        # which another writer's file could be replaced.
-        os.link(tmp, path)
-    except FileExistsError:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.") from None
-    except OSError:
-        # File systems without hard links: check, then move.
-        _refuse_existing(path, False)
-        os.replace(tmp, path)

@@ -1,0 +1,49 @@
+"""Writing files so that nothing a user saved is lost or left half written."""
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def refuse_existing(path, overwrite):
+    if not overwrite and os.path.lexists(path):
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+
+
+def write_new_file(path, write, overwrite=False):
+    """Call ``write(tmp_path)`` and move the result onto ``path``; return ``path``.
+
+    An interrupted write leaves no partial file, and without ``overwrite`` an
+    existing file is never replaced, even one that appears while writing.
+    """
+    path = Path(path)
+    refuse_existing(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        # mkstemp creates the file private (0600); give it the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _publish_without_replacing(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def _publish_without_replacing(tmp, path):
+    try:
+        # A hard link fails if the target exists, atomically: no window in
+        # which another writer's file could be replaced.
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.") from None
+    except OSError:
+        # File systems without hard links: check, then move.
+        refuse_existing(path, False)
+        os.replace(tmp, path)
