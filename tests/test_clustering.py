@@ -7,7 +7,6 @@ from sklearn.metrics import adjusted_rand_score
 
 from skprotoad import clustering
 from skprotoad.clustering import (
-    MAX_DEFAULT_PROTOTYPES,
     finch,
     finch_n_clusters,
     kmeans,
