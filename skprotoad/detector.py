@@ -261,8 +261,9 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         scores : ndarray of shape (n_images,)
             ``-max(anomaly map)``.
         """
-        scores = np.empty(len(self._check_fitted_input(X)), dtype=np.float64)
-        for index, _, batch_scores in self._forward(X, keep_maps=False):
+        images = self._check_fitted_input(X)
+        scores = np.empty(len(images), dtype=np.float64)
+        for index, _, batch_scores in self._forward(images, keep_maps=False):
             scores[index] = -batch_scores
         return scores
 
@@ -292,8 +293,10 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         -------
         labels : ndarray of shape (n_images,)
         """
-        labels = np.ones(len(self._check_fitted_input(X)), dtype=int)
-        labels[self.decision_function(X) < 0] = -1
+        # validated once: the image checks are a full pass over an array input
+        images = self._check_fitted_input(X)
+        labels = np.ones(len(images), dtype=int)
+        labels[self.decision_function(images) < 0] = -1
         return labels
 
     def anomaly_maps(self, X, output="crop"):
