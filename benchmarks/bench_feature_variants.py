@@ -35,38 +35,72 @@ def stage_maps(paths):
     return [torch.cat(o) for o in out]
 t = time.time(); tr = stage_maps(train); te = stage_maps(data.test_paths); print('extract', time.time() - t, flush=True)
 masks = load_masks(data.test_mask_paths, 256, 224)
-smooth = GaussianSmoothing(4.0, (224, 224))
 
-def embed(maps, agg, per_stage, stages):
+def embed(maps, agg, per_stage, stages, weights=None, pos=0.0, whiten=None):
     parts = []
-    for k in stages:
+    for i, k in enumerate(stages):
         m = maps[k]
         if agg: m = F.avg_pool2d(m, agg, stride=1, padding=agg // 2, count_include_pad=False)
         if per_stage: m = F.normalize(m, dim=1)
+        if weights is not None: m = m * weights[i]
         s = fe.strides[k] // fe.strides[stages[0]]
         parts.append(m if s == 1 else upsample(m, s, tuple(maps[stages[0]].shape[-2:]), 'center'))
-    return F.normalize(torch.cat(parts, 1), dim=1)
+    f = torch.cat(parts, 1)
+    if whiten is not None:
+        # a 1x1 conv before the normalisation: x -> W (x - mu), W = (Cov + eps I)^-1/2
+        # of the normal features, so that cosine similarity weighs directions like
+        # a Mahalanobis distance (PaDiM's, but one for all positions)
+        mu, W = whiten
+        f = torch.einsum('dc,nchw->ndhw', W, f - mu.view(1, -1, 1, 1))
+    f = F.normalize(f, dim=1)
+    if pos:
+        # patch position as two extra channels in [-pos, pos]: lets a prototype
+        # stand for "this texture at this place" (PaDiM models every position)
+        n, _, h, w = f.shape
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing='ij')
+        grid = pos * torch.stack([yy, xx]).expand(n, 2, h, w)
+        f = F.normalize(torch.cat([f, grid], 1), dim=1)
+    return f
 
-def run(name, agg=0, per_stage=False, stages=(0, 1, 2), K=500, score='max', method='kmeans'):
+
+def run(name, agg=0, per_stage=False, stages=(0, 1, 2), K=500, score='max', method='kmeans',
+        sigma=4.0, weights=None, pos=0.0, train_step=1, neighbors='auto', whiten=0.0):
     t = time.time()
-    ftr = embed(tr, agg, per_stage, stages)
+    smooth = GaussianSmoothing(sigma, (224, 224))
+    stats = None
+    if whiten:
+        raw = embed([m[::train_step] for m in tr], agg, per_stage, stages, weights, 0.0)
+        raw = raw.permute(0, 2, 3, 1).reshape(-1, raw.shape[1]).double()
+        mu = raw.mean(0)
+        cov = torch.cov((raw - mu).T)
+        eigval, eigvec = torch.linalg.eigh(cov)
+        eps = whiten * eigval.mean()
+        W = (eigvec @ torch.diag((eigval + eps) ** -0.5) @ eigvec.T).float()
+        stats = (mu.float(), W)
+        del raw
+    ftr = embed([m[::train_step] for m in tr], agg, per_stage, stages, weights, pos, stats)
     X = ftr.permute(0, 2, 3, 1).reshape(-1, ftr.shape[1]).numpy()
-    P = torch.from_numpy(learn_prototypes(X, method=method, n_clusters=K, random_state=0))
+    P = torch.from_numpy(learn_prototypes(X, method=method, n_clusters=K, random_state=0,
+                                          neighbors=neighbors))
+    t_cluster = time.time() - t
     maps = []
     with torch.inference_mode():
         for i in range(0, len(te[0]), 32):
-            f = embed([m[i:i+32] for m in te], agg, per_stage, stages)
+            f = embed([m[i:i+32] for m in te], agg, per_stage, stages, weights, pos, stats)
             ps = 1 - torch.einsum('nchw,kc->nkhw', f, P).amax(1, keepdim=True)
-            mp = smooth(upsample(ps, fe.strides[stages[0]], (224, 224), 'center')[:, 0])
-            maps.append(mp)
+            mp = upsample(ps, fe.strides[stages[0]], (224, 224), 'center')[:, 0]
+            maps.append(smooth(mp) if sigma else mp)
     maps = torch.cat(maps).numpy()
     flat = maps.reshape(len(maps), -1)
     scores = flat.max(1) if score == 'max' else np.sort(flat, 1)[:, -int(score):].mean(1)
     r = evaluate_maps(data.test_labels, scores, masks, maps)
     row = {'variant': name, 'neighborhood': agg or 1, 'per_stage_norm': per_stage,
-           'stages': [s + 1 for s in stages], 'clustering': method,
-           'n_prototypes': len(P), 'score': str(score),
-           **{k: round(v, 4) for k, v in r.items()}, 'seconds': round(time.time() - t)}
+           'stages': [s + 1 for s in stages], 'stage_weights': weights, 'position': pos,
+           'whiten': whiten,
+           'clustering': method if neighbors == 'auto' else f'{method} ({neighbors})',
+           'n_train': len(ftr), 'n_prototypes': len(P), 'sigma': sigma, 'score': str(score),
+           **{k: round(v, 4) for k, v in r.items()}, 'cluster_seconds': round(t_cluster),
+           'seconds': round(time.time() - t)}
     ROWS.append(row)
     print(json.dumps(row), flush=True)
     write()
@@ -81,7 +115,8 @@ def write():
     rows.update({r['variant']: r for r in ROWS})
     rows = list(rows.values())
     path.write_text(json.dumps(rows, indent=2))
-    cols = ['variant', 'neighborhood', 'per_stage_norm', 'stages', 'clustering', 'n_prototypes', 'score',
+    cols = ['variant', 'neighborhood', 'per_stage_norm', 'stages', 'stage_weights', 'position', 'whiten', 'clustering',
+            'n_train', 'n_prototypes', 'sigma', 'score',
             'image_auroc', 'pixel_auroc', 'aupro', 'image_f1_max', 'pixel_f1_max']
     lines = ['# Feature variants on magnetic_tile (efficientnet_lite0)', '',
              'Command: `python benchmarks/bench_feature_variants.py`', '',
@@ -106,3 +141,22 @@ run('agg3_stages23', agg=3, stages=(1, 2))
 run('agg3_perstage_K2000', agg=3, per_stage=True, K=2000)
 run('agg3_finch_1000', agg=3, method='finch', K=1000)
 run('agg3_kmeans_1000', agg=3, K=1000)
+# second round (default: 3x3 aggregation, FINCH merged to 1,000)
+run('finch1000_perstage', agg=3, per_stage=True, method='finch', K=1000)
+run('finch1000_pos0.25', agg=3, method='finch', K=1000, pos=0.25)
+run('finch1000_pos0.5', agg=3, method='finch', K=1000, pos=0.5)
+run('finch1000_sigma2', agg=3, method='finch', K=1000, sigma=2.0)
+run('finch1000_sigma8', agg=3, method='finch', K=1000, sigma=8.0)
+run('finch1000_top100', agg=3, method='finch', K=1000, score=100)
+run('finch1000_w1-1-2', agg=3, per_stage=True, method='finch', K=1000, weights=(1, 1, 2))
+run('finch1000_w2-1-1', agg=3, per_stage=True, method='finch', K=1000, weights=(2, 1, 1))
+run('finch250', agg=3, method='finch', K=250)
+run('finch500', agg=3, method='finch', K=500)
+run('finch2000', agg=3, method='finch', K=2000)
+run('finch4000', agg=3, method='finch', K=4000)
+# exact vs approximate first neighbours, on every 4th of these images (150k patches)
+run('finch1000_sub4_exact', agg=3, method='finch', K=1000, train_step=4, neighbors='exact')
+run('finch1000_sub4_approx', agg=3, method='finch', K=1000, train_step=4, neighbors='approx')
+run('finch1000_whiten0.01', agg=3, method='finch', K=1000, whiten=0.01)
+run('finch1000_whiten0.1', agg=3, method='finch', K=1000, whiten=0.1)
+run('finch1000_whiten1', agg=3, method='finch', K=1000, whiten=1.0)

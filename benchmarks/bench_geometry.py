@@ -1,0 +1,193 @@
+"""Input geometry on magnetic_tile: squash + centre crop vs whole-image geometries.
+
+The tiles are strips of varying size (width 103..632, height 222..403 px) and
+aspect (0.36..2.6). The package default squashes each one to 256 x 256 and
+centre-crops 224 x 224, so texture is stretched by a different factor per image
+and the outer 12.5 % on each side (where border cracks and breaks are) is never
+seen. This benchmark compares geometries under one protocol that covers every
+pixel of every image: each method's map is carried back onto the whole image
+(pixels a crop cut away get the nearest scored value) and, with the mask,
+resampled to a common 256 x 256 evaluation grid. The image score is the maximum
+over the pixels the method scored.
+
+Features: efficientnet_lite0 stages 1..3, 3x3 aggregation, centred alignment,
+FINCH merged to 1,000 prototypes, Gaussian sigma 4 (in input pixels), every 4th
+training image (191), all 583 test images.
+
+    python benchmarks/bench_geometry.py [VARIANT ...]
+
+Writes benchmarks/results/geometry.{json,md}. Data: Y. Huang, C. Qiu, K. Yuan,
+"Surface defect saliency of magnetic tile", The Visual Computer 36, 85-96 (2020).
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from skprotoad._images import load_image, _resize_plane
+from skprotoad.backbones import create_feature_extractor
+from skprotoad.clustering import learn_prototypes
+from skprotoad.datasets import load_mvtec
+from skprotoad.metrics import evaluate_maps
+from skprotoad.network import PatchEmbedding, ProtoADNetwork
+
+torch.set_num_threads(2)
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile"
+EVAL = 256  # evaluation grid
+data = load_mvtec(DATA)
+train = data.train_paths[::4]
+if "--smoke" in sys.argv:  # a quick run of the code paths, results not written
+    sys.argv.remove("--smoke")
+    keep = list(range(0, len(data.test_paths), 40))
+    data.test_paths = [data.test_paths[i] for i in keep]
+    data.test_labels = data.test_labels[keep]
+    data.test_mask_paths = [data.test_mask_paths[i] for i in keep]
+    train, HERE = train[:6], Path("/tmp")
+    (HERE / "results").mkdir(exist_ok=True)
+embedding = PatchEmbedding(
+    create_feature_extractor("efficientnet_lite0", (1, 2, 3)), neighborhood_size=3
+).eval()
+
+
+def prepare(image, geometry):
+    """Model input (3, H, W) and the box (top, left, h, w) the image occupies."""
+    kind, size = geometry
+    h, w = image.shape
+    if kind == "squash":
+        out, box = _resize_plane(image, size, size), (0, 0, size, size)
+    elif kind == "letterbox":
+        s = size / max(h, w)
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        top, left = (size - nh) // 2, (size - nw) // 2
+        out = np.full((size, size), 0.45, dtype=np.float32)  # about the ImageNet mean
+        out[top:top + nh, left:left + nw] = _resize_plane(image, nh, nw)
+        box = (top, left, nh, nw)
+    elif kind == "native":
+        # one scale for every image: texture keeps its size; multiple of 16 so
+        # the stages tile the image exactly
+        nh = max(32, int(round(h * size / 16)) * 16)
+        nw = max(32, int(round(w * size / 16)) * 16)
+        out, box = _resize_plane(image, nh, nw), (0, 0, nh, nw)
+    return torch.from_numpy(np.clip(out, 0, 1)).expand(3, -1, -1), box
+
+
+def features(paths, geometry, crop):
+    """Per image: unit features (C, h, w)."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(paths), 16):
+            xs = []
+            for p in paths[start:start + 16]:
+                x, _ = prepare(load_image(p), geometry)
+                if crop:
+                    m = (x.shape[-1] - crop) // 2
+                    x = x[:, m:m + crop, m:m + crop]
+                xs.append(x)
+            if len({x.shape for x in xs}) == 1:
+                out.extend(embedding(torch.stack(xs)))
+            else:
+                out.extend(embedding(x[None])[0] for x in xs)
+    return out
+
+
+def eval_grid(m, box, crop_margin):
+    """Map on the input -> the image's region -> EVAL x EVAL grid."""
+    if crop_margin:
+        m = np.pad(m, crop_margin, mode="edge")
+    top, left, h, w = box
+    m = m[top:top + h, left:left + w]
+    return _resize_plane(m, EVAL, EVAL)
+
+
+def masks_on_grid(paths):
+    out = np.zeros((len(paths), EVAL, EVAL), dtype=bool)
+    for i, p in enumerate(paths):
+        if p is not None:
+            mask = Image.open(p).convert("L").resize((EVAL, EVAL), Image.NEAREST)
+            out[i] = np.asarray(mask) > 127
+    return out
+
+
+ROWS = []
+
+
+def run(name, geometry, crop=None):
+    t = time.time()
+    tr = features(train, geometry, crop)
+    X = np.concatenate([f.permute(1, 2, 0).reshape(-1, f.shape[0]).numpy() for f in tr])
+    protos = torch.from_numpy(learn_prototypes(X, n_clusters=min(1000, len(X) // 10), random_state=0))
+    t_fit = time.time() - t
+    maps, scores = [], []
+    networks = {}
+    t = time.time()
+    with torch.inference_mode():
+        for start in range(0, len(data.test_paths), 16):
+            prepared = [prepare(load_image(p), geometry) for p in data.test_paths[start:start + 16]]
+            margin = 0
+            if crop:
+                margin = (prepared[0][0].shape[-1] - crop) // 2
+                prepared = [(x[:, margin:margin + crop, margin:margin + crop], box)
+                            for x, box in prepared]
+            # images of one size go through the network together
+            by_size = {}
+            for i, (x, _) in enumerate(prepared):
+                by_size.setdefault(tuple(x.shape[-2:]), []).append(i)
+            batch_maps = [None] * len(prepared)
+            for size, idx in by_size.items():
+                if size not in networks:
+                    networks[size] = ProtoADNetwork(embedding, protos, size, 4.0).eval()
+                out = networks[size](torch.stack([prepared[i][0] for i in idx]))[0].numpy()
+                for i, m in zip(idx, out):
+                    batch_maps[i] = m
+            for m, (_, box) in zip(batch_maps, prepared):
+                # the score: max over the scored pixels of the image itself (not padding)
+                valid = m if margin else m[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
+                scores.append(valid.max())
+                maps.append(eval_grid(m, box, margin))
+    t_test = time.time() - t
+    r = evaluate_maps(data.test_labels, np.array(scores), MASKS, np.stack(maps))
+    row = {"variant": name, "geometry": f"{geometry[0]} {geometry[1]}", "crop": crop,
+           "n_patches_train": len(X), **{k: round(v, 4) for k, v in r.items()},
+           "fit_s": round(t_fit), "test_img_per_s": round(len(maps) / t_test, 1)}
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+    write()
+
+
+def write():
+    out = HERE / "results"
+    path = out / "geometry.json"
+    rows = {r["variant"]: r for r in (json.loads(path.read_text()) if path.exists() else [])}
+    rows.update({r["variant"]: r for r in ROWS})
+    rows = list(rows.values())
+    path.write_text(json.dumps(rows, indent=2))
+    cols = ["variant", "geometry", "crop", "n_patches_train", "image_auroc", "pixel_auroc",
+            "aupro", "pixel_f1_max", "fit_s", "test_img_per_s"]
+    lines = ["# Input geometry on magnetic_tile (efficientnet_lite0)", "",
+             "Command: `python benchmarks/bench_geometry.py`", "",
+             f"Train: every 4th of train/good ({len(train)} images); test: all "
+             f"{len(data.test_paths)} test images. Every pixel of every image is evaluated, "
+             f"on a {EVAL} x {EVAL} grid (see the script's docstring). Times on a shared "
+             "2-core machine, one image at a time.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    (out / "geometry.md").write_text("\n".join(lines) + "\n")
+
+
+MASKS = masks_on_grid(data.test_mask_paths)
+ONLY = sys.argv[1:]
+VARIANTS = {
+    "squash256_crop224": (("squash", 256), 224),
+    "native0.75": (("native", 0.75), None),
+    "squash224": (("squash", 224), None),
+    "letterbox288": (("letterbox", 288), None),
+}
+for name, (geometry, crop) in VARIANTS.items():
+    if not ONLY or name in ONLY:
+        run(name, geometry, crop)
