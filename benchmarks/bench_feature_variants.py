@@ -64,12 +64,19 @@ def embed(maps, agg, per_stage, stages, weights=None, pos=0.0, whiten=None):
 
 
 def run(name, agg=0, per_stage=False, stages=(0, 1, 2), K=500, score='max', method='kmeans',
-        sigma=4.0, weights=None, pos=0.0, train_step=1, neighbors='auto', whiten=0.0):
+        sigma=4.0, weights=None, pos=0.0, train_step=1, neighbors='auto', whiten=0.0,
+        posnorm=None):
     t = time.time()
+    train_maps = tr
+    if posnorm in ('mean', 'z'):
+        # every 5th training image is held out: its maps give the normal map
+        # statistics per pixel position
+        calib = [m[::5] for m in tr]
+        train_maps = [torch.cat([m[i::5] for i in range(1, 5)]) for m in tr]
     smooth = GaussianSmoothing(sigma, (224, 224))
     stats = None
     if whiten:
-        raw = embed([m[::train_step] for m in tr], agg, per_stage, stages, weights, 0.0)
+        raw = embed([m[::train_step] for m in train_maps], agg, per_stage, stages, weights, 0.0)
         raw = raw.permute(0, 2, 3, 1).reshape(-1, raw.shape[1]).double()
         mu = raw.mean(0)
         cov = torch.cov((raw - mu).T)
@@ -78,25 +85,33 @@ def run(name, agg=0, per_stage=False, stages=(0, 1, 2), K=500, score='max', meth
         W = (eigvec @ torch.diag((eigval + eps) ** -0.5) @ eigvec.T).float()
         stats = (mu.float(), W)
         del raw
-    ftr = embed([m[::train_step] for m in tr], agg, per_stage, stages, weights, pos, stats)
+    ftr = embed([m[::train_step] for m in train_maps], agg, per_stage, stages, weights, pos, stats)
     X = ftr.permute(0, 2, 3, 1).reshape(-1, ftr.shape[1]).numpy()
     P = torch.from_numpy(learn_prototypes(X, method=method, n_clusters=K, random_state=0,
                                           neighbors=neighbors))
     t_cluster = time.time() - t
-    maps = []
-    with torch.inference_mode():
-        for i in range(0, len(te[0]), 32):
-            f = embed([m[i:i+32] for m in te], agg, per_stage, stages, weights, pos, stats)
-            ps = 1 - torch.einsum('nchw,kc->nkhw', f, P).amax(1, keepdim=True)
-            mp = upsample(ps, fe.strides[stages[0]], (224, 224), 'center')[:, 0]
-            maps.append(smooth(mp) if sigma else mp)
-    maps = torch.cat(maps).numpy()
+    def score_maps(source):
+        maps = []
+        with torch.inference_mode():
+            for i in range(0, len(source[0]), 32):
+                f = embed([m[i:i+32] for m in source], agg, per_stage, stages, weights, pos, stats)
+                ps = 1 - torch.einsum('nchw,kc->nkhw', f, P).amax(1, keepdim=True)
+                mp = upsample(ps, fe.strides[stages[0]], (224, 224), 'center')[:, 0]
+                maps.append(smooth(mp) if sigma else mp)
+        return torch.cat(maps).numpy()
+    maps = score_maps(te)
+    if posnorm:
+        # held out, or (in-sample) the maps of the images the prototypes came from
+        normal_maps = score_maps(calib if posnorm in ('mean', 'z') else
+                                 [m[::train_step] for m in train_maps])
+        mu = normal_maps.mean(0)
+        maps = maps - mu if posnorm in ('mean', 'mean_insample') else (maps - mu) / (normal_maps.std(0) + 1e-3)
     flat = maps.reshape(len(maps), -1)
     scores = flat.max(1) if score == 'max' else np.sort(flat, 1)[:, -int(score):].mean(1)
     r = evaluate_maps(data.test_labels, scores, masks, maps)
     row = {'variant': name, 'neighborhood': agg or 1, 'per_stage_norm': per_stage,
            'stages': [s + 1 for s in stages], 'stage_weights': weights, 'position': pos,
-           'whiten': whiten,
+           'whiten': whiten, 'position_norm': posnorm,
            'clustering': method if neighbors == 'auto' else f'{method} ({neighbors})',
            'n_train': len(ftr), 'n_prototypes': len(P), 'sigma': sigma, 'score': str(score),
            **{k: round(v, 4) for k, v in r.items()}, 'cluster_seconds': round(t_cluster),
@@ -115,7 +130,7 @@ def write():
     rows.update({r['variant']: r for r in ROWS})
     rows = list(rows.values())
     path.write_text(json.dumps(rows, indent=2))
-    cols = ['variant', 'neighborhood', 'per_stage_norm', 'stages', 'stage_weights', 'position', 'whiten', 'clustering',
+    cols = ['variant', 'neighborhood', 'per_stage_norm', 'stages', 'stage_weights', 'position', 'whiten', 'position_norm', 'clustering',
             'n_train', 'n_prototypes', 'sigma', 'score',
             'image_auroc', 'pixel_auroc', 'aupro', 'image_f1_max', 'pixel_f1_max']
     lines = ['# Feature variants on magnetic_tile (efficientnet_lite0)', '',
@@ -160,3 +175,6 @@ run('finch1000_sub4_approx', agg=3, method='finch', K=1000, train_step=4, neighb
 run('finch1000_whiten0.01', agg=3, method='finch', K=1000, whiten=0.01)
 run('finch1000_whiten0.1', agg=3, method='finch', K=1000, whiten=0.1)
 run('finch1000_whiten1', agg=3, method='finch', K=1000, whiten=1.0)
+run('finch1000_posnorm_mean', agg=3, method='finch', K=1000, posnorm='mean')
+run('finch1000_posnorm_z', agg=3, method='finch', K=1000, posnorm='z')
+run('finch1000_posnorm_mean_insample', agg=3, method='finch', K=1000, posnorm='mean_insample')

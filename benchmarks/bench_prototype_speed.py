@@ -1,0 +1,70 @@
+"""Inference speed vs number of prototypes (efficientnet_lite0, 224 x 224 crop, CPU).
+
+The prototype head is a 1 x 1 convolution: its cost grows linearly with the
+number of prototypes K, while the backbone's is fixed. This script times the
+whole network (backbone + head + upsampling + smoothing) on one batch of 16
+random images for each K, interleaving the K values over several rounds and
+keeping each one's fastest round, so that the ratios are measured side by
+side on a noisy machine.
+
+    python benchmarks/bench_prototype_speed.py
+
+Writes benchmarks/results/prototype_speed.{json,md}.
+"""
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from skprotoad.backbones import create_feature_extractor
+from skprotoad.network import PatchEmbedding, ProtoADNetwork
+
+HERE = Path(__file__).resolve().parent
+KS = [250, 500, 1000, 2000, 4000]
+ROUNDS = 5
+
+
+def main():
+    torch.manual_seed(0)
+    embedding = PatchEmbedding(create_feature_extractor("efficientnet_lite0", (1, 2, 3)),
+                               neighborhood_size=3).eval()
+    nets = {k: ProtoADNetwork(embedding, torch.randn(k, embedding.n_channels), (224, 224)).eval()
+            for k in KS}
+    x = torch.rand(16, 3, 224, 224)
+    with torch.inference_mode():
+        backbone_only = []
+        best = {k: float("inf") for k in KS}
+        for _ in range(ROUNDS):
+            t = time.perf_counter()
+            embedding(x)
+            backbone_only.append(time.perf_counter() - t)
+            for k in KS:
+                t = time.perf_counter()
+                nets[k](x)
+                best[k] = min(best[k], time.perf_counter() - t)
+    base = min(backbone_only)
+    rows = [{"n_prototypes": k, "images_per_s": round(len(x) / best[k], 1),
+             "relative_to_1000": round(best[1000] / best[k], 2),
+             "head_share": round(1 - base / best[k], 2)} for k in KS]
+    out = HERE / "results"
+    (out / "prototype_speed.json").write_text(json.dumps(
+        {"embedding_images_per_s": round(len(x) / base, 1), "rows": rows,
+         "load": os.getloadavg()[0], "threads": torch.get_num_threads()}, indent=2))
+    lines = ["# Inference speed vs number of prototypes (efficientnet_lite0, CPU)", "",
+             "Command: `python benchmarks/bench_prototype_speed.py`", "",
+             f"One batch of 16 images of 224 x 224, fastest of {ROUNDS} interleaved rounds, "
+             f"{torch.get_num_threads()} torch threads, shared 2-core machine (1-minute load "
+             f"{os.getloadavg()[0]:.1f} at the end). Backbone and feature join alone: "
+             f"{len(x) / base:.1f} images/s. head_share: the part of the time spent after the "
+             "feature join (1x1 prototype convolution, max, upsampling, smoothing).", "",
+             "| n_prototypes | images/s | speed relative to 1,000 | head_share |", "|---|---|---|---|"]
+    lines += [f"| {r['n_prototypes']} | {r['images_per_s']} | {r['relative_to_1000']} | "
+              f"{r['head_share']} |" for r in rows]
+    (out / "prototype_speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
