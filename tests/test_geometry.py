@@ -288,3 +288,202 @@ def test_a_blob_lands_where_it_is_in_input_maps(tile_detector, centre):
     ys, xs = np.nonzero(mask)
     assert mask[peak]
     assert abs(ys.mean() - centre[0]) <= 12 and abs(xs.mean() - centre[1]) <= 12
+
+
+# -------------------------------------------------------------- persistence
+
+
+def test_safe_format_round_trip(scale_detector, mixed, tmp_path):
+    from skprotoad import persistence
+
+    path = persistence.save(scale_detector, tmp_path / "scale.safetensors")
+    loaded = persistence.load(path)
+    assert loaded.get_params() == scale_detector.get_params()
+    assert loaded.network_.input_size is None
+    assert loaded.feature_shape_ == (None, None, 192)
+    assert loaded.offset_ == scale_detector.offset_
+    for a, b in zip(loaded.anomaly_maps(mixed[:3]), scale_detector.anomaly_maps(mixed[:3])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_safe_format_refuses_a_mismatched_geometry(scale_detector, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from skprotoad import persistence
+
+    path = persistence.save(scale_detector, tmp_path / "scale.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["skprotoad"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edits = {
+        "crop": lambda h: h["params"].update(crop_size=32),
+        "fixed network": lambda h: h["network"].update(input_size=[48, 80]),
+        "feature shape": lambda h: h["fitted"].update(feature_shape_=[6, 10, 192]),
+        "half none": lambda h: h["fitted"].update(feature_shape_=[None, 10, 192]),
+    }
+    for name, edit in edits.items():
+        bad = json.loads(json.dumps(header))
+        edit(bad)
+        target = tmp_path / f"{name}.safetensors"
+        save_file(tensors, target, metadata={"skprotoad": json.dumps(bad)})
+        with pytest.raises(ValueError, match="not a valid skprotoad model"):
+            persistence.load(target)
+
+
+def test_export_needs_a_fixed_input_size(scale_detector, mixed, tmp_path):
+    from skprotoad import export
+
+    with pytest.raises(ValueError, match="export needs a fixed input size"):
+        export.to_torchscript(scale_detector, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="export needs a fixed input size"):
+        export.preprocess(scale_detector, mixed[:1])
+
+
+# ------------------------------------------------------------- evaluation
+
+
+def test_input_masks_have_each_images_size(tmp_path):
+    from PIL import Image
+
+    from skprotoad.datasets import load_input_masks
+
+    mask = np.zeros((30, 20), np.uint8)
+    mask[5:10, 2:4] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    same, other, none = load_input_masks(
+        [tmp_path / "m.png", tmp_path / "m.png", None], [(30, 20), (60, 40), (7, 9)]
+    )
+    np.testing.assert_array_equal(same, mask > 0)
+    np.testing.assert_array_equal(other, np.kron(mask > 0, np.ones((2, 2), bool)))
+    assert none.shape == (7, 9) and not none.any()
+    with pytest.raises(ValueError, match="same length"):
+        load_input_masks([None], [])
+
+
+def test_pixel_metrics_of_lists_equal_those_of_arrays():
+    from skprotoad.metrics import aupro, evaluate_maps, pixel_auroc, pixel_f1_max, pro_curve
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((3, 12, 9), bool)
+    masks[0, 2:5, 3:7] = True
+    masks[1, 8:, :2] = True
+    maps = rng.random(masks.shape) + masks * rng.random(masks.shape)
+    for metric in (pixel_auroc, pixel_f1_max, aupro):
+        assert metric(list(masks), list(maps)) == metric(masks, maps)
+    for a, b in zip(pro_curve(list(masks), list(maps)), pro_curve(masks, maps)):
+        np.testing.assert_array_equal(a, b)
+    y, scores = [1, 1, 0], [0.9, 0.8, 0.1]
+    assert evaluate_maps(y, scores, list(masks), list(maps)) == evaluate_maps(y, scores, masks, maps)
+
+
+# -------------------------------------------------------------------- CLI
+
+# TINY as command-line options, scale 1.0 and no --crop-size (none by default)
+SCALE_OPTIONS = [
+    "--backbone", "resnet18", "--weights", "none", "--layers", "1", "2",
+    "--image-size", "1.0", "--clustering", "kmeans", "--n-clusters", "16",
+    "--batch-size", "8", "--seed", "0",
+]
+# (top, left, height, width) crops of the 64 x 64 synthetic images: mixed sizes
+# and aspects at the texture's own scale
+CROPS = [(0, 0, 48, 64), (0, 8, 64, 40), (8, 0, 56, 56), (0, 0, 64, 64)]
+
+
+def _crop(array, k):
+    top, left, h, w = CROPS[k % len(CROPS)]
+    return np.ascontiguousarray(array[top : top + h, left : left + w])
+
+
+@pytest.fixture(scope="module")
+def scale_mvtec(tmp_path_factory, synthetic):
+    """A one-category MVTec AD tree of mixed-size images, with masks."""
+    from PIL import Image
+
+    cat = tmp_path_factory.mktemp("scale_mvtec") / "tiles"
+    folders = {}
+
+    def save(array, folder, name):
+        (cat / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(cat / folder / name)
+
+    for i, image in enumerate(synthetic.X_train):
+        save(_crop(image, i), "train/good", f"{i:03d}.png")
+    defects = np.flatnonzero(synthetic.y_test == 1)[:4]
+    normals = np.flatnonzero(synthetic.y_test == 0)[:3]
+    for k, i in enumerate(normals):
+        save(_crop(synthetic.X_test[i], k), "test/good", f"{k:03d}.png")
+    for k, i in enumerate(defects):
+        save(_crop(synthetic.X_test[i], k), "test/scratch", f"{k:03d}.png")
+        mask = _crop(synthetic.masks_test[i].astype(np.uint8) * 255, k)
+        save(mask, "ground_truth/scratch", f"{k:03d}_mask.png")
+    return cat
+
+
+def test_cli_image_size_parses_a_scale_factor():
+    from skprotoad.cli import build_parser, main
+
+    parser = build_parser()
+    args = parser.parse_args(["fit", "x", "-o", "m", "--image-size", "0.75"])
+    assert args.image_size == 0.75 and isinstance(args.image_size, float)
+    args = parser.parse_args(["fit", "x", "-o", "m", "--image-size", "300"])
+    assert args.image_size == 300 and isinstance(args.image_size, int)
+    for bad in ("0", "-0.5", "5.0", "nan", "big"):
+        assert main(["fit", "x", "-o", "m", "--image-size", bad]) == 2
+
+
+def test_cli_fit_predict_evaluate_on_mixed_sizes(scale_mvtec, tmp_path, capsys):
+    import csv
+    import json
+
+    import joblib
+    from PIL import Image
+
+    from skprotoad.cli import main
+    from skprotoad.datasets import load_input_masks, load_mvtec
+    from skprotoad.metrics import evaluate_maps
+
+    model = tmp_path / "model.joblib"
+    argv = ["fit", scale_mvtec / "train" / "good", "-o", model, "-q", *SCALE_OPTIONS]
+    assert main([str(a) for a in argv]) == 0
+    det = joblib.load(model)
+    assert det.image_size == 1.0 and det.crop_size is None
+    assert det.network_.input_size is None
+
+    # predict: scores as the Python API's, outputs at each image's own size
+    out = tmp_path / "out"
+    paths = sorted(str(p) for p in (scale_mvtec / "test").glob("*/*.png"))
+    assert main(["predict", str(model), *paths, "-o", str(out), "-q"]) == 0
+    with open(out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == paths
+    np.testing.assert_allclose(
+        [float(r["score"]) for r in rows], -det.score_samples(paths), rtol=1e-6
+    )
+    for row in rows:
+        with Image.open(row["path"]) as img, Image.open(out / row["overlay"]) as overlay:
+            assert overlay.size == img.size
+        with Image.open(out / row["mask"]) as mask:
+            assert mask.size == img.size
+
+    # evaluate: pixel metrics at each image's own size, as computed by hand
+    results = tmp_path / "results.json"
+    saved = tmp_path / "evaluated.joblib"
+    argv = ["evaluate", scale_mvtec, "-o", results, "--save-model", saved, "-q", *SCALE_OPTIONS]
+    assert main([str(a) for a in argv]) == 0
+    assert "pixel AUROC" in capsys.readouterr().out
+    report = json.loads(results.read_text())
+    assert report["pixel_metrics_geometry"] == "input"
+    assert report["detector"]["crop_size"] is None
+    data = load_mvtec(scale_mvtec)
+    det = joblib.load(saved)
+    maps = det.anomaly_maps(data.test_paths, output="input")
+    sizes = [m.shape for m in maps]
+    assert len(set(sizes)) > 1
+    masks = load_input_masks(data.test_mask_paths, sizes)
+    scores = -det.score_samples(data.test_paths)
+    expected = evaluate_maps(data.test_labels, scores, masks, maps)
+    for key, value in expected.items():
+        assert report["metrics"][key] == pytest.approx(value, abs=1e-6)
