@@ -101,9 +101,9 @@ def write_results(rows, out):
     old["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     path.write_text(json.dumps(old, indent=2))
     cols = [
-        "variant", "pixel_metrics_geometry", "n_prototypes", "image_auroc", "pixel_auroc", "aupro", "image_f1_max",
-        "pixel_f1_max", "fpr_auto_threshold_test_good", "fit_seconds",
-        "test_images_per_second",
+        "variant", "pixel_metrics_geometry", "n_prototypes", "image_auroc", "pixel_auroc",
+        "aupro", "image_f1_max", "pixel_f1_max", "fpr_auto_threshold_test_good",
+        "fit_seconds", "test_images_per_second",
     ]
     lines = [
         "# ProtoADDetector on magnetic_tile (efficientnet_lite0)",

@@ -254,7 +254,8 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         self.network_ = ProtoADNetwork(embedding, protos, crop, self.sigma).to(device)
         self.network_.eval()
         # with a scale factor the grid follows each image's size: (None, None, C)
-        self.feature_shape_ = features.shape if crop is not None else (None, None, features.shape[2])
+        n_channels = features.shape[2]
+        self.feature_shape_ = features.shape if crop is not None else (None, None, n_channels)
         self.n_train_images_ = len(order)
 
         everything = range(len(order))

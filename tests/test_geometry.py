@@ -90,8 +90,8 @@ def test_scaled_sizes_are_stride_multiples_of_at_least_32():
     assert scaled_size((48, 80), 1.0, 8) == (48, 80)
     # the benchmark's own rule (benchmarks/bench_geometry.py, "native")
     for h, w in [(222, 103), (403, 632), (300, 401), (257, 129)]:
-        expected = (max(32, int(round(h * 0.75 / 16)) * 16), max(32, int(round(w * 0.75 / 16)) * 16))
-        assert scaled_size((h, w), 0.75, 16) == expected
+        expected = [max(32, int(round(side * 0.75 / 16)) * 16) for side in (h, w)]
+        assert scaled_size((h, w), 0.75, 16) == tuple(expected)
 
 
 def test_batches_group_images_of_one_size(mixed):
@@ -101,7 +101,8 @@ def test_batches_group_images_of_one_size(mixed):
         assert len(chunk) <= 2 and len({SIZES[i] for i in chunk}) == 1
         assert tuple(batch.shape) == (len(chunk), 3, *SIZES[chunk[0]])
         for i, tensor in zip(chunk, batch):
-            torch.testing.assert_close(tensor, resize_and_crop(load_image(mixed[i]), SIZES[i], None))
+            expected = resize_and_crop(load_image(mixed[i]), SIZES[i], None)
+            torch.testing.assert_close(tensor, expected)
     # groups in order of first appearance, each in the given order
     assert [c for c, _ in chunks] == [[0, 2], [5], [1, 4], [6], [3, 7]]
     assert sorted(i for c, _ in chunks for i in c) == list(range(len(mixed)))
@@ -229,7 +230,8 @@ def test_float_contamination_and_few_images(mixed):
 
 
 def test_too_many_clusters_names_the_varying_sizes(mixed):
-    with pytest.raises(ValueError, match=r"more than the \d+ training patches \(6 images of varying sizes, after holding out 2"):
+    match = r"more than the \d+ training patches \(6 images of varying sizes, after holding out 2"
+    with pytest.raises(ValueError, match=match):
         ProtoADDetector(**{**SCALE, "n_clusters": 5000}).fit(mixed)
 
 
@@ -376,7 +378,8 @@ def test_pixel_metrics_of_lists_equal_those_of_arrays():
     for a, b in zip(pro_curve(list(masks), list(maps)), pro_curve(masks, maps)):
         np.testing.assert_array_equal(a, b)
     y, scores = [1, 1, 0], [0.9, 0.8, 0.1]
-    assert evaluate_maps(y, scores, list(masks), list(maps)) == evaluate_maps(y, scores, masks, maps)
+    expected = evaluate_maps(y, scores, masks, maps)
+    assert evaluate_maps(y, scores, list(masks), list(maps)) == expected
 
 
 # -------------------------------------------------------------------- CLI
