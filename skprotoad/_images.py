@@ -1,8 +1,16 @@
-"""Image input: validation, loading and the resize + centre-crop geometry.
+"""Image input: validation, loading and the model's input geometry.
 
 Every accepted input form ends up as the same thing: a float32 RGB tensor in
-[0, 1], resized to ``image_size`` (bilinear, antialiased) and centre-cropped to
-``crop_size``. Arrays and files of the same pixels give the same tensor.
+[0, 1], resized (bilinear, antialiased) and, optionally, centre-cropped. Arrays
+and files of the same pixels give the same tensor. Two geometries:
+
+* **fixed size** (``image_size`` an int or (height, width)): every image is
+  squashed to ``image_size`` and centre-cropped to ``crop_size`` (``None``: no
+  crop), so all model inputs share one size;
+* **scale** (``image_size`` a float): every image is resized by that one factor,
+  keeping its aspect ratio, to the nearest multiple of the backbone's coarsest
+  stride (at least 32 pixels per side) and is not cropped; input sizes then
+  vary with the images' sizes.
 
 Resizing runs in Pillow on float32 planes ("F" mode): the same antialiased
 bilinear filter as ``torch.nn.functional.interpolate(..., antialias=True)`` to
@@ -13,6 +21,7 @@ resized once and replicated to three channels afterwards.
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from pathlib import Path
@@ -39,6 +48,73 @@ def check_size(value, name, allow_none=False):
     if min(value) < 1:
         raise ValueError(f"{name} must be positive, got {value!r}.")
     return (int(value[0]), int(value[1]))
+
+
+# Largest scale factor accepted: beyond it, upsampling invents detail and a
+# typo (image_size=75.0 meant as 0.75) would ask for enormous inputs.
+MAX_SCALE = 4.0
+# Smallest side of a scale-mode input: below it the coarse stages have a
+# single cell or two and the features are mostly border effects.
+MIN_SCALED_SIDE = 32
+
+
+def is_scale(image_size):
+    """Whether ``image_size`` is a scale factor (a float) rather than a size."""
+    return isinstance(image_size, numbers.Real) and not isinstance(image_size, numbers.Integral)
+
+
+def check_geometry(image_size, crop_size):
+    """Validate ``image_size`` and ``crop_size`` together, as the detector takes them.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a malformed size, a crop larger than the image, a scale factor
+        outside (0, 4], or a crop combined with a scale factor.
+    """
+    if is_scale(image_size):
+        if not math.isfinite(image_size) or not 0 < image_size <= MAX_SCALE:
+            raise ValueError(
+                f"image_size as a float is a scale factor in (0, {MAX_SCALE:g}], got "
+                f"{image_size!r}; pass an int or a (height, width) pair for a fixed size."
+            )
+        if crop_size is not None:
+            raise ValueError(
+                f"crop_size must be None when image_size is a scale factor "
+                f"({image_size!r}): the whole resized image is scored; got "
+                f"crop_size={crop_size!r}."
+            )
+        return
+    center_crop_box(image_size, crop_size)
+
+
+def scaled_size(original_size, factor, multiple=1):
+    """Size of an image resized by ``factor``, rounded to a multiple of ``multiple``.
+
+    Each side is ``factor`` times the original, rounded to the nearest multiple
+    of ``multiple`` (the backbone's coarsest stride, so that every stage tiles
+    the image exactly) and at least the smallest multiple that reaches 32
+    pixels. The aspect ratio is kept up to that rounding.
+
+    Examples
+    --------
+    >>> scaled_size((300, 103), 0.75, 16)
+    (224, 80)
+    >>> scaled_size((20, 500), 0.75, 16)
+    (32, 368)
+    """
+    multiple = int(multiple)
+    smallest = -(-MIN_SCALED_SIDE // multiple) * multiple
+    return tuple(
+        max(smallest, int(round(side * factor / multiple)) * multiple) for side in original_size
+    )
+
+
+def input_size(original_size, image_size, crop_size, multiple=1):
+    """(height, width) of the model input an image of ``original_size`` becomes."""
+    if is_scale(image_size):
+        return scaled_size(original_size, image_size, multiple)
+    return center_crop_box(image_size, crop_size)[2:]
 
 
 def center_crop_box(image_size, crop_size):
@@ -121,13 +197,58 @@ class ImageSequence:
         with Image.open(item) as img:
             return (img.height, img.width)
 
-    def batches(self, batch_size, image_size, crop_size, indices=None):
-        """Yield ``(indices, tensor)`` with tensors of shape (B, 3, *crop)."""
+    def input_sizes(self, image_size, crop_size, multiple=1, indices=None):
+        """Model input size (height, width) of each image of ``indices``.
+
+        With a fixed ``image_size`` every image gets the crop size, without
+        reading any image; with a scale factor each image's own size is read
+        (for files, only their header).
+        """
         order = range(len(self)) if indices is None else indices
-        order = list(order)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            tensors = [resize_and_crop(self.load(i), image_size, crop_size) for i in chunk]
+        if not is_scale(image_size):
+            size = input_size(None, image_size, crop_size)
+            return [size for _ in order]
+        return [input_size(self.original_size(i), image_size, None, multiple) for i in order]
+
+    def plan(self, batch_size, image_size, crop_size, indices=None, multiple=1):
+        """The chunks of indices :meth:`batches` yields, in that order.
+
+        Images of one input size go into one batch: with a fixed size that is
+        every image, in the given order; with a scale factor, the indices are
+        grouped by input size (groups in order of first appearance, each in the
+        given order) and each group is cut into batches of ``batch_size``.
+        """
+        order = list(range(len(self)) if indices is None else indices)
+        if not is_scale(image_size):
+            return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        groups = {}
+        sizes = self.input_sizes(image_size, crop_size, multiple, order)
+        for index, size in zip(order, sizes):
+            groups.setdefault(size, []).append(index)
+        return [
+            group[s : s + batch_size]
+            for group in groups.values()
+            for s in range(0, len(group), batch_size)
+        ]
+
+    def batches(self, batch_size, image_size, crop_size, indices=None, multiple=1, plan=None):
+        """Yield ``(chunk_indices, tensor)``, tensors of shape (B, 3, height, width).
+
+        ``multiple`` (the backbone's coarsest stride) rounds the sizes of a
+        scale factor ``image_size``, see :func:`scaled_size`; ``plan`` is the
+        chunking from :meth:`plan` when the caller has it already.
+        """
+        if plan is None:
+            plan = self.plan(batch_size, image_size, crop_size, indices, multiple)
+        for chunk in plan:
+            if is_scale(image_size):
+                tensors = []
+                for i in chunk:
+                    image = self.load(i)
+                    size = scaled_size(image.shape[:2], image_size, multiple)
+                    tensors.append(resize_and_crop(image, size, None))
+            else:
+                tensors = [resize_and_crop(self.load(i), image_size, crop_size) for i in chunk]
             yield chunk, torch.stack(tensors)
 
 
@@ -268,11 +389,14 @@ def _pil_to_float(img, where):
 
 
 def crop_map_to_input(crop_map, original_size, image_size, crop_size):
-    """Map an anomaly map on the crop back onto the original image's pixel grid.
+    """Map an anomaly map on the model input back onto the original pixel grid.
 
-    The inverse of :func:`resize_and_crop`: each original pixel centre is carried
-    into the crop's coordinates and the map is sampled there bilinearly. Pixels
-    that the centre crop cut away have no score and are set to NaN.
+    The inverse of the resize (and crop): each original pixel centre is carried
+    into the model input's coordinates and the map is sampled there bilinearly.
+    Pixels that a centre crop cut away have no score and are set to NaN. With a
+    scale factor ``image_size`` the map covers the whole image, resized by
+    slightly different factors along y and x after rounding to stride
+    multiples: the map's own shape gives them, and no pixel is NaN.
 
     Parameters
     ----------
@@ -284,8 +408,13 @@ def crop_map_to_input(crop_map, original_size, image_size, crop_size):
     -------
     ndarray of shape ``original_size``, float32
     """
-    top, left, crop_h, crop_w = center_crop_box(image_size, crop_size)
-    size_h, size_w = check_size(image_size, "image_size")
+    if is_scale(image_size):
+        # the whole resized image is the model input
+        size_h, size_w = crop_map.shape[-2:]
+        top, left, crop_h, crop_w = 0, 0, size_h, size_w
+    else:
+        top, left, crop_h, crop_w = center_crop_box(image_size, crop_size)
+        size_h, size_w = check_size(image_size, "image_size")
     height, width = original_size
     # pixel centres of the original image, in resized-image pixel units
     ys = (torch.arange(height, dtype=torch.float64) + 0.5) * size_h / height - 0.5 - top

@@ -79,6 +79,7 @@ examples:
   skprotoad fit data/magnetic_tile/train/good -o tile.joblib
   skprotoad fit good/ -o model.joblib --clustering kmeans --n-clusters 500
   skprotoad fit good/ -o model.joblib --backbone wide_resnet50_2 --device cuda
+  skprotoad fit tiles/good -o tile.joblib --image-size 0.75   # keep aspect, no crop
 
 exit codes: 0 success, 1 runtime failure, 2 usage error (MODEL exists: --force).
 """
@@ -105,10 +106,12 @@ _EPILOG_EVALUATE = """\
 Fits on train/good (BTAD: train/ok), scores the test split and reports image
 AUROC, pixel AUROC, AUPRO (FPR up to 0.3), image and pixel F1-max, the fit time
 and the test throughput. DATASET_ROOT is a dataset root with --category, or a
-category folder itself.
+category folder itself. Pixel metrics compare maps and masks on the centre
+crop; with a scale factor as --image-size, on each whole image at its own size.
 
 examples:
   skprotoad evaluate data/magnetic_tile --clustering kmeans --n-clusters 200
+  skprotoad evaluate data/magnetic_tile --image-size 0.75   # keep aspect, no crop
   skprotoad evaluate data/mvtec --category bottle -o bottle.json
   skprotoad evaluate data/BTAD --format btad --category 01
 
@@ -146,6 +149,29 @@ def _crop_arg(value):
     if value.lower() == "none":
         return None
     return _positive_int(value)
+
+
+# --crop-size left out: 224, or no crop with a scale-factor --image-size (which
+# allows no crop). Not a string, so argparse does not convert it.
+_CROP_UNSET = object()
+_DEFAULT_CROP = 224
+
+
+def _image_size_arg(value):
+    try:
+        return _positive_int(value)
+    except argparse.ArgumentTypeError:
+        pass
+    try:
+        factor = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a size in pixels (an integer) or a scale factor (a number "
+            f"such as 0.75), got {value!r}"
+        ) from None
+    if not 0.0 < factor <= 4.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"a scale factor must be in (0, 4], got {value!r}")
+    return factor
 
 
 def _positive_int(value):
@@ -188,12 +214,16 @@ def _add_detector_options(parser):
         help="number of prototypes (required with kmeans; finch picks one if omitted)",
     )
     group.add_argument(
-        "--image-size", type=_positive_int, default=256, metavar="PX",
-        help="images are resized to PX x PX ... (default: 256)",
+        "--image-size", type=_image_size_arg, default=256, metavar="PX|FACTOR",
+        help="images are resized to PX x PX ... (default: 256); or, with a "
+        "number such as 0.75, each image is resized by that factor keeping its "
+        "aspect ratio and scored whole (for images of one camera and resolution "
+        "but of varying size or aspect)",
     )
     group.add_argument(
-        "--crop-size", type=_crop_arg, default=224, metavar="PX",
-        help="... and centre-cropped to PX x PX, or 'none' (default: 224)",
+        "--crop-size", type=_crop_arg, default=_CROP_UNSET, metavar="PX",
+        help="... and centre-cropped to PX x PX, or 'none' (default: 224; none "
+        "with a scale factor)",
     )
     group.add_argument(
         "--sigma", type=float, default=4.0,
@@ -692,7 +722,9 @@ def score_and_write(
     truth_masks : sequence of (H, W) bool arrays, default=None
         Ground truth, outlined in the overlays instead of the prediction.
     keep_maps : bool, default=False
-        Return the crop-geometry anomaly maps (for metrics).
+        Return the crop-geometry anomaly maps (for metrics): an array, or a
+        list when the model's input size varies (a scale-factor
+        ``image_size``).
     strict : bool, default=False
         Raise on an unreadable image instead of skipping it.
     progress : tqdm bar, default=None
@@ -751,7 +783,10 @@ def score_and_write(
     result["index"] = np.asarray(result["index"], dtype=int)
     result["score"] = np.asarray(result["score"], dtype=np.float64)
     result["anomaly"] = np.asarray(result["anomaly"], dtype=bool)
-    result["maps"] = np.stack(result["maps"]) if keep_maps and result["maps"] else None
+    if keep_maps and result["maps"] and crop is not None:
+        result["maps"] = np.stack(result["maps"])
+    elif not keep_maps:
+        result["maps"] = None
     result["skipped"] = skipped
     return result
 
@@ -780,8 +815,9 @@ def compute_metrics(labels, scores, masks=None, maps=None):
     ----------
     labels : array of int, 1 = anomalous
     scores : array of float, higher = more anomalous
-    masks, maps : arrays of shape (n, h, w), default=None
-        Ground truth and anomaly maps in the same (crop) geometry.
+    masks, maps : arrays of shape (n, h, w) or lists of 2-D arrays, default=None
+        Ground truth and anomaly maps in the same geometry (the crop, or each
+        image's own size).
 
     Returns
     -------
@@ -841,6 +877,9 @@ def _make_detector(args, **overrides):
     if "layers" in params:
         params["layers"] = tuple(params["layers"])
     params.update(overrides)
+    if params.get("crop_size") is _CROP_UNSET:
+        scale = _images.is_scale(params.get("image_size"))
+        params["crop_size"] = None if scale else _DEFAULT_CROP
     return ProtoADDetector(verbose=not args.quiet, **params)
 
 
@@ -965,7 +1004,7 @@ def _per_type_auroc(types, labels, scores, normal_name):
 
 
 def _cmd_evaluate(args):
-    from .datasets import load_masks
+    from .datasets import load_input_masks, load_masks
 
     for path, what in ((args.output, "results file"), (args.save_model, "model file")):
         if path is not None:
@@ -982,8 +1021,22 @@ def _cmd_evaluate(args):
     with _progress(args, len(data.test_paths), "scoring") as bar:
         result = score_and_write(detector, data.test_paths, keep_maps=True, strict=True, progress=bar)
     score_seconds = time.perf_counter() - start
-    masks = load_masks(data.test_mask_paths, detector.image_size, detector.crop_size)
-    metrics = compute_metrics(data.test_labels, result["score"], masks, result["maps"])
+    if detector.network_.input_size is None:
+        # Scale geometry: the map covers the whole image; compare each map with
+        # its mask at the image's own size (no common grid to resample to).
+        geometry = "input"
+        maps = [
+            _images.crop_map_to_input(m, size, detector.image_size, None)
+            for m, size in zip(result["maps"], result["size"])
+        ]
+        masks = load_input_masks(data.test_mask_paths, result["size"])
+    else:
+        geometry = "crop"
+        maps = result["maps"]
+        masks = load_masks(data.test_mask_paths, detector.image_size, detector.crop_size)
+    result["maps"] = None
+    metrics = compute_metrics(data.test_labels, result["score"], masks, maps)
+    del maps, masks
     normal_name = "ok" if args.format == "btad" else "good"
     per_type = _per_type_auroc(
         data.test_defect_types, data.test_labels, result["score"], normal_name
@@ -1009,6 +1062,9 @@ def _cmd_evaluate(args):
             },
             "detector": detector.get_params(),
             "metrics": metrics,
+            # "crop": maps and masks on the model input; "input": at each
+            # image's own size (scale-factor image_size)
+            "pixel_metrics_geometry": geometry,
             "image_auroc_per_defect_type": per_type,
             "fit_seconds": fit_seconds,
             "test_images_per_second": speed,

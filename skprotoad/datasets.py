@@ -27,6 +27,7 @@ __all__ = [
     "load_btad",
     "load_folder",
     "load_masks",
+    "load_input_masks",
     "make_defect_images",
     "make_defect_dataset",
 ]
@@ -356,6 +357,51 @@ def load_masks(mask_paths, image_size=256, crop_size=224):
             # PIL sizes are (width, height).
             resized = image.convert("L").resize((full_w, full_h), Image.NEAREST)
         masks[i] = np.asarray(resized)[top:top + height, left:left + width] > 127
+    return masks
+
+
+def load_input_masks(mask_paths, sizes):
+    """Load binary masks at each image's own size, for maps in input geometry.
+
+    The counterpart of :func:`load_masks` for maps carried back onto the input
+    images (``anomaly_maps(X, output="input")``), e.g. with a scale-factor
+    ``image_size``, where images and maps differ in size.
+
+    Parameters
+    ----------
+    mask_paths : sequence of (str, path-like or None)
+        Mask files; None stands for an all-normal mask.
+    sizes : sequence of (height, width)
+        Size of each image; a mask of another size is resized to it with
+        nearest-neighbour interpolation.
+
+    Returns
+    -------
+    masks : list of ndarray of bool, shape ``sizes[i]``
+        Each mask read as 8-bit grayscale and thresholded at 127.
+
+    Examples
+    --------
+    >>> from skprotoad.datasets import load_input_masks
+    >>> [m.shape for m in load_input_masks([None, None], [(4, 6), (5, 3)])]
+    [(4, 6), (5, 3)]
+    """
+    if len(mask_paths) != len(sizes):
+        raise ValueError(
+            f"mask_paths and sizes must have the same length, got {len(mask_paths)} "
+            f"and {len(sizes)}."
+        )
+    masks = []
+    for path, size in zip(mask_paths, sizes):
+        height, width = check_size(tuple(size), "size")
+        if path is None:
+            masks.append(np.zeros((height, width), dtype=bool))
+            continue
+        with Image.open(path) as image:
+            image = image.convert("L")
+            if image.size != (width, height):  # PIL sizes are (width, height)
+                image = image.resize((width, height), Image.NEAREST)
+            masks.append(np.asarray(image) > 127)
     return masks
 
 

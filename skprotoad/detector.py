@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -68,8 +69,9 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         FINCH's first partition has fewer clusters, see
         :func:`skprotoad.clustering.learn_prototypes`); k-means needs an int.
     sigma : float, default=4.0
-        Standard deviation, in pixels of the crop, of the Gaussian smoothing of
-        the anomaly map; 0 disables it.
+        Standard deviation, in pixels of the model input (the crop, or the
+        resized image with a float ``image_size``), of the Gaussian smoothing
+        of the anomaly map; 0 disables it.
     alignment : {"center", "paper"}, default="center"
         Where patch features sit on the image. ``"center"``: each feature at
         the centre of its receptive field, when joining stages and when
@@ -81,10 +83,26 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         neighbourhood before the stages are joined (PatchCore's local
         aggregation), so that a prototype describes a patch in its context;
         1 turns it off, as in the paper. See ``benchmarks/results``.
-    image_size : int or (height, width), default=256
-        Every image is resized to this size (bilinear, antialiased) ...
+    image_size : int, (height, width) or float, default=256
+        The model's input geometry. An int or a (height, width) pair: every
+        image is resized to this size (bilinear, antialiased), whatever its
+        aspect ratio, then centre-cropped to ``crop_size``. A float in (0, 4]:
+        every image is resized by this one factor, keeping its aspect ratio,
+        each side rounded to the nearest multiple of the backbone's coarsest
+        stride used (16 for stages up to 3; at least 32 pixels), and the whole
+        image is scored; ``crop_size`` must then be ``None``. Use a float when
+        the images come from one camera at one resolution but differ in size
+        or aspect ratio (e.g. tiles or strips cut from a larger view): a fixed
+        size would stretch each image's texture by a different factor, and
+        the crop would discard its border. On the Magnetic Tile data (widths
+        103..632 px, aspect 0.36..2.6), ``image_size=0.75, crop_size=None``
+        measured image AUROC 0.760 and AUPRO 0.568 against 0.730 and 0.466
+        for the default geometry, every pixel evaluated (see
+        :doc:`/user_guide/geometry`). With a float, images of one size are
+        batched together, so mixed sizes mean smaller batches.
     crop_size : int, (height, width) or None, default=224
-        ... and centre-cropped to this size; ``None`` keeps the whole image.
+        Size of the centre crop taken from the resized image; ``None`` keeps
+        the whole resized image (and is required with a float ``image_size``).
     mean, std : tuple of 3 floats, default=ImageNet statistics
         Per-channel normalisation of the RGB input in [0, 1].
     contamination : "auto" or float in (0, 0.5], default="auto"
@@ -115,8 +133,10 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
     calibration_scores_ : ndarray of shape (n_held_out,)
         Anomaly scores of the held-out normal images (``contamination="auto"``),
         empty otherwise.
-    feature_shape_ : tuple of int
-        (height, width, channels) of the patch-feature grid per image.
+    feature_shape_ : tuple
+        (height, width, channels) of the patch-feature grid per image. With a
+        float ``image_size`` the grid's size varies with the image's, and
+        height and width are ``None``: ``(None, None, channels)``.
     n_train_images_ : int
         Number of normal images the prototypes were learned from.
 
@@ -216,7 +236,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         n_held_out = 0
         if self.contamination == "auto" and len(order) >= _MIN_IMAGES_FOR_HOLDOUT:
             n_held_out = max(1, int(round(_CALIBRATION_FRACTION * len(order))))
-        # Held-out images go last, so the images to learn from are a prefix of
+        # Held-out images go last, so the patches to learn from are a prefix of
         # the feature array and need no copy.
         features = self._extract_features(embedding, images, order, device)
         n_fit = len(order) - n_held_out
@@ -225,25 +245,31 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
 
         self.calibration_scores_ = np.empty(0)
         if n_held_out:
-            protos = self._learn_prototypes(features[:n_fit], seed, device)
+            protos = self._learn_prototypes(features.patches(n_fit), seed, device)
             net = ProtoADNetwork(embedding, protos, crop, self.sigma).to(device)
-            self.calibration_scores_ = self._score_features(net, features[n_fit:], device)
+            held_out = range(n_fit, len(order))
+            self.calibration_scores_ = self._score_features(net, features, held_out, device)
 
-        protos = self._learn_prototypes(features, seed, device)
+        protos = self._learn_prototypes(features.patches(), seed, device)
         self.network_ = ProtoADNetwork(embedding, protos, crop, self.sigma).to(device)
         self.network_.eval()
-        self.feature_shape_ = tuple(features.shape[1:])
+        # with a scale factor the grid follows each image's size: (None, None, C)
+        n_channels = features.shape[2]
+        self.feature_shape_ = features.shape if crop is not None else (None, None, n_channels)
         self.n_train_images_ = len(order)
 
+        everything = range(len(order))
         if self.contamination == "auto":
             if n_held_out:
                 threshold = np.quantile(self.calibration_scores_, _CALIBRATION_QUANTILE)
             else:
                 # Too few images to hold any out: the worst training image.
-                threshold = self._score_features(self.network_, features, device).max()
+                threshold = self._score_features(
+                    self.network_, features, everything, device
+                ).max()
             self.offset_ = -float(threshold)
         else:
-            train_scores = -self._score_features(self.network_, features, device)
+            train_scores = -self._score_features(self.network_, features, everything, device)
             self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
         return self
 
@@ -309,23 +335,33 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         output : {"crop", "input"}, default="crop"
             ``"crop"``: maps on the model's input, i.e. each image resized to
             ``image_size`` and centre-cropped to ``crop_size`` (use these with
-            masks loaded by :func:`skprotoad.datasets.load_masks` for metrics).
+            masks loaded by :func:`skprotoad.datasets.load_masks` for metrics);
+            with a float ``image_size``, each image resized by that factor.
             ``"input"``: maps carried back onto each image's own pixel grid and
-            aspect; pixels cut away by the centre crop are NaN.
+            aspect; pixels cut away by the centre crop are NaN (none with a
+            float ``image_size``, which scores the whole image).
 
         Returns
         -------
         maps : ndarray of shape (n_images, crop_height, crop_width) or list
             float32 ``1 - max cosine`` per patch, bilinearly upsampled and
-            smoothed. With ``output="input"``, a list of (H_i, W_i) arrays, one
-            per image.
+            smoothed. A list of 2-D arrays, one per image, with
+            ``output="input"`` ((H_i, W_i), each image's own size) and with a
+            float ``image_size`` (with ``output="crop"``, each image's resized
+            size).
         """
         if output not in ("crop", "input"):
             raise ValueError(f"output must be 'crop' or 'input', got {output!r}.")
         images = self._check_fitted_input(X)
-        maps = np.empty((len(images), *self.network_.input_size), dtype=np.float32)
-        for index, batch_maps, _ in self._forward(images, keep_maps=True):
-            maps[index] = batch_maps
+        if self.network_.input_size is None:
+            maps = [None] * len(images)
+            for index, batch_maps, _ in self._forward(images, keep_maps=True):
+                for i, m in zip(index, batch_maps):
+                    maps[i] = m
+        else:
+            maps = np.empty((len(images), *self.network_.input_size), dtype=np.float32)
+            for index, batch_maps, _ in self._forward(images, keep_maps=True):
+                maps[index] = batch_maps
         if output == "crop":
             return maps
         return [
@@ -353,10 +389,14 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         Returns
         -------
         masks : ndarray of bool (n_images, crop_height, crop_width) or list
+            A list of 2-D arrays, one per image, whenever :meth:`anomaly_maps`
+            returns one.
         """
         threshold = self.pixel_threshold_ if threshold is None else float(threshold)
         maps = self.anomaly_maps(X, output=output)
         if output == "crop":
+            if isinstance(maps, list):
+                return [m > threshold for m in maps]
             return maps > threshold
         return [np.nan_to_num(m, nan=-np.inf) > threshold for m in maps]
 
@@ -401,7 +441,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             raise ValueError(f"sigma must be finite and >= 0, got {self.sigma}.")
         _check_alignment(self.alignment)
         _check_neighborhood_size(self.neighborhood_size)
-        _images.center_crop_box(self.image_size, self.crop_size)
+        _images.check_geometry(self.image_size, self.crop_size)
         for name in ("mean", "std"):
             value = getattr(self, name)
             if len(np.ravel(value)) != 3 or not np.all(np.isfinite(value)):
@@ -426,6 +466,9 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         self._torch_device()
 
     def _crop_size(self):
+        """The network's fixed input size; None for a scale-factor ``image_size``."""
+        if _images.is_scale(self.image_size):
+            return None
         top, left, height, width = _images.center_crop_box(self.image_size, self.crop_size)
         return (height, width)
 
@@ -469,23 +512,42 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         return tqdm(iterable, total=total, desc=desc, unit="batch")
 
     def _extract_features(self, embedding, images, order, device):
-        """Unit patch features of ``images[order]``, shape (n, h, w, C), float32."""
-        batches = images.batches(self.batch_size, self.image_size, self.crop_size, order)
-        n_batches = -(-len(order) // self.batch_size)
+        """Unit patch features of ``images[order]``, as :class:`_PatchFeatures`.
+
+        All patches of all images go into one preallocated float32 array, image
+        ``k`` of ``order`` at rows ``offsets[k]:offsets[k + 1]``, whatever order
+        the batches (grouped by input size) come in: the full feature set is
+        held once.
+        """
+        order = list(order)
+        multiple = _size_multiple(embedding)
+        stride = embedding.backbone.strides[0]
+        plan = images.plan(self.batch_size, self.image_size, self.crop_size, order, multiple)
+        batches = images.batches(
+            self.batch_size, self.image_size, self.crop_size, multiple=multiple, plan=plan
+        )
+        position = {index: k for k, index in enumerate(order)}
         features = None
-        start = 0
+        if _images.is_scale(self.image_size):
+            # Sizes are multiples of every stride, so each grid is size / stride;
+            # known before extraction, so the array can be allocated first.
+            sizes = images.input_sizes(self.image_size, None, multiple, order)
+            grids = [(-(-h // stride), -(-w // stride)) for h, w in sizes]
+            features = _PatchFeatures(sizes, grids, embedding.n_channels)
         with torch.inference_mode():
-            for chunk, batch in self._progress(batches, n_batches, "features"):
+            for chunk, batch in self._progress(batches, len(plan), "features"):
                 f = embedding(batch.to(device)).permute(0, 2, 3, 1).cpu().numpy()
                 if features is None:
-                    # Filled in place: the full feature set is held once.
-                    features = np.empty((len(order), *f.shape[1:]), dtype=np.float32)
-                features[start : start + len(chunk)] = f
-                start += len(chunk)
+                    # One fixed size: the grid is known from the first batch.
+                    size = tuple(batch.shape[-2:])
+                    features = _PatchFeatures(
+                        [size] * len(order), [f.shape[1:3]] * len(order), f.shape[-1]
+                    )
+                for patches, index in zip(f, chunk):
+                    features.put(position[index], patches)
         return features
 
-    def _learn_prototypes(self, features, seed, device):
-        patches = features.reshape(-1, features.shape[-1])
+    def _learn_prototypes(self, patches, seed, device):
         return torch.from_numpy(
             learn_prototypes(
                 patches,
@@ -498,7 +560,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         )
 
     def _check_enough_patches(self, features, n_fit):
-        n_patches = n_fit * features.shape[1] * features.shape[2]
+        n_patches = len(features.patches(n_fit))
         if self.n_clusters is not None and self.n_clusters > n_patches:
             held_out = len(features) - n_fit
             note = (
@@ -506,19 +568,36 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
                 if held_out
                 else ""
             )
+            grids = set(features.grids[:n_fit])
+            if len(grids) == 1:
+                ((height, width),) = grids
+                what = f"of {height} x {width} patches"
+            else:
+                what = "of varying sizes"
             raise ValueError(
                 f"n_clusters={self.n_clusters} is more than the {n_patches} training "
-                f"patches ({n_fit} images of {features.shape[1]} x {features.shape[2]} "
-                f"patches{note})."
+                f"patches ({n_fit} images {what}{note})."
             )
 
-    def _score_features(self, network, features, device):
-        scores = np.empty(len(features))
+    def _score_features(self, network, features, positions, device):
+        """Anomaly scores of the images at ``positions`` of ``features``.
+
+        Images of one input size are scored together, in batches.
+        """
+        positions = list(positions)
+        scores = np.empty(len(positions))
+        groups = {}
+        for j, k in enumerate(positions):
+            groups.setdefault(features.sizes[k], []).append(j)
         with torch.inference_mode():
-            for start in range(0, len(features), self.batch_size):
-                f = torch.from_numpy(features[start : start + self.batch_size])
-                _, s = network.head(f.to(device).permute(0, 3, 1, 2))
-                scores[start : start + len(f)] = s.cpu().numpy()
+            for size, members in groups.items():
+                for start in range(0, len(members), self.batch_size):
+                    part = members[start : start + self.batch_size]
+                    f = torch.from_numpy(
+                        np.stack([features.image(positions[j]) for j in part])
+                    )
+                    _, s = network.head(f.to(device).permute(0, 3, 1, 2), size)
+                    scores[part] = s.cpu().numpy()
         return scores
 
     def _check_fitted_input(self, X):
@@ -530,10 +609,19 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         device = self._torch_device()
         network = self.network_.to(device)
         crop = network.input_size
-        batches = images.batches(self.batch_size, self.image_size, crop)
-        n_batches = -(-len(images) // self.batch_size)
+        if _images.is_scale(self.image_size) != (crop is None):
+            raise ValueError(
+                f"image_size={self.image_size!r} does not match the fitted network "
+                f"(input size {crop}): image_size was changed after fit; refit, or "
+                f"set it back."
+            )
+        multiple = _size_multiple(network.embedding)
+        plan = images.plan(self.batch_size, self.image_size, crop, multiple=multiple)
+        batches = images.batches(
+            self.batch_size, self.image_size, crop, multiple=multiple, plan=plan
+        )
         with torch.inference_mode():
-            for chunk, batch in self._progress(batches, n_batches, "scoring"):
+            for chunk, batch in self._progress(batches, len(plan), "scoring"):
                 maps, scores = network(batch.to(device))
                 yield chunk, (maps.cpu().numpy() if keep_maps else None), scores.cpu().numpy()
 
@@ -558,6 +646,69 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         super().__setstate__(state)
         if saved is not None:
             self.network_ = _rebuild_network(saved)
+
+
+def _size_multiple(embedding):
+    """Multiple of which scale-mode input sides are: every stride divides it."""
+    return math.lcm(*embedding.backbone.strides)
+
+
+class _PatchFeatures:
+    """Patch features of images of possibly different sizes, in one array.
+
+    Parameters
+    ----------
+    sizes : list of (height, width)
+        Model input size of each image.
+    grids : list of (height, width)
+        Patch grid of each image's features.
+    n_channels : int
+
+    Attributes
+    ----------
+    features : ndarray of shape (n_patches, n_channels), float32
+        Image ``k``'s patches, row-major over its grid, at rows
+        ``offsets[k]:offsets[k + 1]``.
+    """
+
+    def __init__(self, sizes, grids, n_channels):
+        self.sizes = [tuple(int(v) for v in s) for s in sizes]
+        self.grids = [tuple(int(v) for v in g) for g in grids]
+        counts = [h * w for h, w in self.grids]
+        self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self.features = np.empty((int(self.offsets[-1]), int(n_channels)), dtype=np.float32)
+
+    def __len__(self):
+        return len(self.grids)
+
+    @property
+    def shape(self):
+        """(height, width, channels) of a grid; height and width None if they vary."""
+        grids = set(self.grids)
+        (height, width) = grids.pop() if len(grids) == 1 else (None, None)
+        return (height, width, self.features.shape[1])
+
+    def put(self, k, patches):
+        """Store image ``k``'s features, an (h, w, C) array."""
+        if tuple(patches.shape[:2]) != self.grids[k]:
+            raise RuntimeError(
+                f"the backbone gave a {patches.shape[0]} x {patches.shape[1]} feature "
+                f"grid for an input of {self.sizes[k]}, expected {self.grids[k]}."
+            )
+        self.features[self.offsets[k] : self.offsets[k + 1]] = patches.reshape(
+            -1, patches.shape[-1]
+        )
+
+    def patches(self, stop=None):
+        """All patches of the first ``stop`` images (all by default): a view."""
+        end = self.offsets[-1 if stop is None else stop]
+        return self.features[:end]
+
+    def image(self, k):
+        """Image ``k``'s features, (h, w, C): a view."""
+        return self.features[self.offsets[k] : self.offsets[k + 1]].reshape(
+            *self.grids[k], -1
+        )
 
 
 def _describe_network(network):

@@ -6,7 +6,9 @@ which runs without skprotoad, timm or scikit-learn:
 * **input** ``images``: float32 ``(N, 3, crop_h, crop_w)``, RGB in [0, 1], each image
   already resized to ``image_size`` (bilinear, antialiased) and centre-cropped
   to ``crop_size``; :func:`preprocess` does exactly that. The batch size ``N``
-  is free; the spatial size is fixed at export.
+  is free; the spatial size is fixed at export. Models fitted with a float
+  ``image_size`` (a scale factor: the input size varies per image) cannot be
+  exported; every function here raises ``ValueError`` for them.
 * **inside**: ImageNet (``mean``/``std``) normalisation, backbone, join of the
   stages, L2 normalisation, prototypes, ``1 - max cosine``, upsampling,
   Gaussian smoothing and the maximum.
@@ -254,6 +256,15 @@ def _fitted_network(model):
     if not isinstance(model, ProtoADDetector):
         raise TypeError(f"model must be a ProtoADDetector, got {type(model).__name__}.")
     check_is_fitted(model, "network_")
+    if model.network_.input_size is None:
+        # The traced graph and the checked-input wrapper bake in one input size
+        # (the smoothing's border indices, the upsampling size).
+        raise ValueError(
+            f"export needs a fixed input size; this model was fitted with "
+            f"image_size={model.image_size!r}, a scale factor, so its input size "
+            f"varies with each image's. Refit with an int or (height, width) "
+            f"image_size to export, or save it with skprotoad.persistence.save."
+        )
     return model.network_
 
 

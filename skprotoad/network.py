@@ -25,19 +25,21 @@ class GaussianSmoothing(nn.Module):
     Same kernel (truncated at ``truncate * sigma``) and same border rule (scipy's
     default ``mode="reflect"``: the edge pixel is repeated, ``d c b a | a b c d``),
     which torch's own padding modes do not offer, so the padding is an index
-    gather precomputed for the map size.
+    gather, precomputed for ``size`` and computed per call for maps of any
+    other size.
 
     Parameters
     ----------
     sigma : float
         Standard deviation in pixels; 0 disables smoothing.
-    size : tuple of int
-        (height, width) of the maps that will be smoothed.
+    size : tuple of int or None
+        (height, width) of the maps that will usually be smoothed, whose
+        gather indices are precomputed; ``None`` when sizes vary.
     truncate : float, default=4.0
         Kernel radius in standard deviations, as in scipy.
     """
 
-    def __init__(self, sigma: float, size: tuple[int, int], truncate: float = 4.0):
+    def __init__(self, sigma: float, size: tuple[int, int] | None, truncate: float = 4.0):
         super().__init__()
         self.sigma = float(sigma)
         radius = int(truncate * self.sigma + 0.5) if self.sigma > 0 else 0
@@ -46,17 +48,25 @@ class GaussianSmoothing(nn.Module):
         kernel = torch.exp(-0.5 * (x / self.sigma) ** 2) if radius else torch.ones(1)
         kernel = (kernel / kernel.sum()).float()
         self.register_buffer("kernel", kernel, persistent=False)
-        self.register_buffer("rows", _symmetric_index(size[0], radius), persistent=False)
-        self.register_buffer("cols", _symmetric_index(size[1], radius), persistent=False)
+        self.size = None if size is None else (int(size[0]), int(size[1]))
+        if self.size is not None:
+            self.register_buffer("rows", _symmetric_index(self.size[0], radius), persistent=False)
+            self.register_buffer("cols", _symmetric_index(self.size[1], radius), persistent=False)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """Smooth ``maps`` of shape (N, H, W)."""
         if self.radius == 0:
             return maps
         k = self.kernel.to(maps.dtype)
+        height, width = maps.shape[-2], maps.shape[-1]
+        if self.size is not None and (height, width) == self.size:
+            rows, cols = self.rows, self.cols
+        else:
+            rows = _symmetric_index(height, self.radius).to(maps.device)
+            cols = _symmetric_index(width, self.radius).to(maps.device)
         x = maps[:, None]
-        x = F.conv2d(x.index_select(2, self.rows), k.view(1, 1, -1, 1))
-        x = F.conv2d(x.index_select(3, self.cols), k.view(1, 1, 1, -1))
+        x = F.conv2d(x.index_select(2, rows), k.view(1, 1, -1, 1))
+        x = F.conv2d(x.index_select(3, cols), k.view(1, 1, 1, -1))
         return x[:, 0]
 
 
@@ -165,8 +175,11 @@ class ProtoADNetwork(nn.Module):
         The backbone and feature join.
     prototypes : torch.Tensor of shape (n_prototypes, n_channels)
         Prototypes of normal patch features; rows are normalised here.
-    input_size : tuple of int
-        (height, width) of the images the network receives (the crop).
+    input_size : tuple of int or None
+        (height, width) of the images the network receives (the crop); the
+        maps are upsampled to it. ``None``: inputs of any size, each batch's
+        maps at that batch's own size (the detector's scale geometry). A fixed
+        size is what :mod:`skprotoad.export` needs.
     sigma : float, default=4.0
         Gaussian smoothing of the upsampled map; 0 disables it.
 
@@ -193,7 +206,7 @@ class ProtoADNetwork(nn.Module):
         self,
         embedding: PatchEmbedding,
         prototypes: torch.Tensor,
-        input_size: tuple[int, int],
+        input_size: tuple[int, int] | None,
         sigma: float = 4.0,
     ):
         super().__init__()
@@ -205,7 +218,9 @@ class ProtoADNetwork(nn.Module):
                 f"got {tuple(prototypes.shape)}."
             )
         self.embedding = embedding
-        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.input_size = (
+            None if input_size is None else (int(input_size[0]), int(input_size[1]))
+        )
         self.prototype_conv = nn.Conv2d(n_channels, prototypes.shape[0], 1, bias=False)
         self.prototype_conv.weight.data.copy_(
             F.normalize(prototypes, dim=1)[:, :, None, None]
@@ -218,14 +233,26 @@ class ProtoADNetwork(nn.Module):
         """Unit prototypes (n_prototypes, n_channels)."""
         return self.prototype_conv.weight[:, :, 0, 0]
 
-    def head(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Anomaly maps and scores from the embedding's unit-norm features."""
+    def head(
+        self, features: torch.Tensor, size: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomaly maps and scores from the embedding's unit-norm features.
+
+        ``size`` is the (height, width) of the images the features come from,
+        needed when ``input_size`` is None; otherwise ``input_size`` is used.
+        """
+        if self.input_size is not None:
+            size = self.input_size
+        elif size is None:
+            raise ValueError("this network has no fixed input_size: pass the images' size.")
         cosine = self.prototype_conv(features)
         patch_scores = 1.0 - cosine.amax(dim=1, keepdim=True)
         stride = self.embedding.backbone.strides[0]
-        maps = upsample(patch_scores, stride, self.input_size, self.embedding.alignment)[:, 0]
+        maps = upsample(patch_scores, stride, size, self.embedding.alignment)[:, 0]
         maps = self.smoothing(maps)
         return maps, maps.flatten(1).amax(dim=1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.input_size is None:
+            return self.head(self.embedding(images), tuple(images.shape[-2:]))
         return self.head(self.embedding(images))

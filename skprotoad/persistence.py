@@ -109,7 +109,8 @@ def save(model, path, *, overwrite=False):
         "params": _params_to_json(model.get_params(deep=False)),
         "fitted": {
             "offset_": float(model.offset_),
-            "feature_shape_": [int(v) for v in model.feature_shape_],
+            # height and width are None with a scale-factor image_size
+            "feature_shape_": [None if v is None else int(v) for v in model.feature_shape_],
             "n_train_images_": int(model.n_train_images_),
         },
         "network": _describe_network(model.network_),
@@ -390,7 +391,13 @@ def _params_from_json(params):
 def _check_fitted(fitted):
     where = "fitted "
     _require(fitted, "offset_", float, where)
-    _require_list(fitted, "feature_shape_", int, 3, where, positive=True)
+    shape = _require(fitted, "feature_shape_", list, where)
+    # (height, width, channels); height and width are both null when the
+    # model's input size varies (a scale-factor image_size)
+    if len(shape) == 3 and shape[0] is None and shape[1] is None:
+        _require_list({"feature_shape_": shape[2:]}, "feature_shape_", int, 1, where, True)
+    else:
+        _require_list(fitted, "feature_shape_", int, 3, where, positive=True)
     if _require(fitted, "n_train_images_", int, where) < 1:
         raise _Invalid("fitted 'n_train_images_' must be at least 1")
     if set(fitted) != {"offset_", "feature_shape_", "n_train_images_"}:
@@ -408,7 +415,8 @@ def _check_network(network):
     size = _require(network, "neighborhood_size", int, where)
     if size < 1 or size % 2 == 0:
         raise _Invalid("network 'neighborhood_size' must be an odd int >= 1")
-    _require_list(network, "input_size", int, 2, where, positive=True)
+    if network.get("input_size", []) is not None:  # null: any input size
+        _require_list(network, "input_size", int, 2, where, positive=True)
     if _require(network, "sigma", float, where) < 0:
         raise _Invalid("network 'sigma' must be >= 0")
     if _require(network, "n_prototypes", int, where) < 1:
@@ -470,10 +478,15 @@ def _assemble(config, network, calibration, device):
         params["device"] = device
     model = ProtoADDetector(**params)
     fitted = config["fitted"]
-    if tuple(network.input_size) != model._crop_size():
+    if network.input_size != model._crop_size():
         raise _Invalid(
             f"the network's input size {network.input_size} is not the crop "
             f"{model._crop_size()} of its parameters"
+        )
+    if (fitted["feature_shape_"][0] is None) != (network.input_size is None):
+        raise _Invalid(
+            f"fitted 'feature_shape_' {fitted['feature_shape_']} does not match the "
+            f"network's input size {network.input_size}"
         )
     if fitted["feature_shape_"][2] != network.embedding.n_channels:
         raise _Invalid(
