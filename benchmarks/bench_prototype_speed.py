@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from skprotoad.backbones import create_feature_extractor
 from skprotoad.network import PatchEmbedding, ProtoADNetwork
@@ -44,8 +45,16 @@ def main():
                 t = time.perf_counter()
                 nets[k](x)
                 best[k] = min(best[k], time.perf_counter() - t)
+        def gflop(module):
+            with FlopCounterMode(display=False) as counter:
+                module(x[:1])
+            return counter.get_total_flops() / 1e9
+
+        flops = {k: gflop(nets[k]) for k in KS}
+        embedding_flops = gflop(embedding)
     base = min(backbone_only)
-    rows = [{"n_prototypes": k, "images_per_s": round(len(x) / best[k], 1),
+    rows = [{"n_prototypes": k, "gflop_per_image": round(flops[k], 2),
+             "head_flop_share": round(1 - embedding_flops / flops[k], 2), "images_per_s": round(len(x) / best[k], 1),
              "relative_to_1000": round(best[1000] / best[k], 2),
              "head_share": round(1 - base / best[k], 2)} for k in KS]
     out = HERE / "results"
@@ -59,9 +68,12 @@ def main():
              f"{os.getloadavg()[0]:.1f} at the end). Backbone and feature join alone: "
              f"{len(x) / base:.1f} images/s. head_share: the part of the time spent after the "
              "feature join (1x1 prototype convolution, max, upsampling, smoothing).", "",
-             "| n_prototypes | images/s | speed relative to 1,000 | head_share |", "|---|---|---|---|"]
-    lines += [f"| {r['n_prototypes']} | {r['images_per_s']} | {r['relative_to_1000']} | "
-              f"{r['head_share']} |" for r in rows]
+             f"GFLOP: counted by torch.utils.flop_counter for one image (backbone and join: "
+             f"{embedding_flops:.2f}); unlike the times, they do not depend on the machine's load.", "",
+             "| n_prototypes | GFLOP / image | head share of FLOPs | images/s | speed relative to 1,000 | head share of time |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['n_prototypes']} | {r['gflop_per_image']} | {r['head_flop_share']} | "
+              f"{r['images_per_s']} | {r['relative_to_1000']} | {r['head_share']} |" for r in rows]
     (out / "prototype_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
