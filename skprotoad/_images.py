@@ -107,6 +107,19 @@ class ImageSequence:
             return _as_float(self._array[index], f"{self.name}[{index}]", checked=True)
         return load_image(self._items[index], f"{self.name}[{index}]")
 
+    def cache_token(self):
+        """What identifies these images' content, for :func:`joblib.hash`.
+
+        An array input is itself (joblib hashes its bytes); a list gives one
+        entry per item: arrays and PIL images by their pixels, files by
+        resolved path, size and modification time (not their bytes, which
+        would mean reading every file twice). A file that cannot be found is
+        left to the loader, which names it.
+        """
+        if self._array is not None:
+            return self._array
+        return [_item_token(item) for item in self._items]
+
     def original_size(self, index):
         """(height, width) of image ``index`` before resizing."""
         if self._array is not None:
@@ -174,6 +187,20 @@ def load_image(item, where="image"):
             return _pil_to_float(img, f"{where} ({path})")
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"{where}: cannot read image {path}: {exc}") from exc
+
+
+def _item_token(item):
+    if isinstance(item, np.ndarray):
+        return item
+    if _is_pil(item):
+        palette = item.getpalette() if item.mode == "P" else None
+        return ("pil", item.mode, item.size, palette, np.asarray(item))
+    path = Path(item)
+    try:
+        stat = path.stat()
+    except OSError:
+        return ("missing", str(path))
+    return ("file", str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def _is_pil(obj):
