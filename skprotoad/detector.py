@@ -556,12 +556,35 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
 
     def _patch_features(self, embedding, images, order, device, seed):
         """:meth:`_extract_features`, through the ``memory`` cache when one is set."""
-        extract = functools.partial(self._extract_features, embedding, images, order, device)
+
+        def extract():
+            self._check_backbone_runs(embedding, device)
+            return self._extract_features(embedding, images, order, device)
+
         memory = _cache.check_feature_memory(self.memory)
         if memory is None:
             return extract()
         key = _cache.feature_key(self, images, seed)
         return _cache.patch_features(memory, key, order, extract)
+
+    def _check_backbone_runs(self, embedding, device):
+        """Run one blank crop through the embedding before the real images.
+
+        A backbone that cannot take this input (a vision transformer built for
+        another size, say) then fails with a ValueError naming the backbone
+        and the crop, not with an error from deep inside torch or timm.
+        """
+        crop = self._crop_size()
+        try:
+            with torch.inference_mode():
+                embedding(torch.zeros(1, 3, *crop, device=device))
+        except (RuntimeError, AssertionError, ValueError, IndexError, TypeError) as exc:
+            if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+                raise
+            raise ValueError(
+                f"backbone {self.backbone!r} with layers {tuple(self.layers)} cannot "
+                f"process {crop[0]} x {crop[1]} crops: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def _learn_prototypes(self, features, seed, device):
         patches = features.reshape(-1, features.shape[-1])
