@@ -238,8 +238,7 @@ def _markdown(result):
     ]
     for row in result["fit"]:
         if "error" in row:
-            lines.append(f"| {row['label']} | {result['config']['n_fit']} | | | | | | | "
-                         f"{row['error']} |")
+            lines.append(f"| {row['label']} | | | | | | | | {row['error']} |")
             continue
         h, w, c = row["feature_shape"]
         lines.append(
@@ -283,9 +282,14 @@ def main(argv=None):
     parser.add_argument("--save-model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--finch", action="store_true", help="also fit with default FINCH")
+    parser.add_argument("--finch-n-fit", type=int, default=500,
+                        help="training images of the FINCH row (FINCH needs several "
+                        "times the feature array; 2,000 images do not fit in 24 GB)")
     parser.add_argument("--finch-timeout", type=int, default=5400)
     parser.add_argument("--skip-fit", action="store_true",
                         help="reuse the k-means row and model of an earlier run")
+    parser.add_argument("--skip-predict", action="store_true",
+                        help="reuse the predict result of an earlier run")
     parser.add_argument("--notes", default="", help="a paragraph added to memory.md")
     parser.add_argument("--output", default="memory")
     args = parser.parse_args(argv)
@@ -317,12 +321,16 @@ def main(argv=None):
         fit_rows[0]["label"] = "kmeans" if args.clustering == "kmeans" else fit_rows[0]["label"]
         print(json.dumps({k: v for k, v in row.items() if k != "rss_timeline"}), file=sys.stderr)
     if args.finch:
-        row = _run_phase("fit", args, ["--clustering", "finch", "--n-clusters", "0"],
+        finch_args = argparse.Namespace(**{**vars(args), "n_fit": args.finch_n_fit})
+        row = _run_phase("fit", finch_args, ["--clustering", "finch", "--n-clusters", "0"],
                          timeout=args.finch_timeout)
         fit_rows.append({"label": "finch (default, 1,000 prototypes)", **row})
         print(json.dumps({k: v for k, v in row.items() if k != "rss_timeline"}),
               file=sys.stderr)
-    predict = _run_phase("predict", args, ["--model", str(model)])
+    if args.skip_predict and previous.is_file():
+        predict = json.loads(previous.read_text())["predict"]
+    else:
+        predict = _run_phase("predict", args, ["--model", str(model)])
     print(json.dumps({k: v for k, v in predict.items() if k != "rss_timeline"}), file=sys.stderr)
     result = {
         "meta": {

