@@ -136,13 +136,13 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         Number of torch threads (intra-op parallelism) that :meth:`fit`,
         :meth:`score_samples`, :meth:`predict` and the other scoring methods
         use, set for the duration of each call and restored afterwards.
-        ``None`` leaves torch's setting as it is (by default one thread per
-        core; inside joblib's process workers, as in
-        ``GridSearchCV(n_jobs=k)``, ``cpu_count // k``, so parallel fits do
-        not oversubscribe the CPUs). ``-1`` means all CPUs, ``-2`` all but
-        one, and so on. Threads running fits concurrently in one process
-        (joblib's threading backend, Dask workers with ``processes=False``)
-        each use this many threads: set it to ``cores // n_workers`` there.
+        ``-1`` means all CPUs, ``-2`` all but one, and so on. ``None`` leaves
+        torch's setting as it is: by default one thread per core, and
+        ``cpu_count // k`` inside joblib's process workers (as in
+        ``GridSearchCV(n_jobs=k)``) and 1 in Dask's, so parallel fits do not
+        oversubscribe the CPUs: leave it at ``None`` there. Where fits run
+        as threads of one process (joblib's threading backend, Dask with
+        ``processes=False``) nothing limits them: set ``cores // n_workers``.
     memory : None, str, path or joblib.Memory, default=None
         Cache of the patch features that :meth:`fit` extracts, a folder or a
         :class:`joblib.Memory`, as in :class:`~sklearn.pipeline.Pipeline`.
