@@ -100,6 +100,14 @@ BENCHMARKS = {
         "Time and peak memory of the pixel-level metrics.",
         "PYTHONPATH=. python benchmarks/bench_metrics.py",
     ),
+    "feature_cache": (
+        "GridSearchCV with and without the feature cache (memory=).",
+        "PYTHONPATH=. nice -n 10 python benchmarks/bench_feature_cache.py",
+    ),
+    "memory": (
+        "Peak memory of fit on 2,000 images and memory of streamed scoring.",
+        "PYTHONPATH=. nice -n 10 python benchmarks/bench_memory.py",
+    ),
 }
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# Pillow modes of 16-bit and float images, refused: their scale is unknown.
+HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def check_size(value, name, allow_none=False):
@@ -155,6 +158,11 @@ class ImageSequence:
         if isinstance(X, np.ndarray):
             self._array = _check_array_batch(X, name)
             self._items = None
+        elif isinstance(X, Mapping):
+            raise TypeError(
+                f"{name} must be a sequence of images, got a {type(X).__name__}; pass "
+                f"its values as a list."
+            )
         elif _is_pil(X) or isinstance(X, torch.Tensor):
             raise TypeError(
                 f"{name} must be a sequence of images; wrap a single image in a list"
@@ -183,6 +191,19 @@ class ImageSequence:
             return _as_float(self._array[index], f"{self.name}[{index}]", checked=True)
         return load_image(self._items[index], f"{self.name}[{index}]")
 
+    def cache_token(self):
+        """What identifies these images' content, for :func:`joblib.hash`.
+
+        An array input is itself (joblib hashes its bytes); a list gives one
+        entry per item: arrays and PIL images by their pixels, files by
+        resolved path, size and modification time (not their bytes, which
+        would mean reading every file twice). A file that cannot be found is
+        left to the loader, which names it.
+        """
+        if self._array is not None:
+            return self._array
+        return [_item_token(item) for item in self._items]
+
     def original_size(self, index):
         """(height, width) of image ``index`` before resizing."""
         if self._array is not None:
@@ -192,9 +213,7 @@ class ImageSequence:
             return tuple(item.shape[:2])
         if _is_pil(item):
             return (item.height, item.width)
-        from PIL import Image
-
-        with Image.open(item) as img:
+        with _open_image(item, f"{self.name}[{index}]") as img:
             return (img.height, img.width)
 
     def input_sizes(self, image_size, crop_size, multiple=1, indices=None):
@@ -283,18 +302,52 @@ def load_image(item, where="image"):
     if _is_pil(item):
         return _pil_to_float(item, where)
     path = Path(item)
+    with _open_image(path, where) as img:
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ValueError(f"{where}: cannot read image {path}: {exc}") from exc
+        return _pil_to_float(img, f"{where} ({path})")
+
+
+def _open_image(path, where):
+    """``PIL.Image.open(path)``, every way it can fail a ValueError naming the file.
+
+    Pillow's decompression-bomb guard (images of more than twice
+    ``PIL.Image.MAX_IMAGE_PIXELS`` pixels, 179 million by default, refused from
+    their header) is kept: such an image would need gigabytes as floats.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    path = Path(path)
     if not path.exists():
         raise ValueError(f"{where}: image file not found: {path}")
     if path.is_dir():
         raise ValueError(f"{where}: {path} is a directory, not an image file.")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return _pil_to_float(img, f"{where} ({path})")
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        return Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise ValueError(
+            f"{where}: {path} is too large to decode safely: {exc} If the file is "
+            f"trusted and memory allows, raise PIL.Image.MAX_IMAGE_PIXELS; else "
+            f"downscale it first."
+        ) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"{where}: cannot read image {path}: {exc}") from exc
+
+
+def _item_token(item):
+    if isinstance(item, np.ndarray):
+        return item
+    if _is_pil(item):
+        palette = item.getpalette() if item.mode == "P" else None
+        return ("pil", item.mode, item.size, palette, np.asarray(item))
+    path = Path(item)
+    try:
+        stat = path.stat()
+    except OSError:
+        return ("missing", str(path))
+    return ("file", str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def _is_pil(obj):
@@ -349,7 +402,20 @@ def _check_channels(shape, where, batch):
             )
     elif len(shape) != (3 if batch else 2):
         expected = "(N, H, W) or (N, H, W, C)" if batch else "(H, W) or (H, W, C)"
-        raise ValueError(f"{where} has shape {shape}: expected {expected}.")
+        hint = ""
+        if batch and len(shape) == 2:
+            hint = f" For one grey image, pass {where}[None] or [image]."
+        elif batch and len(shape) == 1:
+            hint = " Images of different sizes go in a list, not an array."
+        raise ValueError(f"{where} has shape {shape}: expected {expected}.{hint}")
+    elif batch and len(shape) == 3 and shape[-1] in (1, 3) and min(shape[:2]) > 3:
+        # (N, H, W) grey images 1 or 3 pixels wide: surely one image (H, W, C)
+        kind = "RGB" if shape[-1] == 3 else "grey"
+        raise ValueError(
+            f"{where} has shape {shape}: read as (N, H, W), that would be {shape[0]} "
+            f"images {shape[-1]} pixel(s) wide. It looks like one {kind} image "
+            f"(H, W, C): pass {where}[None] or [image]."
+        )
     if batch and shape[0] == 0:
         raise ValueError(f"{where} is empty: at least one image is needed.")
     if min(shape) == 0:
@@ -378,14 +444,30 @@ def _as_float(arr, where, checked=False):
 
 
 def _pil_to_float(img, where):
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+    if img.mode in HIGH_BIT_DEPTH_MODES:
         raise ValueError(
             f"{where} is a {img.mode} (16-bit or float) image; convert it to 8-bit, "
             f"or pass it as a float array scaled to [0, 1]."
         )
     if img.mode not in ("L", "RGB"):
+        if _has_transparency(img):
+            raise ValueError(
+                f"{where} is a {img.mode} image with transparent pixels, whose colour is "
+                f"undefined; composite it onto a background (or drop the alpha "
+                f"channel) first."
+            )
+        # opaque alpha, palettes, CMYK, YCbCr, 1-bit: plain RGB
         img = img.convert("RGB")
     return _as_float(np.asarray(img), where, checked=True)
+
+
+def _has_transparency(img):
+    if "A" in img.getbands() or "a" in img.getbands():
+        alpha = img.getchannel("A" if "A" in img.getbands() else "a")
+        return alpha.getextrema()[0] < 255
+    if "transparency" in img.info:  # a palette entry or colour key marked transparent
+        return img.convert("RGBA").getchannel("A").getextrema()[0] < 255
+    return False
 
 
 def crop_map_to_input(crop_map, original_size, image_size, crop_size):

@@ -11,6 +11,7 @@ the stem (stride 2) and 1, 2, 3, 4 are ``layer1`` .. ``layer4`` (strides 4, 8, 1
 from __future__ import annotations
 
 import os
+import threading
 import urllib.error
 from collections import OrderedDict
 from pathlib import Path
@@ -37,6 +38,12 @@ _TORCHVISION_WEIGHTS = {
     "wide_resnet50_2": "Wide_ResNet50_2_Weights",
     "wide_resnet101_2": "Wide_ResNet101_2_Weights",
 }
+
+
+# Random initialisation seeds torch's global generator: fits running in threads
+# of one process (joblib's threading backend, Dask with processes=False) would
+# otherwise interleave their draws and get other weights than a sequential fit.
+_INIT_LOCK = threading.Lock()
 
 
 class WeightsUnavailableError(OSError):
@@ -200,7 +207,7 @@ def _create_timm_model(name, seed=0):
             f"Unknown backbone {name!r}: not a timm model name. Examples: "
             f"'wide_resnet50_2', 'resnet18', {OFFLINE_BACKBONE!r}."
         )
-    with torch.random.fork_rng(devices=[]):
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = timm.create_model(name, pretrained=False)
     if not hasattr(model, "forward_intermediates") or not hasattr(model, "feature_info"):

@@ -413,6 +413,12 @@ def main(argv=None):
             raise
         _error(_describe(exc))
         return EXIT_FAILURE
+    except Exception as exc:  # a bug, or a library error of an unexpected type
+        if args.debug:
+            raise
+        _error(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the "
+               f"traceback, and please report it)")
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -515,12 +521,16 @@ def collect_images(inputs):
 
 
 def _unreadable_reason(path):
-    """Why PIL cannot open ``path``'s header, or None; cheap, no pixel decoding."""
+    """Why ``path`` cannot be used, from its header only (no pixel decoding), or None."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            img.size  # noqa: B018 - the header is parsed on open
+            if img.mode in _images.HIGH_BIT_DEPTH_MODES:
+                return (f"a {img.mode} (16-bit or float) image; convert it to 8-bit "
+                        f"(or pass it to the Python API as a float array in [0, 1])")
+    except Image.DecompressionBombError as exc:
+        return f"too large to decode safely: {exc}"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         return f"cannot read image: {exc}"
     return None
@@ -920,6 +930,11 @@ def _cmd_predict(args):
     _require_images(paths, args.inputs)
     overrides = {k: getattr(args, k) for k in ("batch_size", "device") if getattr(args, k) is not None}
     detector.set_params(verbose=False, **overrides)
+    try:
+        # checked here: in the scoring loop it would read as a problem of each file
+        detector._torch_device()
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
     vmin, vmax = color_range(detector, args.threshold, args.vmin, args.vmax)
     if not 0.0 <= args.alpha <= 1.0:
         raise CommandError(f"--alpha must be in [0, 1], got {args.alpha}.", EXIT_USAGE)

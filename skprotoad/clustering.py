@@ -91,9 +91,19 @@ def _check_X(X, *, min_samples=1):
     if X.shape[1] < 1:
         raise ValueError(f"X must have at least 1 feature, got shape {X.shape}.")
     X = np.ascontiguousarray(X, dtype=np.float32)
-    if not np.isfinite(X).all():
+    if not all(np.isfinite(X[rows]).all() for rows in _row_blocks(X)):
         raise ValueError("X contains NaN or infinity.")
     return X
+
+
+# Elements per block of the element-wise passes over an input (norms,
+# finiteness): their temporaries stay at 64 MiB as float32, not the size of X.
+_PASS_ENTRIES = 2**24
+
+
+def _row_blocks(X):
+    rows = max(1, _PASS_ENTRIES // max(1, X.shape[1]))
+    return (slice(start, start + rows) for start in range(0, len(X), rows))
 
 
 def _check_n_clusters(n_clusters, n_samples):
@@ -128,9 +138,13 @@ def _normalize_rows(X):
     """Return ``X`` with unit rows; zero rows stay zero (cosine 0 to all).
 
     Already unit float32 rows are returned as they are: a copy of a
-    2.4-million-row input would cost 1.7 GB.
+    2.4-million-row input would cost 1.7 GB. The norms are computed block by
+    block, since ``np.linalg.norm`` squares its whole input into a temporary
+    of the same size (the same numbers, row by row).
     """
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    norms = np.empty((len(X), 1), dtype=np.result_type(X.dtype, np.float32))
+    for rows in _row_blocks(X):
+        norms[rows] = np.linalg.norm(X[rows], axis=1, keepdims=True)
     if X.dtype == np.float32 and np.all(np.abs(norms - 1.0) <= 1e-5):
         return X
     norms[norms == 0] = 1.0

@@ -33,7 +33,13 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._files import refuse_existing, write_new_file
 from ._version import __version__
-from .detector import _FORMAT_VERSION, ProtoADDetector, _build_network, _describe_network
+from .detector import (
+    _ADDED_PARAMS,
+    _FORMAT_VERSION,
+    ProtoADDetector,
+    _build_network,
+    _describe_network,
+)
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
 
@@ -149,6 +155,14 @@ def _params_to_json(params):
             warnings.warn(
                 "random_state is a RandomState instance, which the safe format cannot "
                 "hold; it is saved as None (it only matters when refitting).",
+                UserWarning,
+                stacklevel=3,
+            )
+            value = None
+        if name == "memory" and value is not None and not isinstance(value, (str, os.PathLike)):
+            warnings.warn(
+                "memory is a joblib.Memory, which the safe format cannot hold; it is "
+                "saved as None (it only matters when refitting).",
                 UserWarning,
                 stacklevel=3,
             )
@@ -311,7 +325,11 @@ def _check_config(config):
             )
     for key in ("skprotoad_version", "torch_version", "timm_version", "tensors_sha256"):
         _require(config, key, str)
-    _check_params(_require(config, "params", dict))
+    params = _require(config, "params", dict)
+    # Files written before a parameter existed load with its default.
+    for name, default in _ADDED_PARAMS.items():
+        params.setdefault(name, default)
+    _check_params(params)
     _check_fitted(_require(config, "fitted", dict))
     _check_network(_require(config, "network", dict))
     extra = set(config) - {

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -354,3 +355,125 @@ def test_demo_small(tmp_path, capsys):
 
     code, _, err = _run(argv, capsys)
     assert code == 2 and "not empty" in err
+
+
+# ------------------------------------------------------------- bad input
+
+
+def _png_header_only(path, width, height):
+    """A PNG whose header claims width x height pixels (no pixel data)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+
+
+_BAD_FILES = {
+    "huge.png": lambda p, ok: _png_header_only(p, 20000, 20000),
+    "deep.png": lambda p, ok: Image.fromarray(np.zeros((8, 8), np.uint16)).save(p),
+    "float.tiff": lambda p, ok: Image.fromarray(np.zeros((8, 8), np.float32)).save(p),
+    "clear.png": lambda p, ok: Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(p),
+    "cut.png": lambda p, ok: p.write_bytes(ok.read_bytes()[:300]),
+    "fake.png": lambda p, ok: p.write_text("not an image"),
+    "notes.txt": lambda p, ok: p.write_text("not an image"),
+}
+
+
+@pytest.mark.parametrize(
+    "command, bad, code, message",
+    [
+        # fit: header problems are skipped and reported, the fit goes on ...
+        ("fit", "huge.png", 0, "too large to decode safely"),
+        ("fit", "deep.png", 0, "16-bit or float"),
+        ("fit", "float.tiff", 0, "16-bit or float"),
+        ("fit", "fake.png", 0, "cannot identify image"),
+        ("fit", "notes.txt", 0, "not an image file"),
+        # ... what only decoding finds stops it, naming the file
+        ("fit", "clear.png", 1, r"clear.png\) is a RGBA image with transparent pixels"),
+        ("fit", "cut.png", 1, "cannot read image .*cut.png"),
+        # predict skips them all, lists them in skipped.csv, scores the rest
+        ("predict", "huge.png", 0, "too large to decode safely"),
+        ("predict", "deep.png", 0, "16-bit or float"),
+        ("predict", "clear.png", 0, "transparent pixels"),
+        ("predict", "cut.png", 0, "truncated"),
+        ("predict", "fake.png", 0, "cannot identify image"),
+    ],
+)
+def test_bad_image_files(command, bad, code, message, folders, model, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    good = sorted((folders / "train").glob("*.png"))[:6]
+    for p in good:
+        (images / p.name).write_bytes(p.read_bytes())
+    _BAD_FILES[bad](images / bad, good[0])
+    if command == "fit":
+        argv = ["fit", images, "-o", tmp_path / "m.joblib", "-q", *TINY_OPTIONS]
+    else:
+        argv = ["predict", model, images, "-o", tmp_path / "out", "-q"]
+    got, _, err = _run(argv, capsys)
+    assert got == code, err
+    assert "Traceback" not in err and bad in err
+    assert re.search(message, err), err
+    if command == "predict":
+        skipped = _read_csv(tmp_path / "out" / "skipped.csv")
+        assert [r["path"] for r in skipped] == [str(images / bad)]
+        assert len(_read_csv(tmp_path / "out" / "scores.csv")) == len(good)
+    elif code == 0:
+        assert joblib.load(tmp_path / "m.joblib").n_train_images_ == len(good)
+    else:
+        assert err.startswith("skprotoad: error: ") and not (tmp_path / "m.joblib").exists()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--layers", "2", "1"], "strictly increasing"),
+        (["--layers", "1", "1"], "without repeats"),
+        (["--layers", "1", "9"], "out of range"),
+        (["--backbone", "no_such_net"], "Unknown backbone"),
+        (["--backbone", "vit_tiny_patch16_224"], "cannot process 64 x 64 crops"),
+        (["--n-clusters", "100000"], "more than the .* training patches"),
+        (["--crop-size", "100"], "larger than image_size"),
+        (["--weights", "/no/such/weights.pth"], "Weights file not found"),
+        (["--neighborhood-size", "2"], "neighborhood_size"),
+        (["--contamination", "0.9"], "contamination"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_bad_detector_options_are_one_clean_line(options, message, folders, tmp_path, capsys):
+    argv = ["fit", folders / "train", "-o", tmp_path / "m.joblib", "-q", *TINY_OPTIONS, *options]
+    code, _, err = _run(argv, capsys)
+    assert code == 1 and err.startswith("skprotoad: error: ") and err.count("\n") == 1
+    assert re.search(message, err), err
+    assert not (tmp_path / "m.joblib").exists()
+
+
+def test_predict_refuses_bad_runtime_options_and_unfitted_models(model, folders, tmp_path, capsys):
+    from skprotoad import ProtoADDetector
+
+    code, _, err = _run(["predict", model, folders / "test", "-o", tmp_path / "o", "-q",
+                         "--device", "tpu"], capsys)
+    assert code == 2 and "device must be" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+    joblib.dump(ProtoADDetector(), tmp_path / "unfitted.joblib")
+    code, _, err = _run(["predict", tmp_path / "unfitted.joblib", folders / "test", "-o",
+                         tmp_path / "o", "-q"], capsys)
+    assert code == 1 and "not fitted" in err
+
+
+def test_unexpected_errors_are_one_clean_line(folders, tmp_path, capsys, monkeypatch):
+    from skprotoad import cli
+
+    def broken(*args, **kwargs):
+        raise KeyError("something internal")
+
+    monkeypatch.setattr(cli, "_make_detector", broken)
+    code, _, err = _run(["fit", folders / "train", "-o", tmp_path / "m.joblib", "-q"], capsys)
+    assert code == 1 and "unexpected KeyError" in err and "--debug" in err
+    assert "Traceback" not in err

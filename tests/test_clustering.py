@@ -395,3 +395,23 @@ def test_verbose_reports_progress(capsys):
     out = capsys.readouterr()
     assert "FINCH partition 0" in out.err  # stderr: stdout is for results
     assert "FINCH partition" not in out.out
+
+
+def test_input_passes_need_no_copy_of_the_input(monkeypatch):
+    """Finiteness check and norms of a unit input allocate far less than X
+    (np.linalg.norm over all of X squares it into a temporary as large)."""
+    import tracemalloc
+
+    from skprotoad import clustering
+    from skprotoad.clustering import _check_X, _normalize_rows
+
+    monkeypatch.setattr(clustering, "_PASS_ENTRIES", 2**18)  # blocks of 1 MiB here
+    X = np.random.default_rng(0).standard_normal((300_000, 64), dtype=np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    tracemalloc.start()
+    try:
+        assert _normalize_rows(_check_X(X)) is X
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.2 * X.nbytes, peak

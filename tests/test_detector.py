@@ -155,7 +155,15 @@ def test_auto_contamination_with_few_images_uses_the_worst(normal_images):
         ({"device": "tpu"}, ValueError, "device"),
         ({"backbone": "no_such_net"}, ValueError, "Unknown backbone"),
         ({"layers": (2, 1)}, ValueError, "strictly increasing"),
+        ({"layers": (1, 1)}, ValueError, "without repeats"),
+        ({"layers": ()}, ValueError, "at least one stage"),
         ({"layers": (1, 9)}, ValueError, "out of range"),
+        ({"layers": 2}, TypeError, "sequence of stage indices"),
+        ({"backbone": "vit_tiny_patch16_224", "layers": (1,)}, ValueError,
+         "cannot process 64 x 64 crops"),
+        ({"weights": "/no/such/file.pth"}, OSError, "not found"),
+        ({"n_jobs": 0}, ValueError, "n_jobs"),
+        ({"memory": 5}, ValueError, "memory must be"),
     ],
 )
 def test_bad_parameters_are_named_at_fit(normal_images, params, error, match):
@@ -165,11 +173,22 @@ def test_bad_parameters_are_named_at_fit(normal_images, params, error, match):
 
 def test_methods_before_fit_raise_not_fitted(synthetic):
     det = ProtoADDetector(**TINY)
-    for method in ("score_samples", "decision_function", "predict", "anomaly_maps"):
+    for method in ("score_samples", "decision_function", "predict", "anomaly_maps",
+                   "predict_masks"):
         with pytest.raises(NotFittedError):
             getattr(det, method)(synthetic.X_test)
-    with pytest.raises(NotFittedError):
-        det.prototypes_
+    for attribute in ("prototypes_", "pixel_threshold_"):
+        with pytest.raises(NotFittedError):
+            getattr(det, attribute)
+
+
+def test_images_smaller_than_the_crop_are_upsampled(tiny_detector, synthetic):
+    """Every image is resized to image_size first: a tiny one is upsampled."""
+    tiny = [synthetic.X_test[0][:5, :7], synthetic.X_test[1][:1, :1, 0]]
+    assert tiny_detector.anomaly_maps(tiny).shape == (2, 64, 64)
+    maps = tiny_detector.anomaly_maps(tiny, output="input")
+    assert [m.shape for m in maps] == [(5, 7), (1, 1)]
+    assert np.isfinite(tiny_detector.score_samples(tiny)).all()
 
 
 # ------------------------------------------------- scikit-learn integration

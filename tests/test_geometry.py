@@ -406,7 +406,6 @@ def scale_mvtec(tmp_path_factory, synthetic):
     from PIL import Image
 
     cat = tmp_path_factory.mktemp("scale_mvtec") / "tiles"
-    folders = {}
 
     def save(array, folder, name):
         (cat / folder).mkdir(parents=True, exist_ok=True)

@@ -87,6 +87,22 @@ def test_resize_and_crop_keeps_a_feature_in_place():
         (3, TypeError, "got int"),
         ([np.zeros((8, 8)), 5], TypeError, r"X\[1\]"),
         ([np.zeros((8, 8, 2))], ValueError, r"X\[0\]"),
+        # one image where a batch is expected
+        (np.zeros((64, 48, 3), np.uint8), ValueError, r"one RGB image .*X\[None\]"),
+        (np.zeros((64, 48, 1), np.uint8), ValueError, "one grey image"),
+        (np.zeros((64, 48), np.uint8), ValueError, r"one grey image, pass X\[None\]"),
+        # mixed sizes in an object array, mappings
+        (np.array([np.zeros((8, 8)), np.zeros((9, 9))], dtype=object), ValueError, "in a list"),
+        ({"a": np.zeros((8, 8))}, TypeError, "got a dict"),
+        # values and dtypes
+        (np.full((1, 8, 8), np.inf, np.float32), ValueError, "NaN or infinite"),
+        (np.full((1, 8, 8), -0.5), ValueError, r"\[0, 1\]"),
+        (np.zeros((1, 8, 8), np.uint16), TypeError, "dtype uint16"),
+        # the same checks on the items of a list
+        ([np.zeros((3, 8, 8), np.uint8)], ValueError, r"X\[0\].*channel-first"),
+        ([np.zeros((8, 8, 4), np.uint8)], ValueError, r"X\[0\].*RGBA"),
+        ([np.full((8, 8), 255.0)], ValueError, r"X\[0\].*\[0, 1\]"),
+        ([np.zeros((8, 8), np.uint16)], TypeError, r"X\[0\].*uint16"),
     ],
 )
 def test_bad_input_is_named(X, error, match):
@@ -107,6 +123,57 @@ def test_file_problems_are_named(tmp_path):
     Image.fromarray(np.zeros((4, 4), np.uint16)).save(deep)
     with pytest.raises(ValueError, match="16-bit"):
         load_image(deep)
+
+
+def _png_header_only(path, width, height):
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+
+
+def _palette_with_transparency(path):
+    img = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) % 4).convert("P")
+    img.info["transparency"] = 0
+    img.save(path, transparency=0)
+
+
+_BAD_FILES = [
+    ("huge.png", lambda p: _png_header_only(p, 20000, 20000), "too large to decode safely"),
+    ("rgba.png", lambda p: Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(p),
+     "RGBA image with transparent pixels"),
+    ("la.png", lambda p: Image.fromarray(np.zeros((8, 8, 2), np.uint8), "LA").save(p),
+     "LA image with transparent pixels"),
+    ("palette.png", _palette_with_transparency, "transparent pixels"),
+    ("float.tiff", lambda p: Image.fromarray(np.zeros((8, 8), np.float32)).save(p),
+     "16-bit or float"),
+    ("text.png", lambda p: p.write_text("hello"), "cannot identify image"),
+    ("notes.txt", lambda p: p.write_text("hello"), "cannot identify image"),
+]
+
+
+@pytest.mark.parametrize("name, make, match", _BAD_FILES, ids=[b[0] for b in _BAD_FILES])
+def test_bad_files_are_named(tmp_path, name, make, match):
+    path = tmp_path / name
+    make(path)
+    with pytest.raises(ValueError, match=match):
+        load_image(path)
+    with pytest.raises(ValueError, match=name):
+        ImageSequence([path]).load(0)
+    if name == "huge.png":  # refused from the header, before any decoding
+        with pytest.raises(ValueError, match="too large"):
+            ImageSequence([path]).original_size(0)
+
+
+def test_opaque_alpha_is_dropped(tmp_path, rgb):
+    path = tmp_path / "opaque.png"
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])).save(path)
+    np.testing.assert_array_equal(load_image(path), load_image(rgb))
 
 
 def test_truncated_file_is_named(tmp_path, rgb):

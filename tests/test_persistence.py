@@ -343,3 +343,36 @@ def test_loading_runs_no_code(tiny_detector, tmp_path):
         config=_setter("params.weights", payload),
     )
     assert persistence.load(path).weights == payload
+
+
+# ------------------------------------------------ parameters added later
+
+
+def test_models_saved_before_n_jobs_and_memory_load(tiny_detector, saved, tmp_path, X):
+    """Files written before the n_jobs and memory parameters existed."""
+
+    def drop_new_params(config):
+        for name in ("n_jobs", "memory"):
+            config["params"].pop(name)
+
+    path = _rewrite(saved, tmp_path / "old.safetensors", config=drop_new_params)
+    state = tiny_detector.__getstate__()
+    del state["n_jobs"], state["memory"]
+    unpickled = ProtoADDetector.__new__(ProtoADDetector)
+    unpickled.__setstate__(state)
+    for loaded in (persistence.load(path), unpickled):
+        assert loaded.n_jobs is None and loaded.memory is None
+        _assert_same_model(loaded, tiny_detector, X)
+
+
+def test_memory_in_the_safe_format(tiny_detector, tmp_path):
+    model = copy.deepcopy(tiny_detector)
+    model.set_params(memory=str(tmp_path / "cache"), n_jobs=2)
+    loaded = persistence.load(persistence.save(model, tmp_path / "a.safetensors"))
+    assert loaded.memory == str(tmp_path / "cache") and loaded.n_jobs == 2
+    model.set_params(memory=joblib.Memory(tmp_path / "cache", verbose=0))
+    with pytest.warns(UserWarning, match="memory is a joblib.Memory.*saved as None"):
+        path = persistence.save(model, tmp_path / "b.safetensors")
+    assert persistence.load(path).memory is None
+    joblib.dump(model, tmp_path / "m.joblib")  # pickle keeps the Memory as it is
+    assert str(joblib.load(tmp_path / "m.joblib").memory.location) == str(tmp_path / "cache")

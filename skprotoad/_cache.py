@@ -1,0 +1,136 @@
+"""Opt-in cache of the patch features of ``fit`` (``ProtoADDetector(memory=...)``).
+
+Feature extraction is most of the cost of a fit, and in a grid search over
+parameters that do not shape the features (``n_clusters``, ``clustering``,
+``sigma``, ``contamination``) every candidate of a fold extracts the same
+features. With a :class:`joblib.Memory` they are extracted once per fold and
+feature-shaping setting.
+
+:func:`cached_patch_features` is the function joblib caches. joblib hashes its
+arguments ``key`` (everything that shapes the features: backbone, layers,
+weights, geometry, normalisation, the images' content, the code that computes
+them) and ``order`` (which images, in which order; it holds the calibration
+split). The extraction itself arrives as ``extract``, a callable that joblib
+is told to ignore, so the torch model is never pickled or hashed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from sklearn.utils.validation import check_memory
+
+from . import _images
+
+# Modules whose code shapes the patch features: a change to any of them
+# invalidates cached features, even without a new version number.
+_FEATURE_MODULES = ("skprotoad._images", "skprotoad.backbones", "skprotoad.network",
+                    "skprotoad.detector")
+
+
+def check_feature_memory(memory):
+    """``memory`` as an object with joblib.Memory's interface, or None.
+
+    Accepts what :class:`~sklearn.pipeline.Pipeline` accepts (None, a folder
+    as str, a joblib.Memory) and also a :class:`os.PathLike` folder.
+    """
+    if memory is None:
+        return None
+    if isinstance(memory, os.PathLike):
+        memory = os.fspath(memory)
+    if isinstance(memory, bytes):
+        raise ValueError(f"memory must be None, a folder or a joblib.Memory, got {memory!r}.")
+    try:
+        memory = check_memory(memory)
+    except ValueError:
+        raise ValueError(
+            f"memory must be None, a folder (str or path) or a joblib.Memory, got "
+            f"{memory!r}."
+        ) from None
+    if getattr(memory, "location", "") is None:
+        return None  # joblib.Memory(None) caches nothing
+    return memory
+
+
+def cached_patch_features(key, order, extract):
+    """Run ``extract()``; joblib caches the result under ``(key, order)``.
+
+    Module-level, so that joblib can name it and hash its arguments; joblib
+    ignores ``extract``.
+    """
+    return extract()
+
+
+def patch_features(memory, key, order, extract):
+    """``extract()``'s feature array, from ``memory``'s cache when it has it."""
+    cached = memory.cache(cached_patch_features, ignore=["extract"])
+    return cached(key, np.asarray(order, dtype=np.int64), extract)
+
+
+def feature_key(detector, images, seed):
+    """Everything that shapes the patch features of ``detector.fit(images)``.
+
+    ``seed`` is the backbone's initialisation seed: it matters only with
+    ``weights=None``. The image order is not part of the key: it is passed to
+    :func:`cached_patch_features` as its own argument.
+    """
+    import timm
+    import torch
+
+    from ._version import __version__
+
+    if _images.is_scale(detector.image_size):
+        # one resize factor for all images, no crop
+        image_size, crop = ("scale", float(detector.image_size)), None
+    else:
+        image_size = _images.check_size(detector.image_size, "image_size")
+        crop = _images.center_crop_box(detector.image_size, detector.crop_size)
+    return {
+        "skprotoad": __version__,
+        "code": _code_digest(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "backbone": detector.backbone,
+        "layers": tuple(int(i) for i in detector.layers),
+        "weights": _weights_token(detector.weights),
+        "seed": int(seed) if detector.weights is None else None,
+        "alignment": detector.alignment,
+        "neighborhood_size": int(detector.neighborhood_size),
+        "image_size": image_size,
+        "crop": crop,
+        "mean": tuple(float(v) for v in np.ravel(detector.mean)),
+        "std": tuple(float(v) for v in np.ravel(detector.std)),
+        "device": detector._torch_device().type,
+        "images": images.cache_token(),
+    }
+
+
+def _weights_token(weights):
+    if weights is None or (isinstance(weights, str) and weights == "imagenet"):
+        return weights
+    path = Path(weights)
+    try:
+        stat = path.stat()
+    except OSError:
+        return ("missing", str(path))
+    # Size and modification time, as make does: hashing a 100 MB state dict
+    # on every fit would cost more than it saves on small grids.
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _code_digest():
+    digest = hashlib.sha256()
+    for name in _FEATURE_MODULES:
+        module = sys.modules.get(name)
+        source = getattr(module, "__file__", None)
+        try:
+            digest.update(Path(source).read_bytes())
+        except (OSError, TypeError):
+            digest.update(name.encode())  # no source to read (frozen): version only
+    return digest.hexdigest()

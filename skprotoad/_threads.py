@@ -1,0 +1,81 @@
+"""``ProtoADDetector(n_jobs=...)``: torch's intra-op threads for one call.
+
+torch's thread count is global to the process (and to the calling thread's
+OpenMP state), so the detector sets it only for the duration of a call and
+restores the previous value afterwards, exceptions included.
+
+With ``n_jobs=None`` nothing is changed. That is also what avoids
+oversubscription in parallel searches: joblib's loky workers start with
+``OMP_NUM_THREADS`` (and MKL's, OpenBLAS's) set to ``cpu_count // n_workers``,
+and torch, imported fresh in each worker, takes its default thread count
+from it, so ``GridSearchCV(n_jobs=2)`` on 8 cores runs 2 fits of 4 threads
+each. Dask's process workers (the nanny) set ``OMP_NUM_THREADS=1`` likewise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import numbers
+
+import torch
+
+
+def effective_n_threads(n_jobs):
+    """Threads for ``n_jobs``: None (unchanged), a positive count, or -1, -2, ...
+
+    Negative values follow scikit-learn: -1 is every CPU (``joblib.cpu_count()``,
+    which respects CPU affinity and container quotas), -2 all but one, ...
+    """
+    if n_jobs is None:
+        return None
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, numbers.Integral):
+        raise TypeError(f"n_jobs must be an int or None, got {n_jobs!r}.")
+    n_jobs = int(n_jobs)
+    if n_jobs == 0:
+        raise ValueError("n_jobs == 0 has no meaning; use None, a positive int or -1.")
+    if n_jobs > 0:
+        return n_jobs
+    import joblib
+
+    return max(joblib.cpu_count() + 1 + n_jobs, 1)
+
+
+@contextlib.contextmanager
+def torch_threads(n_jobs):
+    """Run the block with ``effective_n_threads(n_jobs)`` torch threads.
+
+    Examples
+    --------
+    >>> import torch
+    >>> before = torch.get_num_threads()
+    >>> with torch_threads(1):
+    ...     torch.get_num_threads()
+    1
+    >>> torch.get_num_threads() == before
+    True
+    """
+    n_threads = effective_n_threads(n_jobs)
+    if n_threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    if n_threads == previous:
+        yield
+        return
+    torch.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def with_torch_threads(method):
+    """Decorate an estimator method to run under ``torch_threads(self.n_jobs)``."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with torch_threads(self.n_jobs):
+            return method(self, *args, **kwargs)
+
+    return wrapper
