@@ -108,6 +108,19 @@ BENCHMARKS = {
         "Peak memory of fit on 2,000 images and memory of streamed scoring.",
         "PYTHONPATH=. nice -n 10 python benchmarks/bench_memory.py",
     ),
+    "geometry": (
+        "Input geometry on Magnetic Tile: squash and crop vs one scale factor, "
+        "every pixel of every image evaluated.",
+        "python benchmarks/bench_geometry.py",
+    ),
+    "fit_scaling": (
+        "Fit time (features vs clustering) and peak memory vs number of training images.",
+        "python benchmarks/bench_fit_scaling.py",
+    ),
+    "prototype_speed": (
+        "FLOPs and CPU speed of the network vs number of prototypes.",
+        "python benchmarks/bench_prototype_speed.py",
+    ),
 }
 
 
