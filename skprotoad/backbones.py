@@ -47,7 +47,18 @@ _INIT_LOCK = threading.Lock()
 
 
 class WeightsUnavailableError(OSError):
-    """Pre-trained weights for a backbone cannot be found or downloaded."""
+    """Pre-trained weights for a backbone cannot be found or downloaded.
+
+    The message names the offline backbone (``efficientnet_lite0``) and the
+    ``weights=PATH`` option. An ``OSError``, so code that handles missing
+    files handles it too.
+
+    Examples
+    --------
+    >>> from skprotoad import WeightsUnavailableError
+    >>> issubclass(WeightsUnavailableError, OSError)
+    True
+    """
 
 
 class FeatureExtractor(nn.Module):
@@ -68,6 +79,16 @@ class FeatureExtractor(nn.Module):
         Channels of each returned map.
     strides : tuple of int
         Stride (reduction) of each returned map relative to the input.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skprotoad.backbones import create_feature_extractor
+    >>> fe = create_feature_extractor("resnet18", (1, 2), weights=None)
+    >>> fe.channels, fe.strides
+    ((64, 128), (4, 8))
+    >>> [tuple(m.shape) for m in fe(torch.rand(1, 3, 64, 64))]
+    [(1, 64, 16, 16), (1, 128, 8, 8)]
     """
 
     def __init__(self, model: nn.Module, layers: tuple[int, ...], name: str):

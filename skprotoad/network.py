@@ -37,6 +37,16 @@ class GaussianSmoothing(nn.Module):
         gather indices are precomputed; ``None`` when sizes vary.
     truncate : float, default=4.0
         Kernel radius in standard deviations, as in scipy.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from scipy.ndimage import gaussian_filter
+    >>> from skprotoad.network import GaussianSmoothing
+    >>> maps = torch.rand(2, 32, 32)
+    >>> ours = GaussianSmoothing(4.0, (32, 32))(maps).numpy()
+    >>> bool(np.allclose(ours[0], gaussian_filter(maps[0].numpy(), 4.0), atol=1e-5))
+    True
     """
 
     def __init__(self, sigma: float, size: tuple[int, int] | None, truncate: float = 4.0):
@@ -126,6 +136,16 @@ class PatchEmbedding(nn.Module):
         Each stage's features are averaged over this square neighbourhood of
         patches (odd; stride 1, zero padding not counted) before the join,
         PatchCore's local aggregation; 1 leaves them as they are, as the paper.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skprotoad.backbones import create_feature_extractor
+    >>> from skprotoad.network import PatchEmbedding
+    >>> emb = PatchEmbedding(create_feature_extractor("resnet18", (1, 2), weights=None))
+    >>> f = emb(torch.rand(2, 3, 64, 64))
+    >>> tuple(f.shape), bool(torch.allclose(f.norm(dim=1), torch.ones(2, 16, 16)))
+    ((2, 192, 16, 16), True)
     """
 
     def __init__(

@@ -204,6 +204,16 @@ def draw_contour(image, mask, color=(0, 255, 0)):
     Returns
     -------
     rgb : ndarray of uint8, shape (H, W, 3)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skprotoad.plotting import draw_contour
+    >>> mask = np.zeros((8, 8), dtype=bool)
+    >>> mask[2:6, 2:6] = True
+    >>> rgb = draw_contour(np.zeros((8, 8), dtype=np.uint8), mask)
+    >>> int((rgb[..., 1] == 255).sum())  # the 12 boundary pixels of a 4 x 4 square
+    12
     """
     rgb = _as_rgb_uint8(image).copy()
     rgb[contour(_as_mask(mask, rgb.shape[:2]))] = np.asarray(color, dtype=np.uint8)
@@ -292,6 +302,16 @@ def save_png(array, path):
     Returns
     -------
     path : pathlib.Path
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np
+    >>> from PIL import Image
+    >>> from skprotoad.plotting import save_png
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = save_png(np.eye(4, dtype=bool), f"{tmp}/sub/mask.png")
+    ...     Image.open(path).getpixel((1, 1))
+    255
     """
     arr = np.asarray(array)
     if arr.dtype == bool:
