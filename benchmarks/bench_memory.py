@@ -260,6 +260,14 @@ def _markdown(result):
             "| RSS GiB | " + " | ".join(_gib(v) for v in marks.values())
             + f" | {_gib(p['peak_rss_bytes'])} |",
             "",
+            "RSS per window of 1,000 images read (samples every 0.25 s, thinned to 400 "
+            "for the JSON):",
+            "",
+            "| images | " + " | ".join(w for w, _, _ in _windows(p)) + " |",
+            "|---|" + "---:|" * len(_windows(p)),
+            "| mean GiB | " + " | ".join(f"{m:.2f}" for _, m, _ in _windows(p)) + " |",
+            "| max GiB | " + " | ".join(f"{x:.2f}" for _, _, x in _windows(p)) + " |",
+            "",
             f"{p['n_images']} images in one `score_samples` call, batch size "
             f"{p['batch_size']}: {p['seconds']:.0f} s ({p['images_per_second']:.1f} "
             f"images/s); RSS before the call {_gib(p['rss_before_bytes'])} GiB.",
@@ -267,6 +275,18 @@ def _markdown(result):
     if result.get("notes"):
         lines += ["", result["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _windows(predict, size=1000):
+    """(label, mean GiB, max GiB) of the RSS samples per window of images read."""
+    groups = {}
+    last = (predict["n_images"] - 1) // size
+    for _, rss, n in predict["rss_timeline"]:
+        groups.setdefault(min(n // size, last), []).append(rss / GiB)
+    return [
+        (f"{k * size // 1000}-{(k + 1) * size // 1000}k", sum(v) / len(v), max(v))
+        for k, v in sorted(groups.items())
+    ]
 
 
 def main(argv=None):
@@ -292,7 +312,15 @@ def main(argv=None):
                         help="reuse the predict result of an earlier run")
     parser.add_argument("--notes", default="", help="a paragraph added to memory.md")
     parser.add_argument("--output", default="memory")
+    parser.add_argument("--markdown-only", action="store_true",
+                        help="rewrite the .md from the .json (after editing its notes)")
     args = parser.parse_args(argv)
+
+    if args.markdown_only:
+        result = json.loads((RESULTS / f"{args.output}.json").read_text())
+        (RESULTS / f"{args.output}.md").write_text(_markdown(result))
+        print(_markdown(result))
+        return
 
     if args.phase == "fit":
         print(json.dumps(phase_fit(args)))
