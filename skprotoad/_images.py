@@ -120,6 +120,26 @@ def input_size(original_size, image_size, crop_size, multiple=1):
     return center_crop_box(image_size, crop_size)[2:]
 
 
+def size_batches(items, sizes, batch_size):
+    """Batches of ``items`` that share a size, at most ``batch_size`` long.
+
+    Groups come in order of first appearance, each in the given order.
+
+    Examples
+    --------
+    >>> size_batches("abcde", [(2, 2), (4, 2), (2, 2), (2, 2), (4, 2)], 2)
+    [['a', 'c'], ['d'], ['b', 'e']]
+    """
+    groups = {}
+    for item, size in zip(items, sizes):
+        groups.setdefault(tuple(size), []).append(item)
+    return [
+        group[s : s + batch_size]
+        for group in groups.values()
+        for s in range(0, len(group), batch_size)
+    ]
+
+
 def center_crop_box(image_size, crop_size):
     """(top, left, height, width) of the centre crop inside the resized image.
 
@@ -229,26 +249,20 @@ class ImageSequence:
             return [size for _ in order]
         return [input_size(self.original_size(i), image_size, None, multiple) for i in order]
 
-    def plan(self, batch_size, image_size, crop_size, indices=None, multiple=1):
+    def plan(self, batch_size, image_size, crop_size, indices=None, multiple=1, sizes=None):
         """The chunks of indices :meth:`batches` yields, in that order.
 
         Images of one input size go into one batch: with a fixed size that is
-        every image, in the given order; with a scale factor, the indices are
-        grouped by input size (groups in order of first appearance, each in the
-        given order) and each group is cut into batches of ``batch_size``.
+        every image, in the given order; with a scale factor, see
+        :func:`size_batches`. ``sizes`` are the images' input sizes from
+        :meth:`input_sizes` when the caller has them already.
         """
         order = list(range(len(self)) if indices is None else indices)
         if not is_scale(image_size):
             return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-        groups = {}
-        sizes = self.input_sizes(image_size, crop_size, multiple, order)
-        for index, size in zip(order, sizes):
-            groups.setdefault(size, []).append(index)
-        return [
-            group[s : s + batch_size]
-            for group in groups.values()
-            for s in range(0, len(group), batch_size)
-        ]
+        if sizes is None:
+            sizes = self.input_sizes(image_size, crop_size, multiple, order)
+        return size_batches(order, sizes, batch_size)
 
     def batches(self, batch_size, image_size, crop_size, indices=None, multiple=1, plan=None):
         """Yield ``(chunk_indices, tensor)``, tensors of shape (B, 3, height, width).

@@ -592,18 +592,20 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         order = list(order)
         multiple = _size_multiple(embedding)
         stride = embedding.backbone.strides[0]
-        plan = images.plan(self.batch_size, self.image_size, self.crop_size, order, multiple)
-        batches = images.batches(
-            self.batch_size, self.image_size, self.crop_size, multiple=multiple, plan=plan
-        )
-        position = {index: k for k, index in enumerate(order)}
-        features = None
+        features = sizes = None
         if _images.is_scale(self.image_size):
             # Sizes are multiples of every stride, so each grid is size / stride;
             # known before extraction, so the array can be allocated first.
             sizes = images.input_sizes(self.image_size, None, multiple, order)
             grids = [(-(-h // stride), -(-w // stride)) for h, w in sizes]
             features = _PatchFeatures(sizes, grids, embedding.n_channels)
+        plan = images.plan(
+            self.batch_size, self.image_size, self.crop_size, order, multiple, sizes=sizes
+        )
+        batches = images.batches(
+            self.batch_size, self.image_size, self.crop_size, multiple=multiple, plan=plan
+        )
+        position = {index: k for k, index in enumerate(order)}
         with torch.inference_mode():
             for chunk, batch in self._progress(batches, len(plan), "features"):
                 f = embedding(batch.to(device)).permute(0, 2, 3, 1).cpu().numpy()
@@ -689,18 +691,12 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         """
         positions = list(positions)
         scores = np.empty(len(positions))
-        groups = {}
-        for j, k in enumerate(positions):
-            groups.setdefault(features.sizes[k], []).append(j)
+        sizes = [features.sizes[k] for k in positions]
         with torch.inference_mode():
-            for size, members in groups.items():
-                for start in range(0, len(members), self.batch_size):
-                    part = members[start : start + self.batch_size]
-                    f = torch.from_numpy(
-                        np.stack([features.image(positions[j]) for j in part])
-                    )
-                    _, s = network.head(f.to(device).permute(0, 3, 1, 2), size)
-                    scores[part] = s.cpu().numpy()
+            for part in _images.size_batches(range(len(positions)), sizes, self.batch_size):
+                f = torch.from_numpy(np.stack([features.image(positions[j]) for j in part]))
+                _, s = network.head(f.to(device).permute(0, 3, 1, 2), sizes[part[0]])
+                scores[part] = s.cpu().numpy()
         return scores
 
     def _check_fitted_input(self, X):
