@@ -26,6 +26,19 @@ TINY = dict(
     random_state=0,
 )
 
+# The offline ImageNet backbone on 64 px images: real features, small cost.
+# No neighbourhood averaging: on a 16 x 16 patch grid a 3 x 3 neighbourhood
+# spans a fifth of the image and blurs the few-pixel defects of these images.
+LITE0 = dict(
+    backbone="efficientnet_lite0",
+    image_size=64,
+    crop_size=64,
+    neighborhood_size=1,
+    clustering="kmeans",
+    n_clusters=32,
+    random_state=0,
+)
+
 
 @pytest.fixture(scope="session")
 def synthetic():
@@ -45,17 +58,5 @@ def tiny_detector(normal_images):
 
 @pytest.fixture(scope="session")
 def lite0_detector(normal_images):
-    """The offline ImageNet backbone on 64 px images: real features, small cost.
-
-    No neighbourhood averaging: on a 16 x 16 patch grid a 3 x 3 neighbourhood
-    spans a fifth of the image and blurs the few-pixel defects of these images.
-    """
-    return ProtoADDetector(
-        backbone="efficientnet_lite0",
-        image_size=64,
-        crop_size=64,
-        neighborhood_size=1,
-        clustering="kmeans",
-        n_clusters=32,
-        random_state=0,
-    ).fit(normal_images)
+    """A detector with the :data:`LITE0` parameters fitted on the normal images."""
+    return ProtoADDetector(**LITE0).fit(normal_images)

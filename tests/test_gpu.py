@@ -9,20 +9,15 @@ import torch
 
 from skprotoad import ProtoADDetector
 
+from .conftest import LITE0
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
 @pytest.fixture(scope="module")
 def lite0_params():
-    return dict(
-        backbone="efficientnet_lite0",
-        image_size=64,
-        crop_size=64,
-        neighborhood_size=3,
-        clustering="kmeans",
-        n_clusters=32,
-        random_state=0,
-    )
+    # 3 x 3 averaging on, so that its pooling runs on the GPU too
+    return {**LITE0, "neighborhood_size": 3}
 
 
 def test_fitted_on_cpu_scores_the_same_on_cuda(lite0_detector, synthetic):
