@@ -18,7 +18,15 @@ from skprotoad.backbones import create_feature_extractor
 from skprotoad.network import upsample, GaussianSmoothing, IMAGENET_MEAN, IMAGENET_STD
 from skprotoad.datasets import load_mvtec, load_masks
 from skprotoad.metrics import evaluate_maps
-from skprotoad.clustering import learn_prototypes
+from skprotoad.clustering import learn_prototypes, finch_n_clusters, kmeans, _cluster_sums, _assign
+import sys as _sys
+_sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parent))
+from anchors import greedy_coreset
+
+
+def kmeans_labels(X, K):
+    C = torch.from_numpy(kmeans(X, K, random_state=0))
+    return _assign(torch.from_numpy(X), C, 65536)[0].numpy()
 
 from pathlib import Path
 HERE = Path(__file__).resolve().parent
@@ -36,7 +44,7 @@ def stage_maps(paths):
 t = time.time(); tr = stage_maps(train); te = stage_maps(data.test_paths); print('extract', time.time() - t, flush=True)
 masks = load_masks(data.test_mask_paths, 256, 224)
 
-def embed(maps, agg, per_stage, stages, weights=None, pos=0.0, whiten=None):
+def embed(maps, agg, per_stage, stages, weights=None, pos=0.0, whiten=None, normalize=True):
     parts = []
     for i, k in enumerate(stages):
         m = maps[k]
@@ -52,6 +60,12 @@ def embed(maps, agg, per_stage, stages, weights=None, pos=0.0, whiten=None):
         # a Mahalanobis distance (PaDiM's, but one for all positions)
         mu, W = whiten
         f = torch.einsum('dc,nchw->ndhw', W, f - mu.view(1, -1, 1, 1))
+    if normalize == 'image':
+        # one scale per image (its mean patch norm): the image's contrast goes,
+        # the patches' relative magnitudes stay
+        return f / f.norm(dim=1, keepdim=True).mean((2, 3), keepdim=True)
+    if not normalize:
+        return f
     f = F.normalize(f, dim=1)
     if pos:
         # patch position as two extra channels in [-pos, pos]: lets a prototype
@@ -65,8 +79,10 @@ def embed(maps, agg, per_stage, stages, weights=None, pos=0.0, whiten=None):
 
 def run(name, agg=0, per_stage=False, stages=(0, 1, 2), K=500, score='max', method='kmeans',
         sigma=4.0, weights=None, pos=0.0, train_step=1, neighbors='auto', whiten=0.0,
-        posnorm=None):
+        posnorm=None, metric='cosine'):
     t = time.time()
+    raw = metric in ('euclidean', 'image')
+    norm_arg = 'image' if metric == 'image' else not raw
     train_maps = tr
     if posnorm in ('mean', 'z'):
         # every 5th training image is held out: its maps give the normal map
@@ -85,17 +101,36 @@ def run(name, agg=0, per_stage=False, stages=(0, 1, 2), K=500, score='max', meth
         W = (eigvec @ torch.diag((eigval + eps) ** -0.5) @ eigvec.T).float()
         stats = (mu.float(), W)
         del raw
-    ftr = embed([m[::train_step] for m in train_maps], agg, per_stage, stages, weights, pos, stats)
-    X = ftr.permute(0, 2, 3, 1).reshape(-1, ftr.shape[1]).numpy()
-    P = torch.from_numpy(learn_prototypes(X, method=method, n_clusters=K, random_state=0,
-                                          neighbors=neighbors))
+    ftr = embed([m[::train_step] for m in train_maps], agg, per_stage, stages, weights, pos, stats,
+                normalize=norm_arg)
+    X = ftr.permute(0, 2, 3, 1).reshape(-1, ftr.shape[1]).contiguous()
+    if method == 'coreset':
+        # PatchCore's greedy k-center selection, in the space the metric measures
+        P = X[greedy_coreset(X, K, 128, 0)].clone()
+    elif raw:
+        # cluster the directions (as the default does), keep the raw means:
+        # prototypes that carry the feature magnitude too
+        labels = finch_n_clusters(F.normalize(X, dim=1).numpy(), K, random_state=0) if method == 'finch' \
+            else kmeans_labels(F.normalize(X, dim=1).numpy(), K)
+        P = torch.from_numpy(_cluster_sums(X.numpy(), labels, int(labels.max()) + 1))
+        P /= torch.from_numpy(np.bincount(labels)).float()[:, None]
+    else:
+        P = torch.from_numpy(learn_prototypes(X.numpy(), method=method, n_clusters=K, random_state=0,
+                                              neighbors=neighbors))
+    P_sq = (P * P).sum(1)
     t_cluster = time.time() - t
     def score_maps(source):
         maps = []
         with torch.inference_mode():
             for i in range(0, len(source[0]), 32):
-                f = embed([m[i:i+32] for m in source], agg, per_stage, stages, weights, pos, stats)
-                ps = 1 - torch.einsum('nchw,kc->nkhw', f, P).amax(1, keepdim=True)
+                f = embed([m[i:i+32] for m in source], agg, per_stage, stages, weights, pos, stats,
+                          normalize=norm_arg)
+                if raw:
+                    # ||x - p||^2 = ||x||^2 - max_k (2 x.p_k - ||p_k||^2): still a 1x1 conv (with bias) + max
+                    best = (2 * torch.einsum('nchw,kc->nkhw', f, P) - P_sq.view(1, -1, 1, 1)).amax(1, keepdim=True)
+                    ps = ((f * f).sum(1, keepdim=True) - best).clamp_min(0).sqrt()
+                else:
+                    ps = 1 - torch.einsum('nchw,kc->nkhw', f, P).amax(1, keepdim=True)
                 mp = upsample(ps, fe.strides[stages[0]], (224, 224), 'center')[:, 0]
                 maps.append(smooth(mp) if sigma else mp)
         return torch.cat(maps).numpy()
@@ -111,7 +146,7 @@ def run(name, agg=0, per_stage=False, stages=(0, 1, 2), K=500, score='max', meth
     r = evaluate_maps(data.test_labels, scores, masks, maps)
     row = {'variant': name, 'neighborhood': agg or 1, 'per_stage_norm': per_stage,
            'stages': [s + 1 for s in stages], 'stage_weights': weights, 'position': pos,
-           'whiten': whiten, 'position_norm': posnorm,
+           'whiten': whiten, 'position_norm': posnorm, 'metric': metric,
            'clustering': method if neighbors == 'auto' else f'{method} ({neighbors})',
            'n_train': len(ftr), 'n_prototypes': len(P), 'sigma': sigma, 'score': str(score),
            **{k: round(v, 4) for k, v in r.items()}, 'cluster_seconds': round(t_cluster),
@@ -130,7 +165,7 @@ def write():
     rows.update({r['variant']: r for r in ROWS})
     rows = list(rows.values())
     path.write_text(json.dumps(rows, indent=2))
-    cols = ['variant', 'neighborhood', 'per_stage_norm', 'stages', 'stage_weights', 'position', 'whiten', 'position_norm', 'clustering',
+    cols = ['variant', 'neighborhood', 'per_stage_norm', 'stages', 'stage_weights', 'position', 'whiten', 'position_norm', 'metric', 'clustering',
             'n_train', 'n_prototypes', 'sigma', 'score',
             'image_auroc', 'pixel_auroc', 'aupro', 'image_f1_max', 'pixel_f1_max']
     lines = ['# Feature variants on magnetic_tile (efficientnet_lite0)', '',
@@ -178,3 +213,10 @@ run('finch1000_whiten1', agg=3, method='finch', K=1000, whiten=1.0)
 run('finch1000_posnorm_mean', agg=3, method='finch', K=1000, posnorm='mean')
 run('finch1000_posnorm_z', agg=3, method='finch', K=1000, posnorm='z')
 run('finch1000_posnorm_mean_insample', agg=3, method='finch', K=1000, posnorm='mean_insample')
+# third round: the distance PatchCore uses (Euclidean on raw, aggregated features)
+run('finch1000_euclid', agg=3, method='finch', K=1000, metric='euclidean')
+run('coreset1000_cosine', agg=3, method='coreset', K=1000)
+run('coreset1000_euclid', agg=3, method='coreset', K=1000, metric='euclidean')
+run('kmeans1000_euclid', agg=3, method='kmeans', K=1000, metric='euclidean')
+run('finch1000_imagenorm', agg=3, method='finch', K=1000, metric='image')
+run('kmeans1000_imagenorm', agg=3, method='kmeans', K=1000, metric='image')

@@ -46,6 +46,10 @@ VARIANTS = {
     "finch_1000": dict(n_clusters=1000),
     # one scale factor, aspect kept, whole image (docs/user_guide/geometry.md)
     "keep_aspect_0.75": dict(image_size=0.75, crop_size=None),
+    # features divided by the image's mean norm, Euclidean distance
+    # (docs/user_guide/normalization.md)
+    "image_norm": dict(normalization="image"),
+    "keep_aspect_0.75_image_norm": dict(image_size=0.75, crop_size=None, normalization="image"),
 }
 
 

@@ -101,6 +101,7 @@ def feature_key(detector, images, seed):
         "seed": int(seed) if detector.weights is None else None,
         "alignment": detector.alignment,
         "neighborhood_size": int(detector.neighborhood_size),
+        "normalization": detector.normalization,
         "image_size": image_size,
         "crop": crop,
         "mean": tuple(float(v) for v in np.ravel(detector.mean)),

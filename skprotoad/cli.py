@@ -240,6 +240,11 @@ def _add_detector_options(parser):
         "as in the paper; default: 3)",
     )
     group.add_argument(
+        "--normalization", choices=("patch", "image"), default="patch",
+        help="unit-norm patch features and 1 - cosine (the paper; default), or "
+        "features divided by the image's mean norm and Euclidean distance",
+    )
+    group.add_argument(
         "--contamination", type=_contamination_arg, default="auto",
         help="'auto' (threshold from held-out normal images; default) or the "
         "share of training images taken as anomalous",
@@ -677,7 +682,8 @@ def color_range(detector, threshold=None, vmin=None, vmax=None):
     """
     t = detector.pixel_threshold_ if threshold is None else float(threshold)
     if t <= 0:
-        # No scale to anchor at: the whole range of 1 - cosine.
+        # No scale to anchor at: the whole range of 1 - cosine (distances
+        # with normalization="image" have no fixed range; 0..2 still shows them).
         default_min, default_max = 0.0, 2.0
     else:
         default_min, default_max = _VMIN_FACTOR * t, _VMAX_FACTOR * t
@@ -867,6 +873,7 @@ _DETECTOR_OPTIONS = {
     "sigma": "sigma",
     "alignment": "alignment",
     "neighborhood_size": "neighborhood_size",
+    "normalization": "normalization",
     "image_size": "image_size",
     "crop_size": "crop_size",
     "contamination": "contamination",

@@ -161,6 +161,12 @@ def _cluster_sums(X, labels, n_clusters):
     return np.asarray(member @ X, dtype=np.float32)
 
 
+def _cluster_means(X, labels, n_clusters):
+    """Per-cluster means of the rows of ``X``; an empty cluster's mean is 0."""
+    counts = np.bincount(labels, minlength=n_clusters).astype(np.float32)
+    return _cluster_sums(X, labels, n_clusters) / np.maximum(counts, 1.0)[:, None]
+
+
 # --------------------------------------------------------------------------
 # First-neighbour search
 # --------------------------------------------------------------------------
@@ -876,6 +882,7 @@ def learn_prototypes(
     random_state=None,
     device="cpu",
     batch_size=None,
+    normalize=True,
     verbose=False,
 ):
     """Learn ProtoAD prototypes: L2-normalised cluster means of ``X``.
@@ -883,7 +890,8 @@ def learn_prototypes(
     Parameters
     ----------
     X : array-like of shape (n_samples, n_features)
-        Unit-norm patch features.
+        Patch features. Clusters are always found on their directions
+        (cosine similarity).
     method : {"finch", "kmeans"}, default="finch"
         Clustering method.
     n_clusters : int, default=None
@@ -901,13 +909,19 @@ def learn_prototypes(
     device : str or torch.device, default="cpu"
     batch_size : int, default=None
         Rows per block of the similarity computations.
+    normalize : bool, default=True
+        Return the L2-normalised means of the unit rows (cosine prototypes,
+        the paper's). ``False`` returns the plain means of the rows of ``X``
+        in each cluster, keeping their magnitude, for Euclidean distances
+        (``ProtoADDetector(normalization="image")``); this holds a unit-row
+        copy of ``X`` while clustering.
     verbose : bool, default=False
         Show progress.
 
     Returns
     -------
     prototypes : ndarray of shape (n_prototypes, n_features), dtype float32
-        Unit-norm prototypes.
+        Cluster means, unit-norm unless ``normalize=False``.
 
     Examples
     --------
@@ -925,12 +939,13 @@ def learn_prototypes(
     if n_clusters is not None:
         n_clusters = _check_n_clusters(n_clusters, X.shape[0])
     _check_neighbors(neighbors)
+    raw = X
     X = _normalize_rows(X)
 
     if method == "kmeans":
         if n_clusters is None:
             raise ValueError("method='kmeans' requires an int n_clusters, got None.")
-        return kmeans(
+        centers = kmeans(
             X,
             n_clusters,
             random_state=random_state,
@@ -938,6 +953,13 @@ def learn_prototypes(
             batch_size=batch_size,
             verbose=verbose,
         )
+        if normalize:
+            return centers
+        device = _resolve_device(device)
+        labels = _assign(
+            torch.from_numpy(X).to(device), torch.from_numpy(centers).to(device), batch_size
+        )[0].cpu().numpy()
+        return _cluster_means(raw, labels, n_clusters)
 
     kwargs = dict(
         neighbors=neighbors,
@@ -957,4 +979,6 @@ def learn_prototypes(
     else:
         labels = finch_n_clusters(X, n_clusters, **kwargs)
     k = int(labels.max()) + 1
+    if not normalize:
+        return _cluster_means(raw, labels, k)
     return _normalize_rows(_cluster_sums(X, labels, k))

@@ -25,6 +25,7 @@ from .network import (
     ProtoADNetwork,
     _check_alignment,
     _check_neighborhood_size,
+    _check_normalization,
 )
 
 __all__ = ["ProtoADDetector"]
@@ -38,7 +39,7 @@ _CALIBRATION_QUANTILE = 0.99
 _MIN_IMAGES_FOR_HOLDOUT = 5
 # Parameters added since the first saved models, with the defaults that
 # loading an older model gives them (pickle and the safe format alike).
-_ADDED_PARAMS = {"n_jobs": None, "memory": None}
+_ADDED_PARAMS = {"n_jobs": None, "memory": None, "normalization": "patch"}
 
 
 def _tolerate_read_only_features(fit):
@@ -111,6 +112,14 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         neighbourhood before the stages are joined (PatchCore's local
         aggregation), so that a prototype describes a patch in its context;
         1 turns it off, as in the paper. See ``benchmarks/results``.
+    normalization : {"patch", "image"}, default="patch"
+        ``"patch"``: each patch feature is L2-normalised and the anomaly map
+        is ``1 - max cosine`` (the paper). ``"image"``: each image's features
+        are divided by their mean L2 norm, prototypes keep their magnitude,
+        and the map is the Euclidean distance to the nearest prototype: the
+        image's overall contrast is discounted, but a patch that is weaker or
+        stronger than its neighbours still counts, which localises defects
+        better (see :doc:`/user_guide/normalization`).
     image_size : int, (height, width) or float, default=256
         The model's input geometry. An int or a (height, width) pair: every
         image is resized to this size (bilinear, antialiased), whatever its
@@ -226,6 +235,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         sigma=4.0,
         alignment="center",
         neighborhood_size=3,
+        normalization="patch",
         image_size=256,
         crop_size=224,
         mean=IMAGENET_MEAN,
@@ -246,6 +256,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         self.sigma = sigma
         self.alignment = alignment
         self.neighborhood_size = neighborhood_size
+        self.normalization = normalization
         self.image_size = image_size
         self.crop_size = crop_size
         self.mean = mean
@@ -293,6 +304,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             std=self.std,
             alignment=self.alignment,
             neighborhood_size=self.neighborhood_size,
+            normalization=self.normalization,
         ).to(device)
 
         order = rng.permutation(normal)
@@ -411,8 +423,9 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         Returns
         -------
         maps : ndarray of shape (n_images, crop_height, crop_width) or list
-            float32 ``1 - max cosine`` per patch, bilinearly upsampled and
-            smoothed. A list of 2-D arrays, one per image, with
+            float32 ``1 - max cosine`` per patch (the distance to the
+            nearest prototype with ``normalization="image"``), bilinearly
+            upsampled and smoothed. A list of 2-D arrays, one per image, with
             ``output="input"`` ((H_i, W_i), each image's own size) and with a
             float ``image_size`` (with ``output="crop"``, each image's resized
             size).
@@ -509,6 +522,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             raise ValueError(f"sigma must be finite and >= 0, got {self.sigma}.")
         _check_alignment(self.alignment)
         _check_neighborhood_size(self.neighborhood_size)
+        _check_normalization(self.normalization)
         _images.check_geometry(self.image_size, self.crop_size)
         for name in ("mean", "std"):
             value = getattr(self, name)
@@ -660,6 +674,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
                 n_clusters=self.n_clusters,
                 random_state=seed,
                 device=str(device),
+                normalize=self.normalization == "patch",
                 verbose=self.verbose,
             )
         )
@@ -826,6 +841,7 @@ def _describe_network(network):
         "std": network.embedding.std.flatten().tolist(),
         "alignment": network.embedding.alignment,
         "neighborhood_size": network.embedding.neighborhood_size,
+        "normalization": network.embedding.normalization,
         "input_size": network.input_size,
         "sigma": network.smoothing.sigma,
         "n_prototypes": int(network.prototype_conv.out_channels),
@@ -848,6 +864,8 @@ def _build_network(description):
         std=description["std"],
         alignment=description["alignment"],
         neighborhood_size=description["neighborhood_size"],
+        # files saved before the option existed describe "patch" networks
+        normalization=description.get("normalization", "patch"),
     )
     network = ProtoADNetwork(
         embedding,

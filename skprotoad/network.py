@@ -3,6 +3,11 @@
 backbone -> join stages at the finest stride -> L2 normalisation -> 1x1 conv whose
 kernels are the unit prototypes -> max over channels -> ``1 - max cosine`` ->
 bilinear upsampling to the input size -> Gaussian smoothing -> image score = max.
+
+With ``normalization="image"`` each image's features are divided by their mean
+patch norm instead, and the patch score is the Euclidean distance to the
+nearest prototype, ``sqrt(|x|^2 - max_k (2 x.p_k - |p_k|^2))``: the same 1x1
+conv and max, with a bias.
 """
 
 from __future__ import annotations
@@ -113,13 +118,20 @@ def _check_alignment(alignment):
         raise ValueError(f"alignment must be 'center' or 'paper', got {alignment!r}.")
 
 
+def _check_normalization(normalization):
+    if normalization not in ("patch", "image"):
+        raise ValueError(
+            f"normalization must be 'patch' or 'image', got {normalization!r}."
+        )
+
+
 def _check_neighborhood_size(size):
     if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
         raise ValueError(f"neighborhood_size must be an odd int >= 1, got {size!r}.")
 
 
 class PatchEmbedding(nn.Module):
-    """Normalised images in, unit-norm patch features out.
+    """Normalised images in, normalised patch features out.
 
     Parameters
     ----------
@@ -136,6 +148,11 @@ class PatchEmbedding(nn.Module):
         Each stage's features are averaged over this square neighbourhood of
         patches (odd; stride 1, zero padding not counted) before the join,
         PatchCore's local aggregation; 1 leaves them as they are, as the paper.
+    normalization : {"patch", "image"}, default="patch"
+        ``"patch"``: every patch feature to unit L2 norm (the paper).
+        ``"image"``: every image's features divided by their mean L2 norm, so
+        that the image's overall contrast goes but the relative magnitude of
+        its patches stays.
 
     Examples
     --------
@@ -155,19 +172,22 @@ class PatchEmbedding(nn.Module):
         std=IMAGENET_STD,
         alignment="center",
         neighborhood_size=1,
+        normalization="patch",
     ):
         super().__init__()
         _check_alignment(alignment)
         _check_neighborhood_size(neighborhood_size)
+        _check_normalization(normalization)
         self.backbone = backbone
         self.alignment = alignment
         self.neighborhood_size = neighborhood_size
+        self.normalization = normalization
         self.n_channels = sum(backbone.channels)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Features (N, C, h, w) at the finest chosen stride, unit norm over C."""
+        """Features (N, C, h, w) at the finest chosen stride, normalised."""
         maps = self.backbone((images - self.mean) / self.std)
         if self.neighborhood_size > 1:
             k = self.neighborhood_size
@@ -183,7 +203,11 @@ class PatchEmbedding(nn.Module):
                 joined.append(F.interpolate(m, size=size, mode="nearest"))
             else:
                 joined.append(upsample(m, stride // finest, size, "center"))
-        return F.normalize(torch.cat(joined, dim=1), dim=1)
+        features = torch.cat(joined, dim=1)
+        if self.normalization == "image":
+            norms = torch.linalg.vector_norm(features, dim=1, keepdim=True)
+            return features / norms.mean(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+        return F.normalize(features, dim=1)
 
 
 class ProtoADNetwork(nn.Module):
@@ -194,7 +218,8 @@ class ProtoADNetwork(nn.Module):
     embedding : PatchEmbedding
         The backbone and feature join.
     prototypes : torch.Tensor of shape (n_prototypes, n_channels)
-        Prototypes of normal patch features; rows are normalised here.
+        Prototypes of normal patch features; rows are normalised here when
+        the embedding's ``normalization`` is ``"patch"``.
     input_size : tuple of int or None
         (height, width) of the images the network receives (the crop); the
         maps are upsampled to it. ``None``: inputs of any size, each batch's
@@ -207,8 +232,9 @@ class ProtoADNetwork(nn.Module):
     -----
     Input: a float tensor (N, 3, H, W) of RGB values in [0, 1], already resized
     and cropped to ``input_size``. Output: ``(maps, scores)``, maps of shape
-    (N, H, W) with ``1 - max cosine`` (higher = more anomalous), scores (N,) the
-    maximum of each map.
+    (N, H, W) with ``1 - max cosine`` (``normalization="patch"``) or the distance
+    to the nearest prototype (``"image"``), higher = more anomalous; scores (N,)
+    the maximum of each map.
 
     Examples
     --------
@@ -242,21 +268,21 @@ class ProtoADNetwork(nn.Module):
             None if input_size is None else (int(input_size[0]), int(input_size[1]))
         )
         self.prototype_conv = nn.Conv2d(n_channels, prototypes.shape[0], 1, bias=False)
-        self.prototype_conv.weight.data.copy_(
-            F.normalize(prototypes, dim=1)[:, :, None, None]
-        )
+        if embedding.normalization == "patch":
+            prototypes = F.normalize(prototypes, dim=1)
+        self.prototype_conv.weight.data.copy_(prototypes[:, :, None, None])
         self.prototype_conv.requires_grad_(False)
         self.smoothing = GaussianSmoothing(sigma, self.input_size)
 
     @property
     def prototypes(self) -> torch.Tensor:
-        """Unit prototypes (n_prototypes, n_channels)."""
+        """Prototypes (n_prototypes, n_channels); unit norm with ``"patch"``."""
         return self.prototype_conv.weight[:, :, 0, 0]
 
     def head(
         self, features: torch.Tensor, size: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Anomaly maps and scores from the embedding's unit-norm features.
+        """Anomaly maps and scores from the embedding's features.
 
         ``size`` is the (height, width) of the images the features come from,
         needed when ``input_size`` is None; otherwise ``input_size`` is used.
@@ -265,8 +291,18 @@ class ProtoADNetwork(nn.Module):
             size = self.input_size
         elif size is None:
             raise ValueError("this network has no fixed input_size: pass the images' size.")
-        cosine = self.prototype_conv(features)
-        patch_scores = 1.0 - cosine.amax(dim=1, keepdim=True)
+        similarity = self.prototype_conv(features)
+        if self.embedding.normalization == "image":
+            # |x - p|^2 = |x|^2 - 2 (x.p - |p|^2 / 2); the half squared norms are
+            # derived here, not stored, so that the state dict is the same in
+            # both modes
+            weight = self.prototype_conv.weight[:, :, 0, 0]
+            half_sq = 0.5 * (weight * weight).sum(dim=1)
+            best = (similarity - half_sq[None, :, None, None]).amax(dim=1, keepdim=True)
+            squared = (features * features).sum(dim=1, keepdim=True) - 2.0 * best
+            patch_scores = squared.clamp_min(0.0).sqrt()
+        else:
+            patch_scores = 1.0 - similarity.amax(dim=1, keepdim=True)
         stride = self.embedding.backbone.strides[0]
         maps = upsample(patch_scores, stride, size, self.embedding.alignment)[:, 0]
         maps = self.smoothing(maps)

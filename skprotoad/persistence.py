@@ -433,6 +433,9 @@ def _check_network(network):
     size = _require(network, "neighborhood_size", int, where)
     if size < 1 or size % 2 == 0:
         raise _Invalid("network 'neighborhood_size' must be an odd int >= 1")
+    # absent from files saved before the option existed: "patch"
+    if network.get("normalization", "patch") not in ("patch", "image"):
+        raise _Invalid(f"network 'normalization' is {network['normalization']!r}")
     if network.get("input_size", []) is not None:  # null: any input size
         _require_list(network, "input_size", int, 2, where, positive=True)
     if _require(network, "sigma", float, where) < 0:
@@ -443,7 +446,7 @@ def _check_network(network):
         "backbone", "layers", "mean", "std", "alignment", "neighborhood_size", "input_size",
         "sigma", "n_prototypes",
     }
-    if set(network) != known:
+    if set(network) - {"normalization"} != known:
         raise _Invalid(f"network keys {sorted(network)} differ from {sorted(known)}")
 
 
@@ -500,6 +503,11 @@ def _assemble(config, network, calibration, device):
         raise _Invalid(
             f"the network's input size {network.input_size} is not the crop "
             f"{model._crop_size()} of its parameters"
+        )
+    if network.embedding.normalization != model.normalization:
+        raise _Invalid(
+            f"the network's normalization {network.embedding.normalization!r} is not "
+            f"the {model.normalization!r} of its parameters"
         )
     if (fitted["feature_shape_"][0] is None) != (network.input_size is None):
         raise _Invalid(

@@ -243,6 +243,9 @@ _TAMPERED_JSON = {
     "bad parameter": (_setter("params.clustering", "dbscan"), "clustering must be"),
     "object parameter": (_setter("params.weights", {"a": 1}), "weights"),
     "crop differs from network": (_setter("params.crop_size", 32), "input size"),
+    "normalization differs from network": (
+        _setter("params.normalization", "image"), "normalization 'patch' is not"),
+    "unknown normalization": (_setter("network.normalization", "layer"), "normalization"),
     "feature channels": (_setter("fitted.feature_shape_", [16, 16, 5]), "channels"),
     "foreign format": (_setter("format", "something-else"), "format is"),
     "extra key": (_setter("code", "import os"), "unexpected metadata keys"),
@@ -348,20 +351,24 @@ def test_loading_runs_no_code(tiny_detector, tmp_path):
 # ------------------------------------------------ parameters added later
 
 
-def test_models_saved_before_n_jobs_and_memory_load(tiny_detector, saved, tmp_path, X):
-    """Files written before the n_jobs and memory parameters existed."""
+def test_models_saved_before_later_parameters_load(tiny_detector, saved, tmp_path, X):
+    """Files written before n_jobs, memory and normalization existed."""
 
     def drop_new_params(config):
-        for name in ("n_jobs", "memory"):
+        for name in ("n_jobs", "memory", "normalization"):
             config["params"].pop(name)
+        config["network"].pop("normalization")
 
     path = _rewrite(saved, tmp_path / "old.safetensors", config=drop_new_params)
     state = tiny_detector.__getstate__()
-    del state["n_jobs"], state["memory"]
+    del state["n_jobs"], state["memory"], state["normalization"]
+    del state["_network_state"]["normalization"]
     unpickled = ProtoADDetector.__new__(ProtoADDetector)
     unpickled.__setstate__(state)
     for loaded in (persistence.load(path), unpickled):
         assert loaded.n_jobs is None and loaded.memory is None
+        assert loaded.normalization == "patch"
+        assert loaded.network_.embedding.normalization == "patch"
         _assert_same_model(loaded, tiny_detector, X)
 
 

@@ -1,0 +1,161 @@
+"""normalization="image": features scaled per image, Euclidean distance to prototypes."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from skprotoad import ProtoADDetector, export, persistence
+from skprotoad._cache import feature_key
+from skprotoad._images import ImageSequence
+from skprotoad.backbones import create_feature_extractor
+from skprotoad.clustering import finch_n_clusters, kmeans, learn_prototypes
+from skprotoad.network import PatchEmbedding, ProtoADNetwork, upsample
+
+from .conftest import TINY
+from .test_export import _jit_load
+
+IMAGE = {**TINY, "normalization": "image"}
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return create_feature_extractor("resnet18", (1, 2), weights=None)
+
+
+@pytest.fixture(scope="module")
+def image_detector(normal_images):
+    return ProtoADDetector(**IMAGE).fit(normal_images)
+
+
+# ------------------------------------------------------------------ network
+
+
+def test_image_features_have_mean_patch_norm_one(backbone):
+    x = torch.rand(3, 3, 64, 64)
+    x[1] *= 0.2  # a low-contrast image: smaller raw features
+    image = PatchEmbedding(backbone, normalization="image")(x)
+    patch = PatchEmbedding(backbone, normalization="patch")(x)
+    norms = image.norm(dim=1)
+    torch.testing.assert_close(norms.mean(dim=(1, 2)), torch.ones(3))
+    assert float(norms.std()) > 0.01  # the patches' relative magnitudes stay
+    # the directions are the paper's unit features
+    torch.testing.assert_close(F.normalize(image, dim=1), patch, atol=1e-5, rtol=0)
+
+
+def test_image_network_computes_the_distance_to_the_nearest_prototype(backbone):
+    embedding = PatchEmbedding(backbone, normalization="image")
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64)
+    prototypes = 0.3 * torch.randn(9, 192)
+    net = ProtoADNetwork(embedding, prototypes, (64, 64), sigma=0).eval()
+    maps, scores = net(x)
+
+    feats = embedding(x).permute(0, 2, 3, 1)  # (N, h, w, C)
+    distance = torch.cdist(feats.reshape(-1, 192), prototypes).min(dim=1).values
+    expected = upsample(distance.view(2, 1, 16, 16), 4, (64, 64), "center")[:, 0]
+    torch.testing.assert_close(maps, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(scores, maps.flatten(1).amax(1))
+    # stored as given, not normalised
+    torch.testing.assert_close(net.prototypes, prototypes)
+
+
+def test_a_patch_equal_to_a_prototype_is_at_distance_zero(backbone):
+    embedding = PatchEmbedding(backbone, normalization="image")
+    x = torch.rand(1, 3, 64, 64)
+    prototypes = embedding(x)[0].flatten(1).T
+    net = ProtoADNetwork(embedding, prototypes, (64, 64), sigma=0)
+    # sqrt of a rounding error of |x|^2 - 2 x.p + |p|^2 (|x| ~ 1)
+    assert net(x)[1].item() < 1e-2
+    assert net(torch.rand(1, 3, 64, 64))[1].item() > 0.1
+
+
+def test_bad_normalization_is_named(backbone, normal_images):
+    with pytest.raises(ValueError, match="normalization must be 'patch' or 'image'"):
+        PatchEmbedding(backbone, normalization="layer")
+    with pytest.raises(ValueError, match="normalization must be 'patch' or 'image'"):
+        ProtoADDetector(**{**TINY, "normalization": "l2"}).fit(normal_images[:4])
+
+
+# --------------------------------------------------------------- prototypes
+
+
+def _raw_rows(n=600, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(6, 12))
+    X = centers[rng.integers(6, size=n)] + 0.2 * rng.normal(size=(n, 12))
+    X *= rng.uniform(0.5, 2.0, size=(n, 1))  # magnitudes the directions ignore
+    return X.astype(np.float32)
+
+
+def _means(X, labels):
+    return np.stack([X[labels == k].mean(axis=0) for k in range(labels.max() + 1)])
+
+
+def test_finch_raw_prototypes_are_means_of_the_directions_clusters():
+    X = _raw_rows()
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    labels = finch_n_clusters(unit, 8, random_state=0)
+    protos = learn_prototypes(X, n_clusters=8, normalize=False, random_state=0)
+    np.testing.assert_allclose(protos, _means(X, labels), atol=1e-5)
+    # the same clusters as the unit prototypes
+    np.testing.assert_allclose(
+        learn_prototypes(X, n_clusters=8, random_state=0),
+        F.normalize(torch.from_numpy(_means(unit, labels)), dim=1).numpy(),
+        atol=1e-5,
+    )
+
+
+def test_kmeans_raw_prototypes_are_means_of_the_assigned_rows():
+    X = _raw_rows()
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    centers = kmeans(unit, 6, random_state=0)
+    labels = (unit @ centers.T).argmax(axis=1)
+    protos = learn_prototypes(X, method="kmeans", n_clusters=6, normalize=False, random_state=0)
+    np.testing.assert_allclose(protos, _means(X, labels), atol=1e-5)
+    assert not np.allclose(np.linalg.norm(protos, axis=1), 1.0, atol=1e-3)
+
+
+# ----------------------------------------------------------------- detector
+
+
+def test_image_detector_finds_and_localises_defects(image_detector, synthetic):
+    scores = -image_detector.score_samples(synthetic.X_test)
+    y = synthetic.y_test
+    assert scores[y == 1].mean() > scores[y == 0].mean()
+    maps = image_detector.anomaly_maps(synthetic.X_test)
+    defect = synthetic.masks_test.astype(bool)
+    hits = [m[d].mean() > m[~d].mean() for m, d in zip(maps, defect) if d.any()]
+    assert np.mean(hits) >= 0.75
+
+
+def test_image_detector_differs_from_the_patch_detector(image_detector, tiny_detector, synthetic):
+    assert image_detector.network_.embedding.normalization == "image"
+    image = -image_detector.score_samples(synthetic.X_test)
+    patch = -tiny_detector.score_samples(synthetic.X_test)
+    assert not np.allclose(image, patch)
+    # distances, not 1 - cosine: prototypes keep their magnitude
+    norms = np.linalg.norm(image_detector.prototypes_, axis=1)
+    assert not np.allclose(norms, 1.0, atol=1e-3)
+
+
+def test_image_detector_round_trips_and_exports(image_detector, synthetic, tmp_path):
+    X = synthetic.X_test[:4]
+    expected = image_detector.score_samples(X)
+    loaded = persistence.load(persistence.save(image_detector, tmp_path / "m.safetensors"))
+    assert loaded.normalization == "image"
+    np.testing.assert_allclose(loaded.score_samples(X), expected, atol=1e-6)
+    module = _jit_load(export.to_torchscript(image_detector, tmp_path / "m.pt"))
+    with torch.inference_mode():
+        maps, scores = module(torch.from_numpy(export.preprocess(image_detector, X)))
+    np.testing.assert_allclose(-scores.numpy(), expected, atol=1e-4)
+    np.testing.assert_allclose(maps.numpy(), image_detector.anomaly_maps(X), atol=1e-4)
+
+
+def test_feature_cache_keys_differ_by_normalization(normal_images):
+    images = ImageSequence(normal_images[:2])
+    keys = [
+        feature_key(ProtoADDetector(**{**TINY, "normalization": n}), images, seed=0)
+        for n in ("patch", "image")
+    ]
+    assert keys[0] != keys[1]
