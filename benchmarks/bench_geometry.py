@@ -12,7 +12,11 @@ over the pixels the method scored.
 
 Features: efficientnet_lite0 stages 1..3, 3x3 aggregation, centred alignment,
 FINCH merged to 1,000 prototypes, Gaussian sigma 4 (in input pixels), every 4th
-training image (191), all 583 test images.
+training image (191), all 583 test images; ``normalization`` as in
+``ProtoADDetector``. The ``padim_*`` variants score with PaDiM instead
+(``benchmarks/anchors.py``: the same stages without aggregation, 100 random
+dimensions, one Gaussian per position, so a fixed input size only), under
+the same protocol.
 
     python benchmarks/bench_geometry.py [VARIANT ...]
 
@@ -35,6 +39,9 @@ from skprotoad.datasets import load_mvtec
 from skprotoad.metrics import evaluate_maps
 from skprotoad.network import PatchEmbedding, ProtoADNetwork
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from anchors import PaDiM  # noqa: E402
+
 torch.set_num_threads(2)
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile"
@@ -49,9 +56,12 @@ if "--smoke" in sys.argv:  # a quick run of the code paths, results not written
     data.test_mask_paths = [data.test_mask_paths[i] for i in keep]
     train, HERE = train[:6], Path("/tmp")
     (HERE / "results").mkdir(exist_ok=True)
-embedding = PatchEmbedding(
-    create_feature_extractor("efficientnet_lite0", (1, 2, 3)), neighborhood_size=3
-).eval()
+backbone = create_feature_extractor("efficientnet_lite0", (1, 2, 3))
+EMBEDDINGS = {
+    norm: PatchEmbedding(backbone, neighborhood_size=3, normalization=norm).eval()
+    for norm in ("patch", "image")
+}
+embedding = EMBEDDINGS["patch"]
 
 
 def prepare(image, geometry):
@@ -76,8 +86,9 @@ def prepare(image, geometry):
     return torch.from_numpy(np.clip(out, 0, 1)).expand(3, -1, -1), box
 
 
-def features(paths, geometry, crop):
-    """Per image: unit features (C, h, w)."""
+def features(paths, geometry, crop, embed=None):
+    """Per image: features (C, h, w) (``embed``: another map of the batch)."""
+    embed = embed or embedding
     out = []
     with torch.inference_mode():
         for start in range(0, len(paths), 16):
@@ -89,9 +100,9 @@ def features(paths, geometry, crop):
                     x = x[:, m:m + crop, m:m + crop]
                 xs.append(x)
             if len({x.shape for x in xs}) == 1:
-                out.extend(embedding(torch.stack(xs)))
+                out.extend(embed(torch.stack(xs)))
             else:
-                out.extend(embedding(x[None])[0] for x in xs)
+                out.extend(embed(x[None])[0] for x in xs)
     return out
 
 
@@ -116,11 +127,28 @@ def masks_on_grid(paths):
 ROWS = []
 
 
-def run(name, geometry, crop=None):
+def stage_maps(x):
+    """The backbone's stage maps of a batch, as PaDiM takes them."""
+    e = embedding
+    return e.backbone((x - e.mean) / e.std)
+
+
+def run(name, geometry, crop=None, normalization="patch", method="protoad"):
     t = time.time()
-    tr = features(train, geometry, crop)
-    X = np.concatenate([f.permute(1, 2, 0).reshape(-1, f.shape[0]).numpy() for f in tr])
-    protos = torch.from_numpy(learn_prototypes(X, n_clusters=min(1000, len(X) // 10), random_state=0))
+    if method == "padim":
+        # one Gaussian per position: all images of one size (squash)
+        tr = features(train, geometry, crop, embed=lambda x: list(zip(*stage_maps(x))))
+        padim = PaDiM(backbone.strides, sum(backbone.channels), tuple(
+            s * backbone.strides[0] for s in tr[0][0].shape[-2:]))
+        padim.fit([m[None] for m in stage] for stage in tr)
+        X = np.empty((sum(m[0].shape[-2] * m[0].shape[-1] for m in tr), 1))
+    else:
+        embedding_ = EMBEDDINGS[normalization]
+        tr = features(train, geometry, crop, embed=embedding_)
+        X = np.concatenate([f.permute(1, 2, 0).reshape(-1, f.shape[0]).numpy() for f in tr])
+        protos = torch.from_numpy(learn_prototypes(
+            X, n_clusters=min(1000, len(X) // 10), random_state=0,
+            normalize=normalization == "patch"))
     t_fit = time.time() - t
     maps, scores = [], []
     networks = {}
@@ -139,9 +167,13 @@ def run(name, geometry, crop=None):
                 by_size.setdefault(tuple(x.shape[-2:]), []).append(i)
             batch_maps = [None] * len(prepared)
             for size, idx in by_size.items():
-                if size not in networks:
-                    networks[size] = ProtoADNetwork(embedding, protos, size, 4.0).eval()
-                out = networks[size](torch.stack([prepared[i][0] for i in idx]))[0].numpy()
+                batch = torch.stack([prepared[i][0] for i in idx])
+                if method == "padim":
+                    out = padim(stage_maps(batch))[0].numpy()
+                else:
+                    if size not in networks:
+                        networks[size] = ProtoADNetwork(embedding_, protos, size, 4.0).eval()
+                    out = networks[size](batch)[0].numpy()
                 for i, m in zip(idx, out):
                     batch_maps[i] = m
             for m, (_, box) in zip(batch_maps, prepared):
@@ -151,7 +183,8 @@ def run(name, geometry, crop=None):
                 maps.append(eval_grid(m, box, margin))
     t_test = time.time() - t
     r = evaluate_maps(data.test_labels, np.array(scores), MASKS, np.stack(maps))
-    row = {"variant": name, "geometry": f"{geometry[0]} {geometry[1]}", "crop": crop,
+    row = {"variant": name, "method": method, "normalization": normalization,
+           "geometry": f"{geometry[0]} {geometry[1]}", "crop": crop,
            "n_patches_train": len(X), **{k: round(v, 4) for k, v in r.items()},
            "fit_s": round(t_fit), "test_img_per_s": round(len(maps) / t_test, 1)}
     ROWS.append(row)
@@ -166,7 +199,7 @@ def write():
     rows.update({r["variant"]: r for r in ROWS})
     rows = list(rows.values())
     path.write_text(json.dumps(rows, indent=2))
-    cols = ["variant", "geometry", "crop", "n_patches_train", "image_auroc", "pixel_auroc",
+    cols = ["variant", "method", "normalization", "geometry", "crop", "n_patches_train", "image_auroc", "pixel_auroc",
             "aupro", "pixel_f1_max", "fit_s", "test_img_per_s"]
     lines = ["# Input geometry on magnetic_tile (efficientnet_lite0)", "",
              "Command: `python benchmarks/bench_geometry.py`", "",
@@ -186,7 +219,12 @@ VARIANTS = {
     "native0.75": (("native", 0.75), None),
     "squash224": (("squash", 224), None),
     "letterbox288": (("letterbox", 288), None),
+    "squash224_image": (("squash", 224), None, "image"),
+    "native0.75_image": (("native", 0.75), None, "image"),
+    "squash256_crop224_image": (("squash", 256), 224, "image"),
+    "padim_squash224": (("squash", 224), None, "patch", "padim"),
+    "padim_squash256_crop224": (("squash", 256), 224, "patch", "padim"),
 }
-for name, (geometry, crop) in VARIANTS.items():
+for name, args in VARIANTS.items():
     if not ONLY or name in ONLY:
-        run(name, geometry, crop)
+        run(name, *args)

@@ -1,7 +1,8 @@
-"""Alignment and neighbourhood averaging, measured side by side.
+"""Alignment, neighbourhood averaging and normalization, measured side by side.
 
 Fits one detector per setting (alignment="paper" = the reference join,
-"center" = receptive-field centres; neighborhood_size 1 or 3) on generated
+"center" = receptive-field centres; neighborhood_size 1 or 3; normalization
+"patch" or "image") on generated
 defect images (128 px, the demo's generator) and, with ``--magnetic-tile N``,
 on every N-th training image of the real Magnetic Tile data, and reports
 image/pixel AUROC and AUPRO.
@@ -21,7 +22,8 @@ from skprotoad.metrics import evaluate_maps
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile"
-SETTINGS = [("paper", 1), ("center", 1), ("center", 3)]
+SETTINGS = [("paper", 1, "patch"), ("center", 1, "patch"), ("center", 3, "patch"),
+            ("center", 1, "image"), ("center", 3, "image")]
 
 
 def evaluate(det, X_train, X_test, labels, masks):
@@ -39,34 +41,35 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rows = []
     synth = make_defect_dataset(n_train=40, n_test=40, image_size=(128, 128), random_state=0)
-    for alignment, size in SETTINGS:
+    for alignment, size, norm in SETTINGS:
         det = ProtoADDetector(
             image_size=128, crop_size=128, clustering="kmeans", n_clusters=200,
-            alignment=alignment, neighborhood_size=size, random_state=0,
+            alignment=alignment, neighborhood_size=size, normalization=norm, random_state=0,
         )
         r = evaluate(det, synth.X_train, synth.X_test, synth.y_test, synth.masks_test)
         rows.append({"data": "synthetic 128 px (40 train, 40 test)", "alignment": alignment,
-                     "neighborhood_size": size, **r})
+                     "neighborhood_size": size, "normalization": norm, **r})
         print(json.dumps(rows[-1]), flush=True)
     if args.magnetic_tile:
         data = load_mvtec(DATA)
         masks = load_masks(data.test_mask_paths, 256, 224)
         train = data.train_paths[:: args.magnetic_tile]
-        for alignment, size in SETTINGS:
+        for alignment, size, norm in SETTINGS:
             det = ProtoADDetector(
                 clustering="kmeans", n_clusters=500, alignment=alignment,
-                neighborhood_size=size, random_state=0,
+                neighborhood_size=size, normalization=norm, random_state=0,
             )
             r = evaluate(det, train, data.test_paths, data.test_labels, masks)
             rows.append({"data": f"magnetic_tile ({len(train)} train, all test)",
-                         "alignment": alignment, "neighborhood_size": size, **r})
+                         "alignment": alignment, "neighborhood_size": size,
+                         "normalization": norm, **r})
             print(json.dumps(rows[-1]), flush=True)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "synthetic_variants.json").write_text(json.dumps(rows, indent=2))
-    cols = ["data", "alignment", "neighborhood_size", "image_auroc", "pixel_auroc", "aupro", "pixel_f1_max"]
+    cols = ["data", "alignment", "neighborhood_size", "normalization", "image_auroc", "pixel_auroc", "aupro", "pixel_f1_max"]
     lines = [
-        "# Alignment and neighbourhood averaging",
+        "# Alignment, neighbourhood averaging and normalization",
         "",
         "Command: `python benchmarks/bench_synthetic_variants.py"
         + (f" --magnetic-tile {args.magnetic_tile}" if args.magnetic_tile else "") + "`",
