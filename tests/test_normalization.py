@@ -152,6 +152,17 @@ def test_image_detector_round_trips_and_exports(image_detector, synthetic, tmp_p
     np.testing.assert_allclose(maps.numpy(), image_detector.anomaly_maps(X), atol=1e-4)
 
 
+def test_image_detector_exports_to_onnx(image_detector, synthetic, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    X = synthetic.X_test[:3]
+    session = ort.InferenceSession(str(export.to_onnx(image_detector, tmp_path / "m.onnx")))
+    name = session.get_inputs()[0].name
+    maps, scores = session.run(None, {name: export.preprocess(image_detector, X)})
+    np.testing.assert_allclose(-scores, image_detector.score_samples(X), atol=1e-4)
+    np.testing.assert_allclose(maps, image_detector.anomaly_maps(X), atol=1e-4)
+
+
 def test_feature_cache_keys_differ_by_normalization(normal_images):
     images = ImageSequence(normal_images[:2])
     keys = [
