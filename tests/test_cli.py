@@ -96,6 +96,15 @@ def test_fit_writes_a_fitted_detector(model):
     assert detector.verbose is False  # no progress bars when used from Python later
 
 
+def test_fit_passes_normalization(folders, tmp_path, capsys):
+    argv = ["fit", folders / "train", "-o", tmp_path / "m.joblib", "-q", *TINY_OPTIONS,
+            "--normalization", "image"]
+    assert _run(argv, capsys)[0] == 0
+    assert joblib.load(tmp_path / "m.joblib").network_.embedding.normalization == "image"
+    code, _, err = _run([*argv[:-1], "layer"], capsys)
+    assert code == 2 and "invalid choice" in err
+
+
 def test_predict_round_trip(model, folders, tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, _ = _run(["predict", model, folders / "test", "-o", out, "-q"], capsys)
