@@ -60,6 +60,17 @@ def test_image_network_computes_the_distance_to_the_nearest_prototype(backbone):
     torch.testing.assert_close(net.prototypes, prototypes)
 
 
+def test_image_scale_is_per_image_not_per_batch(backbone):
+    embedding = PatchEmbedding(backbone, normalization="image")
+    net = ProtoADNetwork(embedding, torch.randn(5, 192), None, sigma=4.0).eval()
+    x = torch.rand(3, 3, 64, 96)
+    x[0] *= 0.1
+    with torch.inference_mode():
+        together = net(x)[0]
+        alone = torch.cat([net(x[i : i + 1])[0] for i in range(3)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
 def test_a_patch_equal_to_a_prototype_is_at_distance_zero(backbone):
     embedding = PatchEmbedding(backbone, normalization="image")
     x = torch.rand(1, 3, 64, 64)
