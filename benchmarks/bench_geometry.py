@@ -64,6 +64,28 @@ EMBEDDINGS = {
 embedding = EMBEDDINGS["patch"]
 
 
+class PositionEmbedding(torch.nn.Module):
+    """``base``'s features plus the patch position as two channels in [-w, w].
+
+    Lets a prototype stand for "this texture at this place of the image", the
+    position dependence PaDiM's per-position Gaussians have. With per-patch
+    normalisation the result is normalised again.
+    """
+
+    def __init__(self, base, weight):
+        super().__init__()
+        self.base, self.weight = base, weight
+        self.backbone, self.alignment = base.backbone, base.alignment
+        self.normalization, self.n_channels = base.normalization, base.n_channels + 2
+
+    def forward(self, x):
+        f = self.base(x)
+        n, _, h, w = f.shape
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        f = torch.cat([f, self.weight * torch.stack([yy, xx]).expand(n, 2, h, w)], 1)
+        return torch.nn.functional.normalize(f, dim=1) if self.normalization == "patch" else f
+
+
 def prepare(image, geometry):
     """Model input (3, H, W) and the box (top, left, h, w) the image occupies."""
     kind, size = geometry
@@ -127,23 +149,44 @@ def masks_on_grid(paths):
 ROWS = []
 
 
+class UnitPaDiM(PaDiM):
+    """PaDiM on L2-normalised joined features: directions only, no magnitude.
+
+    Rescaled to the mean norm of the first training image's raw features, so
+    that the covariance regularisation (eps I) weighs as much as in PaDiM.
+    """
+
+    scale = None
+
+    def patch_features(self, maps):
+        from anchors import join_stages
+
+        joined = join_stages(maps, self.strides)
+        if self.scale is None:
+            self.scale = float(joined.norm(dim=1).mean())
+        joined = self.scale * torch.nn.functional.normalize(joined, dim=1)
+        return joined.index_select(1, self.dims).permute(0, 2, 3, 1)
+
+
 def stage_maps(x):
     """The backbone's stage maps of a batch, as PaDiM takes them."""
     e = embedding
     return e.backbone((x - e.mean) / e.std)
 
 
-def run(name, geometry, crop=None, normalization="patch", method="protoad"):
+def run(name, geometry, crop=None, normalization="patch", method="protoad", position=0.0):
     t = time.time()
-    if method == "padim":
+    if method in ("padim", "padim_unit"):
         # one Gaussian per position: all images of one size (squash)
         tr = features(train, geometry, crop, embed=lambda x: list(zip(*stage_maps(x))))
-        padim = PaDiM(backbone.strides, sum(backbone.channels), tuple(
+        padim = (UnitPaDiM if method == "padim_unit" else PaDiM)(backbone.strides, sum(backbone.channels), tuple(
             s * backbone.strides[0] for s in tr[0][0].shape[-2:]))
         padim.fit([m[None] for m in stage] for stage in tr)
         X = np.empty((sum(m[0].shape[-2] * m[0].shape[-1] for m in tr), 1))
     else:
         embedding_ = EMBEDDINGS[normalization]
+        if position:
+            embedding_ = PositionEmbedding(embedding_, position)
         tr = features(train, geometry, crop, embed=embedding_)
         X = np.concatenate([f.permute(1, 2, 0).reshape(-1, f.shape[0]).numpy() for f in tr])
         protos = torch.from_numpy(learn_prototypes(
@@ -168,7 +211,7 @@ def run(name, geometry, crop=None, normalization="patch", method="protoad"):
             batch_maps = [None] * len(prepared)
             for size, idx in by_size.items():
                 batch = torch.stack([prepared[i][0] for i in idx])
-                if method == "padim":
+                if method in ("padim", "padim_unit"):
                     out = padim(stage_maps(batch))[0].numpy()
                 else:
                     if size not in networks:
@@ -184,6 +227,7 @@ def run(name, geometry, crop=None, normalization="patch", method="protoad"):
     t_test = time.time() - t
     r = evaluate_maps(data.test_labels, np.array(scores), MASKS, np.stack(maps))
     row = {"variant": name, "method": method, "normalization": normalization,
+           "position": position,
            "geometry": f"{geometry[0]} {geometry[1]}", "crop": crop,
            "n_patches_train": len(X), **{k: round(v, 4) for k, v in r.items()},
            "fit_s": round(t_fit), "test_img_per_s": round(len(maps) / t_test, 1)}
@@ -199,7 +243,7 @@ def write():
     rows.update({r["variant"]: r for r in ROWS})
     rows = list(rows.values())
     path.write_text(json.dumps(rows, indent=2))
-    cols = ["variant", "method", "normalization", "geometry", "crop", "n_patches_train", "image_auroc", "pixel_auroc",
+    cols = ["variant", "method", "normalization", "position", "geometry", "crop", "n_patches_train", "image_auroc", "pixel_auroc",
             "aupro", "pixel_f1_max", "fit_s", "test_img_per_s"]
     lines = ["# Input geometry on magnetic_tile (efficientnet_lite0)", "",
              "Command: `python benchmarks/bench_geometry.py`", "",
@@ -223,6 +267,10 @@ VARIANTS = {
     "native0.75_image": (("native", 0.75), None, "image"),
     "squash256_crop224_image": (("squash", 256), 224, "image"),
     "padim_squash224": (("squash", 224), None, "patch", "padim"),
+    "padim_unit_squash224": (("squash", 224), None, "patch", "padim_unit"),
+    "squash224_pos0.25": (("squash", 224), None, "patch", "protoad", 0.25),
+    "squash224_pos0.1": (("squash", 224), None, "patch", "protoad", 0.1),
+    "squash224_image_pos0.25": (("squash", 224), None, "image", "protoad", 0.25),
     "padim_squash256_crop224": (("squash", 256), 224, "patch", "padim"),
 }
 for name, args in VARIANTS.items():
