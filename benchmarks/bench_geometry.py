@@ -37,7 +37,7 @@ from skprotoad.backbones import create_feature_extractor
 from skprotoad.clustering import learn_prototypes
 from skprotoad.datasets import load_mvtec
 from skprotoad.metrics import evaluate_maps
-from skprotoad.network import PatchEmbedding, ProtoADNetwork
+from skprotoad.network import PatchEmbedding, ProtoADNetwork, upsample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from anchors import PaDiM  # noqa: E402
@@ -62,6 +62,30 @@ EMBEDDINGS = {
     for norm in ("patch", "image")
 }
 embedding = EMBEDDINGS["patch"]
+
+
+class GlobalScaleEmbedding(PatchEmbedding):
+    """Raw joined features divided by one constant for all images (the mean
+    patch norm of the first training batch): PatchCore's and PaDiM's raw
+    magnitudes at the scale of ``normalization="image"``, Euclidean head."""
+
+    scale = None
+
+    def forward(self, images):
+        maps = self.backbone((images - self.mean) / self.std)
+        k = self.neighborhood_size
+        maps = [torch.nn.functional.avg_pool2d(m, k, stride=1, padding=k // 2,
+                                               count_include_pad=False) for m in maps]
+        size = tuple(maps[0].shape[-2:])
+        f = torch.cat([maps[0]] + [upsample(m, s // self.backbone.strides[0], size, "center")
+                                   for m, s in zip(maps[1:], self.backbone.strides[1:])], 1)
+        if self.scale is None:
+            self.scale = float(f.norm(dim=1).mean())
+        return f / self.scale
+
+
+EMBEDDINGS["global"] = GlobalScaleEmbedding(backbone, neighborhood_size=3,
+                                            normalization="image").eval()
 
 
 class PositionEmbedding(torch.nn.Module):
@@ -191,7 +215,7 @@ def run(name, geometry, crop=None, normalization="patch", method="protoad", posi
         X = np.concatenate([f.permute(1, 2, 0).reshape(-1, f.shape[0]).numpy() for f in tr])
         protos = torch.from_numpy(learn_prototypes(
             X, n_clusters=min(1000, len(X) // 10), random_state=0,
-            normalize=normalization == "patch"))
+            normalize=normalization == "patch"))  # "global": raw means too
     t_fit = time.time() - t
     maps, scores = [], []
     networks = {}
@@ -268,6 +292,8 @@ VARIANTS = {
     "squash256_crop224_image": (("squash", 256), 224, "image"),
     "padim_squash224": (("squash", 224), None, "patch", "padim"),
     "padim_unit_squash224": (("squash", 224), None, "patch", "padim_unit"),
+    "squash224_global": (("squash", 224), None, "global"),
+    "squash224_global_pos0.25": (("squash", 224), None, "global", "protoad", 0.25),
     "squash224_pos0.25": (("squash", 224), None, "patch", "protoad", 0.25),
     "squash224_pos0.1": (("squash", 224), None, "patch", "protoad", 0.1),
     "squash224_image_pos0.25": (("squash", 224), None, "image", "protoad", 0.25),
