@@ -198,31 +198,13 @@ def stage_maps(x):
     return e.backbone((x - e.mean) / e.std)
 
 
-def run(name, geometry, crop=None, normalization="patch", method="protoad", position=0.0):
-    t = time.time()
-    if method in ("padim", "padim_unit"):
-        # one Gaussian per position: all images of one size (squash)
-        tr = features(train, geometry, crop, embed=lambda x: list(zip(*stage_maps(x))))
-        padim = (UnitPaDiM if method == "padim_unit" else PaDiM)(backbone.strides, sum(backbone.channels), tuple(
-            s * backbone.strides[0] for s in tr[0][0].shape[-2:]))
-        padim.fit([m[None] for m in stage] for stage in tr)
-        X = np.empty((sum(m[0].shape[-2] * m[0].shape[-1] for m in tr), 1))
-    else:
-        embedding_ = EMBEDDINGS[normalization]
-        if position:
-            embedding_ = PositionEmbedding(embedding_, position)
-        tr = features(train, geometry, crop, embed=embedding_)
-        X = np.concatenate([f.permute(1, 2, 0).reshape(-1, f.shape[0]).numpy() for f in tr])
-        protos = torch.from_numpy(learn_prototypes(
-            X, n_clusters=min(1000, len(X) // 10), random_state=0,
-            normalize=normalization == "patch"))  # "global": raw means too
-    t_fit = time.time() - t
-    maps, scores = [], []
-    networks = {}
-    t = time.time()
+def input_maps(paths, geometry, crop, predict):
+    """Per image: (map on the model input, box, crop margin); ``predict``
+    maps a batch of one input size to its maps."""
+    out = []
     with torch.inference_mode():
-        for start in range(0, len(data.test_paths), 16):
-            prepared = [prepare(load_image(p), geometry) for p in data.test_paths[start:start + 16]]
+        for start in range(0, len(paths), 16):
+            prepared = [prepare(load_image(p), geometry) for p in paths[start:start + 16]]
             margin = 0
             if crop:
                 margin = (prepared[0][0].shape[-1] - crop) // 2
@@ -235,23 +217,63 @@ def run(name, geometry, crop=None, normalization="patch", method="protoad", posi
             batch_maps = [None] * len(prepared)
             for size, idx in by_size.items():
                 batch = torch.stack([prepared[i][0] for i in idx])
-                if method in ("padim", "padim_unit"):
-                    out = padim(stage_maps(batch))[0].numpy()
-                else:
-                    if size not in networks:
-                        networks[size] = ProtoADNetwork(embedding_, protos, size, 4.0).eval()
-                    out = networks[size](batch)[0].numpy()
-                for i, m in zip(idx, out):
+                for i, m in zip(idx, predict(batch, size)):
                     batch_maps[i] = m
-            for m, (_, box) in zip(batch_maps, prepared):
-                # the score: max over the scored pixels of the image itself (not padding)
-                valid = m if margin else m[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
-                scores.append(valid.max())
-                maps.append(eval_grid(m, box, margin))
+            out += [(m, box, margin) for m, (_, box) in zip(batch_maps, prepared)]
+    return out
+
+
+def run(name, geometry, crop=None, normalization="patch", method="protoad", position=0.0,
+        posnorm=None):
+    t = time.time()
+    fit_paths = train
+    if posnorm:
+        # every 5th training image is held out: its maps give the normal
+        # map's mean (and spread) at each pixel of the (fixed-size) input
+        fit_paths = [p for i, p in enumerate(train) if i % 5]
+    if method in ("padim", "padim_unit"):
+        # one Gaussian per position: all images of one size (squash)
+        tr = features(fit_paths, geometry, crop, embed=lambda x: list(zip(*stage_maps(x))))
+        padim = (UnitPaDiM if method == "padim_unit" else PaDiM)(backbone.strides, sum(backbone.channels), tuple(
+            s * backbone.strides[0] for s in tr[0][0].shape[-2:]))
+        padim.fit([m[None] for m in stage] for stage in tr)
+        X = np.empty((sum(m[0].shape[-2] * m[0].shape[-1] for m in tr), 1))
+
+        def predict(batch, size):
+            return padim(stage_maps(batch))[0].numpy()
+    else:
+        embedding_ = EMBEDDINGS[normalization]
+        if position:
+            embedding_ = PositionEmbedding(embedding_, position)
+        tr = features(fit_paths, geometry, crop, embed=embedding_)
+        X = np.concatenate([f.permute(1, 2, 0).reshape(-1, f.shape[0]).numpy() for f in tr])
+        protos = torch.from_numpy(learn_prototypes(
+            X, n_clusters=min(1000, len(X) // 10), random_state=0,
+            normalize=normalization == "patch"))  # "global": raw means too
+        networks = {}
+
+        def predict(batch, size):
+            if size not in networks:
+                networks[size] = ProtoADNetwork(embedding_, protos, size, 4.0).eval()
+            return networks[size](batch)[0].numpy()
+    t_fit = time.time() - t
+    shift, spread = 0.0, 1.0
+    if posnorm in ("mean", "z"):  # "none": held out, maps left as they are
+        normal = np.stack([m for m, _, _ in input_maps(train[::5], geometry, crop, predict)])
+        shift = normal.mean(axis=0)
+        spread = normal.std(axis=0) + 1e-3 if posnorm == "z" else 1.0
+    t = time.time()
+    maps, scores = [], []
+    for m, box, margin in input_maps(data.test_paths, geometry, crop, predict):
+        m = (m - shift) / spread
+        # the score: max over the scored pixels of the image itself (not padding)
+        valid = m if margin else m[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
+        scores.append(valid.max())
+        maps.append(eval_grid(m, box, margin))
     t_test = time.time() - t
     r = evaluate_maps(data.test_labels, np.array(scores), MASKS, np.stack(maps))
     row = {"variant": name, "method": method, "normalization": normalization,
-           "position": position,
+           "position": position, "position_norm": posnorm, "n_train": len(fit_paths),
            "geometry": f"{geometry[0]} {geometry[1]}", "crop": crop,
            "n_patches_train": len(X), **{k: round(v, 4) for k, v in r.items()},
            "fit_s": round(t_fit), "test_img_per_s": round(len(maps) / t_test, 1)}
@@ -267,7 +289,8 @@ def write():
     rows.update({r["variant"]: r for r in ROWS})
     rows = list(rows.values())
     path.write_text(json.dumps(rows, indent=2))
-    cols = ["variant", "method", "normalization", "position", "geometry", "crop", "n_patches_train", "image_auroc", "pixel_auroc",
+    cols = ["variant", "method", "normalization", "position", "position_norm", "n_train",
+            "geometry", "crop", "n_patches_train", "image_auroc", "pixel_auroc",
             "aupro", "pixel_f1_max", "fit_s", "test_img_per_s"]
     lines = ["# Input geometry on magnetic_tile (efficientnet_lite0)", "",
              "Command: `python benchmarks/bench_geometry.py`", "",
@@ -294,6 +317,11 @@ VARIANTS = {
     "padim_unit_squash224": (("squash", 224), None, "patch", "padim_unit"),
     "squash224_global": (("squash", 224), None, "global"),
     "squash224_global_pos0.25": (("squash", 224), None, "global", "protoad", 0.25),
+    "squash224_posnorm_z": (("squash", 224), None, "patch", "protoad", 0.0, "z"),
+    "squash224_posnorm_mean": (("squash", 224), None, "patch", "protoad", 0.0, "mean"),
+    "squash224_image_posnorm_z": (("squash", 224), None, "image", "protoad", 0.0, "z"),
+    "squash224_image_posnorm_mean": (("squash", 224), None, "image", "protoad", 0.0, "mean"),
+    "padim_squash224_n152": (("squash", 224), None, "patch", "padim", 0.0, "none"),
     "squash224_pos0.25": (("squash", 224), None, "patch", "protoad", 0.25),
     "squash224_pos0.1": (("squash", 224), None, "patch", "protoad", 0.1),
     "squash224_image_pos0.25": (("squash", 224), None, "image", "protoad", 0.25),
