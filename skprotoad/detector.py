@@ -118,8 +118,10 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         are divided by their mean L2 norm, prototypes keep their magnitude,
         and the map is the Euclidean distance to the nearest prototype: the
         image's overall contrast is discounted, but a patch that is weaker or
-        stronger than its neighbours still counts, which localises defects
-        better (see :doc:`/user_guide/normalization`).
+        stronger than its neighbours still counts. On Magnetic Tile it
+        localised defects much better (pixel AUROC 0.749 against 0.654) but
+        ranked images worse (0.659 against 0.738), and on synthetic defects
+        it was worse throughout (see :doc:`/user_guide/normalization`).
     image_size : int, (height, width) or float, default=256
         The model's input geometry. An int or a (height, width) pair: every
         image is resized to this size (bilinear, antialiased), whatever its
