@@ -21,6 +21,7 @@ inverted-file (IVF) search for large ones, see :func:`finch`.
 import math
 import sys
 import numbers
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -161,6 +162,20 @@ def _cluster_sums(X, labels, n_clusters):
     return np.asarray(member @ X, dtype=np.float32)
 
 
+def _as_tensor(X, device):
+    """``X`` as a tensor on ``device``, sharing its memory on the CPU.
+
+    Nothing here writes to it, so a read-only array (the detector's
+    memory-mapped feature cache) is shared as it is; torch warns about every
+    non-writable array, hence the filter.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="The given NumPy array is not writable", category=UserWarning
+        )
+        return torch.from_numpy(X).to(device)
+
+
 def _cluster_means(X, labels, n_clusters):
     """Per-cluster means of the rows of ``X``; an empty cluster's mean is 0."""
     counts = np.bincount(labels, minlength=n_clusters).astype(np.float32)
@@ -215,7 +230,7 @@ def _best_match(Q, D, *, q_ids=None, d_ids=None, self_offset=None, batch_size=No
 def _first_neighbors_exact(X, *, device, batch_size=None, verbose=False):
     """Exact first neighbour (highest cosine, itself excluded) of every row."""
     n = X.shape[0]
-    Xt = torch.from_numpy(X).to(device)
+    Xt = _as_tensor(X, device)
     # outer chunks only pace the progress bar; _best_match does the blocking
     row_block = max(_row_block(n, batch_size), 8192)
     sims = np.empty(n, dtype=np.float32)
@@ -277,7 +292,7 @@ def _first_neighbors_ivf(
         n_lists = int(round(math.sqrt(n_probe * n)))
     n_lists = max(1, min(int(n_lists), n // 2))
     n_probe = max(1, min(n_probe, n_lists))
-    Xt = torch.from_numpy(X).to(device)
+    Xt = _as_tensor(X, device)
 
     # coarse quantiser: a few Lloyd steps from random rows of a subsample
     # (a quantiser only needs to be reasonable; k-means++ would cost more)
@@ -860,7 +875,7 @@ def kmeans(
     centers = torch.from_numpy(_kmeanspp(X[sample], n_clusters, rng)).to(device)
 
     centers = _spherical_lloyd(
-        torch.from_numpy(X).to(device),
+        _as_tensor(X, device),
         centers,
         max_iter=max_iter,
         tol=tol,
@@ -957,7 +972,7 @@ def learn_prototypes(
             return centers
         device = _resolve_device(device)
         labels = _assign(
-            torch.from_numpy(X).to(device), torch.from_numpy(centers).to(device), batch_size
+            _as_tensor(X, device), torch.from_numpy(centers).to(device), batch_size
         )[0].cpu().numpy()
         return _cluster_means(raw, labels, n_clusters)
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
-import warnings
 
 import numpy as np
 import torch
@@ -40,28 +38,6 @@ _MIN_IMAGES_FOR_HOLDOUT = 5
 # Parameters added since the first saved models, with the defaults that
 # loading an older model gives them (pickle and the safe format alike).
 _ADDED_PARAMS = {"n_jobs": None, "memory": None, "normalization": "patch"}
-
-
-def _tolerate_read_only_features(fit):
-    """Let ``fit`` work on cached features memory-mapped read-only.
-
-    ``joblib.Memory(..., mmap_mode="r")`` returns the cached feature array as a
-    read-only memmap. Clustering and scoring only read it, through
-    ``torch.from_numpy``, which warns about every non-writable array; that
-    warning is silenced, for fits with a ``memory`` only.
-    """
-
-    @functools.wraps(fit)
-    def wrapper(self, *args, **kwargs):
-        if self.memory is None:
-            return fit(self, *args, **kwargs)
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message="The given NumPy array is not writable", category=UserWarning
-            )
-            return fit(self, *args, **kwargs)
-
-    return wrapper
 
 
 class ProtoADDetector(OutlierMixin, BaseEstimator):
@@ -273,7 +249,6 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ fit
     @with_torch_threads
-    @_tolerate_read_only_features
     def fit(self, X, y=None):
         """Learn prototypes from the normal images of ``X``.
 
