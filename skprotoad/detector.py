@@ -37,7 +37,8 @@ _CALIBRATION_QUANTILE = 0.99
 _MIN_IMAGES_FOR_HOLDOUT = 5
 # Parameters added since the first saved models, with the defaults that
 # loading an older model gives them (pickle and the safe format alike).
-_ADDED_PARAMS = {"n_jobs": None, "memory": None, "normalization": "patch"}
+# (neighborhood_size: models saved before it existed had no aggregation, 1.)
+_ADDED_PARAMS = {"neighborhood_size": 1, "n_jobs": None, "memory": None, "normalization": "patch"}
 
 
 class ProtoADDetector(OutlierMixin, BaseEstimator):
@@ -840,8 +841,8 @@ def _build_network(description):
         mean=description["mean"],
         std=description["std"],
         alignment=description["alignment"],
-        neighborhood_size=description["neighborhood_size"],
-        # files saved before the option existed describe "patch" networks
+        # networks saved before these options existed: no aggregation, "patch"
+        neighborhood_size=description.get("neighborhood_size", 1),
         normalization=description.get("normalization", "patch"),
     )
     network = ProtoADNetwork(

@@ -430,9 +430,11 @@ def _check_network(network):
     _require_list(network, "std", float, 3, where, positive=True)
     if _require(network, "alignment", str, where) not in ("center", "paper"):
         raise _Invalid(f"network 'alignment' is {network['alignment']!r}")
-    size = _require(network, "neighborhood_size", int, where)
-    if size < 1 or size % 2 == 0:
-        raise _Invalid("network 'neighborhood_size' must be an odd int >= 1")
+    # absent from files saved before the option existed: 1
+    if "neighborhood_size" in network:
+        size = _require(network, "neighborhood_size", int, where)
+        if size < 1 or size % 2 == 0:
+            raise _Invalid("network 'neighborhood_size' must be an odd int >= 1")
     # absent from files saved before the option existed: "patch"
     if network.get("normalization", "patch") not in ("patch", "image"):
         raise _Invalid(f"network 'normalization' is {network['normalization']!r}")
@@ -442,12 +444,14 @@ def _check_network(network):
         raise _Invalid("network 'sigma' must be >= 0")
     if _require(network, "n_prototypes", int, where) < 1:
         raise _Invalid("network 'n_prototypes' must be at least 1")
-    known = {
-        "backbone", "layers", "mean", "std", "alignment", "neighborhood_size", "input_size",
-        "sigma", "n_prototypes",
+    required = {
+        "backbone", "layers", "mean", "std", "alignment", "input_size", "sigma", "n_prototypes",
     }
-    if set(network) - {"normalization"} != known:
-        raise _Invalid(f"network keys {sorted(network)} differ from {sorted(known)}")
+    optional = {"neighborhood_size", "normalization"}  # absent from older files
+    if not required <= set(network) <= required | optional:
+        raise _Invalid(
+            f"network keys {sorted(network)} differ from {sorted(required | optional)}"
+        )
 
 
 # ---------------------------------------------------------- tensor checks

@@ -372,6 +372,28 @@ def test_models_saved_before_later_parameters_load(tiny_detector, saved, tmp_pat
         _assert_same_model(loaded, tiny_detector, X)
 
 
+def test_models_saved_before_neighborhood_size_load(normal_images, tmp_path, X):
+    """Models from before the aggregation option had none: they load as size 1."""
+    model = ProtoADDetector(**{**TINY, "neighborhood_size": 1}).fit(normal_images[:6])
+
+    def drop(config):
+        config["params"].pop("neighborhood_size")
+        config["network"].pop("neighborhood_size")
+
+    path = _rewrite(
+        persistence.save(model, tmp_path / "m.safetensors"), tmp_path / "old.safetensors",
+        config=drop,
+    )
+    state = model.__getstate__()
+    del state["neighborhood_size"], state["_network_state"]["neighborhood_size"]
+    unpickled = ProtoADDetector.__new__(ProtoADDetector)
+    unpickled.__setstate__(state)
+    for loaded in (persistence.load(path), unpickled):
+        assert loaded.neighborhood_size == 1
+        assert loaded.network_.embedding.neighborhood_size == 1
+        _assert_same_model(loaded, model, X)
+
+
 def test_memory_in_the_safe_format(tiny_detector, tmp_path):
     model = copy.deepcopy(tiny_detector)
     model.set_params(memory=str(tmp_path / "cache"), n_jobs=2)
