@@ -40,7 +40,7 @@ from skprotoad.metrics import evaluate_maps
 from skprotoad.network import PatchEmbedding, ProtoADNetwork, upsample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from anchors import PaDiM  # noqa: E402
+from anchors import PaDiM, PixelMaps  # noqa: E402
 
 torch.set_num_threads(2)
 HERE = Path(__file__).resolve().parent
@@ -223,8 +223,16 @@ def input_maps(paths, geometry, crop, predict):
     return out
 
 
+def norm_statistics(paths, geometry, crop):
+    """Per grid position: mean and spread of the log patch norm of the raw
+    features (globally scaled), over the images at ``paths`` (one size)."""
+    logs = torch.stack([f.norm(dim=0).log() for f in
+                        features(paths, geometry, crop, embed=EMBEDDINGS["global"])])
+    return logs.mean(0), logs.std(0) + 1e-3
+
+
 def run(name, geometry, crop=None, normalization="patch", method="protoad", position=0.0,
-        posnorm=None):
+        posnorm=None, norm_weight=0.0):
     t = time.time()
     fit_paths = train
     if posnorm:
@@ -252,10 +260,21 @@ def run(name, geometry, crop=None, normalization="patch", method="protoad", posi
             normalize=normalization == "patch"))  # "global": raw means too
         networks = {}
 
+        if norm_weight:
+            # PaDiM-like use of magnitude: how unusual a patch's norm is at its
+            # position, |z| of the log norm, added to the map (fixed size only)
+            stats = norm_statistics(fit_paths, geometry, crop)
+            pixel_maps = PixelMaps(backbone.strides[0], tuple(
+                s * backbone.strides[0] for s in stats[0].shape), 4.0)
+
         def predict(batch, size):
             if size not in networks:
                 networks[size] = ProtoADNetwork(embedding_, protos, size, 4.0).eval()
-            return networks[size](batch)[0].numpy()
+            maps = networks[size](batch)[0]
+            if norm_weight:
+                z = (EMBEDDINGS["global"](batch).norm(dim=1).log() - stats[0]) / stats[1]
+                maps = maps + norm_weight * pixel_maps(z.abs())[0]
+            return maps.numpy()
     t_fit = time.time() - t
     shift, spread = 0.0, 1.0
     if posnorm in ("mean", "z"):  # "none": held out, maps left as they are
@@ -273,7 +292,7 @@ def run(name, geometry, crop=None, normalization="patch", method="protoad", posi
     t_test = time.time() - t
     r = evaluate_maps(data.test_labels, np.array(scores), MASKS, np.stack(maps))
     row = {"variant": name, "method": method, "normalization": normalization,
-           "position": position, "position_norm": posnorm, "n_train": len(fit_paths),
+           "position": position, "norm_weight": norm_weight, "position_norm": posnorm, "n_train": len(fit_paths),
            "geometry": f"{geometry[0]} {geometry[1]}", "crop": crop,
            "n_patches_train": len(X), **{k: round(v, 4) for k, v in r.items()},
            "fit_s": round(t_fit), "test_img_per_s": round(len(maps) / t_test, 1)}
@@ -322,6 +341,8 @@ VARIANTS = {
     "squash224_image_posnorm_z": (("squash", 224), None, "image", "protoad", 0.0, "z"),
     "squash224_image_posnorm_mean": (("squash", 224), None, "image", "protoad", 0.0, "mean"),
     "padim_squash224_n152": (("squash", 224), None, "patch", "padim", 0.0, "none"),
+    "squash224_normz0.02": (("squash", 224), None, "patch", "protoad", 0.0, None, 0.02),
+    "squash224_normz0.05": (("squash", 224), None, "patch", "protoad", 0.0, None, 0.05),
     "squash224_pos0.25": (("squash", 224), None, "patch", "protoad", 0.25),
     "squash224_pos0.1": (("squash", 224), None, "patch", "protoad", 0.1),
     "squash224_image_pos0.25": (("squash", 224), None, "image", "protoad", 0.25),
