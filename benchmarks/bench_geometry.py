@@ -192,6 +192,22 @@ class UnitPaDiM(PaDiM):
         return joined.index_select(1, self.dims).permute(0, 2, 3, 1)
 
 
+class DiagPaDiM(PaDiM):
+    """PaDiM with diagonal covariances: per position, per dimension, a mean and
+    a variance (+ eps); tells whether PaDiM's edge needs the full covariance."""
+
+    def fit(self, batches):
+        from anchors import gaussian_statistics
+
+        mean, cov = gaussian_statistics((self.patch_features(m) for m in batches), self.eps)
+        self.mean = mean.float()
+        self.inv_cov = (1.0 / torch.diagonal(cov, dim1=-2, dim2=-1)).float()
+        return self
+
+    def patch_scores(self, features):
+        return (((features - self.mean) ** 2) * self.inv_cov).sum(-1).sqrt()
+
+
 def stage_maps(x):
     """The backbone's stage maps of a batch, as PaDiM takes them."""
     e = embedding
@@ -239,10 +255,11 @@ def run(name, geometry, crop=None, normalization="patch", method="protoad", posi
         # every 5th training image is held out: its maps give the normal
         # map's mean (and spread) at each pixel of the (fixed-size) input
         fit_paths = [p for i, p in enumerate(train) if i % 5]
-    if method in ("padim", "padim_unit"):
+    if method in ("padim", "padim_unit", "padim_diag"):
         # one Gaussian per position: all images of one size (squash)
         tr = features(fit_paths, geometry, crop, embed=lambda x: list(zip(*stage_maps(x))))
-        padim = (UnitPaDiM if method == "padim_unit" else PaDiM)(backbone.strides, sum(backbone.channels), tuple(
+        padim = {"padim": PaDiM, "padim_unit": UnitPaDiM, "padim_diag": DiagPaDiM}[method](
+            backbone.strides, sum(backbone.channels), tuple(
             s * backbone.strides[0] for s in tr[0][0].shape[-2:]))
         padim.fit([m[None] for m in stage] for stage in tr)
         X = np.empty((sum(m[0].shape[-2] * m[0].shape[-1] for m in tr), 1))
@@ -333,6 +350,7 @@ VARIANTS = {
     "native0.75_image": (("native", 0.75), None, "image"),
     "squash256_crop224_image": (("squash", 256), 224, "image"),
     "padim_squash224": (("squash", 224), None, "patch", "padim"),
+    "padim_diag_squash224": (("squash", 224), None, "patch", "padim_diag"),
     "padim_unit_squash224": (("squash", 224), None, "patch", "padim_unit"),
     "squash224_global": (("squash", 224), None, "global"),
     "squash224_global_pos0.25": (("squash", 224), None, "global", "protoad", 0.25),
