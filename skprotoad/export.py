@@ -11,7 +11,8 @@ which runs without skprotoad, timm or scikit-learn:
   exported; every function here raises ``ValueError`` for them.
 * **inside**: ImageNet (``mean``/``std``) normalisation, backbone, join of the
   stages, L2 normalisation, prototypes, ``1 - max cosine``, upsampling,
-  Gaussian smoothing and the maximum.
+  Gaussian smoothing and the maximum (with ``normalization="image"``: the
+  per-image scaling and the distance to the nearest prototype instead).
 * **outputs** ``maps``: float32 ``(N, crop_h, crop_w)`` anomaly maps, and
   ``scores``: float32 ``(N,)`` anomaly scores (their maxima), which are
   ``-score_samples``. An image is an anomaly when its score exceeds
@@ -293,6 +294,9 @@ def _check_outputs(network, run):
             )
 
 
+_MAP_MEANING = {"patch": "1 - max cosine", "image": "distance to the nearest prototype"}
+
+
 def _metadata(model):
     network = model.network_
     return {
@@ -307,8 +311,10 @@ def _metadata(model):
             "image_size": list(_images.check_size(model.image_size, "image_size")),
             "crop_size": list(network.input_size),
         },
+        "normalization": network.embedding.normalization,
         "outputs": {
-            "maps": "float32 (N, crop_h, crop_w), 1 - max cosine, higher = more anomalous",
+            "maps": f"float32 (N, crop_h, crop_w), {_MAP_MEANING[network.embedding.normalization]}, "
+            "higher = more anomalous",
             "scores": "float32 (N,), max of each map = -score_samples",
         },
         "pixel_threshold": float(model.pixel_threshold_),

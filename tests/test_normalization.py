@@ -1,5 +1,7 @@
 """normalization="image": features scaled per image, Euclidean distance to prototypes."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -156,7 +158,11 @@ def test_image_detector_round_trips_and_exports(image_detector, synthetic, tmp_p
     loaded = persistence.load(persistence.save(image_detector, tmp_path / "m.safetensors"))
     assert loaded.normalization == "image"
     np.testing.assert_allclose(loaded.score_samples(X), expected, atol=1e-6)
-    module = _jit_load(export.to_torchscript(image_detector, tmp_path / "m.pt"))
+    extra = {"skprotoad.json": ""}
+    path = export.to_torchscript(image_detector, tmp_path / "m.pt")
+    module = _jit_load(path, _extra_files=extra)
+    meta = json.loads(extra["skprotoad.json"])
+    assert meta["normalization"] == "image" and "distance" in meta["outputs"]["maps"]
     with torch.inference_mode():
         maps, scores = module(torch.from_numpy(export.preprocess(image_detector, X)))
     np.testing.assert_allclose(-scores.numpy(), expected, atol=1e-4)
