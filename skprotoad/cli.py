@@ -169,8 +169,10 @@ def _image_size_arg(value):
             f"expected a size in pixels (an integer) or a scale factor (a number "
             f"such as 0.75), got {value!r}"
         ) from None
-    if not 0.0 < factor <= 4.0:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"a scale factor must be in (0, 4], got {value!r}")
+    if not 0.0 < factor <= _images.MAX_SCALE:  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"a scale factor must be in (0, {_images.MAX_SCALE:g}], got {value!r}"
+        )
     return factor
 
 
