@@ -37,7 +37,7 @@ from skprotoad.backbones import create_feature_extractor
 from skprotoad.clustering import learn_prototypes
 from skprotoad.datasets import load_mvtec
 from skprotoad.metrics import evaluate_maps
-from skprotoad.network import PatchEmbedding, ProtoADNetwork, upsample
+from skprotoad.network import PatchEmbedding, ProtoADNetwork
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from anchors import PaDiM, PixelMaps  # noqa: E402
@@ -72,13 +72,7 @@ class GlobalScaleEmbedding(PatchEmbedding):
     scale = None
 
     def forward(self, images):
-        maps = self.backbone((images - self.mean) / self.std)
-        k = self.neighborhood_size
-        maps = [torch.nn.functional.avg_pool2d(m, k, stride=1, padding=k // 2,
-                                               count_include_pad=False) for m in maps]
-        size = tuple(maps[0].shape[-2:])
-        f = torch.cat([maps[0]] + [upsample(m, s // self.backbone.strides[0], size, "center")
-                                   for m, s in zip(maps[1:], self.backbone.strides[1:])], 1)
+        f = self.join(images)
         if self.scale is None:
             self.scale = float(f.norm(dim=1).mean())
         return f / self.scale

@@ -574,7 +574,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         return tqdm(iterable, total=total, desc=desc, unit="batch")
 
     def _extract_features(self, embedding, images, order, device):
-        """Unit patch features of ``images[order]``, as :class:`_PatchFeatures`.
+        """Patch features of ``images[order]``, as :class:`_PatchFeatures`.
 
         All patches of all images go into one preallocated float32 array, image
         ``k`` of ``order`` at rows ``offsets[k]:offsets[k + 1]``, whatever order

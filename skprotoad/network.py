@@ -188,6 +188,14 @@ class PatchEmbedding(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Features (N, C, h, w) at the finest chosen stride, normalised."""
+        features = self.join(images)
+        if self.normalization == "image":
+            norms = torch.linalg.vector_norm(features, dim=1, keepdim=True)
+            return features / norms.mean(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+        return F.normalize(features, dim=1)
+
+    def join(self, images: torch.Tensor) -> torch.Tensor:
+        """The stages' features joined at the finest stride, not normalised."""
         maps = self.backbone((images - self.mean) / self.std)
         if self.neighborhood_size > 1:
             k = self.neighborhood_size
@@ -203,11 +211,7 @@ class PatchEmbedding(nn.Module):
                 joined.append(F.interpolate(m, size=size, mode="nearest"))
             else:
                 joined.append(upsample(m, stride // finest, size, "center"))
-        features = torch.cat(joined, dim=1)
-        if self.normalization == "image":
-            norms = torch.linalg.vector_norm(features, dim=1, keepdim=True)
-            return features / norms.mean(dim=(2, 3), keepdim=True).clamp_min(1e-12)
-        return F.normalize(features, dim=1)
+        return torch.cat(joined, dim=1)
 
 
 class ProtoADNetwork(nn.Module):
@@ -296,8 +300,7 @@ class ProtoADNetwork(nn.Module):
             # |x - p|^2 = |x|^2 - 2 (x.p - |p|^2 / 2); the half squared norms are
             # derived here, not stored, so that the state dict is the same in
             # both modes
-            weight = self.prototype_conv.weight[:, :, 0, 0]
-            half_sq = 0.5 * (weight * weight).sum(dim=1)
+            half_sq = 0.5 * (self.prototypes * self.prototypes).sum(dim=1)
             best = (similarity - half_sq[None, :, None, None]).amax(dim=1, keepdim=True)
             squared = (features * features).sum(dim=1, keepdim=True) - 2.0 * best
             patch_scores = squared.clamp_min(0.0).sqrt()
