@@ -348,16 +348,22 @@ def load_masks(mask_paths, image_size=256, crop_size=224):
     (2, 6, 6)
     """
     top, left, height, width = center_crop_box(image_size, crop_size)
-    full_h, full_w = check_size(image_size, "image_size")
+    full_size = check_size(image_size, "image_size")
     masks = np.zeros((len(mask_paths), height, width), dtype=bool)
     for i, path in enumerate(mask_paths):
-        if path is None:
-            continue
-        with Image.open(path) as image:
-            # PIL sizes are (width, height).
-            resized = image.convert("L").resize((full_w, full_h), Image.NEAREST)
-        masks[i] = np.asarray(resized)[top:top + height, left:left + width] > 127
+        if path is not None:
+            masks[i] = _read_mask(path, full_size)[top:top + height, left:left + width]
     return masks
+
+
+def _read_mask(path, size):
+    """A mask file as 8-bit grey, resized (nearest) to ``size`` (h, w), > 127."""
+    height, width = size
+    with Image.open(path) as image:
+        image = image.convert("L")
+        if image.size != (width, height):  # PIL sizes are (width, height)
+            image = image.resize((width, height), Image.NEAREST)
+        return np.asarray(image) > 127
 
 
 def load_input_masks(mask_paths, sizes):
@@ -393,15 +399,8 @@ def load_input_masks(mask_paths, sizes):
         )
     masks = []
     for path, size in zip(mask_paths, sizes):
-        height, width = check_size(tuple(size), "size")
-        if path is None:
-            masks.append(np.zeros((height, width), dtype=bool))
-            continue
-        with Image.open(path) as image:
-            image = image.convert("L")
-            if image.size != (width, height):  # PIL sizes are (width, height)
-                image = image.resize((width, height), Image.NEAREST)
-            masks.append(np.asarray(image) > 127)
+        size = check_size(tuple(size), "size")
+        masks.append(np.zeros(size, dtype=bool) if path is None else _read_mask(path, size))
     return masks
 
 
