@@ -947,6 +947,9 @@ def learn_prototypes(
     >>> P = learn_prototypes(X, n_clusters=10)
     >>> P.shape, bool(np.allclose(np.linalg.norm(P, axis=1), 1, atol=1e-5))
     ((10, 16), True)
+    >>> P_raw = learn_prototypes(3 * X, n_clusters=10, normalize=False)  # plain means
+    >>> bool(np.allclose(np.linalg.norm(P_raw, axis=1), 1, atol=1e-5))
+    False
     """
     if method not in ("finch", "kmeans"):
         raise ValueError(f"method must be 'finch' or 'kmeans', got {method!r}.")

@@ -202,6 +202,12 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
     (2,)
     >>> det.anomaly_maps(X[:2]).shape
     (2, 64, 64)
+
+    Distances to prototypes with magnitude instead of ``1 - cosine``:
+
+    >>> det_image = det.set_params(normalization="image").fit(X)
+    >>> bool(np.allclose(np.linalg.norm(det_image.prototypes_, axis=1), 1.0))
+    False
     """
 
     def __init__(

@@ -163,6 +163,10 @@ class PatchEmbedding(nn.Module):
     >>> f = emb(torch.rand(2, 3, 64, 64))
     >>> tuple(f.shape), bool(torch.allclose(f.norm(dim=1), torch.ones(2, 16, 16)))
     ((2, 192, 16, 16), True)
+    >>> per_image = PatchEmbedding(emb.backbone, normalization="image")
+    >>> f = per_image(torch.rand(2, 3, 64, 64))
+    >>> [round(float(m), 4) for m in f.norm(dim=1).mean(dim=(1, 2))]  # mean patch norm
+    [1.0, 1.0]
     """
 
     def __init__(
