@@ -64,6 +64,8 @@ def embed(maps, agg, per_stage, stages, weights=None, pos=0.0, whiten=None, norm
         # one scale per image (its mean patch norm): the image's contrast goes,
         # the patches' relative magnitudes stay
         return f / f.norm(dim=1, keepdim=True).mean((2, 3), keepdim=True)
+    if normalize == 'image_rms':  # the same with the root mean square norm
+        return f / (f * f).sum(1, keepdim=True).mean((2, 3), keepdim=True).sqrt()
     if not normalize:
         return f
     f = F.normalize(f, dim=1)
@@ -81,8 +83,8 @@ def run(name, agg=0, per_stage=False, stages=(0, 1, 2), K=500, score='max', meth
         sigma=4.0, weights=None, pos=0.0, train_step=1, neighbors='auto', whiten=0.0,
         posnorm=None, metric='cosine'):
     t = time.time()
-    raw = metric in ('euclidean', 'image')
-    norm_arg = 'image' if metric == 'image' else not raw
+    raw = metric in ('euclidean', 'image', 'image_rms')
+    norm_arg = metric if metric.startswith('image') else not raw
     train_maps = tr
     if posnorm in ('mean', 'z'):
         # every 5th training image is held out: its maps give the normal map
@@ -92,15 +94,15 @@ def run(name, agg=0, per_stage=False, stages=(0, 1, 2), K=500, score='max', meth
     smooth = GaussianSmoothing(sigma, (224, 224))
     stats = None
     if whiten:
-        raw = embed([m[::train_step] for m in train_maps], agg, per_stage, stages, weights, 0.0)
-        raw = raw.permute(0, 2, 3, 1).reshape(-1, raw.shape[1]).double()
-        mu = raw.mean(0)
-        cov = torch.cov((raw - mu).T)
+        unwhitened = embed([m[::train_step] for m in train_maps], agg, per_stage, stages, weights, 0.0)
+        unwhitened = unwhitened.permute(0, 2, 3, 1).reshape(-1, unwhitened.shape[1]).double()
+        mu = unwhitened.mean(0)
+        cov = torch.cov((unwhitened - mu).T)
         eigval, eigvec = torch.linalg.eigh(cov)
         eps = whiten * eigval.mean()
         W = (eigvec @ torch.diag((eigval + eps) ** -0.5) @ eigvec.T).float()
         stats = (mu.float(), W)
-        del raw
+        del unwhitened
     ftr = embed([m[::train_step] for m in train_maps], agg, per_stage, stages, weights, pos, stats,
                 normalize=norm_arg)
     X = ftr.permute(0, 2, 3, 1).reshape(-1, ftr.shape[1]).contiguous()
@@ -119,13 +121,18 @@ def run(name, agg=0, per_stage=False, stages=(0, 1, 2), K=500, score='max', meth
                                               neighbors=neighbors))
     P_sq = (P * P).sum(1)
     t_cluster = time.time() - t
-    def score_maps(source):
+    def score_maps(source, readout=None):
+        """Maps of ``source``; ``readout="cosine"``: 1 - max cosine to the same
+        prototypes, whatever the metric (an image score from another readout)."""
         maps = []
         with torch.inference_mode():
             for i in range(0, len(source[0]), 32):
                 f = embed([m[i:i+32] for m in source], agg, per_stage, stages, weights, pos, stats,
                           normalize=norm_arg)
-                if raw:
+                if readout == 'cosine':
+                    ps = 1 - torch.einsum('nchw,kc->nkhw', F.normalize(f, dim=1),
+                                          F.normalize(P, dim=1)).amax(1, keepdim=True)
+                elif raw:
                     # ||x - p||^2 = ||x||^2 - max_k (2 x.p_k - ||p_k||^2): still a 1x1 conv (with bias) + max
                     best = (2 * torch.einsum('nchw,kc->nkhw', f, P) - P_sq.view(1, -1, 1, 1)).amax(1, keepdim=True)
                     ps = ((f * f).sum(1, keepdim=True) - best).clamp_min(0).sqrt()
@@ -142,14 +149,25 @@ def run(name, agg=0, per_stage=False, stages=(0, 1, 2), K=500, score='max', meth
         mu = normal_maps.mean(0)
         maps = maps - mu if posnorm in ('mean', 'mean_insample') else (maps - mu) / (normal_maps.std(0) + 1e-3)
     flat = maps.reshape(len(maps), -1)
-    scores = flat.max(1) if score == 'max' else np.sort(flat, 1)[:, -int(score):].mean(1)
+    if score == 'cosine':
+        scores = score_maps(te, readout='cosine').reshape(len(maps), -1).max(1)
+    elif score == 'max':
+        scores = flat.max(1)
+    else:
+        scores = np.sort(flat, 1)[:, -int(score):].mean(1)
+    # where the normal test images peak: share within 16 px of the crop's edge
+    rows_, cols_ = np.unravel_index(flat.argmax(1), maps.shape[1:])
+    edge = np.minimum.reduce([rows_, cols_, maps.shape[1] - 1 - rows_, maps.shape[2] - 1 - cols_]) < 16
+    normal = data.test_labels == 0
     r = evaluate_maps(data.test_labels, scores, masks, maps)
     row = {'variant': name, 'neighborhood': agg or 1, 'per_stage_norm': per_stage,
            'stages': [s + 1 for s in stages], 'stage_weights': weights, 'position': pos,
            'whiten': whiten, 'position_norm': posnorm, 'metric': metric,
            'clustering': method if neighbors == 'auto' else f'{method} ({neighbors})',
            'n_train': len(ftr), 'n_prototypes': len(P), 'sigma': sigma, 'score': str(score),
-           **{k: round(v, 4) for k, v in r.items()}, 'cluster_seconds': round(t_cluster),
+           **{k: round(v, 4) for k, v in r.items()},
+           'normal_max_at_edge': round(float(edge[normal].mean()), 3),
+           'cluster_seconds': round(t_cluster),
            'seconds': round(time.time() - t)}
     ROWS.append(row)
     print(json.dumps(row), flush=True)
@@ -167,7 +185,7 @@ def write():
     path.write_text(json.dumps(rows, indent=2))
     cols = ['variant', 'neighborhood', 'per_stage_norm', 'stages', 'stage_weights', 'position', 'whiten', 'position_norm', 'metric', 'clustering',
             'n_train', 'n_prototypes', 'sigma', 'score',
-            'image_auroc', 'pixel_auroc', 'aupro', 'image_f1_max', 'pixel_f1_max']
+            'image_auroc', 'pixel_auroc', 'aupro', 'image_f1_max', 'pixel_f1_max', 'normal_max_at_edge']
     lines = ['# Feature variants on magnetic_tile (efficientnet_lite0)', '',
              'Command: `python benchmarks/bench_feature_variants.py`', '',
              f'Train: every 4th of train/good ({len(train)} images); test: all {len(data.test_paths)} test images.', '',
@@ -220,3 +238,30 @@ run('coreset1000_euclid', agg=3, method='coreset', K=1000, metric='euclidean')
 run('kmeans1000_euclid', agg=3, method='kmeans', K=1000, metric='euclidean')
 run('finch1000_imagenorm', agg=3, method='finch', K=1000, metric='image')
 run('kmeans1000_imagenorm', agg=3, method='kmeans', K=1000, metric='image')
+run('finch1000_imagenorm_rms', agg=3, method='finch', K=1000, metric='image_rms')
+run('finch1000_imagenorm_top10', agg=3, method='finch', K=1000, metric='image', score=10)
+run('finch1000_imagenorm_top100', agg=3, method='finch', K=1000, metric='image', score=100)
+run('finch1000_imagenorm_top1000', agg=3, method='finch', K=1000, metric='image', score=1000)
+# image score from the cosine readout of the same prototypes, map from the distances
+run('finch1000_imagenorm_cosine_score', agg=3, method='finch', K=1000, metric='image', score='cosine')
+
+
+def mean_norm_auroc():
+    """How well an image's mean raw feature norm alone (3x3 aggregated stages,
+    the crop) tells defective from normal test images: AUROC of minus the
+    norm, weaker features = more anomalous."""
+    from sklearn.metrics import roc_auc_score
+
+    with torch.inference_mode():
+        norms = np.concatenate([
+            embed([m[i:i + 32] for m in te], 3, False, (0, 1, 2), normalize=False)
+            .norm(dim=1).mean((1, 2)).numpy() for i in range(0, len(te[0]), 32)])
+    row = {'variant': 'diagnostic_mean_feature_norm', 'metric': 'minus mean raw patch norm',
+           'score': 'image only', 'image_auroc': round(float(roc_auc_score(data.test_labels, -norms)), 4)}
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+    write()
+
+
+if not ONLY or 'diagnostic_mean_feature_norm' in ONLY:
+    mean_norm_auroc()
