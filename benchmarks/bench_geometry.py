@@ -242,7 +242,7 @@ def norm_statistics(paths, geometry, crop):
 
 
 def run(name, geometry, crop=None, normalization="patch", method="protoad", position=0.0,
-        posnorm=None, norm_weight=0.0):
+        posnorm=None, norm_weight=0.0, score="max", n_clusters=1000):
     t = time.time()
     fit_paths = train
     if posnorm:
@@ -267,7 +267,7 @@ def run(name, geometry, crop=None, normalization="patch", method="protoad", posi
         tr = features(fit_paths, geometry, crop, embed=embedding_)
         X = np.concatenate([f.permute(1, 2, 0).reshape(-1, f.shape[0]).numpy() for f in tr])
         protos = torch.from_numpy(learn_prototypes(
-            X, n_clusters=min(1000, len(X) // 10), random_state=0,
+            X, n_clusters=min(n_clusters, len(X) // 10), random_state=0,
             normalize=normalization == "patch"))  # "global": raw means too
         networks = {}
 
@@ -281,10 +281,16 @@ def run(name, geometry, crop=None, normalization="patch", method="protoad", posi
         def predict(batch, size):
             if size not in networks:
                 networks[size] = ProtoADNetwork(embedding_, protos, size, 4.0).eval()
+                # score="cosine": the image score from 1 - max cosine to the same
+                # prototypes (a unit-feature network), the map from ``normalization``
+                networks[size, "cosine"] = ProtoADNetwork(
+                    EMBEDDINGS["patch"], protos, size, 4.0).eval()
             maps = networks[size](batch)[0]
             if norm_weight:
                 z = (EMBEDDINGS["global"](batch).norm(dim=1).log() - stats[0]) / stats[1]
                 maps = maps + norm_weight * pixel_maps(z.abs())[0]
+            if score.startswith("cosine"):
+                return torch.stack([maps, networks[size, "cosine"](batch)[0]], 1).numpy()
             return maps.numpy()
     t_fit = time.time() - t
     shift, spread = 0.0, 1.0
@@ -295,15 +301,19 @@ def run(name, geometry, crop=None, normalization="patch", method="protoad", posi
     t = time.time()
     maps, scores = [], []
     for m, box, margin in input_maps(data.test_paths, geometry, crop, predict):
+        m, score_map = (m[0], m[1]) if m.ndim == 3 else (m, m)
         m = (m - shift) / spread
+        score_map = score_map if score.startswith("cosine") else m
         # the score: max over the scored pixels of the image itself (not padding)
-        valid = m if margin else m[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
-        scores.append(valid.max())
+        valid = score_map if margin else score_map[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
+        # "...-mean": the peak above the image's own mean level
+        scores.append(valid.max() - (valid.mean() if score.endswith("-mean") else 0.0))
         maps.append(eval_grid(m, box, margin))
     t_test = time.time() - t
     r = evaluate_maps(data.test_labels, np.array(scores), MASKS, np.stack(maps))
     row = {"variant": name, "method": method, "normalization": normalization,
            "position": position, "norm_weight": norm_weight, "position_norm": posnorm, "n_train": len(fit_paths),
+           "score": score, "n_prototypes": len(protos) if method == "protoad" else None,
            "geometry": f"{geometry[0]} {geometry[1]}", "crop": crop,
            "n_patches_train": len(X), **{k: round(v, 4) for k, v in r.items()},
            "fit_s": round(t_fit), "test_img_per_s": round(len(maps) / t_test, 1)}
@@ -319,7 +329,8 @@ def write():
     rows.update({r["variant"]: r for r in ROWS})
     rows = list(rows.values())
     path.write_text(json.dumps(rows, indent=2))
-    cols = ["variant", "method", "normalization", "position", "position_norm", "n_train",
+    cols = ["variant", "method", "normalization", "position", "position_norm", "score",
+            "n_prototypes", "n_train",
             "geometry", "crop", "n_patches_train", "image_auroc", "pixel_auroc",
             "aupro", "pixel_f1_max", "fit_s", "test_img_per_s"]
     lines = ["# Input geometry on magnetic_tile (efficientnet_lite0)", "",
@@ -360,6 +371,22 @@ VARIANTS = {
     "squash224_image_pos0.25": (("squash", 224), None, "image", "protoad", 0.25),
     "padim_squash256_crop224": (("squash", 256), 224, "patch", "padim"),
 }
+VARIANTS.update({
+    # the map from normalization="image", the image score from the cosine
+    # readout of the same prototypes
+    "squash224_image_cosscore": (("squash", 224), None, "image", "protoad", 0.0, None, 0.0, "cosine"),
+    "native0.75_image_cosscore": (("native", 0.75), None, "image", "protoad", 0.0, None, 0.0, "cosine"),
+    "native0.75_image_cosscore_K2000": (("native", 0.75), None, "image", "protoad", 0.0, None, 0.0,
+                                        "cosine", 2000),
+    "native0.75_K2000": (("native", 0.75), None, "patch", "protoad", 0.0, None, 0.0, "max", 2000),
+    # the factor that brings the median training image (sqrt of its area: 317 px) to 224
+    "native0.71_image_cosscore": (("native", 0.706), None, "image", "protoad", 0.0, None, 0.0, "cosine"),
+    "native0.71": (("native", 0.706), None),
+    "native0.75_max-mean": (("native", 0.75), None, "patch", "protoad", 0.0, None, 0.0, "max-mean"),
+    "native0.75_image_cosscore-mean": (("native", 0.75), None, "image", "protoad", 0.0, None, 0.0,
+                                       "cosine-mean"),
+    "squash224_max-mean": (("squash", 224), None, "patch", "protoad", 0.0, None, 0.0, "max-mean"),
+})
 for name, args in VARIANTS.items():
     if not ONLY or name in ONLY:
         run(name, *args)
