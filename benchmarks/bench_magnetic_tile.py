@@ -48,8 +48,17 @@ VARIANTS = {
     "keep_aspect_0.75": dict(image_size=0.75, crop_size=None),
     # features divided by the image's mean norm, Euclidean distance
     # (docs/user_guide/normalization.md)
-    "image_norm": dict(normalization="image"),
-    "keep_aspect_0.75_image_norm": dict(image_size=0.75, crop_size=None, normalization="image"),
+    "image_norm": dict(normalization="image", image_score="map"),
+    "keep_aspect_0.75_image_norm": dict(
+        image_size=0.75, crop_size=None, normalization="image", image_score="map"),
+    # the same maps, image scores from the cosine readout of the same prototypes
+    "image_norm_cosine": dict(normalization="image", image_score="cosine"),
+    "keep_aspect_0.75_image_norm_cosine": dict(
+        image_size=0.75, crop_size=None, normalization="image", image_score="cosine"),
+    "keep_aspect_0.75_image_norm_cosine_2000": dict(
+        image_size=0.75, crop_size=None, normalization="image", image_score="cosine",
+        n_clusters=2000),
+    "image_norm_cosine_2000": dict(normalization="image", image_score="cosine", n_clusters=2000),
 }
 
 
@@ -80,7 +89,7 @@ def run_variant(name, data, args):
     metrics = evaluate_maps(data.test_labels, scores, masks, maps)
     del maps, masks
     normal = data.test_labels == 0
-    flagged = scores > det.pixel_threshold_
+    flagged = scores > -det.offset_
     return {
         "variant": name,
         "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()},

@@ -247,6 +247,11 @@ def _add_detector_options(parser):
         "features divided by the image's mean norm and Euclidean distance",
     )
     group.add_argument(
+        "--image-score", choices=("cosine", "map"), default="cosine",
+        help="with --normalization image: image scores from the cosine readout "
+        "of the same prototypes (default) or the map's maximum",
+    )
+    group.add_argument(
         "--contamination", type=_contamination_arg, default="auto",
         help="'auto' (threshold from held-out normal images; default) or the "
         "share of training images taken as anomalous",
@@ -676,13 +681,15 @@ def _load_model(path):
 
 
 def color_range(detector, threshold=None, vmin=None, vmax=None):
-    """The fixed (vmin, vmax) of the overlays, anchored at the image threshold.
+    """The fixed (vmin, vmax) of the overlays, anchored at the pixel threshold.
 
     Defaults put the threshold in the middle of the colour scale: maps at half
     the threshold or less are dark, maps at 1.5 times or more saturate. The
     same range for every image makes the colours comparable across images.
+    ``threshold`` (the user's) counts only where it applies to pixels too.
     """
-    t = detector.pixel_threshold_ if threshold is None else float(threshold)
+    use_own = threshold is None or not _scores_are_map_maxima(detector)
+    t = detector.pixel_threshold_ if use_own else float(threshold)
     if t <= 0:
         # No scale to anchor at: the whole range of 1 - cosine (distances
         # with normalization="image" have no fixed range; 0..2 still shows them).
@@ -732,7 +739,9 @@ def score_and_write(
     threshold : float, default=None
         Anomaly score above which an image is an anomaly, and map value above
         which a pixel is; ``None`` uses the detector's, so that labels equal
-        ``detector.predict``.
+        ``detector.predict``. When the detector's image score is not its map's
+        maximum (``normalization="image", image_score="cosine"``) it applies
+        to images only, and pixels keep ``detector.pixel_threshold_``.
     vmin, vmax, alpha : float
         Overlay colour range and opacity, see :func:`skprotoad.plotting.overlay`.
     write : sequence of bool, default=None
@@ -760,7 +769,7 @@ def score_and_write(
     from .plotting import overlay, save_png
 
     offset = detector.offset_ if threshold is None else -float(threshold)
-    pixel_threshold = -offset
+    pixel_threshold = -offset if _scores_are_map_maxima(detector) else detector.pixel_threshold_
     sequence = _images.ImageSequence(items, name="images")
     crop = detector.network_.input_size
     if out_dir is not None:
@@ -772,8 +781,7 @@ def score_and_write(
     chunk_size = int(detector.batch_size)
     for start in range(0, len(items), chunk_size):
         chunk = list(range(start, min(start + chunk_size, len(items))))
-        for index, crop_map in _score_chunk(detector, items, chunk, strict, skipped):
-            score = float(crop_map.max())
+        for index, crop_map, score in _score_chunk(detector, items, chunk, strict, skipped):
             # The same arithmetic as ProtoADDetector.predict, so labels agree exactly.
             anomaly = bool((-score) - offset < 0)
             size = sequence.original_size(index)
@@ -809,11 +817,18 @@ def score_and_write(
     return result
 
 
+def _scores_are_map_maxima(detector):
+    return detector.network_.image_score == "map" or (
+        detector.network_.embedding.normalization == "patch"
+    )
+
+
 def _score_chunk(detector, items, chunk, strict, skipped):
-    """Yield (index, crop map) for the images of ``chunk`` that can be read."""
+    """Yield (index, crop map, anomaly score) for the images of ``chunk`` that
+    can be read."""
     try:
-        maps = detector.anomaly_maps([items[i] for i in chunk])
-        yield from zip(chunk, maps)
+        maps, scores = detector._maps_and_scores([items[i] for i in chunk])
+        yield from zip(chunk, maps, scores.tolist())
         return
     except (ValueError, OSError) as exc:
         if strict:
@@ -876,6 +891,7 @@ _DETECTOR_OPTIONS = {
     "alignment": "alignment",
     "neighborhood_size": "neighborhood_size",
     "normalization": "normalization",
+    "image_score": "image_score",
     "image_size": "image_size",
     "crop_size": "crop_size",
     "contamination": "contamination",
@@ -911,7 +927,7 @@ def _fit(args, detector, train):
         detector.fit(train)
     seconds = time.perf_counter() - start
     _info(args, f"fitted in {seconds:.1f} s: {detector.prototypes_.shape[0]} prototypes, "
-                f"anomaly-score threshold {detector.pixel_threshold_:.4g}")
+                f"anomaly-score threshold {-detector.offset_:.4g}")
     # A saved model should not show progress bars when used from Python.
     detector.set_params(verbose=False)
     return seconds
@@ -960,10 +976,14 @@ def _cmd_predict(args):
     _write_scores_csv(out_dir / "scores.csv", [paths[i] for i in result["index"]], result)
     if skipped:
         _write_skipped_csv(out_dir / "skipped.csv", skipped)
-    threshold = detector.pixel_threshold_ if args.threshold is None else args.threshold
+    threshold = -detector.offset_ if args.threshold is None else args.threshold
+    pixel_threshold = (
+        threshold if _scores_are_map_maxima(detector) else detector.pixel_threshold_
+    )
     _write_json(out_dir / "run.json", {
         "model": str(Path(args.model).resolve()),
         "threshold": threshold,
+        "pixel_threshold": pixel_threshold,
         "vmin": vmin,
         "vmax": vmax,
         "n_images": len(result["index"]),
@@ -1092,7 +1112,8 @@ def _cmd_evaluate(args):
             "image_auroc_per_defect_type": per_type,
             "fit_seconds": fit_seconds,
             "test_images_per_second": speed,
-            "threshold": detector.pixel_threshold_,
+            "threshold": -detector.offset_,
+            "pixel_threshold": detector.pixel_threshold_,
             "skprotoad_version": __version__,
         })
         _info(args, f"wrote {args.output}")
@@ -1154,7 +1175,8 @@ def _cmd_demo(args):
         "metrics": metrics,
         "fit_seconds": fit_seconds,
         "test_images_per_second": speed,
-        "threshold": detector.pixel_threshold_,
+        "threshold": -detector.offset_,
+        "pixel_threshold": detector.pixel_threshold_,
         "skprotoad_version": __version__,
     })
     print(f"synthetic defects, {args.n_train} training / {args.n_test} test images "

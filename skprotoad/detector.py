@@ -22,6 +22,7 @@ from .network import (
     PatchEmbedding,
     ProtoADNetwork,
     _check_alignment,
+    _check_image_score,
     _check_neighborhood_size,
     _check_normalization,
 )
@@ -38,7 +39,14 @@ _MIN_IMAGES_FOR_HOLDOUT = 5
 # Parameters added since the first saved models, with the defaults that
 # loading an older model gives them (pickle and the safe format alike).
 # (neighborhood_size: models saved before it existed had no aggregation, 1.)
-_ADDED_PARAMS = {"neighborhood_size": 1, "n_jobs": None, "memory": None, "normalization": "patch"}
+# (image_score: every earlier model's image score was its map's maximum, "map".)
+_ADDED_PARAMS = {
+    "neighborhood_size": 1,
+    "n_jobs": None,
+    "memory": None,
+    "normalization": "patch",
+    "image_score": "map",
+}
 
 
 class ProtoADDetector(OutlierMixin, BaseEstimator):
@@ -99,6 +107,14 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         localised defects much better (pixel AUROC 0.749 against 0.654) but
         ranked images worse (0.659 against 0.738), and on synthetic defects
         it was worse throughout (see :doc:`/user_guide/normalization`).
+    image_score : {"cosine", "map"}, default="cosine"
+        How an image's anomaly score is read out with ``normalization="image"``.
+        ``"cosine"``: the maximum of the smoothed ``1 - max cosine`` map to the
+        same prototypes, computed from the same 1x1 conv as the map, so that
+        images are ranked as by the paper's map while the map shows distances:
+        the score is then not the map's maximum, and ``pixel_threshold_`` is
+        calibrated on its own. ``"map"``: the maximum of the anomaly map.
+        With ``normalization="patch"`` both are the same.
     image_size : int, (height, width) or float, default=256
         The model's input geometry. An int or a (height, width) pair: every
         image is resized to this size (bilinear, antialiased), whatever its
@@ -221,6 +237,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         alignment="center",
         neighborhood_size=3,
         normalization="patch",
+        image_score="cosine",
         image_size=256,
         crop_size=224,
         mean=IMAGENET_MEAN,
@@ -242,6 +259,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         self.alignment = alignment
         self.neighborhood_size = neighborhood_size
         self.normalization = normalization
+        self.image_score = image_score
         self.image_size = image_size
         self.crop_size = crop_size
         self.mean = mean
@@ -303,14 +321,17 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         self._check_enough_patches(features, n_fit)
 
         self.calibration_scores_ = np.empty(0)
+        calibration_map_maxima = np.empty(0)
         if n_held_out:
             protos = self._learn_prototypes(features.patches(n_fit), seed, device)
-            net = ProtoADNetwork(embedding, protos, crop, self.sigma).to(device)
+            net = self._network(embedding, protos, crop).to(device)
             held_out = range(n_fit, len(order))
-            self.calibration_scores_ = self._score_features(net, features, held_out, device)
+            self.calibration_scores_, calibration_map_maxima = self._score_features(
+                net, features, held_out, device
+            )
 
         protos = self._learn_prototypes(features.patches(), seed, device)
-        self.network_ = ProtoADNetwork(embedding, protos, crop, self.sigma).to(device)
+        self.network_ = self._network(embedding, protos, crop).to(device)
         self.network_.eval()
         # with a scale factor the grid follows each image's size: (None, None, C)
         n_channels = features.shape[2]
@@ -318,19 +339,33 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         self.n_train_images_ = len(order)
 
         everything = range(len(order))
-        if self.contamination == "auto":
-            if n_held_out:
-                threshold = np.quantile(self.calibration_scores_, _CALIBRATION_QUANTILE)
-            else:
-                # Too few images to hold any out: the worst training image.
-                threshold = self._score_features(
-                    self.network_, features, everything, device
-                ).max()
-            self.offset_ = -float(threshold)
+        if self.contamination == "auto" and n_held_out:
+            scores, map_maxima = self.calibration_scores_, calibration_map_maxima
+            quantile = _CALIBRATION_QUANTILE
         else:
-            train_scores = -self._score_features(self.network_, features, everything, device)
-            self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
+            # contamination: the training images' scores; "auto" with too few
+            # images to hold any out: the worst training image
+            scores, map_maxima = self._score_features(self.network_, features, everything, device)
+            quantile = 1.0 if self.contamination == "auto" else 1.0 - self.contamination
+        self.offset_ = -float(np.quantile(scores, quantile))
+        # A separate pixel threshold only when the image score is not the map's
+        # maximum; otherwise it is -offset_ (see pixel_threshold_).
+        self._pixel_threshold = (
+            float(np.quantile(map_maxima, quantile)) if self._scores_from_cosine() else None
+        )
         return self
+
+    def _network(self, embedding, prototypes, input_size):
+        return ProtoADNetwork(
+            embedding, prototypes, input_size, self.sigma, image_score=self._network_image_score()
+        )
+
+    def _network_image_score(self):
+        # with unit features the cosine map is the map: no second readout
+        return "cosine" if self._scores_from_cosine() else "map"
+
+    def _scores_from_cosine(self):
+        return self.normalization == "image" and self.image_score == "cosine"
 
     # --------------------------------------------------------------- predict
     @with_torch_threads
@@ -345,7 +380,8 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         Returns
         -------
         scores : ndarray of shape (n_images,)
-            ``-max(anomaly map)``.
+            ``-max(anomaly map)`` (of the cosine map with
+            ``normalization="image", image_score="cosine"``).
         """
         images = self._check_fitted_input(X)
         scores = np.empty(len(images), dtype=np.float64)
@@ -417,15 +453,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         if output not in ("crop", "input"):
             raise ValueError(f"output must be 'crop' or 'input', got {output!r}.")
         images = self._check_fitted_input(X)
-        if self.network_.input_size is None:
-            maps = [None] * len(images)
-            for index, batch_maps, _ in self._forward(images, keep_maps=True):
-                for i, m in zip(index, batch_maps):
-                    maps[i] = m
-        else:
-            maps = np.empty((len(images), *self.network_.input_size), dtype=np.float32)
-            for index, batch_maps, _ in self._forward(images, keep_maps=True):
-                maps[index] = batch_maps
+        maps, _ = self._maps_and_scores(images)
         if output == "crop":
             return maps
         return [
@@ -448,8 +476,9 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             the pixels cut away by the crop are False.
         threshold : float, default=None
             Anomaly-map value above which a pixel is a defect; defaults to
-            ``pixel_threshold_``, the image threshold, so that an image has a
-            non-empty mask exactly when :meth:`predict` calls it an anomaly.
+            ``pixel_threshold_``: the image threshold when the image score is
+            the map's maximum, so that an image has a non-empty mask exactly
+            when :meth:`predict` calls it an anomaly.
 
         Returns
         -------
@@ -467,9 +496,17 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
 
     @property
     def pixel_threshold_(self):
-        """Anomaly-map value above which a pixel counts as defective (``-offset_``)."""
+        """Anomaly-map value above which a pixel counts as defective.
+
+        ``-offset_`` when the image score is the map's maximum. With
+        ``normalization="image", image_score="cosine"`` the map and the score
+        differ in kind, and this threshold is set by the rule that set
+        ``offset_`` applied to the maps' maxima (the held-out images' 99th
+        percentile with ``contamination="auto"``).
+        """
         check_is_fitted(self, "offset_")
-        return -self.offset_
+        own = getattr(self, "_pixel_threshold", None)
+        return -self.offset_ if own is None else own
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -507,6 +544,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         _check_alignment(self.alignment)
         _check_neighborhood_size(self.neighborhood_size)
         _check_normalization(self.normalization)
+        _check_image_score(self.image_score)
         _images.check_geometry(self.image_size, self.crop_size)
         for name in ("mean", "std"):
             value = getattr(self, name)
@@ -684,23 +722,43 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             )
 
     def _score_features(self, network, features, positions, device):
-        """Anomaly scores of the images at ``positions`` of ``features``.
+        """Anomaly scores and map maxima of the images at ``positions`` of ``features``.
 
         Images of one input size are scored together, in batches.
         """
         positions = list(positions)
         scores = np.empty(len(positions))
+        map_maxima = np.empty(len(positions))
         sizes = [features.sizes[k] for k in positions]
         with torch.inference_mode():
             for part in _images.size_batches(range(len(positions)), sizes, self.batch_size):
                 f = torch.from_numpy(np.stack([features.image(positions[j]) for j in part]))
-                _, s = network.head(f.to(device).permute(0, 3, 1, 2), sizes[part[0]])
+                maps, s = network.head(f.to(device).permute(0, 3, 1, 2), sizes[part[0]])
                 scores[part] = s.cpu().numpy()
-        return scores
+                map_maxima[part] = maps.flatten(1).amax(dim=1).cpu().numpy()
+        return scores, map_maxima
 
     def _check_fitted_input(self, X):
         check_is_fitted(self, "network_")
         return X if isinstance(X, _images.ImageSequence) else _images.ImageSequence(X)
+
+    def _maps_and_scores(self, X):
+        """Crop-geometry maps (an array, or a list with a scale-factor
+        ``image_size``) and anomaly scores (minus ``score_samples``), one pass."""
+        images = self._check_fitted_input(X)
+        scores = np.empty(len(images), dtype=np.float64)
+        if self.network_.input_size is None:
+            maps = [None] * len(images)
+        else:
+            maps = np.empty((len(images), *self.network_.input_size), dtype=np.float32)
+        for index, batch_maps, batch_scores in self._forward(images, keep_maps=True):
+            scores[index] = batch_scores
+            if isinstance(maps, list):
+                for i, m in zip(index, batch_maps):
+                    maps[i] = m
+            else:
+                maps[index] = batch_maps
+        return maps, scores
 
     def _forward(self, X, keep_maps):
         images = self._check_fitted_input(X)
@@ -826,6 +884,7 @@ def _describe_network(network):
         "alignment": network.embedding.alignment,
         "neighborhood_size": network.embedding.neighborhood_size,
         "normalization": network.embedding.normalization,
+        "image_score": network.image_score,
         "input_size": network.input_size,
         "sigma": network.smoothing.sigma,
         "n_prototypes": int(network.prototype_conv.out_channels),
@@ -856,6 +915,7 @@ def _build_network(description):
         torch.zeros(description["n_prototypes"], embedding.n_channels),
         description["input_size"],
         description["sigma"],
+        image_score=description.get("image_score", "map"),
     )
     return network.eval()
 

@@ -315,8 +315,13 @@ def _metadata(model):
         "outputs": {
             "maps": f"float32 (N, crop_h, crop_w), {_MAP_MEANING[network.embedding.normalization]}, "
             "higher = more anomalous",
-            "scores": "float32 (N,), max of each map = -score_samples",
+            "scores": "float32 (N,), "
+            + ("max of each map" if network.image_score == "map" or network.embedding.normalization
+               == "patch" else "max of each image's smoothed 1 - max cosine map")
+            + " = -score_samples",
         },
+        "image_score": network.image_score,
+        "threshold": float(-model.offset_),
         "pixel_threshold": float(model.pixel_threshold_),
         "backbone": network.embedding.backbone.name,
         "layers": list(network.embedding.backbone.layers),

@@ -7,7 +7,9 @@ bilinear upsampling to the input size -> Gaussian smoothing -> image score = max
 With ``normalization="image"`` each image's features are divided by their mean
 patch norm instead, and the patch score is the Euclidean distance to the
 nearest prototype, ``sqrt(|x|^2 - max_k (2 x.p_k - |p_k|^2))``: the same 1x1
-conv and max, with a bias.
+conv and max, with a bias. With ``image_score="cosine"`` the image score is then
+read from the same conv's output as ``1 - max cosine`` (a second max), while the
+map stays the distance.
 """
 
 from __future__ import annotations
@@ -125,6 +127,11 @@ def _check_normalization(normalization):
         )
 
 
+def _check_image_score(image_score):
+    if image_score not in ("map", "cosine"):
+        raise ValueError(f"image_score must be 'map' or 'cosine', got {image_score!r}.")
+
+
 def _check_neighborhood_size(size):
     if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
         raise ValueError(f"neighborhood_size must be an odd int >= 1, got {size!r}.")
@@ -235,6 +242,11 @@ class ProtoADNetwork(nn.Module):
         size is what :mod:`skprotoad.export` needs.
     sigma : float, default=4.0
         Gaussian smoothing of the upsampled map; 0 disables it.
+    image_score : {"map", "cosine"}, default="map"
+        ``"map"``: an image's score is the maximum of its map. ``"cosine"``:
+        the maximum of its smoothed ``1 - max cosine`` map, the same thing with
+        ``normalization="patch"``; with ``"image"`` the map shows distances and
+        the score comes from the cosines to the same prototypes.
 
     Notes
     -----
@@ -242,7 +254,7 @@ class ProtoADNetwork(nn.Module):
     and cropped to ``input_size``. Output: ``(maps, scores)``, maps of shape
     (N, H, W) with ``1 - max cosine`` (``normalization="patch"``) or the distance
     to the nearest prototype (``"image"``), higher = more anomalous; scores (N,)
-    the maximum of each map.
+    the maximum of each map (of the cosine map with ``image_score="cosine"``).
 
     Examples
     --------
@@ -262,8 +274,11 @@ class ProtoADNetwork(nn.Module):
         prototypes: torch.Tensor,
         input_size: tuple[int, int] | None,
         sigma: float = 4.0,
+        image_score: str = "map",
     ):
         super().__init__()
+        _check_image_score(image_score)
+        self.image_score = image_score
         prototypes = torch.as_tensor(prototypes, dtype=torch.float32)
         n_channels = embedding.n_channels
         if prototypes.ndim != 2 or prototypes.shape[1] != n_channels:
@@ -300,20 +315,29 @@ class ProtoADNetwork(nn.Module):
         elif size is None:
             raise ValueError("this network has no fixed input_size: pass the images' size.")
         similarity = self.prototype_conv(features)
-        if self.embedding.normalization == "image":
-            # |x - p|^2 = |x|^2 - 2 (x.p - |p|^2 / 2); the half squared norms are
-            # derived here, not stored, so that the state dict is the same in
-            # both modes
-            half_sq = 0.5 * (self.prototypes * self.prototypes).sum(dim=1)
-            best = (similarity - half_sq[None, :, None, None]).amax(dim=1, keepdim=True)
-            squared = (features * features).sum(dim=1, keepdim=True) - 2.0 * best
-            patch_scores = squared.clamp_min(0.0).sqrt()
-        else:
-            patch_scores = 1.0 - similarity.amax(dim=1, keepdim=True)
         stride = self.embedding.backbone.strides[0]
+        if self.embedding.normalization == "patch":
+            maps = self._smooth_up(1.0 - similarity.amax(dim=1, keepdim=True), stride, size)
+            return maps, maps.flatten(1).amax(dim=1)
+        # |x - p|^2 = |x|^2 - 2 (x.p - |p|^2 / 2); the squared norms are derived
+        # here, not stored, so that the state dict is the same in every mode
+        sq_norms = (self.prototypes * self.prototypes).sum(dim=1)
+        best = (similarity - 0.5 * sq_norms[None, :, None, None]).amax(dim=1, keepdim=True)
+        feature_sq = (features * features).sum(dim=1, keepdim=True)
+        maps = self._smooth_up((feature_sq - 2.0 * best).clamp_min(0.0).sqrt(), stride, size)
+        if self.image_score == "map":
+            return maps, maps.flatten(1).amax(dim=1)
+        # the same conv's output read as cosines, x.p / (|x| |p|): one more max
+        inverse_norms = sq_norms.clamp_min(1e-24).rsqrt()[None, :, None, None]
+        cosine = (similarity * inverse_norms).amax(dim=1, keepdim=True)
+        cosine = cosine * feature_sq.clamp_min(1e-24).rsqrt()
+        cosine_maps = self._smooth_up(1.0 - cosine, stride, size)
+        return maps, cosine_maps.flatten(1).amax(dim=1)
+
+    def _smooth_up(self, patch_scores, stride: int, size: tuple[int, int]) -> torch.Tensor:
+        """(N, 1, h, w) patch scores -> smoothed (N, H, W) maps at ``size``."""
         maps = upsample(patch_scores, stride, size, self.embedding.alignment)[:, 0]
-        maps = self.smoothing(maps)
-        return maps, maps.flatten(1).amax(dim=1)
+        return self.smoothing(maps)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.input_size is None:

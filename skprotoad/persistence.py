@@ -118,6 +118,8 @@ def save(model, path, *, overwrite=False):
             # height and width are None with a scale-factor image_size
             "feature_shape_": [None if v is None else int(v) for v in model.feature_shape_],
             "n_train_images_": int(model.n_train_images_),
+            # null unless the image score is not the map's maximum
+            "pixel_threshold_": getattr(model, "_pixel_threshold", None),
         },
         "network": _describe_network(model.network_),
         "tensors_sha256": _digest(tensors),
@@ -418,7 +420,11 @@ def _check_fitted(fitted):
         _require_list(fitted, "feature_shape_", int, 3, where, positive=True)
     if _require(fitted, "n_train_images_", int, where) < 1:
         raise _Invalid("fitted 'n_train_images_' must be at least 1")
-    if set(fitted) != {"offset_", "feature_shape_", "n_train_images_"}:
+    # absent from files saved before image_score existed: null
+    if fitted.get("pixel_threshold_") is not None:
+        _require(fitted, "pixel_threshold_", float, where)
+    required = {"offset_", "feature_shape_", "n_train_images_"}
+    if not required <= set(fitted) <= required | {"pixel_threshold_"}:
         raise _Invalid(f"unexpected fitted keys {sorted(fitted)}")
 
 
@@ -438,6 +444,8 @@ def _check_network(network):
     # absent from files saved before the option existed: "patch"
     if network.get("normalization", "patch") not in ("patch", "image"):
         raise _Invalid(f"network 'normalization' is {network['normalization']!r}")
+    if network.get("image_score", "map") not in ("map", "cosine"):
+        raise _Invalid(f"network 'image_score' is {network['image_score']!r}")
     if network.get("input_size", []) is not None:  # null: any input size
         _require_list(network, "input_size", int, 2, where, positive=True)
     if _require(network, "sigma", float, where) < 0:
@@ -447,7 +455,7 @@ def _check_network(network):
     required = {
         "backbone", "layers", "mean", "std", "alignment", "input_size", "sigma", "n_prototypes",
     }
-    optional = {"neighborhood_size", "normalization"}  # absent from older files
+    optional = {"neighborhood_size", "normalization", "image_score"}  # absent from older files
     if not required <= set(network) <= required | optional:
         raise _Invalid(
             f"network keys {sorted(network)} differ from {sorted(required | optional)}"
@@ -513,6 +521,16 @@ def _assemble(config, network, calibration, device):
             f"the network's normalization {network.embedding.normalization!r} is not "
             f"the {model.normalization!r} of its parameters"
         )
+    if network.image_score != model._network_image_score():
+        raise _Invalid(
+            f"the network's image score {network.image_score!r} does not follow from "
+            f"normalization={model.normalization!r}, image_score={model.image_score!r}"
+        )
+    if (fitted.get("pixel_threshold_") is None) == model._scores_from_cosine():
+        raise _Invalid(
+            "fitted 'pixel_threshold_' must be set exactly when the image score is not "
+            "the map's maximum (normalization='image', image_score='cosine')"
+        )
     if (fitted["feature_shape_"][0] is None) != (network.input_size is None):
         raise _Invalid(
             f"fitted 'feature_shape_' {fitted['feature_shape_']} does not match the "
@@ -528,6 +546,7 @@ def _assemble(config, network, calibration, device):
     model.calibration_scores_ = calibration.numpy().astype(np.float64)
     model.feature_shape_ = tuple(fitted["feature_shape_"])
     model.n_train_images_ = fitted["n_train_images_"]
+    model._pixel_threshold = fitted.get("pixel_threshold_")
     return model
 
 

@@ -17,7 +17,7 @@ from skprotoad.network import PatchEmbedding, ProtoADNetwork, upsample
 from .conftest import TINY
 from .test_export import _jit_load
 
-IMAGE = {**TINY, "normalization": "image"}
+IMAGE = {**TINY, "normalization": "image", "image_score": "map"}
 
 
 @pytest.fixture(scope="module")
