@@ -105,6 +105,36 @@ def test_fit_passes_normalization(folders, tmp_path, capsys):
     assert code == 2 and "invalid choice" in err
 
 
+def test_predict_with_cosine_image_scores(folders, tmp_path, capsys):
+    """normalization="image" with image_score="cosine": image scores and labels
+    from the cosine readout, masks from the maps and their own threshold."""
+    model = tmp_path / "m.joblib"
+    argv = ["fit", folders / "train", "-o", model, "-q", *TINY_OPTIONS,
+            "--normalization", "image", "--image-score", "cosine"]
+    assert _run(argv, capsys)[0] == 0
+    detector = joblib.load(model)
+    assert detector.network_.image_score == "cosine"
+    out = tmp_path / "out"
+    assert _run(["predict", model, folders / "test", "-o", out, "-q"], capsys)[0] == 0
+    rows = _read_csv(out / "scores.csv")
+    paths = [r["path"] for r in rows]
+    np.testing.assert_allclose(
+        [float(r["score"]) for r in rows], -detector.score_samples(paths), rtol=1e-6
+    )
+    labels = np.array([-1 if r["label"] == "anomaly" else 1 for r in rows])
+    np.testing.assert_array_equal(labels, detector.predict(paths))
+    run = json.loads((out / "run.json").read_text())
+    assert run["threshold"] == pytest.approx(-detector.offset_)
+    assert run["pixel_threshold"] == pytest.approx(detector.pixel_threshold_)
+    assert run["pixel_threshold"] != pytest.approx(run["threshold"])
+    expected = detector.predict_masks(paths, output="input")
+    for row, mask in zip(rows, expected):
+        with Image.open(out / row["mask"]) as img:
+            written = np.asarray(img) > 127
+        # the same pixels, up to the interpolation of the map to the image's size
+        assert np.mean(written == mask) > 0.98
+
+
 def test_predict_round_trip(model, folders, tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, _ = _run(["predict", model, folders / "test", "-o", out, "-q"], capsys)

@@ -1,6 +1,9 @@
-"""normalization="image": features scaled per image, Euclidean distance to prototypes."""
+"""normalization="image": features scaled per image, Euclidean distance to
+prototypes; image_score="cosine": the image score read from the same conv as
+1 - max cosine."""
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -25,9 +28,18 @@ def backbone():
     return create_feature_extractor("resnet18", (1, 2), weights=None)
 
 
+# the default image_score: maps of distances, image scores from cosines
+SPLIT = {**TINY, "normalization": "image"}
+
+
 @pytest.fixture(scope="module")
 def image_detector(normal_images):
     return ProtoADDetector(**IMAGE).fit(normal_images)
+
+
+@pytest.fixture(scope="module")
+def split_detector(normal_images):
+    return ProtoADDetector(**SPLIT).fit(normal_images)
 
 
 # ------------------------------------------------------------------ network
@@ -187,3 +199,123 @@ def test_feature_cache_keys_differ_by_normalization(normal_images):
         for n in ("patch", "image")
     ]
     assert keys[0] != keys[1]
+
+
+# ------------------------------------------------- image_score="cosine"
+
+
+def test_cosine_image_score_is_the_max_of_the_smoothed_cosine_map(backbone):
+    embedding = PatchEmbedding(backbone, normalization="image")
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 64, 64)
+    prototypes = 0.3 * torch.randn(9, 192)
+    split = ProtoADNetwork(embedding, prototypes, (64, 64), sigma=2.0, image_score="cosine")
+    distance = ProtoADNetwork(embedding, prototypes, (64, 64), sigma=2.0)
+    maps, scores = split(x)
+    torch.testing.assert_close(maps, distance(x)[0])  # the map is unchanged
+
+    unit = F.normalize(embedding(x), dim=1)
+    cosine = torch.einsum("nchw,kc->nkhw", unit, F.normalize(prototypes, dim=1)).amax(1)
+    cosine_maps = split.smoothing(upsample(1 - cosine[:, None], 4, (64, 64), "center")[:, 0])
+    torch.testing.assert_close(scores, cosine_maps.flatten(1).amax(1), atol=1e-5, rtol=0)
+    assert not torch.allclose(scores, maps.flatten(1).amax(1))
+    # the paper's network with the same prototypes scores images alike
+    paper = ProtoADNetwork(PatchEmbedding(backbone), prototypes, (64, 64), sigma=2.0)
+    torch.testing.assert_close(scores, paper(x)[1], atol=1e-5, rtol=0)
+
+
+def test_cosine_image_score_with_unit_features_is_the_map_maximum(normal_images):
+    patch = ProtoADDetector(**{**TINY, "image_score": "map"}).fit(normal_images)
+    cosine = ProtoADDetector(**{**TINY, "image_score": "cosine"}).fit(normal_images)
+    assert cosine.network_.image_score == "map"  # no second readout needed
+    np.testing.assert_array_equal(
+        cosine.score_samples(normal_images), patch.score_samples(normal_images)
+    )
+    assert cosine.pixel_threshold_ == -cosine.offset_
+
+
+def test_split_detector_maps_are_the_distance_maps(split_detector, image_detector, synthetic):
+    X = synthetic.X_test
+    np.testing.assert_allclose(
+        split_detector.anomaly_maps(X), image_detector.anomaly_maps(X), atol=1e-6
+    )
+    maxima = split_detector.anomaly_maps(X).max(axis=(1, 2))
+    assert not np.allclose(-split_detector.score_samples(X), maxima)
+
+
+def test_split_detector_calibrates_its_pixel_threshold_on_map_maxima(normal_images):
+    det = ProtoADDetector(**{**SPLIT, "contamination": 0.25}).fit(normal_images)
+    maxima = det.anomaly_maps(normal_images).max(axis=(1, 2))
+    scores = -det.score_samples(normal_images)
+    assert det.pixel_threshold_ == pytest.approx(np.quantile(maxima, 0.75), rel=1e-5)
+    assert -det.offset_ == pytest.approx(np.quantile(scores, 0.75), rel=1e-5)
+    assert det.pixel_threshold_ != pytest.approx(-det.offset_)
+    masks = det.predict_masks(normal_images)
+    np.testing.assert_array_equal(masks.any(axis=(1, 2)), maxima > det.pixel_threshold_)
+
+
+def test_split_detector_with_auto_contamination_holds_out_images(split_detector):
+    # 12 images: 2 held out, both thresholds from them (the 99th percentile)
+    assert len(split_detector.calibration_scores_) == 2
+    assert -split_detector.offset_ == pytest.approx(
+        np.quantile(split_detector.calibration_scores_, 0.99)
+    )
+    assert split_detector.pixel_threshold_ > 0
+
+
+def test_split_detector_round_trips_and_exports(split_detector, synthetic, tmp_path):
+    X = synthetic.X_test[:4]
+    expected = split_detector.score_samples(X)
+    for loaded in (
+        persistence.load(persistence.save(split_detector, tmp_path / "m.safetensors")),
+        pickle.loads(pickle.dumps(split_detector)),
+    ):
+        assert loaded.image_score == "cosine" and loaded.network_.image_score == "cosine"
+        assert loaded.pixel_threshold_ == split_detector.pixel_threshold_
+        np.testing.assert_allclose(loaded.score_samples(X), expected, atol=1e-6)
+    extra = {"skprotoad.json": ""}
+    module = _jit_load(export.to_torchscript(split_detector, tmp_path / "m.pt"), _extra_files=extra)
+    meta = json.loads(extra["skprotoad.json"])
+    assert meta["image_score"] == "cosine" and "cosine" in meta["outputs"]["scores"]
+    assert meta["threshold"] == -split_detector.offset_
+    assert meta["pixel_threshold"] == split_detector.pixel_threshold_
+    with torch.inference_mode():
+        maps, scores = module(torch.from_numpy(export.preprocess(split_detector, X)))
+    np.testing.assert_allclose(-scores.numpy(), expected, atol=1e-4)
+    np.testing.assert_allclose(maps.numpy(), split_detector.anomaly_maps(X), atol=1e-4)
+
+
+def test_split_detector_exports_to_onnx(split_detector, synthetic, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    X = synthetic.X_test[:3]
+    session = ort.InferenceSession(str(export.to_onnx(split_detector, tmp_path / "m.onnx")))
+    name = session.get_inputs()[0].name
+    maps, scores = session.run(None, {name: export.preprocess(split_detector, X)})
+    np.testing.assert_allclose(-scores, split_detector.score_samples(X), atol=1e-4)
+    np.testing.assert_allclose(maps, split_detector.anomaly_maps(X), atol=1e-4)
+
+
+def test_saved_split_detector_without_its_pixel_threshold_is_refused(split_detector, tmp_path):
+    from .test_persistence import _rewrite
+
+    saved = persistence.save(split_detector, tmp_path / "m.safetensors")
+    path = _rewrite(saved, tmp_path / "edited.safetensors",
+                    config=lambda c: c["fitted"].pop("pixel_threshold_"))
+    with pytest.raises(ValueError, match="pixel_threshold_' must be set exactly"):
+        persistence.load(path)
+
+
+def test_image_score_is_not_part_of_the_feature_cache_key(normal_images):
+    images = ImageSequence(normal_images[:2])
+    keys = [
+        feature_key(ProtoADDetector(**{**SPLIT, "image_score": s}), images, seed=0)
+        for s in ("map", "cosine")
+    ]
+    assert keys[0] == keys[1]  # a grid search over it extracts the features once
+
+
+@pytest.mark.parametrize("bad", ["max", None, 1])
+def test_bad_image_score_is_refused(bad, normal_images):
+    with pytest.raises(ValueError, match="image_score must be 'map' or 'cosine'"):
+        ProtoADDetector(**{**TINY, "image_score": bad}).fit(normal_images[:4])

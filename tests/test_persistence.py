@@ -246,6 +246,11 @@ _TAMPERED_JSON = {
     "normalization differs from network": (
         _setter("params.normalization", "image"), "normalization 'patch' is not"),
     "unknown normalization": (_setter("network.normalization", "layer"), "normalization"),
+    "unknown image score": (_setter("network.image_score", "mean"), "image_score"),
+    "image score differs from network": (
+        _setter("network.image_score", "cosine"), "image score 'cosine' does not follow"),
+    "pixel threshold without a cosine score": (
+        _setter("fitted.pixel_threshold_", 0.5), "pixel_threshold_' must be set exactly"),
     "feature channels": (_setter("fitted.feature_shape_", [16, 16, 5]), "channels"),
     "foreign format": (_setter("format", "something-else"), "format is"),
     "extra key": (_setter("code", "import os"), "unexpected metadata keys"),
@@ -352,24 +357,31 @@ def test_loading_runs_no_code(tiny_detector, tmp_path):
 
 
 def test_models_saved_before_later_parameters_load(tiny_detector, saved, tmp_path, X):
-    """Files written before n_jobs, memory and normalization existed."""
+    """Files written before n_jobs, memory, normalization and image_score existed."""
 
     def drop_new_params(config):
-        for name in ("n_jobs", "memory", "normalization"):
+        for name in ("n_jobs", "memory", "normalization", "image_score"):
             config["params"].pop(name)
         config["network"].pop("normalization")
+        config["network"].pop("image_score")
+        config["fitted"].pop("pixel_threshold_")
 
     path = _rewrite(saved, tmp_path / "old.safetensors", config=drop_new_params)
     state = tiny_detector.__getstate__()
-    del state["n_jobs"], state["memory"], state["normalization"]
-    del state["_network_state"]["normalization"]
+    del state["n_jobs"], state["memory"], state["normalization"], state["image_score"]
+    del state["_network_state"]["normalization"], state["_network_state"]["image_score"]
+    state.pop("_pixel_threshold")
     unpickled = ProtoADDetector.__new__(ProtoADDetector)
     unpickled.__setstate__(state)
     for loaded in (persistence.load(path), unpickled):
         assert loaded.n_jobs is None and loaded.memory is None
         assert loaded.normalization == "patch"
         assert loaded.network_.embedding.normalization == "patch"
-        _assert_same_model(loaded, tiny_detector, X)
+        # their image scores were their maps' maxima
+        assert loaded.image_score == "map" and loaded.network_.image_score == "map"
+        assert loaded.pixel_threshold_ == -loaded.offset_
+        # for unit features the two readouts are one: the same model otherwise
+        _assert_same_model(loaded.set_params(image_score="cosine"), tiny_detector, X)
 
 
 def test_models_saved_before_neighborhood_size_load(normal_images, tmp_path, X):
