@@ -14,11 +14,14 @@ which runs without skprotoad, timm or scikit-learn:
   Gaussian smoothing and the maximum (with ``normalization="image"``: the
   per-image scaling and the distance to the nearest prototype instead).
 * **outputs** ``maps``: float32 ``(N, crop_h, crop_w)`` anomaly maps, and
-  ``scores``: float32 ``(N,)`` anomaly scores (their maxima), which are
-  ``-score_samples``. An image is an anomaly when its score exceeds
-  ``pixel_threshold_`` (``-offset_``), a pixel a defect when its map value does;
-  the threshold and the preprocessing settings travel in the file's metadata
-  (``skprotoad.json`` extra file / ONNX ``metadata_props["skprotoad"]``).
+  ``scores``: float32 ``(N,)`` anomaly scores (their maxima; with
+  ``normalization="image", image_score="cosine"`` the maxima of the cosine
+  readout), which are ``-score_samples``. An image is an anomaly when its score
+  exceeds ``threshold`` (``-offset_``), a pixel a defect when its map value
+  exceeds ``pixel_threshold`` (``pixel_threshold_``, the same number unless the
+  score is the cosine readout); the thresholds and the preprocessing settings
+  travel in the file's metadata (``skprotoad.json`` extra file / ONNX
+  ``metadata_props["skprotoad"]``).
 
 ONNX export needs the optional ``export`` extra (``onnx``, ``onnxscript``,
 ``onnxruntime``); TorchScript only needs torch, but ``torch.jit`` is deprecated
