@@ -382,6 +382,12 @@ VARIANTS.update({
     # the factor that brings the median training image (sqrt of its area: 317 px) to 224
     "native0.71_image_cosscore": (("native", 0.706), None, "image", "protoad", 0.0, None, 0.0, "cosine"),
     "native0.71": (("native", 0.706), None),
+    # the factor that brings it to 256 (the paper's resize)
+    "native0.81_image_cosscore": (("native", 0.807), None, "image", "protoad", 0.0, None, 0.0, "cosine"),
+    "native0.81_image_cosscore_K2000": (("native", 0.807), None, "image", "protoad", 0.0, None, 0.0,
+                                        "cosine", 2000),
+    "native0.71_image_cosscore_K2000": (("native", 0.706), None, "image", "protoad", 0.0, None, 0.0,
+                                        "cosine", 2000),
     "native0.75_max-mean": (("native", 0.75), None, "patch", "protoad", 0.0, None, 0.0, "max-mean"),
     "native0.75_image_cosscore-mean": (("native", 0.75), None, "image", "protoad", 0.0, None, 0.0,
                                        "cosine-mean"),
