@@ -65,7 +65,7 @@ METHODS = {
     # the estimator itself, fitted on the images (crop geometry): per-image
     # normalisation, distance maps, image scores from the cosine readout
     "protoad_image_cosine": dict(kind="detector", params=dict(
-        normalization="image", image_score="cosine")),
+        normalization="image", image_score="cosine", n_clusters=1000)),
     "protoad_image_cosine_2000": dict(kind="detector", params=dict(
         normalization="image", image_score="cosine", n_clusters=2000)),
     "patchcore_1pct": dict(kind="patchcore", coreset_ratio=0.01),

@@ -40,21 +40,26 @@ COMMON = dict(backbone="efficientnet_lite0", random_state=0)
 VARIANTS = {
     # the package defaults
     "default": dict(),
+    # the defaults before 2026-11-29: the paper's normalisation, 1,000 prototypes
+    "patch_1000": dict(normalization="patch", n_clusters=1000),
     # the reference implementation's geometry
     "paper_alignment": dict(alignment="paper"),
     "kmeans_1000": dict(clustering="kmeans", n_clusters=1000),
     "finch_1000": dict(n_clusters=1000),
     # one scale factor, aspect kept, whole image (docs/user_guide/geometry.md)
-    "keep_aspect_0.75": dict(image_size=0.75, crop_size=None),
+    "keep_aspect_0.75": dict(image_size=0.75, crop_size=None, normalization="patch",
+                             n_clusters=1000),
     # features divided by the image's mean norm, Euclidean distance
     # (docs/user_guide/normalization.md)
-    "image_norm": dict(normalization="image", image_score="map"),
+    "image_norm": dict(normalization="image", image_score="map", n_clusters=1000),
     "keep_aspect_0.75_image_norm": dict(
-        image_size=0.75, crop_size=None, normalization="image", image_score="map"),
+        image_size=0.75, crop_size=None, normalization="image", image_score="map",
+        n_clusters=1000),
     # the same maps, image scores from the cosine readout of the same prototypes
-    "image_norm_cosine": dict(normalization="image", image_score="cosine"),
+    "image_norm_cosine": dict(normalization="image", image_score="cosine", n_clusters=1000),
     "keep_aspect_0.75_image_norm_cosine": dict(
-        image_size=0.75, crop_size=None, normalization="image", image_score="cosine"),
+        image_size=0.75, crop_size=None, normalization="image", image_score="cosine",
+        n_clusters=1000),
     "keep_aspect_0.75_image_norm_cosine_2000": dict(
         image_size=0.75, crop_size=None, normalization="image", image_score="cosine",
         n_clusters=2000),

@@ -242,9 +242,9 @@ def _add_detector_options(parser):
         "as in the paper; default: 3)",
     )
     group.add_argument(
-        "--normalization", choices=("patch", "image"), default="patch",
-        help="unit-norm patch features and 1 - cosine (the paper; default), or "
-        "features divided by the image's mean norm and Euclidean distance",
+        "--normalization", choices=("image", "patch"), default="image",
+        help="features divided by the image's mean norm and Euclidean distance "
+        "(default), or unit-norm patch features and 1 - cosine (the paper)",
     )
     group.add_argument(
         "--image-score", choices=("cosine", "map"), default="cosine",

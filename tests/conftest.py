@@ -14,10 +14,15 @@ DATA_ROOT = Path(
 MAGNETIC_TILE = DATA_ROOT / "magnetic_tile"
 
 # A backbone whose weights do not matter: random resnet18, two stages, 64 px.
+# A random backbone on 64 px images, with the paper's per-patch normalisation:
+# its image score is its map's maximum, which many tests rely on; the default
+# normalization="image" (and its cosine image score) is tested with real
+# features through LITE0 and in test_normalization.py.
 TINY = dict(
     backbone="resnet18",
     weights=None,
     layers=(1, 2),
+    normalization="patch",
     image_size=64,
     crop_size=64,
     clustering="kmeans",

@@ -17,7 +17,7 @@ from skprotoad.cli import main, output_names
 TINY_OPTIONS = [
     "--backbone", "resnet18", "--weights", "none", "--layers", "1", "2",
     "--image-size", "64", "--crop-size", "64", "--clustering", "kmeans",
-    "--n-clusters", "16", "--batch-size", "8", "--seed", "0",
+    "--n-clusters", "16", "--batch-size", "8", "--seed", "0", "--normalization", "patch",
 ]
 # Sizes (height, width) of the test images: non-square ones included, so that
 # outputs must follow each image's own size.
@@ -153,7 +153,8 @@ def test_predict_round_trip(model, folders, tmp_path, capsys):
         [float(r["score"]) for r in rows], -detector.score_samples(paths), rtol=1e-6
     )
     run = json.loads((out / "run.json").read_text())
-    assert run["threshold"] == pytest.approx(detector.pixel_threshold_)
+    assert run["threshold"] == pytest.approx(-detector.offset_)
+    assert run["pixel_threshold"] == pytest.approx(detector.pixel_threshold_)
     assert not (out / "skipped.csv").exists()
 
 

@@ -361,7 +361,24 @@ def test_input_maps_agree_with_crop_maps(cropping_detector, wide_images):
         cropping_detector.anomaly_maps(wide_images[:1], output="original")
 
 
-def test_masks_are_non_empty_exactly_for_predicted_anomalies(lite0_detector, synthetic):
-    masks = lite0_detector.predict_masks(synthetic.X_test)
-    flagged = lite0_detector.predict(synthetic.X_test) == -1
+def test_masks_are_non_empty_exactly_for_predicted_anomalies(tiny_detector, synthetic):
+    # the paper's readout: the image score is the map's maximum, one threshold
+    masks = tiny_detector.predict_masks(synthetic.X_test)
+    flagged = tiny_detector.predict(synthetic.X_test) == -1
     np.testing.assert_array_equal(masks.any(axis=(1, 2)), flagged)
+    assert tiny_detector.pixel_threshold_ == -tiny_detector.offset_
+
+
+def test_default_masks_follow_their_own_threshold(lite0_detector, synthetic):
+    # the default: distance maps, cosine image scores, a threshold for each
+    assert lite0_detector.normalization == "image"
+    assert lite0_detector.network_.image_score == "cosine"
+    maps = lite0_detector.anomaly_maps(synthetic.X_test)
+    masks = lite0_detector.predict_masks(synthetic.X_test)
+    np.testing.assert_array_equal(masks, maps > lite0_detector.pixel_threshold_)
+    assert lite0_detector.pixel_threshold_ != pytest.approx(-lite0_detector.offset_)
+    # the defects are found at both levels with the calibrated thresholds
+    y = synthetic.y_test
+    flagged = lite0_detector.predict(synthetic.X_test) == -1
+    assert flagged[y == 1].mean() > flagged[y == 0].mean()
+    assert masks[y == 1].any(axis=(1, 2)).mean() > masks[y == 0].any(axis=(1, 2)).mean()
