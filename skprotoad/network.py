@@ -207,7 +207,10 @@ class PatchEmbedding(nn.Module):
 
     def join(self, images: torch.Tensor) -> torch.Tensor:
         """The stages' features joined at the finest stride, not normalised."""
-        maps = self.backbone((images - self.mean) / self.std)
+        # channels-last: oneDNN's CPU convolutions run faster on it (about
+        # 1.4x for the backbones measured), and results are the same
+        x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        maps = self.backbone(x)
         if self.neighborhood_size > 1:
             k = self.neighborhood_size
             maps = [
@@ -314,23 +317,32 @@ class ProtoADNetwork(nn.Module):
             size = self.input_size
         elif size is None:
             raise ValueError("this network has no fixed input_size: pass the images' size.")
-        similarity = self.prototype_conv(features)
         stride = self.embedding.backbone.strides[0]
+        # channels-last makes the 1x1 conv a plain matrix product for oneDNN
+        # (about 1.5x faster on CPU than on NCHW) and its max over prototypes
+        # contiguous
+        features = features.contiguous(memory_format=torch.channels_last)
         if self.embedding.normalization == "patch":
+            similarity = self.prototype_conv(features)
             maps = self._smooth_up(1.0 - similarity.amax(dim=1, keepdim=True), stride, size)
             return maps, maps.flatten(1).amax(dim=1)
-        # |x - p|^2 = |x|^2 - 2 (x.p - |p|^2 / 2); the squared norms are derived
-        # here, not stored, so that the state dict is the same in every mode
-        sq_norms = (self.prototypes * self.prototypes).sum(dim=1)
-        best = (similarity - 0.5 * sq_norms[None, :, None, None]).amax(dim=1, keepdim=True)
+        # |x - p|^2 = |x|^2 - 2 (x.p - |p|^2 / 2): the same 1x1 conv with a bias
+        # of -|p|^2 / 2, derived here, not stored, so that the state dict is the
+        # same in every mode
+        weight = self.prototype_conv.weight
+        half_sq = 0.5 * (self.prototypes * self.prototypes).sum(dim=1)
+        biased = F.conv2d(features, weight, -half_sq)
+        best = biased.amax(dim=1, keepdim=True)
         feature_sq = (features * features).sum(dim=1, keepdim=True)
         maps = self._smooth_up((feature_sq - 2.0 * best).clamp_min(0.0).sqrt(), stride, size)
         if self.image_score == "map":
             return maps, maps.flatten(1).amax(dim=1)
-        # the same conv's output read as cosines, x.p / (|x| |p|): one more max
-        inverse_norms = sq_norms.clamp_min(1e-24).rsqrt()[None, :, None, None]
-        cosine = (similarity * inverse_norms).amax(dim=1, keepdim=True)
-        cosine = cosine * feature_sq.clamp_min(1e-24).rsqrt()
+        # the same conv's output read as cosines, x.p / (|x| |p|): one more max.
+        # In place, since the (N, K, h, w) output is the largest tensor here
+        # and each extra copy of it costs as much time as a tenth of the conv.
+        inverse_norms = (2.0 * half_sq).clamp_min(1e-24).rsqrt()
+        cosine = biased.add_(half_sq[None, :, None, None]).mul_(inverse_norms[None, :, None, None])
+        cosine = cosine.amax(dim=1, keepdim=True) * feature_sq.clamp_min(1e-24).rsqrt()
         cosine_maps = self._smooth_up(1.0 - cosine, stride, size)
         return maps, cosine_maps.flatten(1).amax(dim=1)
 
