@@ -35,7 +35,7 @@ det.fit(data.X_train)
 # 3. image level: +1 normal, -1 anomaly; anomaly score = -score_samples
 labels = det.predict(data.X_test)
 anomaly_scores = -det.score_samples(data.X_test)
-print(f"threshold (anomaly score): {det.pixel_threshold_:.4f}")
+print(f"thresholds: anomaly score {-det.offset_:.4f}, map {det.pixel_threshold_:.4f}")
 print(f"flagged {np.sum(labels == -1)} of {len(labels)} test images; "
       f"{int(data.y_test.sum())} have defects")
 

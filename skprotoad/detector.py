@@ -135,7 +135,8 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         the crop would discard its border. On the Magnetic Tile data (widths
         103..632 px, aspect 0.36..2.6), ``image_size=0.75, crop_size=None``
         measured image AUROC 0.760 and AUPRO 0.568 against 0.730 and 0.466
-        for the default geometry, every pixel evaluated (see
+        for the default geometry (paper's normalisation, 1,000 prototypes),
+        every pixel evaluated (see
         :doc:`/user_guide/geometry`). With a float, images of one size are
         batched together, so mixed sizes mean smaller batches.
     crop_size : int, (height, width) or None, default=224
@@ -225,11 +226,14 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
     >>> det.anomaly_maps(X[:2]).shape
     (2, 64, 64)
 
-    Distances to prototypes with magnitude instead of ``1 - cosine``:
+    By default the prototypes keep their magnitude (maps are distances); the
+    paper's per-patch normalisation makes them unit vectors:
 
-    >>> det_image = det.set_params(normalization="image").fit(X)
-    >>> bool(np.allclose(np.linalg.norm(det_image.prototypes_, axis=1), 1.0))
+    >>> bool(np.allclose(np.linalg.norm(det.prototypes_, axis=1), 1.0))
     False
+    >>> det_paper = det.set_params(normalization="patch").fit(X)
+    >>> bool(np.allclose(np.linalg.norm(det_paper.prototypes_, axis=1), 1.0))
+    True
     """
 
     def __init__(
@@ -524,7 +528,8 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
 
     @property
     def prototypes_(self):
-        """Unit prototypes, ndarray of shape (n_prototypes, n_channels)."""
+        """Prototypes, ndarray of shape (n_prototypes, n_channels): unit
+        vectors with ``normalization="patch"``, cluster means with ``"image"``."""
         check_is_fitted(self, "network_")
         return self.network_.prototypes.detach().cpu().numpy()
 
