@@ -170,26 +170,33 @@ def test_image_detector_round_trips_and_exports(image_detector, synthetic, tmp_p
     loaded = persistence.load(persistence.save(image_detector, tmp_path / "m.safetensors"))
     assert loaded.normalization == "image"
     np.testing.assert_allclose(loaded.score_samples(X), expected, atol=1e-6)
-    extra = {"skprotoad.json": ""}
-    path = export.to_torchscript(image_detector, tmp_path / "m.pt")
-    module = _jit_load(path, _extra_files=extra)
-    meta = json.loads(extra["skprotoad.json"])
+    meta = _check_torchscript(image_detector, X, tmp_path)
     assert meta["normalization"] == "image" and "distance" in meta["outputs"]["maps"]
+
+
+def _check_torchscript(detector, X, tmp_path):
+    """Export ``detector`` to TorchScript, check its outputs on ``X`` and
+    return the file's metadata."""
+    extra = {"skprotoad.json": ""}
+    module = _jit_load(export.to_torchscript(detector, tmp_path / "m.pt"), _extra_files=extra)
     with torch.inference_mode():
-        maps, scores = module(torch.from_numpy(export.preprocess(image_detector, X)))
-    np.testing.assert_allclose(-scores.numpy(), expected, atol=1e-4)
-    np.testing.assert_allclose(maps.numpy(), image_detector.anomaly_maps(X), atol=1e-4)
+        maps, scores = module(torch.from_numpy(export.preprocess(detector, X)))
+    np.testing.assert_allclose(-scores.numpy(), detector.score_samples(X), atol=1e-4)
+    np.testing.assert_allclose(maps.numpy(), detector.anomaly_maps(X), atol=1e-4)
+    return json.loads(extra["skprotoad.json"])
 
 
-def test_image_detector_exports_to_onnx(image_detector, synthetic, tmp_path):
+@pytest.mark.parametrize("fixture", ["image_detector", "split_detector"])
+def test_image_normalization_exports_to_onnx(fixture, request, synthetic, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
+    detector = request.getfixturevalue(fixture)
     X = synthetic.X_test[:3]
-    session = ort.InferenceSession(str(export.to_onnx(image_detector, tmp_path / "m.onnx")))
+    session = ort.InferenceSession(str(export.to_onnx(detector, tmp_path / "m.onnx")))
     name = session.get_inputs()[0].name
-    maps, scores = session.run(None, {name: export.preprocess(image_detector, X)})
-    np.testing.assert_allclose(-scores, image_detector.score_samples(X), atol=1e-4)
-    np.testing.assert_allclose(maps, image_detector.anomaly_maps(X), atol=1e-4)
+    maps, scores = session.run(None, {name: export.preprocess(detector, X)})
+    np.testing.assert_allclose(-scores, detector.score_samples(X), atol=1e-4)
+    np.testing.assert_allclose(maps, detector.anomaly_maps(X), atol=1e-4)
 
 
 def test_feature_cache_keys_differ_by_normalization(normal_images):
@@ -273,27 +280,10 @@ def test_split_detector_round_trips_and_exports(split_detector, synthetic, tmp_p
         assert loaded.image_score == "cosine" and loaded.network_.image_score == "cosine"
         assert loaded.pixel_threshold_ == split_detector.pixel_threshold_
         np.testing.assert_allclose(loaded.score_samples(X), expected, atol=1e-6)
-    extra = {"skprotoad.json": ""}
-    module = _jit_load(export.to_torchscript(split_detector, tmp_path / "m.pt"), _extra_files=extra)
-    meta = json.loads(extra["skprotoad.json"])
+    meta = _check_torchscript(split_detector, X, tmp_path)
     assert meta["image_score"] == "cosine" and "cosine" in meta["outputs"]["scores"]
     assert meta["threshold"] == -split_detector.offset_
     assert meta["pixel_threshold"] == split_detector.pixel_threshold_
-    with torch.inference_mode():
-        maps, scores = module(torch.from_numpy(export.preprocess(split_detector, X)))
-    np.testing.assert_allclose(-scores.numpy(), expected, atol=1e-4)
-    np.testing.assert_allclose(maps.numpy(), split_detector.anomaly_maps(X), atol=1e-4)
-
-
-def test_split_detector_exports_to_onnx(split_detector, synthetic, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    X = synthetic.X_test[:3]
-    session = ort.InferenceSession(str(export.to_onnx(split_detector, tmp_path / "m.onnx")))
-    name = session.get_inputs()[0].name
-    maps, scores = session.run(None, {name: export.preprocess(split_detector, X)})
-    np.testing.assert_allclose(-scores, split_detector.score_samples(X), atol=1e-4)
-    np.testing.assert_allclose(maps, split_detector.anomaly_maps(X), atol=1e-4)
 
 
 def test_saved_split_detector_without_its_pixel_threshold_is_refused(split_detector, tmp_path):
