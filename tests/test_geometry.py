@@ -489,3 +489,23 @@ def test_cli_fit_predict_evaluate_on_mixed_sizes(scale_mvtec, tmp_path, capsys):
     expected = evaluate_maps(data.test_labels, scores, masks, maps)
     for key, value in expected.items():
         assert report["metrics"][key] == pytest.approx(value, abs=1e-6)
+
+
+def test_cosine_image_score_in_scale_mode(mixed):
+    """Default readout (distance maps, cosine scores) on images of several sizes:
+    the maps are the distance detector's, the pixel threshold their maxima's."""
+    split = ProtoADDetector(
+        **{**SCALE, "normalization": "image", "image_score": "cosine", "contamination": 0.25}
+    ).fit(mixed)
+    distance = ProtoADDetector(
+        **{**SCALE, "normalization": "image", "image_score": "map", "contamination": 0.25}
+    ).fit(mixed)
+    maps = split.anomaly_maps(mixed)
+    assert [m.shape for m in maps] == [m.shape for m in distance.anomaly_maps(mixed)]
+    for a, b in zip(maps, distance.anomaly_maps(mixed)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    maxima = np.array([m.max() for m in maps])
+    assert split.pixel_threshold_ == pytest.approx(np.quantile(maxima, 0.75), rel=1e-5)
+    assert not np.allclose(-split.score_samples(mixed), maxima)
+    masks = split.predict_masks(mixed)
+    assert [m.any() for m in masks] == list(maxima > split.pixel_threshold_)
