@@ -40,6 +40,10 @@ COMMON = dict(backbone="efficientnet_lite0", random_state=0)
 VARIANTS = {
     # the package defaults
     "default": dict(),
+    # the same with other seeds (calibration split, FINCH's approximate
+    # neighbour search): how much the metrics move between runs
+    "default_seed1": dict(random_state=1),
+    "default_seed2": dict(random_state=2),
     # the defaults before 2026-11-29: the paper's normalisation, 1,000 prototypes
     "patch_1000": dict(normalization="patch", n_clusters=1000),
     # the reference implementation's geometry

@@ -110,7 +110,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         neighbours still counts. ``"patch"``: each patch feature is
         L2-normalised and the map is ``1 - max cosine`` (the paper). On
         Magnetic Tile ``"image"`` localised defects much better (pixel AUROC
-        0.761 against 0.654 with the other defaults); on synthetic defects
+        0.756-0.765 against 0.654 with the other defaults); on synthetic defects
         it localised a little worse (see :doc:`/user_guide/normalization`).
     image_score : {"cosine", "map"}, default="cosine"
         How an image's anomaly score is read out with ``normalization="image"``.
