@@ -46,6 +46,8 @@ VARIANTS = {
     "default_seed2": dict(random_state=2),
     # the defaults before 2026-11-29: the paper's normalisation, 1,000 prototypes
     "patch_1000": dict(normalization="patch", n_clusters=1000),
+    "patch_1000_seed1": dict(normalization="patch", n_clusters=1000, random_state=1),
+    "patch_1000_seed2": dict(normalization="patch", n_clusters=1000, random_state=2),
     # the reference implementation's geometry
     "paper_alignment": dict(alignment="paper"),
     "kmeans_1000": dict(clustering="kmeans", n_clusters=1000),
