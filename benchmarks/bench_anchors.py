@@ -315,33 +315,36 @@ def load_predictors(work, names):
     for name in names:
         path = work / f"model_{name}"
         cfg = METHODS[name]
-        if cfg["kind"] == "detector":  # the network does it all, aggregation included
-            predictors[name] = joblib.load(path).network_.eval()
-            continue
-        if cfg["kind"] == "protoad":
+        if cfg["kind"] in ("detector", "protoad"):
             network = joblib.load(path).network_.eval()
-            if cfg.get("neighbourhood", 1) > 1:
+            # a detector's network does it all, aggregation included
+            if cfg["kind"] == "protoad" and cfg.get("neighbourhood", 1) > 1:
                 backbone = network.embedding.backbone
                 predictors[name] = _with_backbone(
                     backbone, protoad_scorer(network, backbone.strides, cfg))
             else:
                 predictors[name] = network
             continue
-        saved = torch.load(path, weights_only=True)
-        backbone = create_feature_extractor(BACKBONE, LAYERS, weights=None)
-        backbone.load_state_dict(saved["backbone"])
-        strides, channels = backbone.strides, sum(backbone.channels)
-        if cfg["kind"] == "patchcore":
-            model = PatchCore(strides, (CROP, CROP))
-        else:
-            model = PaDiM(strides, channels, (CROP, CROP), cfg["n_features"])
-        for key in ("memory_bank", "mean", "inv_cov"):
-            if key in saved["model"]:
-                # the fitted buffers' shapes are only known now
-                setattr(model, key, torch.empty_like(saved["model"][key]))
-        model.load_state_dict(saved["model"])
-        predictors[name] = _with_backbone(backbone, model.eval())
+        predictors[name] = _with_backbone(*_load_baseline(path, cfg))
     return predictors
+
+
+def _load_baseline(path, cfg):
+    """(backbone, head) of a saved PatchCore or PaDiM model, in eval mode."""
+    saved = torch.load(path, weights_only=True)
+    backbone = create_feature_extractor(BACKBONE, LAYERS, weights=None)
+    backbone.load_state_dict(saved["backbone"])
+    strides, channels = backbone.strides, sum(backbone.channels)
+    if cfg["kind"] == "patchcore":
+        model = PatchCore(strides, (CROP, CROP))
+    else:
+        model = PaDiM(strides, channels, (CROP, CROP), cfg["n_features"])
+    for key in ("memory_bank", "mean", "inv_cov"):
+        if key in saved["model"]:
+            # the fitted buffers' shapes are only known now
+            setattr(model, key, torch.empty_like(saved["model"][key]))
+    model.load_state_dict(saved["model"])
+    return backbone, model.eval()
 
 
 def _with_backbone(backbone, head):
@@ -352,17 +355,13 @@ def _with_backbone(backbone, head):
 
 
 def _full_bank_patchcore(args, n_train_images):
-    saved = torch.load(args.work / "model_patchcore_1pct", weights_only=True)
-    backbone = create_feature_extractor(BACKBONE, LAYERS, weights=None)
-    backbone.load_state_dict(saved["backbone"])
-    model = PatchCore(backbone.strides, (CROP, CROP))
-    model.memory_bank = torch.empty_like(saved["model"]["memory_bank"])
-    model.load_state_dict(saved["model"])
+    name = "patchcore_1pct"
+    backbone, model = _load_baseline(args.work / f"model_{name}", METHODS[name])
     grid = (CROP // backbone.strides[0]) ** 2
     n_rows = int(round(0.01 * n_train_images * grid))
     rows = torch.randint(len(model.memory_bank), (n_rows,), generator=torch.Generator().manual_seed(0))
     model.memory_bank = model.memory_bank[rows].clone()
-    return _with_backbone(backbone, model.eval())
+    return _with_backbone(backbone, model)
 
 
 def stage_speed(args):

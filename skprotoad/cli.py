@@ -688,7 +688,7 @@ def color_range(detector, threshold=None, vmin=None, vmax=None):
     same range for every image makes the colours comparable across images.
     ``threshold`` (the user's) counts only where it applies to pixels too.
     """
-    use_own = threshold is None or not _scores_are_map_maxima(detector)
+    use_own = threshold is None or not detector.network_.score_is_map_max
     t = detector.pixel_threshold_ if use_own else float(threshold)
     if t <= 0:
         # No scale to anchor at: the whole range of 1 - cosine (distances
@@ -769,7 +769,7 @@ def score_and_write(
     from .plotting import overlay, save_png
 
     offset = detector.offset_ if threshold is None else -float(threshold)
-    pixel_threshold = -offset if _scores_are_map_maxima(detector) else detector.pixel_threshold_
+    pixel_threshold = -offset if detector.network_.score_is_map_max else detector.pixel_threshold_
     sequence = _images.ImageSequence(items, name="images")
     crop = detector.network_.input_size
     if out_dir is not None:
@@ -815,12 +815,6 @@ def score_and_write(
         result["maps"] = None
     result["skipped"] = skipped
     return result
-
-
-def _scores_are_map_maxima(detector):
-    return detector.network_.image_score == "map" or (
-        detector.network_.embedding.normalization == "patch"
-    )
 
 
 def _score_chunk(detector, items, chunk, strict, skipped):
@@ -978,7 +972,7 @@ def _cmd_predict(args):
         _write_skipped_csv(out_dir / "skipped.csv", skipped)
     threshold = -detector.offset_ if args.threshold is None else args.threshold
     pixel_threshold = (
-        threshold if _scores_are_map_maxima(detector) else detector.pixel_threshold_
+        threshold if detector.network_.score_is_map_max else detector.pixel_threshold_
     )
     _write_json(out_dir / "run.json", {
         "model": str(Path(args.model).resolve()),

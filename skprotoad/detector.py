@@ -361,7 +361,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         # A separate pixel threshold only when the image score is not the map's
         # maximum; otherwise it is -offset_ (see pixel_threshold_).
         self._pixel_threshold = (
-            float(np.quantile(map_maxima, quantile)) if self._scores_from_cosine() else None
+            None if self.network_.score_is_map_max else float(np.quantile(map_maxima, quantile))
         )
         return self
 
@@ -372,10 +372,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
 
     def _network_image_score(self):
         # with unit features the cosine map is the map: no second readout
-        return "cosine" if self._scores_from_cosine() else "map"
-
-    def _scores_from_cosine(self):
-        return self.normalization == "image" and self.image_score == "cosine"
+        return "cosine" if self.normalization == "image" and self.image_score == "cosine" else "map"
 
     # --------------------------------------------------------------- predict
     @with_torch_threads

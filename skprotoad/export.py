@@ -319,8 +319,8 @@ def _metadata(model):
             "maps": f"float32 (N, crop_h, crop_w), {_MAP_MEANING[network.embedding.normalization]}, "
             "higher = more anomalous",
             "scores": "float32 (N,), "
-            + ("max of each map" if network.image_score == "map" or network.embedding.normalization
-               == "patch" else "max of each image's smoothed 1 - max cosine map")
+            + ("max of each map" if network.score_is_map_max
+               else "max of each image's smoothed 1 - max cosine map")
             + " = -score_samples",
         },
         "image_score": network.image_score,

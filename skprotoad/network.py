@@ -301,6 +301,12 @@ class ProtoADNetwork(nn.Module):
         self.smoothing = GaussianSmoothing(sigma, self.input_size)
 
     @property
+    def score_is_map_max(self) -> bool:
+        """Whether an image's score is the maximum of its map (not so only for
+        ``normalization="image"`` with ``image_score="cosine"``)."""
+        return self.image_score == "map" or self.embedding.normalization == "patch"
+
+    @property
     def prototypes(self) -> torch.Tensor:
         """Prototypes (n_prototypes, n_channels); unit norm with ``"patch"``."""
         return self.prototype_conv.weight[:, :, 0, 0]

@@ -526,7 +526,7 @@ def _assemble(config, network, calibration, device):
             f"the network's image score {network.image_score!r} does not follow from "
             f"normalization={model.normalization!r}, image_score={model.image_score!r}"
         )
-    if (fitted.get("pixel_threshold_") is None) == model._scores_from_cosine():
+    if (fitted.get("pixel_threshold_") is None) != network.score_is_map_max:
         raise _Invalid(
             "fitted 'pixel_threshold_' must be set exactly when the image score is not "
             "the map's maximum (normalization='image', image_score='cosine')"

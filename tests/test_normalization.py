@@ -229,6 +229,7 @@ def test_cosine_image_score_is_the_max_of_the_smoothed_cosine_map(backbone):
     # the paper's network with the same prototypes scores images alike
     paper = ProtoADNetwork(PatchEmbedding(backbone), prototypes, (64, 64), sigma=2.0)
     torch.testing.assert_close(scores, paper(x)[1], atol=1e-5, rtol=0)
+    assert not split.score_is_map_max and distance.score_is_map_max and paper.score_is_map_max
 
 
 def test_cosine_image_score_with_unit_features_is_the_map_maximum(normal_images):
