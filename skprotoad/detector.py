@@ -226,13 +226,19 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
     >>> det.anomaly_maps(X[:2]).shape
     (2, 64, 64)
 
-    By default the prototypes keep their magnitude (maps are distances); the
-    paper's per-patch normalisation makes them unit vectors:
+    By default the prototypes keep their magnitude (maps are distances), the
+    image score is read as cosines (``image_score="cosine"``), and the maps
+    get their own threshold; the paper's per-patch normalisation makes the
+    prototypes unit vectors and the two thresholds one:
 
     >>> bool(np.allclose(np.linalg.norm(det.prototypes_, axis=1), 1.0))
     False
+    >>> bool(det.pixel_threshold_ == -det.offset_)
+    False
     >>> det_paper = det.set_params(normalization="patch").fit(X)
     >>> bool(np.allclose(np.linalg.norm(det_paper.prototypes_, axis=1), 1.0))
+    True
+    >>> bool(det_paper.pixel_threshold_ == -det_paper.offset_)
     True
     """
 

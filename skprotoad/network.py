@@ -207,8 +207,9 @@ class PatchEmbedding(nn.Module):
 
     def join(self, images: torch.Tensor) -> torch.Tensor:
         """The stages' features joined at the finest stride, not normalised."""
-        # channels-last: oneDNN's CPU convolutions run faster on it (about
-        # 1.4x for the backbones measured), and results are the same
+        # channels-last: oneDNN's CPU convolutions run faster on it; results
+        # differ from NCHW only by float rounding (which can still move FINCH's
+        # clusters: docs/user_guide/normalization.md)
         x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         maps = self.backbone(x)
         if self.neighborhood_size > 1:
@@ -325,8 +326,7 @@ class ProtoADNetwork(nn.Module):
             raise ValueError("this network has no fixed input_size: pass the images' size.")
         stride = self.embedding.backbone.strides[0]
         # channels-last makes the 1x1 conv a plain matrix product for oneDNN
-        # (about 1.5x faster on CPU than on NCHW) and its max over prototypes
-        # contiguous
+        # (faster on CPU than on NCHW) and its max over prototypes contiguous
         features = features.contiguous(memory_format=torch.channels_last)
         if self.embedding.normalization == "patch":
             similarity = self.prototype_conv(features)
