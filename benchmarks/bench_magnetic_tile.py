@@ -31,7 +31,7 @@ import torch
 from skprotoad import ProtoADDetector
 from skprotoad._images import ImageSequence, crop_map_to_input
 from skprotoad.datasets import load_input_masks, load_masks, load_mvtec
-from skprotoad.metrics import evaluate_maps
+from skprotoad.metrics import evaluate_maps, image_auroc
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile"
@@ -44,6 +44,13 @@ VARIANTS = {
     # neighbour search): how much the metrics move between runs
     "default_seed1": dict(random_state=1),
     "default_seed2": dict(random_state=2),
+    "projection_1000": dict(n_clusters=1000),
+    "projection_1000_seed1": dict(n_clusters=1000, random_state=1),
+    "projection_1000_seed2": dict(n_clusters=1000, random_state=2),
+    # the defaults of 2026-11-29 before image_score="projection"
+    "cosine_2000": dict(image_score="cosine"),
+    "cosine_2000_seed1": dict(image_score="cosine", random_state=1),
+    "cosine_2000_seed2": dict(image_score="cosine", random_state=2),
     # the defaults before 2026-11-29: the paper's normalisation, 1,000 prototypes
     "patch_1000": dict(normalization="patch", n_clusters=1000),
     "patch_1000_seed1": dict(normalization="patch", n_clusters=1000, random_state=1),
@@ -83,7 +90,7 @@ def run_variant(name, data, args):
 
     start = time.perf_counter()
     # the anomaly scores (minus score_samples) with the maps, in one pass: a
-    # map's maximum unless normalization="image", image_score="cosine"
+    # map's maximum unless normalization="image" with a readout of its own
     maps, scores = det._maps_and_scores(data.test_paths)
     test_seconds = time.perf_counter() - start
     n_test = len(maps)
@@ -100,6 +107,12 @@ def run_variant(name, data, args):
         masks = load_masks(data.test_mask_paths, det.image_size, det.crop_size)
     metrics = evaluate_maps(data.test_labels, scores, masks, maps)
     del maps, masks
+    types = np.asarray(data.test_defect_types)
+    by_type = {
+        t: round(image_auroc(data.test_labels[keep], scores[keep]), 4)
+        for t in sorted(set(types) - {"good"})
+        for keep in [(types == t) | (types == "good")]
+    }
     normal = data.test_labels == 0
     flagged = scores > -det.offset_
     return {
@@ -110,6 +123,7 @@ def run_variant(name, data, args):
         "n_prototypes": int(det.prototypes_.shape[0]),
         "pixel_metrics_geometry": geometry,
         **{k: round(v, 4) for k, v in metrics.items()},
+        "image_auroc_by_type": by_type,
         "fpr_auto_threshold_test_good": round(float(flagged[normal].mean()), 4),
         "tpr_auto_threshold_test_defects": round(float(flagged[~normal].mean()), 4),
         "fit_seconds": round(fit_seconds, 1),

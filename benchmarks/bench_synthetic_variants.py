@@ -3,7 +3,7 @@
 Fits one detector per setting (alignment="paper" = the reference join,
 "center" = receptive-field centres; neighborhood_size 1 or 3; normalization
 "patch" or "image", the latter with image scores from its map ("map") or from
-the cosine readout ("cosine")) on generated
+the cosine ("cosine") or projection ("projection") readout) on generated
 defect images (128 px, the demo's generator) and, with ``--magnetic-tile N``,
 on every N-th training image of the real Magnetic Tile data, and reports
 image/pixel AUROC and AUPRO.
@@ -26,7 +26,8 @@ DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile"
 SETTINGS = [("paper", 1, "patch", "map"), ("center", 1, "patch", "map"),
             ("center", 3, "patch", "map"), ("center", 1, "image", "map"),
             ("center", 3, "image", "map"), ("center", 1, "image", "cosine"),
-            ("center", 3, "image", "cosine")]
+            ("center", 3, "image", "cosine"), ("center", 1, "image", "projection"),
+            ("center", 3, "image", "projection")]
 
 
 def evaluate(det, X_train, X_test, labels, masks):

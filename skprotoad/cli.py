@@ -27,6 +27,7 @@ from . import _images
 from ._files import write_new_file
 from ._version import __version__
 from .backbones import WeightsUnavailableError
+from .network import IMAGE_SCORES
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
 
@@ -247,9 +248,9 @@ def _add_detector_options(parser):
         "(default), or unit-norm patch features and 1 - cosine (the paper)",
     )
     group.add_argument(
-        "--image-score", choices=("cosine", "map"), default="cosine",
-        help="with --normalization image: image scores from the cosine readout "
-        "of the same prototypes (default) or the map's maximum",
+        "--image-score", choices=IMAGE_SCORES, default="projection",
+        help="with --normalization image: image scores from the same prototypes' "
+        "|x| (1 - max cosine) (default) or 1 - max cosine, or the map's maximum",
     )
     group.add_argument(
         "--contamination", type=_contamination_arg, default="auto",
@@ -740,7 +741,7 @@ def score_and_write(
         Anomaly score above which an image is an anomaly, and map value above
         which a pixel is; ``None`` uses the detector's, so that labels equal
         ``detector.predict``. When the detector's image score is not its map's
-        maximum (``normalization="image", image_score="cosine"``) it applies
+        maximum (``normalization="image"``, ``image_score`` not ``"map"``) it applies
         to images only, and pixels keep ``detector.pixel_threshold_``.
     vmin, vmax, alpha : float
         Overlay colour range and opacity, see :func:`skprotoad.plotting.overlay`.

@@ -15,11 +15,11 @@ which runs without skprotoad, timm or scikit-learn:
   per-image scaling and the distance to the nearest prototype instead).
 * **outputs** ``maps``: float32 ``(N, crop_h, crop_w)`` anomaly maps, and
   ``scores``: float32 ``(N,)`` anomaly scores (their maxima; with
-  ``normalization="image", image_score="cosine"`` the maxima of the cosine
-  readout), which are ``-score_samples``. An image is an anomaly when its score
-  exceeds ``threshold`` (``-offset_``), a pixel a defect when its map value
-  exceeds ``pixel_threshold`` (``pixel_threshold_``, the same number unless the
-  score is the cosine readout); the thresholds and the preprocessing settings
+  ``normalization="image"`` and an ``image_score`` other than ``"map"``, the
+  maxima of that readout), which are ``-score_samples``. An image is an anomaly
+  when its score exceeds ``threshold`` (``-offset_``), a pixel a defect when
+  its map value exceeds ``pixel_threshold`` (``pixel_threshold_``, the same
+  number unless the score is a readout of its own); the thresholds and the preprocessing settings
   travel in the file's metadata (``skprotoad.json`` extra file / ONNX
   ``metadata_props["skprotoad"]``).
 
@@ -298,6 +298,11 @@ def _check_outputs(network, run):
 
 
 _MAP_MEANING = {"patch": "1 - max cosine", "image": "distance to the nearest prototype"}
+_SCORE_MEANING = {
+    "map": "max of each map",
+    "cosine": "max of each image's smoothed 1 - max cosine map",
+    "projection": "max of each image's smoothed |x| (1 - max cosine) map",
+}
 
 
 def _metadata(model):
@@ -319,8 +324,7 @@ def _metadata(model):
             "maps": f"float32 (N, crop_h, crop_w), {_MAP_MEANING[network.embedding.normalization]}, "
             "higher = more anomalous",
             "scores": "float32 (N,), "
-            + ("max of each map" if network.score_is_map_max
-               else "max of each image's smoothed 1 - max cosine map")
+            + _SCORE_MEANING["map" if network.score_is_map_max else network.image_score]
             + " = -score_samples",
         },
         "image_score": network.image_score,

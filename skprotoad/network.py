@@ -127,9 +127,14 @@ def _check_normalization(normalization):
         )
 
 
+IMAGE_SCORES = ("projection", "cosine", "map")
+
+
 def _check_image_score(image_score):
-    if image_score not in ("map", "cosine"):
-        raise ValueError(f"image_score must be 'map' or 'cosine', got {image_score!r}.")
+    if image_score not in IMAGE_SCORES:
+        raise ValueError(
+            f"image_score must be 'projection', 'cosine' or 'map', got {image_score!r}."
+        )
 
 
 def _check_neighborhood_size(size):
@@ -246,11 +251,14 @@ class ProtoADNetwork(nn.Module):
         size is what :mod:`skprotoad.export` needs.
     sigma : float, default=4.0
         Gaussian smoothing of the upsampled map; 0 disables it.
-    image_score : {"map", "cosine"}, default="map"
-        ``"map"``: an image's score is the maximum of its map. ``"cosine"``:
-        the maximum of its smoothed ``1 - max cosine`` map, the same thing with
-        ``normalization="patch"``; with ``"image"`` the map shows distances and
-        the score comes from the cosines to the same prototypes.
+    image_score : {"map", "projection", "cosine"}, default="map"
+        ``"map"``: an image's score is the maximum of its map. With
+        ``normalization="image"`` the map shows distances, and the other two
+        read the score from the same conv's output instead, as the maximum of
+        a second smoothed map: ``"projection"``, of ``|x| - max_k x.p_k / |p_k|``
+        (the part of a patch's norm that no prototype direction explains,
+        ``|x| (1 - max cosine)``); ``"cosine"``, of ``1 - max cosine``. With
+        ``normalization="patch"`` (unit ``x``) all three are the same.
 
     Notes
     -----
@@ -258,7 +266,8 @@ class ProtoADNetwork(nn.Module):
     and cropped to ``input_size``. Output: ``(maps, scores)``, maps of shape
     (N, H, W) with ``1 - max cosine`` (``normalization="patch"``) or the distance
     to the nearest prototype (``"image"``), higher = more anomalous; scores (N,)
-    the maximum of each map (of the cosine map with ``image_score="cosine"``).
+    the maximum of each map (of the ``image_score`` map when that is not
+    ``"map"``).
 
     Examples
     --------
@@ -304,7 +313,7 @@ class ProtoADNetwork(nn.Module):
     @property
     def score_is_map_max(self) -> bool:
         """Whether an image's score is the maximum of its map (not so only for
-        ``normalization="image"`` with ``image_score="cosine"``)."""
+        ``normalization="image"`` with ``image_score`` other than ``"map"``)."""
         return self.image_score == "map" or self.embedding.normalization == "patch"
 
     @property
@@ -343,14 +352,22 @@ class ProtoADNetwork(nn.Module):
         maps = self._smooth_up((feature_sq - 2.0 * best).clamp_min(0.0).sqrt(), stride, size)
         if self.image_score == "map":
             return maps, maps.flatten(1).amax(dim=1)
-        # the same conv's output read as cosines, x.p / (|x| |p|): one more max.
-        # In place, since the (N, K, h, w) output is the largest tensor here
-        # and each extra copy of it costs as much time as a tenth of the conv.
+        # the same conv's output read as projections onto the prototype
+        # directions, x.p / |p|: one more max. In place, since the (N, K, h, w)
+        # output is the largest tensor here and each extra copy of it costs as
+        # much time as a tenth of the conv.
         inverse_norms = (2.0 * half_sq).clamp_min(1e-24).rsqrt()
-        cosine = biased.add_(half_sq[None, :, None, None]).mul_(inverse_norms[None, :, None, None])
-        cosine = cosine.amax(dim=1, keepdim=True) * feature_sq.clamp_min(1e-24).rsqrt()
-        cosine_maps = self._smooth_up(1.0 - cosine, stride, size)
-        return maps, cosine_maps.flatten(1).amax(dim=1)
+        projection = biased.add_(half_sq[None, :, None, None]).mul_(inverse_norms[None, :, None, None])
+        projection = projection.amax(dim=1, keepdim=True)
+        if self.image_score == "cosine":
+            patch_scores = 1.0 - projection * feature_sq.clamp_min(1e-24).rsqrt()
+        else:
+            # |x| (1 - cos): the cosine distance weighted by the patch's norm
+            # relative to its image's, so that weak patches (flat texture,
+            # whose direction is mostly noise) count less than strong ones
+            patch_scores = feature_sq.sqrt() - projection
+        score_maps = self._smooth_up(patch_scores, stride, size)
+        return maps, score_maps.flatten(1).amax(dim=1)
 
     def _smooth_up(self, patch_scores, stride: int, size: tuple[int, int]) -> torch.Tensor:
         """(N, 1, h, w) patch scores -> smoothed (N, H, W) maps at ``size``."""

@@ -40,6 +40,7 @@ from .detector import (
     _build_network,
     _describe_network,
 )
+from .network import IMAGE_SCORES
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
 
@@ -444,7 +445,7 @@ def _check_network(network):
     # absent from files saved before the option existed: "patch"
     if network.get("normalization", "patch") not in ("patch", "image"):
         raise _Invalid(f"network 'normalization' is {network['normalization']!r}")
-    if network.get("image_score", "map") not in ("map", "cosine"):
+    if network.get("image_score", "map") not in IMAGE_SCORES:
         raise _Invalid(f"network 'image_score' is {network['image_score']!r}")
     if network.get("input_size", []) is not None:  # null: any input size
         _require_list(network, "input_size", int, 2, where, positive=True)
@@ -529,7 +530,7 @@ def _assemble(config, network, calibration, device):
     if (fitted.get("pixel_threshold_") is None) != network.score_is_map_max:
         raise _Invalid(
             "fitted 'pixel_threshold_' must be set exactly when the image score is not "
-            "the map's maximum (normalization='image', image_score='cosine')"
+            "the map's maximum (normalization='image', image_score other than 'map')"
         )
     if (fitted["feature_shape_"][0] is None) != (network.input_size is None):
         raise _Invalid(

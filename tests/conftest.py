@@ -16,7 +16,7 @@ MAGNETIC_TILE = DATA_ROOT / "magnetic_tile"
 # A backbone whose weights do not matter: random resnet18, two stages, 64 px.
 # A random backbone on 64 px images, with the paper's per-patch normalisation:
 # its image score is its map's maximum, which many tests rely on; the default
-# normalization="image" (and its cosine image score) is tested with real
+# normalization="image" (and its projection image score) is tested with real
 # features through LITE0 and in test_normalization.py.
 TINY = dict(
     backbone="resnet18",

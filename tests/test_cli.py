@@ -96,24 +96,26 @@ def test_fit_writes_a_fitted_detector(model):
     assert detector.verbose is False  # no progress bars when used from Python later
 
 
-def test_fit_passes_normalization(folders, tmp_path, capsys):
+def test_fit_passes_normalization_and_image_score(folders, tmp_path, capsys):
     argv = ["fit", folders / "train", "-o", tmp_path / "m.joblib", "-q", *TINY_OPTIONS,
-            "--normalization", "image"]
+            "--image-score", "cosine", "--normalization", "image"]
     assert _run(argv, capsys)[0] == 0
-    assert joblib.load(tmp_path / "m.joblib").network_.embedding.normalization == "image"
+    network = joblib.load(tmp_path / "m.joblib").network_
+    assert network.embedding.normalization == "image" and network.image_score == "cosine"
     code, _, err = _run([*argv[:-1], "layer"], capsys)
     assert code == 2 and "invalid choice" in err
 
 
-def test_predict_with_cosine_image_scores(folders, tmp_path, capsys):
-    """normalization="image" with image_score="cosine": image scores and labels
-    from the cosine readout, masks from the maps and their own threshold."""
+def test_predict_with_split_image_scores(folders, tmp_path, capsys):
+    """normalization="image" with its default image_score="projection": image
+    scores and labels from that readout, masks from the maps and their own
+    threshold."""
     model = tmp_path / "m.joblib"
     argv = ["fit", folders / "train", "-o", model, "-q", *TINY_OPTIONS,
-            "--normalization", "image", "--image-score", "cosine"]
+            "--normalization", "image"]
     assert _run(argv, capsys)[0] == 0
     detector = joblib.load(model)
-    assert detector.network_.image_score == "cosine"
+    assert detector.network_.image_score == "projection"
     out = tmp_path / "out"
     assert _run(["predict", model, folders / "test", "-o", out, "-q"], capsys)[0] == 0
     rows = _read_csv(out / "scores.csv")

@@ -491,11 +491,11 @@ def test_cli_fit_predict_evaluate_on_mixed_sizes(scale_mvtec, tmp_path, capsys):
         assert report["metrics"][key] == pytest.approx(value, abs=1e-6)
 
 
-def test_cosine_image_score_in_scale_mode(mixed):
-    """Default readout (distance maps, cosine scores) on images of several sizes:
+def test_split_image_score_in_scale_mode(mixed):
+    """Default readout (distance maps, projection scores) on images of several sizes:
     the maps are the distance detector's, the pixel threshold their maxima's."""
     split = ProtoADDetector(
-        **{**SCALE, "normalization": "image", "image_score": "cosine", "contamination": 0.25}
+        **{**SCALE, "normalization": "image", "image_score": "projection", "contamination": 0.25}
     ).fit(mixed)
     distance = ProtoADDetector(
         **{**SCALE, "normalization": "image", "image_score": "map", "contamination": 0.25}

@@ -1,6 +1,6 @@
 """normalization="image": features scaled per image, Euclidean distance to
-prototypes; image_score="cosine": the image score read from the same conv as
-1 - max cosine."""
+prototypes; image_score="projection" / "cosine": the image score read from the
+same conv as |x| (1 - max cosine) / 1 - max cosine."""
 
 import json
 import pickle
@@ -28,8 +28,9 @@ def backbone():
     return create_feature_extractor("resnet18", (1, 2), weights=None)
 
 
-# the default image_score: maps of distances, image scores from cosines
+# the default image_score: maps of distances, image scores from projections
 SPLIT = {**TINY, "normalization": "image"}
+COSINE = {**SPLIT, "image_score": "cosine"}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,11 @@ def image_detector(normal_images):
 @pytest.fixture(scope="module")
 def split_detector(normal_images):
     return ProtoADDetector(**SPLIT).fit(normal_images)
+
+
+@pytest.fixture(scope="module")
+def cosine_detector(normal_images):
+    return ProtoADDetector(**COSINE).fit(normal_images)
 
 
 # ------------------------------------------------------------------ network
@@ -186,7 +192,7 @@ def _check_torchscript(detector, X, tmp_path):
     return json.loads(extra["skprotoad.json"])
 
 
-@pytest.mark.parametrize("fixture", ["image_detector", "split_detector"])
+@pytest.mark.parametrize("fixture", ["image_detector", "split_detector", "cosine_detector"])
 def test_image_normalization_exports_to_onnx(fixture, request, synthetic, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -208,38 +214,61 @@ def test_feature_cache_keys_differ_by_normalization(normal_images):
     assert keys[0] != keys[1]
 
 
-# ------------------------------------------------- image_score="cosine"
+# ------------------------------------- image_score="projection" / "cosine"
 
 
-def test_cosine_image_score_is_the_max_of_the_smoothed_cosine_map(backbone):
+def _readout(features, prototypes, image_score):
+    """Brute force: per-patch |x| - max_k x.p_k / |p_k|, or 1 - max cosine."""
+    projection = torch.einsum("nchw,kc->nkhw", features, F.normalize(prototypes, dim=1)).amax(1)
+    norms = features.norm(dim=1)
+    return norms - projection if image_score == "projection" else 1 - projection / norms
+
+
+@pytest.mark.parametrize("image_score", ["projection", "cosine"])
+def test_split_image_score_is_the_max_of_its_smoothed_readout(image_score, backbone):
     embedding = PatchEmbedding(backbone, normalization="image")
     torch.manual_seed(1)
     x = torch.rand(2, 3, 64, 64)
     prototypes = 0.3 * torch.randn(9, 192)
-    split = ProtoADNetwork(embedding, prototypes, (64, 64), sigma=2.0, image_score="cosine")
+    split = ProtoADNetwork(embedding, prototypes, (64, 64), sigma=2.0, image_score=image_score)
     distance = ProtoADNetwork(embedding, prototypes, (64, 64), sigma=2.0)
     maps, scores = split(x)
     torch.testing.assert_close(maps, distance(x)[0])  # the map is unchanged
 
-    unit = F.normalize(embedding(x), dim=1)
-    cosine = torch.einsum("nchw,kc->nkhw", unit, F.normalize(prototypes, dim=1)).amax(1)
-    cosine_maps = split.smoothing(upsample(1 - cosine[:, None], 4, (64, 64), "center")[:, 0])
-    torch.testing.assert_close(scores, cosine_maps.flatten(1).amax(1), atol=1e-5, rtol=0)
+    patch_scores = _readout(embedding(x), prototypes, image_score)
+    score_maps = split.smoothing(upsample(patch_scores[:, None], 4, (64, 64), "center")[:, 0])
+    torch.testing.assert_close(scores, score_maps.flatten(1).amax(1), atol=1e-5, rtol=0)
     assert not torch.allclose(scores, maps.flatten(1).amax(1))
-    # the paper's network with the same prototypes scores images alike
+    assert not split.score_is_map_max and distance.score_is_map_max
+
+
+def test_projection_weights_the_cosine_distance_by_the_patch_norm(backbone):
+    embedding = PatchEmbedding(backbone, normalization="image")
+    torch.manual_seed(2)
+    x = torch.rand(2, 3, 64, 64)
+    features = embedding(x)
+    prototypes = 0.3 * torch.randn(9, 192)
+    norms = features.norm(dim=1)
+    projection = _readout(features, prototypes, "projection")
+    cosine = _readout(features, prototypes, "cosine")
+    torch.testing.assert_close(projection, norms * cosine, atol=1e-5, rtol=1e-5)
+    # so the two rank patches differently unless every norm is the same
+    assert not torch.equal(projection.flatten().argsort(), cosine.flatten().argsort())
+    # the paper's network with the same prototypes scores images by cosine alone
     paper = ProtoADNetwork(PatchEmbedding(backbone), prototypes, (64, 64), sigma=2.0)
-    torch.testing.assert_close(scores, paper(x)[1], atol=1e-5, rtol=0)
-    assert not split.score_is_map_max and distance.score_is_map_max and paper.score_is_map_max
+    split = ProtoADNetwork(embedding, prototypes, (64, 64), sigma=2.0, image_score="cosine")
+    torch.testing.assert_close(split(x)[1], paper(x)[1], atol=1e-5, rtol=0)
 
 
-def test_cosine_image_score_with_unit_features_is_the_map_maximum(normal_images):
+@pytest.mark.parametrize("image_score", ["projection", "cosine"])
+def test_split_image_score_with_unit_features_is_the_map_maximum(image_score, normal_images):
     patch = ProtoADDetector(**{**TINY, "image_score": "map"}).fit(normal_images)
-    cosine = ProtoADDetector(**{**TINY, "image_score": "cosine"}).fit(normal_images)
-    assert cosine.network_.image_score == "map"  # no second readout needed
+    split = ProtoADDetector(**{**TINY, "image_score": image_score}).fit(normal_images)
+    assert split.network_.image_score == "map"  # no second readout needed
     np.testing.assert_array_equal(
-        cosine.score_samples(normal_images), patch.score_samples(normal_images)
+        split.score_samples(normal_images), patch.score_samples(normal_images)
     )
-    assert cosine.pixel_threshold_ == -cosine.offset_
+    assert split.pixel_threshold_ == -split.offset_
 
 
 def test_split_detector_maps_are_the_distance_maps(split_detector, image_detector, synthetic):
@@ -271,20 +300,26 @@ def test_split_detector_with_auto_contamination_holds_out_images(split_detector)
     assert split_detector.pixel_threshold_ > 0
 
 
-def test_split_detector_round_trips_and_exports(split_detector, synthetic, tmp_path):
+@pytest.mark.parametrize(
+    "fixture, meaning",
+    [("split_detector", "|x| (1 - max cosine)"), ("cosine_detector", "smoothed 1 - max cosine")],
+)
+def test_split_detector_round_trips_and_exports(fixture, meaning, request, synthetic, tmp_path):
+    detector = request.getfixturevalue(fixture)
     X = synthetic.X_test[:4]
-    expected = split_detector.score_samples(X)
+    expected = detector.score_samples(X)
     for loaded in (
-        persistence.load(persistence.save(split_detector, tmp_path / "m.safetensors")),
-        pickle.loads(pickle.dumps(split_detector)),
+        persistence.load(persistence.save(detector, tmp_path / "m.safetensors")),
+        pickle.loads(pickle.dumps(detector)),
     ):
-        assert loaded.image_score == "cosine" and loaded.network_.image_score == "cosine"
-        assert loaded.pixel_threshold_ == split_detector.pixel_threshold_
+        assert loaded.image_score == detector.image_score
+        assert loaded.network_.image_score == detector.image_score
+        assert loaded.pixel_threshold_ == detector.pixel_threshold_
         np.testing.assert_allclose(loaded.score_samples(X), expected, atol=1e-6)
-    meta = _check_torchscript(split_detector, X, tmp_path)
-    assert meta["image_score"] == "cosine" and "cosine" in meta["outputs"]["scores"]
-    assert meta["threshold"] == -split_detector.offset_
-    assert meta["pixel_threshold"] == split_detector.pixel_threshold_
+    meta = _check_torchscript(detector, X, tmp_path)
+    assert meta["image_score"] == detector.image_score and meaning in meta["outputs"]["scores"]
+    assert meta["threshold"] == -detector.offset_
+    assert meta["pixel_threshold"] == detector.pixel_threshold_
 
 
 def test_saved_split_detector_without_its_pixel_threshold_is_refused(split_detector, tmp_path):
@@ -301,12 +336,12 @@ def test_image_score_is_not_part_of_the_feature_cache_key(normal_images):
     images = ImageSequence(normal_images[:2])
     keys = [
         feature_key(ProtoADDetector(**{**SPLIT, "image_score": s}), images, seed=0)
-        for s in ("map", "cosine")
+        for s in ("map", "cosine", "projection")
     ]
-    assert keys[0] == keys[1]  # a grid search over it extracts the features once
+    assert keys[0] == keys[1] == keys[2]  # a grid search over it extracts the features once
 
 
 @pytest.mark.parametrize("bad", ["max", None, 1])
 def test_bad_image_score_is_refused(bad, normal_images):
-    with pytest.raises(ValueError, match="image_score must be 'map' or 'cosine'"):
+    with pytest.raises(ValueError, match="image_score must be 'projection', 'cosine' or 'map'"):
         ProtoADDetector(**{**TINY, "image_score": bad}).fit(normal_images[:4])

@@ -249,7 +249,7 @@ _TAMPERED_JSON = {
     "unknown image score": (_setter("network.image_score", "mean"), "image_score"),
     "image score differs from network": (
         _setter("network.image_score", "cosine"), "image score 'cosine' does not follow"),
-    "pixel threshold without a cosine score": (
+    "pixel threshold without a split score": (
         _setter("fitted.pixel_threshold_", 0.5), "pixel_threshold_' must be set exactly"),
     "feature channels": (_setter("fitted.feature_shape_", [16, 16, 5]), "channels"),
     "foreign format": (_setter("format", "something-else"), "format is"),
@@ -380,8 +380,8 @@ def test_models_saved_before_later_parameters_load(tiny_detector, saved, tmp_pat
         # their image scores were their maps' maxima
         assert loaded.image_score == "map" and loaded.network_.image_score == "map"
         assert loaded.pixel_threshold_ == -loaded.offset_
-        # for unit features the two readouts are one: the same model otherwise
-        _assert_same_model(loaded.set_params(image_score="cosine"), tiny_detector, X)
+        # for unit features the readouts are one: the same model otherwise
+        _assert_same_model(loaded.set_params(image_score="projection"), tiny_detector, X)
 
 
 def test_models_saved_before_neighborhood_size_load(normal_images, tmp_path, X):
