@@ -234,10 +234,10 @@ def stage_detector(args, name, cfg):
     joblib.dump(det, path)
     row["model_mb"] = path.stat().st_size / 2**20
     start = time.perf_counter()
-    maps, scores = det._maps_and_scores(data.test_paths)
+    maps, scores = det.anomaly_maps(data.test_paths, return_scores=True)
     row["test_seconds_from_images"] = time.perf_counter() - start
     masks = load_masks(data.test_mask_paths, IMAGE_SIZE, CROP)
-    row.update(evaluate_maps(data.test_labels, scores, masks, maps))
+    row.update(evaluate_maps(data.test_labels, -scores, masks, maps))
     row["peak_rss_mb"] = peak_rss_mb()
     (args.work / f"{name}.json").write_text(json.dumps(row, indent=2))
     print(json.dumps(row), flush=True)

@@ -91,7 +91,8 @@ def run_variant(name, data, args):
     start = time.perf_counter()
     # the anomaly scores (minus score_samples) with the maps, in one pass: a
     # map's maximum unless normalization="image" with a readout of its own
-    maps, scores = det._maps_and_scores(data.test_paths)
+    maps, scores = det.anomaly_maps(data.test_paths, return_scores=True)
+    scores = -scores
     test_seconds = time.perf_counter() - start
     n_test = len(maps)
     if det.network_.input_size is None:

@@ -822,8 +822,8 @@ def _score_chunk(detector, items, chunk, strict, skipped):
     """Yield (index, crop map, anomaly score) for the images of ``chunk`` that
     can be read."""
     try:
-        maps, scores = detector._maps_and_scores([items[i] for i in chunk])
-        yield from zip(chunk, maps, scores.tolist())
+        maps, scores = detector.anomaly_maps([items[i] for i in chunk], return_scores=True)
+        yield from zip(chunk, maps, (-scores).tolist())
         return
     except (ValueError, OSError) as exc:
         if strict:

@@ -445,7 +445,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         return labels
 
     @with_torch_threads
-    def anomaly_maps(self, X, output="crop"):
+    def anomaly_maps(self, X, output="crop", return_scores=False):
         """Pixel-level anomaly maps (higher = more anomalous).
 
         Parameters
@@ -460,6 +460,9 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             ``"input"``: maps carried back onto each image's own pixel grid and
             aspect; pixels cut away by the centre crop are NaN (none with a
             float ``image_size``, which scores the whole image).
+        return_scores : bool, default=False
+            Also return :meth:`score_samples` of the same images, from the
+            same forward pass (calling both methods runs the network twice).
 
         Returns
         -------
@@ -470,19 +473,21 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             ``output="input"`` ((H_i, W_i), each image's own size) and with a
             float ``image_size`` (with ``output="crop"``, each image's resized
             size).
+        scores : ndarray of shape (n_images,)
+            Only with ``return_scores=True``: ``score_samples(X)``.
         """
         if output not in ("crop", "input"):
             raise ValueError(f"output must be 'crop' or 'input', got {output!r}.")
         images = self._check_fitted_input(X)
-        maps, _ = self._maps_and_scores(images)
-        if output == "crop":
-            return maps
-        return [
-            _images.crop_map_to_input(
-                m, images.original_size(i), self.image_size, self.network_.input_size
-            )
-            for i, m in enumerate(maps)
-        ]
+        maps, anomaly_scores = self._maps_and_scores(images)
+        if output == "input":
+            maps = [
+                _images.crop_map_to_input(
+                    m, images.original_size(i), self.image_size, self.network_.input_size
+                )
+                for i, m in enumerate(maps)
+            ]
+        return (maps, -anomaly_scores) if return_scores else maps
 
     @with_torch_threads
     def predict_masks(self, X, output="crop", threshold=None):

@@ -368,6 +368,18 @@ def test_input_maps_agree_with_crop_maps(cropping_detector, wide_images):
         cropping_detector.anomaly_maps(wide_images[:1], output="original")
 
 
+@pytest.mark.parametrize("output", ["crop", "input"])
+def test_maps_with_scores_are_the_two_methods_in_one(cropping_detector, wide_images, output):
+    X = wide_images[8:11]
+    maps, scores = cropping_detector.anomaly_maps(X, output=output, return_scores=True)
+    expected = cropping_detector.anomaly_maps(X, output=output)
+    for got, want in zip(maps, expected):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(scores, cropping_detector.score_samples(X))
+    # the default image score is not the map's maximum: the pair is not redundant
+    assert not np.allclose(-scores, [np.nanmax(m) for m in maps])
+
+
 def test_masks_are_non_empty_exactly_for_predicted_anomalies(tiny_detector, synthetic):
     # the paper's readout: the image score is the map's maximum, one threshold
     masks = tiny_detector.predict_masks(synthetic.X_test)
