@@ -68,12 +68,18 @@ METHODS = {
         normalization="image", image_score="cosine", n_clusters=1000)),
     "protoad_image_cosine_2000": dict(kind="detector", params=dict(
         normalization="image", image_score="cosine", n_clusters=2000)),
+    # image scores from the projection readout: the package defaults (2,000)
+    "protoad_image_projection": dict(kind="detector", params=dict(
+        normalization="image", image_score="projection", n_clusters=1000)),
+    "protoad_image_projection_2000": dict(kind="detector", params=dict(
+        normalization="image", image_score="projection", n_clusters=2000)),
     "patchcore_1pct": dict(kind="patchcore", coreset_ratio=0.01),
     "padim_d100": dict(kind="padim", n_features=100),
 }
 # cheap first, so that a run cut short still reports the quick methods
 ORDER = ["padim_d100", "protoad_finch", "protoad_kmeans1000", "patchcore_1pct",
-         "protoad_finch_nbhd3", "protoad_image_cosine", "protoad_image_cosine_2000"]
+         "protoad_finch_nbhd3", "protoad_image_cosine", "protoad_image_cosine_2000",
+         "protoad_image_projection", "protoad_image_projection_2000"]
 SPEED_IMAGES = 32
 
 
