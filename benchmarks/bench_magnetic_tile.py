@@ -44,9 +44,10 @@ VARIANTS = {
     # neighbour search): how much the metrics move between runs
     "default_seed1": dict(random_state=1),
     "default_seed2": dict(random_state=2),
-    "projection_1000": dict(n_clusters=1000),
-    "projection_1000_seed1": dict(n_clusters=1000, random_state=1),
-    "projection_1000_seed2": dict(n_clusters=1000, random_state=2),
+    # the same with 2,000 prototypes
+    "projection_2000": dict(n_clusters=2000),
+    "projection_2000_seed1": dict(n_clusters=2000, random_state=1),
+    "projection_2000_seed2": dict(n_clusters=2000, random_state=2),
     # the defaults of 2026-11-29 before image_score="projection"
     "cosine_2000": dict(image_score="cosine"),
     "cosine_2000_seed1": dict(image_score="cosine", random_state=1),

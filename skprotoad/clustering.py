@@ -42,9 +42,10 @@ __all__ = [
 
 #: Largest number of prototypes that ``learn_prototypes(method="finch")``
 #: picks on its own.  The cost of the 1x1 convolution against the prototypes
-#: at inference grows linearly with their number; 2,000 ranked Magnetic Tile
-#: images better than 1,000 (docs/user_guide/prototypes.md).
-MAX_DEFAULT_PROTOTYPES = 2000
+#: at inference grows linearly with their number; with the default image
+#: score, 1,000 ranked Magnetic Tile images as well as 2,000 or better, 1.4
+#: times as fast (docs/user_guide/prototypes.md).
+MAX_DEFAULT_PROTOTYPES = 1000
 
 #: With ``neighbors="auto"``, inputs (or hierarchy levels) with at most this
 #: many rows use the exact first-neighbour search, larger ones the IVF search.
@@ -917,8 +918,8 @@ def learn_prototypes(
         first partition when it has fewer clusters; an int gives exactly that
         many clusters.  Merging to 1,000 beat the finest partition with at
         most 1,000 clusters on Magnetic Tile (image AUROC 0.730 vs 0.709,
-        AUPRO 0.545 vs 0.518, ``benchmarks/results/feature_variants.md``),
-        and 2,000 beat 1,000 (see :doc:`/user_guide/prototypes`).
+        AUPRO 0.545 vs 0.518, ``benchmarks/results/feature_variants.md``);
+        for 1,000 against 2,000 see :doc:`/user_guide/prototypes`.
     neighbors : {"auto", "exact", "approx"}, default="auto"
         First-neighbour search of FINCH, see :func:`finch`.
     random_state : int, RandomState instance or None, default=None
