@@ -68,8 +68,12 @@ BENCHMARKS = {
     "magnetic_tile": (
         "ProtoADDetector on the Magnetic Tile Defect data set: accuracy, "
         "threshold behaviour and speed of each variant.",
-        "python benchmarks/bench_magnetic_tile.py --variants default paper_alignment "
-        "kmeans_1000 finch_1000",
+        "python benchmarks/bench_magnetic_tile.py --variants default default_seed1 "
+        "default_seed2",
+    ),
+    "image_scores": (
+        "Image-score readouts of the same prototypes on Magnetic Tile, per defect type.",
+        "python benchmarks/bench_image_scores.py",
     ),
     "feature_variants": (
         "Patch-feature variants on Magnetic Tile, one factor at a time.",
