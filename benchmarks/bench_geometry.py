@@ -291,6 +291,16 @@ def run(name, geometry, crop=None, normalization="patch", method="protoad", posi
                 maps = maps + norm_weight * pixel_maps(z.abs())[0]
             if score.startswith("cosine"):
                 return torch.stack([maps, networks[size, "cosine"](batch)[0]], 1).numpy()
+            if score == "projection":
+                # the image score from |x| (1 - max cosine) of the per-image
+                # scaled features (image_score="projection"), as a map
+                net = networks[size]
+                f = embedding_(batch)
+                unit = torch.nn.functional.normalize(net.prototypes, dim=1)
+                best = torch.einsum("nchw,kc->nkhw", f, unit).amax(dim=1, keepdim=True)
+                second = net._smooth_up(f.norm(dim=1, keepdim=True) - best,
+                                        backbone.strides[0], size)
+                return torch.stack([maps, second], 1).numpy()
             return maps.numpy()
     t_fit = time.time() - t
     shift, spread = 0.0, 1.0
@@ -303,7 +313,7 @@ def run(name, geometry, crop=None, normalization="patch", method="protoad", posi
     for m, box, margin in input_maps(data.test_paths, geometry, crop, predict):
         m, score_map = (m[0], m[1]) if m.ndim == 3 else (m, m)
         m = (m - shift) / spread
-        score_map = score_map if score.startswith("cosine") else m
+        score_map = score_map if score.startswith(("cosine", "projection")) else m
         # the score: max over the scored pixels of the image itself (not padding)
         valid = score_map if margin else score_map[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
         # "...-mean": the peak above the image's own mean level
@@ -392,6 +402,13 @@ VARIANTS.update({
     "native0.75_image_cosscore-mean": (("native", 0.75), None, "image", "protoad", 0.0, None, 0.0,
                                        "cosine-mean"),
     "squash224_max-mean": (("squash", 224), None, "patch", "protoad", 0.0, None, 0.0, "max-mean"),
+    # the image score from the projection readout (the package default)
+    "squash224_image_projscore": (("squash", 224), None, "image", "protoad", 0.0, None, 0.0,
+                                  "projection"),
+    "native0.75_image_projscore": (("native", 0.75), None, "image", "protoad", 0.0, None, 0.0,
+                                   "projection"),
+    "native0.81_image_projscore": (("native", 0.807), None, "image", "protoad", 0.0, None, 0.0,
+                                   "projection"),
 })
 for name, args in VARIANTS.items():
     if not ONLY or name in ONLY:

@@ -127,7 +127,8 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         images worst). On Magnetic Tile "projection" ranked images best
         (image AUROC 0.769 with 1,000 prototypes, 0.760 with 2,000, against
         0.742 for "cosine" with 2,000; means of 3 seeds); on
-        synthetic defects "cosine" did (see :doc:`/user_guide/normalization`).
+        synthetic defects, and on whole tiles with a float ``image_size``,
+        "cosine" did (see :doc:`/user_guide/normalization`).
         With ``normalization="patch"`` all three are the same.
     image_size : int, (height, width) or float, default=256
         The model's input geometry. An int or a (height, width) pair: every
