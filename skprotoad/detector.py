@@ -480,6 +480,8 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         """
         if output not in ("crop", "input"):
             raise ValueError(f"output must be 'crop' or 'input', got {output!r}.")
+        if not isinstance(return_scores, (bool, np.bool_)):
+            raise TypeError(f"return_scores must be True or False, got {return_scores!r}.")
         images = self._check_fitted_input(X)
         maps, anomaly_scores = self._maps_and_scores(images)
         if output == "input":

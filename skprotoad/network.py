@@ -127,6 +127,7 @@ def _check_normalization(normalization):
         )
 
 
+#: Values of ``image_score`` (:class:`ProtoADNetwork`, the detector, the CLI).
 IMAGE_SCORES = ("projection", "cosine", "map")
 
 

@@ -378,6 +378,8 @@ def test_maps_with_scores_are_the_two_methods_in_one(cropping_detector, wide_ima
     np.testing.assert_array_equal(scores, cropping_detector.score_samples(X))
     # the default image score is not the map's maximum: the pair is not redundant
     assert not np.allclose(-scores, [np.nanmax(m) for m in maps])
+    with pytest.raises(TypeError, match="return_scores must be True or False"):
+        cropping_detector.anomaly_maps(X, return_scores="yes")
 
 
 def test_masks_are_non_empty_exactly_for_predicted_anomalies(tiny_detector, synthetic):
