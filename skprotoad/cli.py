@@ -681,6 +681,15 @@ def _load_model(path):
 # ================================================== shared scoring plumbing
 
 
+def _pixel_threshold(detector, threshold=None):
+    """Map value above which a pixel is a defect: the user's image
+    ``threshold`` where it applies to pixels too (the image score is the
+    map's maximum), otherwise the detector's own ``pixel_threshold_``."""
+    if threshold is None or not detector.network_.score_is_map_max:
+        return detector.pixel_threshold_
+    return float(threshold)
+
+
 def color_range(detector, threshold=None, vmin=None, vmax=None):
     """The fixed (vmin, vmax) of the overlays, anchored at the pixel threshold.
 
@@ -689,8 +698,7 @@ def color_range(detector, threshold=None, vmin=None, vmax=None):
     same range for every image makes the colours comparable across images.
     ``threshold`` (the user's) counts only where it applies to pixels too.
     """
-    use_own = threshold is None or not detector.network_.score_is_map_max
-    t = detector.pixel_threshold_ if use_own else float(threshold)
+    t = _pixel_threshold(detector, threshold)
     if t <= 0:
         # No scale to anchor at: the whole range of 1 - cosine (distances
         # with normalization="image" have no fixed range; 0..2 still shows them).
@@ -770,7 +778,7 @@ def score_and_write(
     from .plotting import overlay, save_png
 
     offset = detector.offset_ if threshold is None else -float(threshold)
-    pixel_threshold = -offset if detector.network_.score_is_map_max else detector.pixel_threshold_
+    pixel_threshold = _pixel_threshold(detector, threshold)
     sequence = _images.ImageSequence(items, name="images")
     crop = detector.network_.input_size
     if out_dir is not None:
@@ -972,9 +980,7 @@ def _cmd_predict(args):
     if skipped:
         _write_skipped_csv(out_dir / "skipped.csv", skipped)
     threshold = -detector.offset_ if args.threshold is None else args.threshold
-    pixel_threshold = (
-        threshold if detector.network_.score_is_map_max else detector.pixel_threshold_
-    )
+    pixel_threshold = _pixel_threshold(detector, args.threshold)
     _write_json(out_dir / "run.json", {
         "model": str(Path(args.model).resolve()),
         "threshold": threshold,
