@@ -285,7 +285,9 @@ def run(name, geometry, crop=None, normalization="patch", method="protoad", posi
                 # prototypes (a unit-feature network), the map from ``normalization``
                 networks[size, "cosine"] = ProtoADNetwork(
                     EMBEDDINGS["patch"], protos, size, 4.0).eval()
-            maps = networks[size](batch)[0]
+            # the features once: the projection score below reads them again
+            features = embedding_(batch)
+            maps = networks[size].head(features, size)[0]
             if norm_weight:
                 z = (EMBEDDINGS["global"](batch).norm(dim=1).log() - stats[0]) / stats[1]
                 maps = maps + norm_weight * pixel_maps(z.abs())[0]
@@ -295,10 +297,9 @@ def run(name, geometry, crop=None, normalization="patch", method="protoad", posi
                 # the image score from |x| (1 - max cosine) of the per-image
                 # scaled features (image_score="projection"), as a map
                 net = networks[size]
-                f = embedding_(batch)
                 unit = torch.nn.functional.normalize(net.prototypes, dim=1)
-                best = torch.einsum("nchw,kc->nkhw", f, unit).amax(dim=1, keepdim=True)
-                second = net._smooth_up(f.norm(dim=1, keepdim=True) - best,
+                best = torch.einsum("nchw,kc->nkhw", features, unit).amax(dim=1, keepdim=True)
+                second = net._smooth_up(features.norm(dim=1, keepdim=True) - best,
                                         backbone.strides[0], size)
                 return torch.stack([maps, second], 1).numpy()
             return maps.numpy()
