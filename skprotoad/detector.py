@@ -234,6 +234,9 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
     (2,)
     >>> det.anomaly_maps(X[:2]).shape
     (2, 64, 64)
+    >>> maps, scores = det.anomaly_maps(X[:2], return_scores=True)  # one pass
+    >>> bool(np.array_equal(scores, det.score_samples(X[:2])))
+    True
 
     By default the prototypes keep their magnitude (maps are distances), the
     image score is read from projections onto the prototype directions
