@@ -504,12 +504,110 @@ def _make_sample(rng, shape, defect_types, anomalous):
     return clean, image, mask
 
 
+# Small screw-like objects at a random pose on a plain background: the case
+# where normal images differ by position and rotation and defects are small
+# next to that variation (MVTec AD's screws, parts on a conveyor).
+OBJECT_DEFECT_TYPES = ("notch", "scratch", "bump")
+_BACKGROUND = 185.0
+
+
+def _object_frame(rng, shape, rows, cols):
+    """Pixel coordinates in a random object pose: (u along the axis, v across),
+    and the pose's size parameters."""
+    size = min(shape)
+    length = rng.uniform(0.30, 0.34) * size
+    width = rng.uniform(0.07, 0.08) * size
+    head = 1.7 * width
+    # the whole object (shaft plus head) stays inside the central 80 %
+    reach = 0.5 * length + 0.5 * head + width
+    margin = np.array(shape) / 2 - reach
+    center = np.array(shape) / 2 + rng.uniform(-1, 1, size=2) * np.maximum(margin - 0.1 * size, 0)
+    angle = rng.uniform(0, 2 * np.pi)
+    dr, dc = rows - center[0], cols - center[1]
+    u = dr * np.cos(angle) + dc * np.sin(angle)
+    v = -dr * np.sin(angle) + dc * np.cos(angle)
+    return u, v, length, width, head
+
+
+def _object(rng, shape, rows, cols):
+    """Grey image of one screw (threaded shaft and a head) and its frame.
+
+    Returns (image, (u, v), coverage, parameters); coverage is the
+    anti-aliased object opacity in [0, 1].
+    """
+    u, v, length, width, head = _object_frame(rng, shape, rows, cols)
+    period = 0.45 * width
+    phase = rng.uniform(0, 1)
+    thread = np.abs(((u / period + phase) % 1.0) - 0.5) * 2  # triangle wave in [0, 1]
+    half_width = 0.5 * width * (0.82 + 0.18 * thread)
+    on_shaft = (u >= -0.5 * length) & (u <= 0.5 * length)
+    shaft_distance = np.where(on_shaft, np.abs(v) - half_width, np.inf)
+    # a rounded head at the u < 0 end
+    head_u = u + 0.5 * length + 0.25 * head
+    head_distance = np.hypot(head_u / 0.5, v) - 0.5 * head
+    distance = np.minimum(shaft_distance, head_distance)
+    coverage = np.clip(0.5 - distance, 0.0, 1.0)
+    # a cylinder's shading across the axis, thread grooves along it, a slot on the head
+    across = np.clip(np.abs(v) / (0.5 * head), 0, 1)
+    metal = 70.0 + 70.0 * (1 - across**2) * rng.uniform(0.9, 1.1)
+    grooves = np.where(on_shaft, -25.0 * thread, 0.0)
+    slot = np.where((np.abs(head_u) < 0.08 * head) & (np.abs(v) < 0.35 * head), -45.0, 0.0)
+    obj = metal + grooves + slot
+    background = _BACKGROUND + 3.0 * _unit_noise(rng, shape, 1.0)
+    image = background + coverage * (obj - background)
+    return image, (u, v), coverage, (length, width, head, background, obj)
+
+
+def _object_defect(rng, kind, frame, coverage, params, image):
+    """(mask, image with the defect): one small defect of ``kind`` on the object;
+    only the mask's pixels change."""
+    u, v = frame
+    length, width, head, background, obj = params
+    along = rng.uniform(-0.35, 0.45) * length
+    side = rng.choice([-1.0, 1.0])
+    if kind == "notch":
+        # a bite out of the thread: background where metal was
+        bite = ((u - along) / (0.45 * width)) ** 2 + ((v - side * 0.5 * width) / (0.4 * width)) ** 2
+        mask = (bite <= 1) & (coverage > 0)
+        new = background
+    elif kind == "bump":
+        # extra material on the outline: dark metal where background was
+        blob = ((u - along) / (0.35 * width)) ** 2 + ((v - side * 0.6 * width) / (0.3 * width)) ** 2
+        mask = (blob <= 1) & (coverage < 1)
+        new = np.full_like(image, 80.0)
+    else:
+        # a bright scratch across the shaft
+        angle = rng.uniform(0.3, np.pi - 0.3)
+        du, dv = u - along, v
+        distance = np.abs(du * np.sin(angle) - dv * np.cos(angle))
+        extent = np.abs(du * np.cos(angle) + dv * np.sin(angle))
+        mask = (distance <= rng.uniform(0.7, 1.1)) & (extent <= 0.6 * width) & (coverage > 0.5)
+        new = image + rng.uniform(60, 90)
+    return mask, np.where(mask, new, image)
+
+
+def _make_object_sample(rng, shape, defect_types, anomalous):
+    """One image of an object: (grey image, mask)."""
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]].astype(float)
+    image, frame, coverage, params = _object(rng, shape, rows, cols)
+    mask = np.zeros(shape, dtype=bool)
+    if anomalous:
+        # redraw until the defect changes pixels (a tiny object at a small size)
+        for _ in range(10):
+            kind = defect_types[rng.integers(len(defect_types))]
+            region, defective = _object_defect(rng, kind, frame, coverage, params, image)
+            if region.any():
+                image, mask = defective, region
+                break
+    return image, mask
+
+
 def _to_rgb(gray):
     rgb = np.clip(gray[..., None] * _TINT, 0, 255)
     return np.round(rgb).astype(np.uint8)
 
 
-def _check_generator_params(n_samples, image_size, anomaly_ratio, defect_types):
+def _check_generator_params(n_samples, image_size, anomaly_ratio, defect_types, kind="texture"):
     if not isinstance(n_samples, numbers.Integral) or isinstance(n_samples, bool) or n_samples < 0:
         raise ValueError(f"n_samples must be a non-negative int, got {n_samples!r}.")
     shape = check_size(image_size, "image_size")
@@ -517,13 +615,19 @@ def _check_generator_params(n_samples, image_size, anomaly_ratio, defect_types):
         raise ValueError(f"image_size must be at least 16 pixels per side, got {shape}.")
     if not isinstance(anomaly_ratio, numbers.Real) or not 0.0 <= anomaly_ratio <= 1.0:
         raise ValueError(f"anomaly_ratio must be in [0, 1], got {anomaly_ratio!r}.")
+    if kind not in ("texture", "object"):
+        raise ValueError(f"kind must be 'texture' or 'object', got {kind!r}.")
+    known = OBJECT_DEFECT_TYPES if kind == "object" else DEFECT_TYPES
+    if defect_types is None:
+        defect_types = known
     if isinstance(defect_types, str):
         defect_types = (defect_types,)
     defect_types = tuple(defect_types)
-    unknown = [d for d in defect_types if d not in DEFECT_TYPES]
+    unknown = [d for d in defect_types if d not in known]
     if not defect_types or unknown:
         raise ValueError(
-            f"defect_types must be a non-empty subset of {DEFECT_TYPES}, got {defect_types!r}."
+            f"defect_types for kind={kind!r} must be a non-empty subset of {known}, "
+            f"got {defect_types!r}."
         )
     return shape, defect_types
 
@@ -532,17 +636,26 @@ def make_defect_images(
     n_samples=100,
     image_size=(64, 64),
     anomaly_ratio=0.5,
-    defect_types=DEFECT_TYPES,
+    defect_types=None,
     random_state=None,
+    kind="texture",
 ):
-    """Generate textured surface images, some with localized defects.
+    """Generate surface or object images, some with localized defects.
 
-    Every image is a woven, grained, slowly shaded surface drawn from the
-    same distribution (random phase and noise). Anomalous images get one or
-    two defects: thin bright or dark *scratches*, elliptical bright or dark
-    *spots*, or dark *holes* with a bright rim. Defect contrast is 1.5 to 3
-    times the texture's standard deviation. Only the pixels of the mask are
-    changed.
+    ``kind="texture"``: every image is a woven, grained, slowly shaded
+    surface drawn from the same distribution (random phase and noise).
+    Anomalous images get one or two defects: thin bright or dark
+    *scratches*, elliptical bright or dark *spots*, or dark *holes* with a
+    bright rim. Defect contrast is 1.5 to 3 times the texture's standard
+    deviation.
+
+    ``kind="object"``: every image shows one small screw (a threaded shaft
+    and a slotted head) at a random position and rotation on a plain
+    background, so that normal images differ by pose. Anomalous images get
+    one small defect: a *notch* bitten out of the thread, a *bump* of extra
+    material on the outline, or a bright *scratch* across the shaft.
+
+    Only the pixels of the mask are changed.
 
     Parameters
     ----------
@@ -553,10 +666,16 @@ def make_defect_images(
     anomaly_ratio : float, default=0.5
         Fraction of anomalous images; ``round(anomaly_ratio * n_samples)``
         images get defects, at random positions in the output.
-    defect_types : sequence of str, default=("scratch", "spot", "hole")
-        Defect types to draw from, uniformly.
+    defect_types : sequence of str, default=None
+        Defect types to draw from, uniformly; ``None``: all of the kind's,
+        ``("scratch", "spot", "hole")`` for textures and ``("notch",
+        "scratch", "bump")`` for objects.
     random_state : int, RandomState instance or None, default=None
         Controls the whole generation. Pass an int for reproducible output.
+    kind : {"texture", "object"}, default="texture"
+        A textured surface, or an object at a random pose (see above). Pick
+        ``"object"`` to try a setting on parts whose position and rotation
+        vary between images.
 
     Returns
     -------
@@ -573,9 +692,12 @@ def make_defect_images(
     >>> X, y, masks = make_defect_images(4, anomaly_ratio=0.5, random_state=0)
     >>> X.shape, X.dtype, int(y.sum()), masks.shape
     ((4, 64, 64, 3), dtype('uint8'), 2, (4, 64, 64))
+    >>> X, y, masks = make_defect_images(4, image_size=96, kind="object", random_state=0)
+    >>> X.shape, bool(masks[y == 1].any(axis=(1, 2)).all())
+    ((4, 96, 96, 3), True)
     """
     shape, defect_types = _check_generator_params(
-        n_samples, image_size, anomaly_ratio, defect_types
+        n_samples, image_size, anomaly_ratio, defect_types, kind
     )
     random_state = check_random_state(random_state)
     n_anomalous = int(round(anomaly_ratio * n_samples))
@@ -587,7 +709,10 @@ def make_defect_images(
     masks = np.zeros((n_samples,) + shape, dtype=bool)
     for i in range(n_samples):
         rng = np.random.default_rng(seeds[i])
-        _, image, masks[i] = _make_sample(rng, shape, defect_types, bool(y[i]))
+        if kind == "object":
+            image, masks[i] = _make_object_sample(rng, shape, defect_types, bool(y[i]))
+        else:
+            _, image, masks[i] = _make_sample(rng, shape, defect_types, bool(y[i]))
         X[i] = _to_rgb(image)
     return X, y, masks
 
@@ -597,8 +722,9 @@ def make_defect_dataset(
     n_test=40,
     image_size=(64, 64),
     anomaly_ratio=0.5,
-    defect_types=DEFECT_TYPES,
+    defect_types=None,
     random_state=None,
+    kind="texture",
 ):
     """Generate a train set of normal images and a labelled test set.
 
@@ -612,10 +738,13 @@ def make_defect_dataset(
         Image size.
     anomaly_ratio : float, default=0.5
         Fraction of anomalous test images.
-    defect_types : sequence of str, default=("scratch", "spot", "hole")
-        Defect types to draw from.
+    defect_types : sequence of str, default=None
+        Defect types to draw from; ``None``: all of the kind's.
     random_state : int, RandomState instance or None, default=None
         Controls the whole generation.
+    kind : {"texture", "object"}, default="texture"
+        Textured surfaces or objects at random poses: see
+        :func:`make_defect_images`.
 
     Returns
     -------
@@ -633,9 +762,9 @@ def make_defect_dataset(
     """
     random_state = check_random_state(random_state)
     X_train, _, _ = make_defect_images(
-        n_train, image_size, 0.0, defect_types, random_state=random_state
+        n_train, image_size, 0.0, defect_types, random_state=random_state, kind=kind
     )
     X_test, y_test, masks_test = make_defect_images(
-        n_test, image_size, anomaly_ratio, defect_types, random_state=random_state
+        n_test, image_size, anomaly_ratio, defect_types, random_state=random_state, kind=kind
     )
     return Bunch(X_train=X_train, X_test=X_test, y_test=y_test, masks_test=masks_test)

@@ -32,9 +32,9 @@ __all__ = ["ProtoADDetector"]
 # Bumped whenever what __getstate__ writes changes meaning.
 _FORMAT_VERSION = 1
 # Share of the normal training images held out to calibrate contamination="auto",
-# and the quantile of their scores used as the threshold.
+# and the false-alarm rate on unseen normal images that its threshold aims at.
 _CALIBRATION_FRACTION = 0.2
-_CALIBRATION_QUANTILE = 0.99
+_TARGET_FALSE_ALARM_RATE = 0.01
 _MIN_IMAGES_FOR_HOLDOUT = 5
 # Parameters added since the first saved models, with the defaults that
 # loading an older model gives them (pickle and the safe format alike).
@@ -370,17 +370,21 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         everything = range(len(order))
         if self.contamination == "auto" and n_held_out:
             scores, map_maxima = self.calibration_scores_, calibration_map_maxima
-            quantile = _CALIBRATION_QUANTILE
+            threshold = _conformal_threshold
         else:
             # contamination: the training images' scores; "auto" with too few
             # images to hold any out: the worst training image
             scores, map_maxima = self._score_features(self.network_, features, everything, device)
             quantile = 1.0 if self.contamination == "auto" else 1.0 - self.contamination
-        self.offset_ = -float(np.quantile(scores, quantile))
+
+            def threshold(values):
+                return float(np.quantile(values, quantile))
+
+        self.offset_ = -threshold(scores)
         # A separate pixel threshold only when the image score is not the map's
         # maximum; otherwise it is -offset_ (see pixel_threshold_).
         self._pixel_threshold = (
-            None if self.network_.score_is_map_max else float(np.quantile(map_maxima, quantile))
+            None if self.network_.score_is_map_max else threshold(map_maxima)
         )
         return self
 
@@ -839,6 +843,23 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         super().__setstate__(state)
         if saved is not None:
             self.network_ = _rebuild_network(saved)
+
+
+def _conformal_threshold(held_out_scores, false_alarm_rate=_TARGET_FALSE_ALARM_RATE):
+    """The split-conformal threshold of held-out normal scores.
+
+    The ``ceil((n + 1) (1 - rate))``-th smallest of the ``n`` scores: a new
+    normal image exchangeable with the held-out ones exceeds it with
+    probability at most ``rate`` (Vovk et al., "Algorithmic Learning in a
+    Random World", 2005). A plain percentile of ``n`` scores falls below that
+    order statistic, and so under-estimates the threshold, for small ``n``.
+    With fewer than ``1 / rate - 1`` scores no order statistic reaches the
+    target, and the largest score is used: the false-alarm rate is then at
+    most ``1 / (n + 1)``.
+    """
+    ordered = np.sort(np.asarray(held_out_scores, dtype=np.float64))
+    rank = math.ceil((len(ordered) + 1) * (1.0 - false_alarm_rate))
+    return float(ordered[min(rank, len(ordered)) - 1])
 
 
 def _size_multiple(embedding):

@@ -7,6 +7,7 @@ from PIL import Image
 
 from skprotoad._images import center_crop_box
 from skprotoad.datasets import (
+    _make_object_sample,
     _make_sample,
     load_btad,
     load_folder,
@@ -319,6 +320,31 @@ def test_defects_change_pixels_only_inside_mask(defect):
         assert np.abs(image - clean)[mask].mean() > 20
 
 
+@pytest.mark.parametrize("defect", ["notch", "scratch", "bump"])
+def test_object_defects_change_pixels_only_inside_mask(defect):
+    for seed in range(10):
+        normal, _ = _make_object_sample(np.random.default_rng(seed), (96, 96), (defect,), False)
+        image, mask = _make_object_sample(np.random.default_rng(seed), (96, 96), (defect,), True)
+        changed = np.abs(image - normal) > 1e-9
+        assert mask.any() and not (changed & ~mask).any()
+        # small next to the object, and visible: most masked pixels change by
+        # more than the background's noise
+        assert mask.sum() < 0.01 * mask.size
+        assert np.mean(np.abs(image - normal)[mask] > 10) > 0.5
+
+
+def test_objects_vary_in_pose_on_one_background():
+    X, y, masks = make_defect_images(12, image_size=96, anomaly_ratio=0.0, kind="object",
+                                     random_state=0)
+    dark = X[..., 0] < 150  # the object, on a light background
+    centres = np.array([np.argwhere(d).mean(axis=0) for d in dark])
+    assert np.ptp(centres, axis=0).min() > 10  # positions differ
+    # each object covers a few percent of its image, the same amount in every pose
+    share = dark.mean(axis=(1, 2))
+    assert 0.01 < share.min() and share.max() < 0.1 and np.ptp(share) < 0.02
+    assert not masks.any()
+
+
 def test_normal_samples_are_untouched():
     clean, image, mask = _make_sample(np.random.default_rng(0), (32, 32), ("spot",), False)
     np.testing.assert_array_equal(clean, image)
@@ -333,6 +359,9 @@ def test_normal_samples_are_untouched():
         ({"anomaly_ratio": 1.5}, "anomaly_ratio"),
         ({"defect_types": ("crack",)}, "defect_types"),
         ({"defect_types": ()}, "defect_types"),
+        ({"defect_types": ("notch",)}, "defect_types"),
+        ({"kind": "object", "defect_types": ("spot",)}, "defect_types"),
+        ({"kind": "plastic"}, "kind"),
     ],
 )
 def test_make_defect_images_validation(kwargs, match):

@@ -96,6 +96,28 @@ def test_auto_threshold_flags_defects_not_normals():
     assert np.mean(pred[y == 1] == -1) >= 0.5
 
 
+def test_auto_threshold_is_the_conformal_order_statistic():
+    from skprotoad.detector import _conformal_threshold
+
+    scores = np.random.default_rng(0).permutation(np.arange(1.0, 301.0))
+    # the ceil(301 * 0.99) = 298th smallest of 300; np.quantile(0.99) gives 297.01
+    assert _conformal_threshold(scores, 0.01) == 298.0
+    # fewer than 99 scores: no order statistic reaches 1 %, the maximum is used
+    assert _conformal_threshold(scores[:40], 0.01) == scores[:40].max()
+
+
+def test_auto_threshold_false_alarm_rate_on_exchangeable_scores():
+    # 40 held-out scores and one new normal score, all from one distribution:
+    # the new one exceeds the threshold with probability 1 / 41 (the plain
+    # 99th percentile: about 1.5 / 41)
+    from skprotoad.detector import _conformal_threshold
+
+    rng = np.random.default_rng(1)
+    draws = rng.gamma(2.0, size=(20_000, 41))
+    exceed = [new > _conformal_threshold(held_out) for *held_out, new in draws]
+    assert np.mean(exceed) == pytest.approx(1 / 41, abs=0.004)
+
+
 # ------------------------------------------------------ labels and contamination
 
 

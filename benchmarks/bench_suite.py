@@ -1,0 +1,334 @@
+"""The real-data suite: settings of ProtoADDetector on every data set at hand.
+
+Runs each named setting, with each seed, on every MVTec-layout data set it
+finds (``../shared/data/{magnetic_tile,bsdata_pitting,tire}``, plus the folders
+named in ``SKPROTOAD_DATA``, separated by ``os.pathsep``; a folder that holds
+such data sets is searched one level down) and on two generated sets:
+``synthetic_textures`` (:func:`skprotoad.datasets.make_defect_dataset`) and
+``synthetic_objects`` (screws at random position and rotation on a plain
+background, ``kind="object"``), and reports per set:
+
+- image AUROC, pixel AUROC and AUPRO@0.3 under two protocols. ``crop``: on the
+  model's input (masks resized and cropped alike; for a model without a crop,
+  the whole image). ``whole``: every pixel of the input image counts, on a
+  256 x 256 grid over the whole image: the pixels a crop discards get the
+  lowest value of the image's map, so that a crop model cannot detect there;
+- the false-positive rate on the set's unseen normal test images and the
+  detection rate on its defective ones at the fitted threshold (``predict``,
+  ``contamination="auto"``), and the same for the pixel threshold's masks
+  (``mask_fpr``: share of normal test images with a non-empty mask;
+  ``verdict_mask_agreement``: share of test images whose verdict and mask
+  agree, anomalous with a mask or normal without one).
+
+    python benchmarks/bench_suite.py --settings defaults paper --seeds 0 1 2
+    python benchmarks/bench_suite.py --settings defaults --sets tire --max-train 100
+
+Results go to ``benchmarks/results/suite.json`` (merged with earlier runs,
+keyed by set, setting, seed and training-set size) and ``suite.md`` (means
+over seeds, per set, and the mean over the sets).
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import joblib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from PIL import Image
+
+from skprotoad import ProtoADDetector
+from skprotoad._images import center_crop_box, check_size
+from skprotoad.datasets import load_masks, load_mvtec, make_defect_dataset
+from skprotoad.metrics import evaluate_maps
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "data"
+SHARED_SETS = ("magnetic_tile", "bsdata_pitting", "tire")
+SYNTHETIC_SETS = ("synthetic_textures", "synthetic_objects")
+WHOLE_GRID = 256  # the whole-image protocol's evaluation grid
+
+PAPER = dict(normalization="patch", neighborhood_size=1, alignment="paper")
+SETTINGS = {
+    # the package's defaults, whatever they are when the suite runs
+    "defaults": dict(),
+    # the paper's recipe with the offline backbone and the default geometry
+    "paper": PAPER,
+    # the defaults of 2026-11-29 (before the suite), named explicitly
+    "nov29": dict(neighborhood_size=3, normalization="image", image_score="projection",
+                  image_size=256, crop_size=224),
+    "nov29_nbhd1": dict(neighborhood_size=1, normalization="image", image_score="projection",
+                        image_size=256, crop_size=224),
+    "nov29_cosine": dict(neighborhood_size=3, normalization="image", image_score="cosine",
+                         image_size=256, crop_size=224),
+    "nov29_nbhd1_cosine": dict(neighborhood_size=1, normalization="image",
+                               image_score="cosine", image_size=256, crop_size=224),
+    # the paper's per-patch normalisation with centred alignment
+    "patch_nbhd1": dict(neighborhood_size=1, normalization="patch", image_size=256,
+                        crop_size=224),
+    "patch_nbhd3": dict(neighborhood_size=3, normalization="patch", image_size=256,
+                        crop_size=224),
+    "paper_whole": dict(PAPER, image_size=224, crop_size=None),
+    "nov29_whole": dict(neighborhood_size=3, normalization="image", image_score="projection",
+                        image_size=224, crop_size=None),
+    "nov29_nbhd1_whole": dict(neighborhood_size=1, normalization="image",
+                              image_score="projection", image_size=224, crop_size=None),
+    "nov29_nbhd1_cosine_whole": dict(neighborhood_size=1, normalization="image",
+                                     image_score="cosine", image_size=224, crop_size=None),
+    "patch_nbhd1_whole": dict(neighborhood_size=1, normalization="patch",
+                              image_size=224, crop_size=None),
+    "patch_nbhd3_whole": dict(neighborhood_size=3, normalization="patch",
+                              image_size=224, crop_size=None),
+}
+COMMON = dict(backbone="efficientnet_lite0")
+
+
+def find_sets(names=None):
+    """{name: folder} of the MVTec-layout sets found, in a stable order."""
+    folders = {name: SHARED / name for name in SHARED_SETS}
+    for entry in filter(None, os.environ.get("SKPROTOAD_DATA", "").split(os.pathsep)):
+        entry = Path(entry)
+        candidates = [entry] if (entry / "train" / "good").is_dir() else sorted(entry.glob("*"))
+        for folder in candidates:
+            if (folder / "train" / "good").is_dir():
+                folders.setdefault(folder.name, folder)
+    found = {n: f for n, f in folders.items() if (f / "train" / "good").is_dir()}
+    found.update({name: None for name in SYNTHETIC_SETS})
+    if names:
+        missing = sorted(set(names) - set(found))
+        if missing:
+            sys.exit(f"data sets not found: {missing}; found {sorted(found)}")
+        found = {n: found[n] for n in names}
+    return found
+
+
+class _Set:
+    """Training images, test images, labels, defect types and a mask reader."""
+
+    def __init__(self, name, folder, max_train):
+        self.name = name
+        if folder is None:
+            kind = "object" if name == "synthetic_objects" else "texture"
+            data = make_defect_dataset(
+                n_train=200, n_test=160, image_size=256, random_state=0, kind=kind
+            )
+            self.train, self.test = data.X_train, data.X_test
+            self.labels = np.asarray(data.y_test)
+            self.types = np.where(self.labels == 1, "defect", "good")
+            self._masks = data.masks_test
+            self._mask_paths = None
+            self.source = f"make_defect_dataset(kind={kind!r}, 200 train / 160 test, 256 px)"
+        else:
+            data = load_mvtec(folder)
+            self.train, self.test = list(data.train_paths), list(data.test_paths)
+            self.labels = np.asarray(data.test_labels)
+            self.types = np.asarray(data.test_defect_types)
+            self._mask_paths = data.test_mask_paths
+            self._masks = None
+            self.source = str(folder)
+        if max_train and max_train < len(self.train):
+            keep = np.sort(np.random.default_rng(0).permutation(len(self.train))[:max_train])
+            self.train = [self.train[i] for i in keep] if isinstance(self.train, list) else (
+                self.train[keep])
+        self.n_train = len(self.train)
+
+    def masks(self, image_size, crop_size):
+        """Masks resized (nearest) to ``image_size`` and centre-cropped, as
+        :func:`skprotoad.datasets.load_masks` does for mask files."""
+        if self._masks is None:
+            return load_masks(self._mask_paths, image_size, crop_size)
+        top, left, height, width = center_crop_box(image_size, crop_size)
+        size_h, size_w = check_size(image_size, "image_size")
+        out = np.zeros((len(self._masks), height, width), dtype=bool)
+        for i, m in enumerate(self._masks):
+            resized = Image.fromarray(m.astype(np.uint8) * 255).resize((size_w, size_h),
+                                                                        Image.NEAREST)
+            out[i] = (np.asarray(resized) > 127)[top:top + height, left:left + width]
+        return out
+
+
+def _to_grid(arrays):
+    """(n, h, w) maps resampled to the WHOLE_GRID x WHOLE_GRID grid (bilinear)."""
+    t = torch.from_numpy(np.ascontiguousarray(arrays, dtype=np.float32))[:, None]
+    return F.interpolate(t, size=(WHOLE_GRID,) * 2, mode="bilinear",
+                         align_corners=False)[:, 0].numpy()
+
+
+def run_one(data, setting, seed, cache):
+    params = {**COMMON, **SETTINGS[setting], "random_state": seed, "memory": cache}
+    det = ProtoADDetector(**params)
+    if isinstance(det.image_size, float):
+        raise ValueError("the suite evaluates fixed-size geometries only")
+    start = time.perf_counter()
+    det.fit(data.train)
+    fit_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    maps, neg_scores = det.anomaly_maps(data.test, return_scores=True)
+    test_seconds = time.perf_counter() - start
+    scores = -neg_scores
+    labels = data.labels
+    row = {
+        "set": data.name, "setting": setting, "seed": seed, "n_train": data.n_train,
+        "n_test": len(labels), "params": {k: v for k, v in SETTINGS[setting].items()},
+        "n_prototypes": int(det.prototypes_.shape[0]),
+    }
+    crop = evaluate_maps(labels, scores, data.masks(det.image_size, det.crop_size), maps)
+    # whole protocol: the maps placed on the resized image (the discarded
+    # border at each map's minimum), compared with uncropped masks, all on
+    # one grid so that every setting is evaluated on the same pixels
+    top, left, height, width = center_crop_box(det.image_size, det.crop_size)
+    canvas = np.repeat(maps.reshape(len(maps), -1).min(axis=1)[:, None, None],
+                       check_size(det.image_size, "image_size")[0], axis=1)
+    canvas = np.repeat(canvas, check_size(det.image_size, "image_size")[1], axis=2)
+    canvas[:, top:top + height, left:left + width] = maps
+    whole_masks = data.masks(WHOLE_GRID, None)
+    whole = evaluate_maps(labels, scores, whole_masks, _to_grid(canvas))
+    del canvas
+    for prefix, metrics in (("crop", crop), ("whole", whole)):
+        for key in ("image_auroc", "pixel_auroc", "aupro"):
+            row[f"{prefix}_{key}"] = round(float(metrics[key]), 4)
+    flagged = scores > -det.offset_
+    normal = labels == 0
+    row["fpr"] = round(float(flagged[normal].mean()), 4)
+    row["tpr"] = round(float(flagged[~normal].mean()), 4)
+    with_mask = maps.reshape(len(maps), -1).max(axis=1) > det.pixel_threshold_
+    row["mask_fpr"] = round(float(with_mask[normal].mean()), 4)
+    row["verdict_mask_agreement"] = round(float((with_mask == flagged).mean()), 4)
+    row["image_auroc_by_type"] = {
+        t: round(float(evaluate_maps(labels[keep], scores[keep])["image_auroc"]), 4)
+        for t in sorted(set(data.types) - {"good"})
+        for keep in [(data.types == t) | (data.types == "good")]
+    }
+    row["offset"] = float(det.offset_)
+    row["calibration_scores"] = [round(float(v), 5) for v in det.calibration_scores_]
+    row["test_scores_good"] = [round(float(v), 5) for v in scores[normal]]
+    row["fit_seconds"] = round(fit_seconds, 1)
+    row["test_images_per_second"] = round(len(labels) / test_seconds, 1)
+    return row
+
+
+def _key(row):
+    return f"{row['set']}|{row['setting']}|{row['seed']}|{row['n_train']}"
+
+
+METRICS = ("crop_image_auroc", "crop_pixel_auroc", "crop_aupro", "whole_image_auroc",
+           "whole_pixel_auroc", "whole_aupro", "fpr", "tpr", "mask_fpr",
+           "verdict_mask_agreement")
+
+
+def summarize(runs):
+    """Mean (and min, max) over seeds per (set, setting, n_train)."""
+    groups = {}
+    for r in runs.values():
+        groups.setdefault((r["set"], r["setting"], r["n_train"]), []).append(r)
+    table = []
+    for (name, setting, n_train), rows in sorted(groups.items()):
+        entry = {"set": name, "setting": setting, "n_train": n_train,
+                 "seeds": sorted(r["seed"] for r in rows)}
+        for m in METRICS:
+            values = [r[m] for r in rows if m in r]
+            entry[m] = (round(float(np.mean(values)), 4), round(min(values), 4),
+                        round(max(values), 4)) if values else None
+        table.append(entry)
+    return table
+
+
+def write_results(rows, out, command):
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "suite.json"
+    old = json.loads(path.read_text()) if path.exists() else {"runs": {}, "commands": []}
+    old["runs"].update({_key(r): r for r in rows})
+    if command not in old["commands"]:
+        old["commands"].append(command)
+    old["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    path.write_text(json.dumps(old, indent=1))
+    table = summarize(old["runs"])
+    lines = [
+        "# The real-data suite (efficientnet_lite0)",
+        "",
+        "Commands:",
+        "",
+        *[f"- `{c}`" for c in old["commands"]],
+        "",
+        f"Machine: {old['machine']}. Each cell: mean over the seeds listed "
+        "(min-max in the JSON). `crop`: metrics on the model input, masks cropped "
+        "alike; `whole`: every pixel of the image on a 256 x 256 grid (a crop's "
+        "discarded border counts as undetected). FPR / TPR: share of normal / "
+        "defective test images flagged at the fitted threshold; mask FPR: share of "
+        "normal test images with a non-empty mask; agree: verdict and mask agree.",
+        "",
+    ]
+    cols = ("crop_image_auroc", "crop_pixel_auroc", "crop_aupro", "whole_image_auroc",
+            "whole_pixel_auroc", "whole_aupro", "fpr", "tpr", "mask_fpr",
+            "verdict_mask_agreement")
+    header = ("set", "setting", "n_train", "seeds", "image (crop)", "pixel (crop)",
+              "AUPRO (crop)", "image (whole)", "pixel (whole)", "AUPRO (whole)", "FPR",
+              "TPR", "mask FPR", "agree")
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for e in table:
+        cells = [e["set"], e["setting"], str(e["n_train"]), ",".join(map(str, e["seeds"]))]
+        cells += ["" if e[c] is None else f"{e[c][0]:.3f}" for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    # mean over sets, for settings run on the same sets with the same seeds
+    lines += ["", "## Mean over sets (settings with every set of the table)", ""]
+    by_setting = {}
+    for e in table:
+        by_setting.setdefault(e["setting"], []).append(e)
+    sets = sorted({e["set"] for e in table})
+    lines += ["| setting | sets | " + " | ".join(header[4:]) + " |",
+              "|" + "---|" * (len(header) - 2)]
+    for setting, entries in sorted(by_setting.items()):
+        if sorted({e["set"] for e in entries}) != sets:
+            continue
+        means = [np.mean([e[c][0] for e in entries if e[c]]) for c in cols]
+        lines.append(f"| {setting} | {len(sets)} | " + " | ".join(f"{m:.3f}" for m in means)
+                     + " |")
+    (out / "suite.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--settings", nargs="+", default=["defaults", "paper"],
+                        choices=list(SETTINGS))
+    parser.add_argument("--sets", nargs="+", default=None,
+                        help="data set names (default: every set found)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--max-train", type=int, default=None,
+                        help="learn from this many training images per set (a seeded "
+                             "subset; default: all)")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the runs already in the results file")
+    args = parser.parse_args(argv)
+    done = set()
+    if args.resume and (args.out / "suite.json").exists():
+        done = set(json.loads((args.out / "suite.json").read_text())["runs"])
+    command = "python benchmarks/bench_suite.py " + " ".join(sys.argv[1:] if argv is None
+                                                             else argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        # features are extracted once per set, seed and feature-shaping setting
+        cache = joblib.Memory(tmp, verbose=0)
+        for name, folder in find_sets(args.sets).items():
+            data = _Set(name, folder, args.max_train)
+            for seed in args.seeds:
+                for setting in args.settings:
+                    if f"{name}|{setting}|{seed}|{data.n_train}" in done:
+                        continue
+                    row = run_one(data, setting, seed, cache)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                    write_results([row], args.out, command)
+            cache.clear(warn=False)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
