@@ -220,7 +220,18 @@ def _key(row):
 
 METRICS = ("crop_image_auroc", "crop_pixel_auroc", "crop_aupro", "whole_image_auroc",
            "whole_pixel_auroc", "whole_aupro", "fpr", "tpr", "mask_fpr",
-           "verdict_mask_agreement")
+           "verdict_mask_agreement", "normal_shift_auroc")
+
+
+def normal_shift_auroc(row):
+    """AUROC of the unseen normal test images' scores against the held-out
+    calibration images': 0.5 when they are alike (the threshold's premise),
+    above when the test normals score higher (it then under-estimates)."""
+    held_out, test = row["calibration_scores"], row["test_scores_good"]
+    if not held_out or not test:
+        return None
+    labels = np.r_[np.zeros(len(held_out)), np.ones(len(test))]
+    return round(float(evaluate_maps(labels, np.r_[held_out, test])["image_auroc"]), 4)
 
 
 def summarize(runs):
@@ -232,8 +243,10 @@ def summarize(runs):
     for (name, setting, n_train), rows in sorted(groups.items()):
         entry = {"set": name, "setting": setting, "n_train": n_train,
                  "seeds": sorted(r["seed"] for r in rows)}
+        for r in rows:
+            r.setdefault("normal_shift_auroc", normal_shift_auroc(r))
         for m in METRICS:
-            values = [r[m] for r in rows if m in r]
+            values = [r[m] for r in rows if r.get(m) is not None]
             entry[m] = (round(float(np.mean(values)), 4), round(min(values), 4),
                         round(max(values), 4)) if values else None
         table.append(entry)
@@ -262,15 +275,15 @@ def write_results(rows, out, command):
         "alike; `whole`: every pixel of the image on a 256 x 256 grid (a crop's "
         "discarded border counts as undetected). FPR / TPR: share of normal / "
         "defective test images flagged at the fitted threshold; mask FPR: share of "
-        "normal test images with a non-empty mask; agree: verdict and mask agree.",
+        "normal test images with a non-empty mask; agree: verdict and mask agree; "
+        "shift: AUROC of the unseen normal test images' scores against the held-out "
+        "calibration images' (0.5: alike; above: the threshold under-estimates).",
         "",
     ]
-    cols = ("crop_image_auroc", "crop_pixel_auroc", "crop_aupro", "whole_image_auroc",
-            "whole_pixel_auroc", "whole_aupro", "fpr", "tpr", "mask_fpr",
-            "verdict_mask_agreement")
+    cols = METRICS
     header = ("set", "setting", "n_train", "seeds", "image (crop)", "pixel (crop)",
               "AUPRO (crop)", "image (whole)", "pixel (whole)", "AUPRO (whole)", "FPR",
-              "TPR", "mask FPR", "agree")
+              "TPR", "mask FPR", "agree", "shift")
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for e in table:
         cells = [e["set"], e["setting"], str(e["n_train"]), ",".join(map(str, e["seeds"]))]
@@ -287,7 +300,7 @@ def write_results(rows, out, command):
     for setting, entries in sorted(by_setting.items()):
         if sorted({e["set"] for e in entries}) != sets:
             continue
-        means = [np.mean([e[c][0] for e in entries if e[c]]) for c in cols]
+        means = [np.mean([e[c][0] for e in entries if e[c]] or [np.nan]) for c in cols]
         lines.append(f"| {setting} | {len(sets)} | " + " | ".join(f"{m:.3f}" for m in means)
                      + " |")
     (out / "suite.md").write_text("\n".join(lines) + "\n")

@@ -156,8 +156,10 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
     contamination : "auto" or float in (0, 0.5], default="auto"
         How ``offset_`` is set. ``"auto"``: prototypes are learned once more
         without a random 20 % of the normal training images, and the threshold is
-        the 99th percentile of those held-out images' anomaly scores, an estimate
-        of the score that about 1 % of unseen normal images exceed. A float: the
+        the split-conformal order statistic of those held-out images' anomaly
+        scores that a new normal image like them exceeds with probability at
+        most 1 % (their maximum with fewer than 99 held-out images; see
+        :doc:`/user_guide/thresholds`). A float: the
         proportion of training images taken to be anomalous, as in
         :class:`~sklearn.ensemble.IsolationForest` (training images score
         optimistically, since the prototypes were learned from them).
@@ -538,8 +540,8 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         ``-offset_`` when the image score is the map's maximum. With
         ``normalization="image"`` and an ``image_score`` other than ``"map"``
         the map and the score differ in kind, and this threshold is set by the rule that set
-        ``offset_`` applied to the maps' maxima (the held-out images' 99th
-        percentile with ``contamination="auto"``).
+        ``offset_`` applied to the maps' maxima (the held-out images'
+        conformal order statistic with ``contamination="auto"``).
         """
         check_is_fitted(self, "offset_")
         own = getattr(self, "_pixel_threshold", None)
