@@ -66,14 +66,21 @@ def is_scale(image_size):
     return isinstance(image_size, numbers.Real) and not isinstance(image_size, numbers.Integral)
 
 
+# Largest side of a fixed model input (image_size, crop_size): a CNN input
+# beyond it needs tens of GB, and a saved model's sizes are checked against it
+# before anything is built from them.
+MAX_INPUT_SIDE = 8192
+
+
 def check_geometry(image_size, crop_size):
     """Validate ``image_size`` and ``crop_size`` together, as the detector takes them.
 
     Raises
     ------
     TypeError, ValueError
-        For a malformed size, a crop larger than the image, a scale factor
-        outside (0, 4], or a crop combined with a scale factor.
+        For a malformed size, a crop larger than the image, a side above
+        :data:`MAX_INPUT_SIDE`, a scale factor outside (0, 4], or a crop
+        combined with a scale factor.
     """
     if is_scale(image_size):
         if not math.isfinite(image_size) or not 0 < image_size <= MAX_SCALE:
@@ -89,6 +96,10 @@ def check_geometry(image_size, crop_size):
             )
         return
     center_crop_box(image_size, crop_size)
+    if max(check_size(image_size, "image_size")) > MAX_INPUT_SIDE:
+        raise ValueError(
+            f"image_size must be at most {MAX_INPUT_SIDE} pixels a side, got {image_size!r}."
+        )
 
 
 def scaled_size(original_size, factor, multiple=1):
@@ -470,14 +481,26 @@ def _pil_to_float(img, where):
                 f"undefined; composite it onto a background (or drop the alpha "
                 f"channel) first."
             )
-        # opaque alpha, palettes, CMYK, YCbCr, 1-bit: plain RGB
-        img = img.convert("RGB")
+        # opaque alpha, palettes, CMYK, YCbCr, LAB, 1-bit: plain RGB
+        try:
+            # opaque premultiplied grey is plain grey; Pillow converts La to nothing
+            img = img.getchannel("L") if img.mode == "La" else img.convert("RGB")
+        except ValueError as exc:  # modes Pillow cannot convert
+            raise ValueError(
+                f"{where} is a {img.mode} image, which Pillow cannot convert to RGB "
+                f"({exc}); save it as RGB or greyscale (L) first."
+            ) from exc
     return _as_float(np.asarray(img), where, checked=True)
 
 
+# Modes whose last band is alpha ("a": premultiplied). Not LAB, whose "A" is a
+# colour axis.
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+
+
 def _has_transparency(img):
-    if "A" in img.getbands() or "a" in img.getbands():
-        alpha = img.getchannel("A" if "A" in img.getbands() else "a")
+    if img.mode in _ALPHA_MODES:
+        alpha = img.getchannel(img.getbands()[-1])
         return alpha.getextrema()[0] < 255
     if "transparency" in img.info:  # a palette entry or colour key marked transparent
         return img.convert("RGBA").getchannel("A").getextrema()[0] < 255
