@@ -315,14 +315,59 @@ def test_out_dir_is_not_overwritten_without_force(model, folders, tmp_path, caps
     code, _, err = _run(["predict", model, folders / "test", "-o", out, "-q"], capsys)
     assert code == 2 and "not empty" in err and "--force" in err
 
-    stale = out / "overlays" / "from_an_old_run.png"
-    stale.write_bytes(b"")
+    stale = out / "overlays" / "img_4.png"  # written by the first run
+    assert stale.exists()
     (out / "keep_me.txt").write_text("user file")
     one = sorted((folders / "test").glob("*.png"))[0]
     assert _run(["predict", model, one, "-o", out, "-q", "--force"], capsys)[0] == 0
     assert len(_read_csv(out / "scores.csv")) == 1
-    assert not stale.exists() and len(list((out / "overlays").iterdir())) == 1
+    # the earlier run's overlays are gone (they would mislead), nothing else is
+    assert not stale.exists() and [p.name for p in (out / "overlays").iterdir()] == ["img_0.png"]
     assert (out / "keep_me.txt").read_text() == "user file"
+
+
+def test_force_never_deletes_or_replaces_files_it_did_not_write(model, folders, tmp_path,
+                                                                capsys, synthetic):
+    """--force deleted every *.png in OUT/overlays and OUT/masks: a user's own
+    masks, or the input images themselves before they were read."""
+    out = tmp_path / "out"
+    truth = _save(synthetic.masks_test[0].astype(np.uint8) * 255, out / "masks" / "truth_0.png")
+    own_image = _save(synthetic.X_test[1], out / "overlays" / "photo.png")
+    before = truth.read_bytes(), own_image.read_bytes()
+    code, _, err = _run(["predict", model, folders / "test", "-o", out, "-q", "--force"], capsys)
+    assert code == 0, err
+    assert (truth.read_bytes(), own_image.read_bytes()) == before
+    assert (out / "overlays" / "img_0.png").exists()
+    # again, scoring the user's image inside OUT/overlays: the earlier run's
+    # outputs are replaced, the user's files are still not touched
+    code, _, err = _run(["predict", model, own_image, folders / "test", "-o", out, "-q",
+                         "--force"], capsys)
+    # overlays/photo.png would be this run's overlay of photo.png: refused, named
+    assert code == 2 and "did not write" in err and "overlays/photo.png" in err
+    assert (truth.read_bytes(), own_image.read_bytes()) == before
+    assert (out / "overlays" / "img_0.png").exists()  # the refused run removed nothing
+    # a user's scores.csv is not replaced either
+    other = tmp_path / "other"
+    (other / "scores.csv").parent.mkdir()
+    (other / "scores.csv").write_text("my own table")
+    code, _, err = _run(["predict", model, folders / "test", "-o", other, "-q", "--force"],
+                        capsys)
+    assert code == 2 and "scores.csv" in err
+    assert (other / "scores.csv").read_text() == "my own table"
+
+
+def test_an_edited_manifest_cannot_make_force_delete_other_files(model, folders, tmp_path,
+                                                                 capsys):
+    out = tmp_path / "out"
+    assert _run(["predict", model, folders / "test", "-o", out, "-q"], capsys)[0] == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (out / "notes.png").write_text("keep")
+    manifest = json.loads((out / ".skprotoad-outputs.json").read_text())
+    manifest["files"] += ["../victim.txt", "notes.png", "overlays/../../victim.txt"]
+    (out / ".skprotoad-outputs.json").write_text(json.dumps(manifest))
+    assert _run(["predict", model, folders / "test", "-o", out, "-q", "--force"], capsys)[0] == 0
+    assert victim.read_text() == "keep" and (out / "notes.png").read_text() == "keep"
 
 
 # ---------------------------------------------------------------- evaluate
@@ -395,8 +440,23 @@ def test_demo_small(tmp_path, capsys):
     assert set(results["metrics"]) >= {"image_auroc", "pixel_auroc", "aupro"}
     assert len(_read_csv(out / "scores.csv")) == 6
 
+    # README's first command, run again: the demo replaces its own output,
+    # including files of an earlier run that this one does not write
+    (out / "overlays" / "test_099_defect.png").write_bytes(b"")
+    manifest = json.loads((out / ".skprotoad-outputs.json").read_text())
+    manifest["files"].append("overlays/test_099_defect.png")
+    (out / ".skprotoad-outputs.json").write_text(json.dumps(manifest))
     code, _, err = _run(argv, capsys)
-    assert code == 2 and "not empty" in err
+    assert code == 0, err
+    assert not (out / "overlays" / "test_099_defect.png").exists()
+    assert sorted(p.name for p in (out / "overlays").glob("*.png")) == [p.name for p in overlays]
+
+    # a folder with files the demo did not write needs --force, and keeps them
+    (out / "mine.txt").write_text("mine")
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and "not empty" in err and "mine.txt" in err
+    assert _run([*argv, "--force"], capsys)[0] == 0
+    assert (out / "mine.txt").read_text() == "mine"
 
 
 # ------------------------------------------------------------- bad input
