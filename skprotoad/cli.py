@@ -759,8 +759,7 @@ def _prepare_out_dir(path, force, planned, inputs=(), replace_own=False):
             f"choose another output folder.",
             EXIT_USAGE,
         )
-    if path.is_dir():
-        _check_writable(path, f"into output folder {path}")
+    _check_writable(path, f"into output folder {path}")
     try:
         path.mkdir(parents=True, exist_ok=True)
         # listed before anything is removed or written: an interrupted run's
