@@ -332,7 +332,9 @@ def load_image(item, where="image"):
             img.load()
         except (OSError, SyntaxError, ValueError) as exc:
             raise ValueError(f"{where}: cannot read image {path}: {exc}") from exc
-        return _pil_to_float(img, f"{where} ({path})")
+        pixels = _pil_to_uint8(img, f"{where} ({path})")
+    # Pillow's copy is freed before the float copy is made: less peak memory
+    return _as_float(pixels, where, checked=True)
 
 
 def _open_image(path, where):
@@ -464,11 +466,18 @@ def _as_float(arr, where, checked=False):
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
     if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / np.float32(255.0)
+        out = arr.astype(np.float32)
+        out /= np.float32(255.0)  # in place: one float copy of a large image, not two
+        return out
     return arr.astype(np.float32, copy=False)
 
 
 def _pil_to_float(img, where):
+    return _as_float(_pil_to_uint8(img, where), where, checked=True)
+
+
+def _pil_to_uint8(img, where):
+    """The pixels of a PIL image as a uint8 (H, W) or (H, W, 3) array."""
     if img.mode in HIGH_BIT_DEPTH_MODES:
         raise ValueError(
             f"{where} is a {img.mode} (16-bit or float) image; convert it to 8-bit, "
@@ -490,7 +499,7 @@ def _pil_to_float(img, where):
                 f"{where} is a {img.mode} image, which Pillow cannot convert to RGB "
                 f"({exc}); save it as RGB or greyscale (L) first."
             ) from exc
-    return _as_float(np.asarray(img), where, checked=True)
+    return np.asarray(img)
 
 
 # Modes whose last band is alpha ("a": premultiplied). Not LAB, whose "A" is a

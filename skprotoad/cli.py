@@ -50,9 +50,9 @@ _MANIFEST = ".skprotoad-outputs.json"
 # --max-pixels says otherwise: decoding one costs about 20 bytes a pixel.
 _DEFAULT_MAX_PIXELS = 50_000_000
 # Overlays and masks of larger images are written scaled down to at most this
-# many pixels (4096 x 4096): at the image's own size, drawing a 178-megapixel
-# image's overlay took 17 GB.
-_MAX_OUTPUT_PIXELS = 4096 * 4096
+# many pixels (2048 x 2048): at the image's own size, drawing a 178-megapixel
+# image's overlay took 17 GB (drawing costs about 60 bytes an output pixel).
+_MAX_OUTPUT_PIXELS = 2048 * 2048
 # The model formats the CLI reads and writes, for messages.
 _MODEL_FORMATS = (
     "a joblib file written by 'skprotoad fit', or a .safetensors file written by "
@@ -110,7 +110,7 @@ exit codes: 0 success, 1 runtime failure, 2 usage error (MODEL exists: --force).
 _EPILOG_PREDICT = """\
 Writes into OUT_DIR:
   scores.csv         path, score, label, width, height, overlay, mask
-  overlays/NAME.png  heatmap over the image (its own size, scaled down to 4096 x 4096
+  overlays/NAME.png  heatmap over the image (its own size, scaled down to 2048 x 2048
                      pixels at most), predicted region outlined
   masks/NAME.png     predicted defect mask, 0 / 255, the overlay's size
   run.json           model, threshold and colour range used
@@ -977,7 +977,7 @@ def score_and_write(
         Writes ``overlays/<name>.png`` (heatmap at the image's own size, the
         outline of ``truth_masks`` if given, else of the predicted mask) and
         ``masks/<name>.png`` (predicted mask, 0 / 255, the image's own size);
-        both scaled down to at most 4096 x 4096 pixels for larger images, so
+        both scaled down to at most 2048 x 2048 pixels for larger images, so
         that memory stays bounded. Each file is written atomically.
     threshold : float, default=None
         Anomaly score above which an image is an anomaly, and map value above

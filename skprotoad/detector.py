@@ -201,7 +201,9 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         with the default backbone) and is never pruned: clear it with
         ``joblib.Memory(folder).clear()``. A ``joblib.Memory(folder,
         mmap_mode="r")`` maps cached features instead of reading them into
-        memory. ``None`` caches nothing.
+        memory. ``None`` caches nothing. Not kept by
+        :func:`skprotoad.persistence.save` (a folder of this machine): a model
+        loaded from the safe format has ``memory=None``.
 
     Attributes
     ----------

@@ -9,11 +9,14 @@ and the raw tensor bytes, nothing else: unlike ``joblib.load`` / ``pickle.load``
 it cannot run code from the file, so it is the format to use for models that come
 from elsewhere.
 
-Before a model is returned, :func:`load` checks the format version, the JSON's
-keys, types and finite values, the tensors' names, shapes and dtypes against the
-network rebuilt from the description, and a SHA-256 checksum of the tensor
-bytes. A file that fails any check raises :class:`ValueError`; no partly loaded
-model is ever returned. The checksum catches corruption (a truncated download,
+Before a model is returned, :func:`load` checks the header's size, the format
+version, the JSON's keys, types and finite values, every number the network
+is built from against the parameters and the tensors' shapes (before building
+anything), the tensors' names, shapes and dtypes against the network rebuilt
+from the description, and a SHA-256 checksum of the tensor bytes. A file that
+fails any check raises :class:`ValueError`; no partly loaded model is ever
+returned, and nothing on disk but the file is read or created (the ``memory``
+cache folder is not saved). The checksum catches corruption (a truncated download,
 flipped bits), not deliberate forgery: whoever edits a file can recompute it.
 """
 
@@ -97,10 +100,17 @@ def save(model, path, *, overwrite=False):
     ------
     FileExistsError
         When ``path`` exists and ``overwrite`` is False.
+    OSError
+        When the file cannot be written (a full disk, ``path`` a folder); the
+        message names ``path``.
+    ValueError
+        When a parameter the fitted network embodies (``image_size``,
+        ``sigma`` ...) was changed with ``set_params`` after fit.
     TypeError
         When a parameter has no JSON form (e.g. a custom object). A
         ``numpy.random.RandomState`` as ``random_state`` is stored as ``None``
-        with a warning, since only refitting uses it.
+        with a warning, since only refitting uses it. ``memory`` (a cache
+        folder of this machine) is always stored as ``None``.
 
     Examples
     --------

@@ -705,7 +705,7 @@ def test_large_images_are_refused_or_drawn_smaller(model, folders, tmp_path, cap
         with Image.open(tmp_path / "b" / name) as img:
             assert img.size == (100, 60)
     # the same verdict and, scaled, the same mask as at full size
-    monkeypatch.setattr(cli, "_MAX_OUTPUT_PIXELS", 4096 * 4096)
+    monkeypatch.setattr(cli, "_MAX_OUTPUT_PIXELS", 2048 * 2048)
     assert _run(["predict", model, big, "-o", tmp_path / "c", "-q"], capsys)[0] == 0
     assert _read_csv(tmp_path / "c" / "scores.csv")[0]["label"] == row["label"]
 
