@@ -112,6 +112,10 @@ BENCHMARKS = {
         "Peak memory of fit on 2,000 images and memory of streamed scoring.",
         "PYTHONPATH=. nice -n 10 python benchmarks/bench_memory.py",
     ),
+    "large_image": (
+        "Peak memory of one very large image through CLI predict and score_samples.",
+        "PYTHONPATH=. nice -n 10 python benchmarks/bench_large_image.py",
+    ),
     "geometry": (
         "Input geometry on Magnetic Tile: squash and crop vs one scale factor, "
         "every pixel of every image evaluated.",

@@ -2,7 +2,19 @@
 
 import sys
 
-from .cli import main
+_EXIT_INTERRUPTED = 130
+
+
+def main():
+    """Run the command line; Ctrl-C while torch is still being imported exits
+    130 quietly, like Ctrl-C during a command."""
+    try:
+        from .cli import main as cli_main
+    except KeyboardInterrupt:
+        print("\nskprotoad: interrupted", file=sys.stderr)
+        return _EXIT_INTERRUPTED
+    return cli_main()
+
 
 if __name__ == "__main__":
     sys.exit(main())

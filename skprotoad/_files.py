@@ -18,11 +18,22 @@ def write_new_file(path, write, overwrite=False):
     """
     path = Path(path)
     refuse_existing(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        # name the user's file, not the temporary one
+        raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as exc:  # a full disk, say: name the user's file
+            if exc.errno is None:
+                raise
+            raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
         # mkstemp creates the file private (0600); give it the usual permissions.
         umask = os.umask(0)
         os.umask(umask)

@@ -66,14 +66,21 @@ def is_scale(image_size):
     return isinstance(image_size, numbers.Real) and not isinstance(image_size, numbers.Integral)
 
 
+# Largest side of a fixed model input (image_size, crop_size): a CNN input
+# beyond it needs tens of GB, and a saved model's sizes are checked against it
+# before anything is built from them.
+MAX_INPUT_SIDE = 8192
+
+
 def check_geometry(image_size, crop_size):
     """Validate ``image_size`` and ``crop_size`` together, as the detector takes them.
 
     Raises
     ------
     TypeError, ValueError
-        For a malformed size, a crop larger than the image, a scale factor
-        outside (0, 4], or a crop combined with a scale factor.
+        For a malformed size, a crop larger than the image, a side above
+        :data:`MAX_INPUT_SIDE`, a scale factor outside (0, 4], or a crop
+        combined with a scale factor.
     """
     if is_scale(image_size):
         if not math.isfinite(image_size) or not 0 < image_size <= MAX_SCALE:
@@ -89,6 +96,10 @@ def check_geometry(image_size, crop_size):
             )
         return
     center_crop_box(image_size, crop_size)
+    if max(check_size(image_size, "image_size")) > MAX_INPUT_SIDE:
+        raise ValueError(
+            f"image_size must be at most {MAX_INPUT_SIDE} pixels a side, got {image_size!r}."
+        )
 
 
 def scaled_size(original_size, factor, multiple=1):
@@ -321,7 +332,9 @@ def load_image(item, where="image"):
             img.load()
         except (OSError, SyntaxError, ValueError) as exc:
             raise ValueError(f"{where}: cannot read image {path}: {exc}") from exc
-        return _pil_to_float(img, f"{where} ({path})")
+        pixels = _pil_to_uint8(img, f"{where} ({path})")
+    # Pillow's copy is freed before the float copy is made: less peak memory
+    return _as_float(pixels, where, checked=True)
 
 
 def _open_image(path, where):
@@ -453,11 +466,18 @@ def _as_float(arr, where, checked=False):
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
     if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / np.float32(255.0)
+        out = arr.astype(np.float32)
+        out /= np.float32(255.0)  # in place: one float copy of a large image, not two
+        return out
     return arr.astype(np.float32, copy=False)
 
 
 def _pil_to_float(img, where):
+    return _as_float(_pil_to_uint8(img, where), where, checked=True)
+
+
+def _pil_to_uint8(img, where):
+    """The pixels of a PIL image as a uint8 (H, W) or (H, W, 3) array."""
     if img.mode in HIGH_BIT_DEPTH_MODES:
         raise ValueError(
             f"{where} is a {img.mode} (16-bit or float) image; convert it to 8-bit, "
@@ -470,14 +490,26 @@ def _pil_to_float(img, where):
                 f"undefined; composite it onto a background (or drop the alpha "
                 f"channel) first."
             )
-        # opaque alpha, palettes, CMYK, YCbCr, 1-bit: plain RGB
-        img = img.convert("RGB")
-    return _as_float(np.asarray(img), where, checked=True)
+        # opaque alpha, palettes, CMYK, YCbCr, LAB, 1-bit: plain RGB
+        try:
+            # opaque premultiplied grey is plain grey; Pillow converts La to nothing
+            img = img.getchannel("L") if img.mode == "La" else img.convert("RGB")
+        except ValueError as exc:  # modes Pillow cannot convert
+            raise ValueError(
+                f"{where} is a {img.mode} image, which Pillow cannot convert to RGB "
+                f"({exc}); save it as RGB or greyscale (L) first."
+            ) from exc
+    return np.asarray(img)
+
+
+# Modes whose last band is alpha ("a": premultiplied). Not LAB, whose "A" is a
+# colour axis.
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 
 
 def _has_transparency(img):
-    if "A" in img.getbands() or "a" in img.getbands():
-        alpha = img.getchannel("A" if "A" in img.getbands() else "a")
+    if img.mode in _ALPHA_MODES:
+        alpha = img.getchannel(img.getbands()[-1])
         return alpha.getextrema()[0] < 255
     if "transparency" in img.info:  # a palette entry or colour key marked transparent
         return img.convert("RGBA").getchannel("A").getextrema()[0] < 255

@@ -295,7 +295,12 @@ def _read_state_dict(path: Path):
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"Cannot read a state dict from {path}: {exc}") from exc
+        # torch's unpickler reports a file that is not a checkpoint as, e.g., KeyError '101'
+        raise ValueError(
+            f"Cannot read a state dict from {path}: it is not a PyTorch checkpoint "
+            f"(torch.save) or a .safetensors file ({type(exc).__name__}: "
+            f"{str(exc)[:200] or 'no details'})."
+        ) from exc
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

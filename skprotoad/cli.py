@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
 import json
+import math
 import os
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,10 +40,24 @@ EXIT_USAGE = 2
 _EXIT_INTERRUPTED = 130
 
 _PROG = "skprotoad"
-# Files and folders `predict` and `demo` write into their output folder; with
-# --force only these are replaced, never anything else the folder holds.
+# Files and folders `predict` and `demo` write into their output folder. The
+# manifest lists the files a run writes (before it writes them); a later run
+# replaces only those, never anything else the folder holds.
 _OUTPUT_FILES = ("scores.csv", "skipped.csv", "run.json", "results.json", "grid.png")
 _OUTPUT_DIRS = ("overlays", "masks")
+_MANIFEST = ".skprotoad-outputs.json"
+# Images of more pixels are skipped (predict) or left out (fit) unless
+# --max-pixels says otherwise: decoding one costs about 20 bytes a pixel.
+_DEFAULT_MAX_PIXELS = 50_000_000
+# Overlays and masks of larger images are written scaled down to at most this
+# many pixels (2048 x 2048): at the image's own size, drawing a 178-megapixel
+# image's overlay took 17 GB (drawing costs about 60 bytes an output pixel).
+_MAX_OUTPUT_PIXELS = 2048 * 2048
+# The model formats the CLI reads and writes, for messages.
+_MODEL_FORMATS = (
+    "a joblib file written by 'skprotoad fit', or a .safetensors file written by "
+    "'skprotoad fit -o NAME.safetensors' or skprotoad.persistence.save"
+)
 # Colour range of the overlays, as multiples of the image threshold: the
 # threshold sits mid-scale, well below it is dark, 1.5 times it saturates.
 _VMIN_FACTOR, _VMAX_FACTOR = 0.5, 1.5
@@ -67,7 +84,9 @@ exit codes:
   0  success
   1  runtime failure (unreadable model or images, no images found, weights
      unavailable, invalid data)
-  2  usage error (bad options, missing input path, output exists without --force)
+  2  usage error (bad options, missing input path, output exists without --force
+     or cannot be written)
+  130  interrupted (Ctrl-C)
 
 Run 'skprotoad COMMAND --help' for the options of a command.
 """
@@ -75,9 +94,12 @@ Run 'skprotoad COMMAND --help' for the options of a command.
 _EPILOG_FIT = """\
 Fits on the image files directly in each TRAIN folder (sub-folders are not
 searched; other files are reported and skipped). All images should be normal.
+MODEL is written with joblib, or in the safe format (loading runs no code from
+the file) when its name ends in .safetensors.
 
 examples:
   skprotoad fit data/magnetic_tile/train/good -o tile.joblib
+  skprotoad fit data/magnetic_tile/train/good -o tile.safetensors
   skprotoad fit good/ -o model.joblib --clustering kmeans --n-clusters 500
   skprotoad fit good/ -o model.joblib --backbone wide_resnet50_2 --device cuda
   skprotoad fit tiles/good -o tile.joblib --image-size 0.75   # keep aspect, no crop
@@ -88,19 +110,25 @@ exit codes: 0 success, 1 runtime failure, 2 usage error (MODEL exists: --force).
 _EPILOG_PREDICT = """\
 Writes into OUT_DIR:
   scores.csv         path, score, label, width, height, overlay, mask
-  overlays/NAME.png  heatmap over the image (its own size), predicted region outlined
-  masks/NAME.png     predicted defect mask, 0 / 255, the image's own size
+  overlays/NAME.png  heatmap over the image (its own size, scaled down to 2048 x 2048
+                     pixels at most), predicted region outlined
+  masks/NAME.png     predicted defect mask, 0 / 255, the overlay's size
   run.json           model, threshold and colour range used
   skipped.csv        files that were not images or could not be read (if any)
 score = anomaly score (higher = more anomalous); label = "anomaly" when the
 score is above the threshold. NAME is the file's stem, prefixed with its
-folder's name when two inputs share a stem.
+folder's name when two inputs share a stem. --force replaces only the files an
+earlier predict or demo wrote (listed in OUT_DIR/.skprotoad-outputs.json).
+Interrupted (Ctrl-C) or failing midway, predict still writes scores.csv of the
+images done, with "complete": false in run.json.
 
 examples:
   skprotoad predict tile.joblib new_images/ -o results
+  skprotoad predict tile.safetensors new_images/ -o results
   skprotoad predict tile.joblib a.png b.png -o results --threshold 0.4 --force
 
-exit codes: 0 success, 1 runtime failure, 2 usage error (OUT_DIR not empty: --force).
+exit codes: 0 success, 1 runtime failure, 2 usage error (OUT_DIR not empty: --force),
+130 interrupted.
 """
 
 _EPILOG_EVALUATE = """\
@@ -123,13 +151,16 @@ _EPILOG_DEMO = """\
 Generates a synthetic surface-defect data set (no data, no download), fits a
 detector with the offline efficientnet_lite0 backbone, prints the metrics and
 writes heatmap overlays (ground truth outlined in green), a grid.png and
-results.json into OUT_DIR. Takes about a minute on two CPU cores.
+results.json into OUT_DIR. Takes about a minute on two CPU cores. Run again,
+it replaces its own earlier output in OUT_DIR; a folder holding other files
+needs --force (and those files are kept).
 
 examples:
   skprotoad demo
   skprotoad demo -o /tmp/demo --force -q
 
-exit codes: 0 success, 1 runtime failure, 2 usage error (OUT_DIR not empty: --force).
+exit codes: 0 success, 1 runtime failure, 2 usage error (OUT_DIR holds other
+files: --force).
 """
 
 
@@ -177,6 +208,17 @@ def _image_size_arg(value):
     return factor
 
 
+def _finite_float(value):
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        # a NaN threshold labelled every image normal
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return number
+
+
 def _positive_int(value):
     try:
         number = int(value)
@@ -190,6 +232,15 @@ def _positive_int(value):
 def _add_common(parser):
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="no progress bars or progress messages"
+    )
+
+
+def _add_max_pixels(parser):
+    parser.add_argument(
+        "--max-pixels", type=_positive_int, default=_DEFAULT_MAX_PIXELS, metavar="N",
+        help=f"skip images of more than N pixels (default: {_DEFAULT_MAX_PIXELS:,}; "
+        f"decoding one takes about 20 bytes a pixel); Pillow refuses more than "
+        f"178,956,970 in any case",
     )
 
 
@@ -229,7 +280,7 @@ def _add_detector_options(parser):
         "with a scale factor)",
     )
     group.add_argument(
-        "--sigma", type=float, default=4.0,
+        "--sigma", type=_finite_float, default=4.0,
         help="Gaussian smoothing of the anomaly maps, in pixels (default: 4)",
     )
     group.add_argument(
@@ -303,9 +354,11 @@ def build_parser():
         epilog=_EPILOG_FIT, formatter_class=formatter,
     )
     fit.add_argument("train", nargs="+", metavar="TRAIN", help="folder(s) or files of normal images")
-    fit.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (.joblib)")
+    fit.add_argument("-o", "--output", required=True, metavar="MODEL",
+                     help="model file to write: NAME.joblib, or NAME.safetensors (safe format)")
     fit.add_argument("--force", action="store_true", help="overwrite MODEL if it exists")
     _add_common(fit)
+    _add_max_pixels(fit)
     _add_detector_options(fit)
     fit.set_defaults(handler=_cmd_fit)
 
@@ -314,25 +367,31 @@ def build_parser():
         description="Score images with a fitted model; write a CSV, heatmap overlays and masks.",
         epilog=_EPILOG_PREDICT, formatter_class=formatter,
     )
-    predict.add_argument("model", metavar="MODEL", help="model file written by 'skprotoad fit'")
+    predict.add_argument("model", metavar="MODEL",
+                         help="model file written by 'skprotoad fit' (.joblib or .safetensors)")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
     predict.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder")
-    predict.add_argument("--force", action="store_true", help="write into OUT_DIR even if it is not empty")
     predict.add_argument(
-        "--threshold", type=float, default=None, metavar="T",
+        "--force", action="store_true",
+        help="write into OUT_DIR even if it is not empty, replacing only the outputs of "
+        "an earlier predict or demo",
+    )
+    predict.add_argument(
+        "--threshold", type=_finite_float, default=None, metavar="T",
         help="anomaly score (and map value) above which an image (pixel) is an "
         "anomaly (default: the model's)",
     )
     predict.add_argument(
-        "--vmin", type=float, default=None,
+        "--vmin", type=_finite_float, default=None,
         help="map value shown darkest (default: 0.5 x threshold)",
     )
     predict.add_argument(
-        "--vmax", type=float, default=None,
+        "--vmax", type=_finite_float, default=None,
         help="map value shown brightest (default: 1.5 x threshold)",
     )
     predict.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (default: 0.5)")
     _add_common(predict)
+    _add_max_pixels(predict)
     _add_runtime_options(predict.add_argument_group("runtime options"), defaults_from_model=True)
     predict.set_defaults(handler=_cmd_predict)
 
@@ -348,7 +407,8 @@ def build_parser():
         help="folder layout (default: mvtec)",
     )
     evaluate.add_argument("-o", "--output", default=None, metavar="JSON", help="write the results as JSON")
-    evaluate.add_argument("--save-model", default=None, metavar="MODEL", help="also save the fitted model")
+    evaluate.add_argument("--save-model", default=None, metavar="MODEL",
+                          help="also save the fitted model (.joblib, or .safetensors)")
     evaluate.add_argument("--force", action="store_true", help="overwrite JSON / MODEL if they exist")
     _add_common(evaluate)
     _add_detector_options(evaluate)
@@ -361,7 +421,10 @@ def build_parser():
     )
     demo.add_argument("-o", "--output", default="demo_output", metavar="OUT_DIR",
                       help="output folder (default: demo_output)")
-    demo.add_argument("--force", action="store_true", help="write into OUT_DIR even if it is not empty")
+    demo.add_argument(
+        "--force", action="store_true",
+        help="write into OUT_DIR even if it holds files the demo did not write (they are kept)",
+    )
     demo.add_argument(
         "--clustering", choices=("finch", "kmeans"), default="finch",
         help="how prototypes are learned (default: finch)",
@@ -404,6 +467,14 @@ def main(argv=None):
     >>> main(["fit", "good/", "-o", "model.joblib", "-q"])  # doctest: +SKIP
     0
     """
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # also while parsing or importing, before a command ran
+        print(f"\n{_PROG}: interrupted", file=sys.stderr)
+        return _EXIT_INTERRUPTED
+
+
+def _run(argv):
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -411,9 +482,6 @@ def main(argv=None):
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         args.handler(args)
-    except KeyboardInterrupt:
-        print(f"\n{_PROG}: interrupted", file=sys.stderr)
-        return _EXIT_INTERRUPTED
     except CommandError as exc:
         if args.debug:
             raise
@@ -470,16 +538,19 @@ def _is_image_name(path):
     return path.suffix.lower() in _images.IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def collect_images(inputs):
+def collect_images(inputs, max_pixels=None):
     """Expand files and folders into readable image files.
 
     Folders give their image files (sorted by name, not recursively); files
-    that are not images (by extension) or whose header cannot be read are
-    returned as skipped, with the reason.
+    that are not images (by extension), whose header cannot be read, or
+    that have more than ``max_pixels`` pixels are returned as skipped, with
+    the reason.
 
     Parameters
     ----------
     inputs : sequence of str or path-like
+    max_pixels : int, default=None
+        Largest image accepted, in pixels; None: Pillow's own limit only.
 
     Returns
     -------
@@ -525,7 +596,7 @@ def collect_images(inputs):
         if key in seen:
             continue
         seen.add(key)
-        reason = _unreadable_reason(path)
+        reason = _unreadable_reason(path, max_pixels)
         if reason is None:
             paths.append(str(path))
         else:
@@ -533,7 +604,7 @@ def collect_images(inputs):
     return paths, skipped
 
 
-def _unreadable_reason(path):
+def _unreadable_reason(path, max_pixels=None):
     """Why ``path`` cannot be used, from its header only (no pixel decoding), or None."""
     from PIL import Image, UnidentifiedImageError
 
@@ -542,6 +613,11 @@ def _unreadable_reason(path):
             if img.mode in _images.HIGH_BIT_DEPTH_MODES:
                 return (f"a {img.mode} (16-bit or float) image; convert it to 8-bit "
                         f"(or pass it to the Python API as a float array in [0, 1])")
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                return (f"{img.width} x {img.height} = {img.width * img.height:,} pixels, "
+                        f"more than --max-pixels {max_pixels:,} (it would take about "
+                        f"{20 * img.width * img.height / 1e9:.1f} GB to score); raise "
+                        f"--max-pixels to accept it")
     except Image.DecompressionBombError as exc:
         return f"too large to decode safely: {exc}"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -598,35 +674,158 @@ def output_names(paths):
 
 
 def _check_file_free(path, force, what):
+    """Refuse an existing ``path`` without ``force``, and one that cannot be
+    written: checked before any work, so that a fit is not lost at the end."""
     path = Path(path)
     if path.is_dir():
         raise CommandError(f"{what} {path} is a folder; give a file name.", EXIT_USAGE)
     if path.exists() and not force:
         raise CommandError(f"{what} {path} exists; pass --force to overwrite it.", EXIT_USAGE)
+    _check_writable(path.parent, f"{what} {path}")
 
 
-def _prepare_out_dir(path, force):
-    """Create ``path``; refuse a non-empty one without ``force``, else clear our outputs."""
+def _check_writable(folder, what):
+    """Raise a CommandError naming ``what`` unless files can be created in
+    ``folder``, or in its nearest existing parent where it does not exist yet."""
+    existing = Path(os.path.abspath(folder))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CommandError(f"cannot write {what}: {existing} is not a folder.", EXIT_USAGE)
+    try:
+        # Trying is the only reliable test (os.access is wrong for root, for
+        # read-only file systems and for ACLs).
+        fd, probe = tempfile.mkstemp(prefix=".skprotoad-probe-", dir=existing)
+    except OSError as exc:
+        raise CommandError(
+            f"cannot write {what}: {exc.strerror or exc} ({existing}).", EXIT_USAGE
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _prepare_out_dir(path, force, planned, inputs=(), replace_own=False):
+    """Make ``path`` ready for a run that writes the files ``planned``.
+
+    A folder that is not empty is refused without ``force``, except, with
+    ``replace_own``, one that holds only the output of an earlier run. Files
+    an earlier run wrote (listed in its manifest) are removed: stale overlays
+    would mislead. Anything else is never removed or replaced: a planned
+    output that would replace another file, or an input, is refused even with
+    ``force``. The new manifest is written before any output, so that even an
+    interrupted run's files are known as ours.
+
+    Parameters
+    ----------
+    path : path-like
+    force : bool
+    planned : list of str
+        Files the run may write, relative to ``path`` (``overlays/x.png``).
+    inputs : list of str
+        The run's input files, which must not be among the files replaced.
+    replace_own : bool
+        Replace an earlier run's output without ``force`` (the demo's folder).
+
+    Returns
+    -------
+    path : pathlib.Path
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CommandError(f"output folder {path} is a file.", EXIT_USAGE)
-    if path.is_dir() and any(path.iterdir()):
-        if not force:
+    previous = [p for p in _read_manifest(path) if (path / p).is_file() or (path / p).is_symlink()]
+    if path.is_dir() and any(path.iterdir()) and not force:
+        foreign = _foreign_files(path, previous)
+        if not (replace_own and not foreign):
+            listed = "" if not foreign else f" ({_some(foreign)})"
             raise CommandError(
-                f"output folder {path} is not empty; pass --force to write into it "
-                f"(its previous skprotoad outputs are replaced).", EXIT_USAGE
+                f"output folder {path} is not empty{listed}; pass --force to write into it "
+                f"(only the files of an earlier skprotoad run there are replaced).",
+                EXIT_USAGE,
             )
-        # Only what we write ourselves is removed, so that a mistyped -o cannot
-        # wipe unrelated files; stale overlays of an earlier run would mislead.
-        for name in _OUTPUT_FILES:
+    own = set(previous)
+    clashes = [p for p in planned if p not in own and (os.path.lexists(path / p))]
+    if clashes:
+        raise CommandError(
+            f"output folder {path} holds files that skprotoad did not write and this run "
+            f"would replace: {_some(clashes)}. Move them, or choose another folder.",
+            EXIT_USAGE,
+        )
+    replaced = {os.path.realpath(path / p) for p in set(planned) | own}
+    used = [p for p in inputs if os.path.realpath(p) in replaced]
+    if used:
+        raise CommandError(
+            f"input files would be replaced by this run's outputs: {_some(used)}; "
+            f"choose another output folder.",
+            EXIT_USAGE,
+        )
+    _check_writable(path, f"into output folder {path}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        # listed before anything is removed or written: an interrupted run's
+        # files stay known as ours
+        _write_manifest(path, sorted(own | set(planned)))
+        for name in previous:
             (path / name).unlink(missing_ok=True)
-        for name in _OUTPUT_DIRS:
-            folder = path / name
-            if folder.is_dir():
-                for png in folder.glob("*.png"):
-                    png.unlink()
-    path.mkdir(parents=True, exist_ok=True)
+        _write_manifest(path, sorted(planned))
+    except OSError as exc:
+        raise CommandError(f"cannot write into output folder {path}: {exc}", EXIT_USAGE) from None
     return path
+
+
+def _some(names, limit=5):
+    shown = ", ".join(str(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _is_output_name(name):
+    """Whether ``name`` (from a manifest) is a path this tool writes: nothing
+    else is ever removed, whatever a damaged or edited manifest says."""
+    parts = name.split("/")
+    if len(parts) == 1:
+        return name in _OUTPUT_FILES
+    return (
+        len(parts) == 2
+        and parts[0] in _OUTPUT_DIRS
+        and parts[1].endswith(".png")
+        and parts[1] not in (".png", "..png")
+        and "\\" not in parts[1]
+    )
+
+
+def _read_manifest(path):
+    try:
+        with open(Path(path) / _MANIFEST) as f:
+            files = json.load(f).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(files, list):
+        return []
+    return [name for name in files if isinstance(name, str) and _is_output_name(name)]
+
+
+def _write_manifest(path, files):
+    _write_json(Path(path) / _MANIFEST, {
+        "written_by": f"{_PROG} {__version__}",
+        "note": "files a later 'skprotoad predict --force' or 'skprotoad demo' may replace",
+        "files": files,
+    })
+
+
+def _foreign_files(path, own):
+    """Files in ``path`` that are not in ``own`` (relative names), at the top
+    level and in the output sub-folders."""
+    own = set(own) | {_MANIFEST}
+    foreign = []
+    for entry in sorted(path.iterdir(), key=lambda p: p.name):
+        if entry.name in _OUTPUT_DIRS and entry.is_dir() and not entry.is_symlink():
+            foreign += [
+                f"{entry.name}/{p.name}" for p in sorted(entry.iterdir(), key=lambda p: p.name)
+                if f"{entry.name}/{p.name}" not in own
+            ]
+        elif entry.name not in own:
+            foreign.append(entry.name)
+    return foreign
 
 
 def _write_json(path, data):
@@ -646,10 +845,28 @@ def _json_default(value):
     return str(value)
 
 
+def _is_safe_format_name(path):
+    return Path(path).suffix.lower() == ".safetensors"
+
+
 def _save_model(detector, path):
+    """Save with joblib, or in the safe format when ``path`` ends in .safetensors."""
+    if _is_safe_format_name(path):
+        from .persistence import save
+
+        save(detector, path, overwrite=True)
+        return
     import joblib
 
     write_new_file(path, lambda tmp: joblib.dump(detector, tmp), overwrite=True)
+
+
+def _looks_like_safetensors(path):
+    """A safetensors file: an 8-byte header length, then a JSON object."""
+    with open(path, "rb") as f:
+        head = f.read(10)
+    size = int.from_bytes(head[:8], "little") if len(head) == 10 else -1
+    return head[8:] == b'{"' and 0 < size <= os.path.getsize(path) - 8
 
 
 def _load_model(path):
@@ -660,12 +877,26 @@ def _load_model(path):
     path = Path(path)
     if not path.is_file():
         raise CommandError(f"no such model file: {path}", EXIT_USAGE)
+    # by name, or by content: a file named .safetensors is never unpickled
+    if _is_safe_format_name(path) or _looks_like_safetensors(path):
+        from .persistence import load
+
+        try:
+            return load(path)
+        except ValueError as exc:  # names the file and the check that failed
+            raise CommandError(f"cannot load model: {exc}") from exc
     import joblib
 
     try:
         detector = joblib.load(path)
+    except ValueError as exc:  # ours: a damaged model, another format version
+        raise CommandError(f"cannot load model {path}: {exc}") from exc
     except Exception as exc:  # any unpickling failure means the same to the user
-        raise CommandError(f"cannot load model {path}: {_describe(exc)}") from exc
+        detail = "the file ends early (truncated?)" if isinstance(exc, EOFError) else _describe(exc)
+        raise CommandError(
+            f"cannot load model {path}: it is not a skprotoad model ({detail}). Models are "
+            f"{_MODEL_FORMATS}."
+        ) from exc
     if not isinstance(detector, ProtoADDetector):
         raise CommandError(
             f"{path} holds a {type(detector).__name__}, not a ProtoADDetector "
@@ -727,6 +958,7 @@ def score_and_write(
     keep_maps=False,
     strict=False,
     progress=None,
+    result=None,
 ):
     """Score images chunk by chunk and write their overlays and masks.
 
@@ -744,7 +976,9 @@ def score_and_write(
     out_dir : path, default=None
         Writes ``overlays/<name>.png`` (heatmap at the image's own size, the
         outline of ``truth_masks`` if given, else of the predicted mask) and
-        ``masks/<name>.png`` (predicted mask, 0 / 255, the image's own size).
+        ``masks/<name>.png`` (predicted mask, 0 / 255, the image's own size);
+        both scaled down to at most 2048 x 2048 pixels for larger images, so
+        that memory stays bounded. Each file is written atomically.
     threshold : float, default=None
         Anomaly score above which an image is an anomaly, and map value above
         which a pixel is; ``None`` uses the detector's, so that labels equal
@@ -765,6 +999,10 @@ def score_and_write(
         Raise on an unreadable image instead of skipping it.
     progress : tqdm bar, default=None
         Advanced by one per image.
+    result : dict, default=None
+        An empty result from :func:`_new_result`, filled as images are done
+        (an image once its files are written): what was done when an
+        exception interrupts the loop.
 
     Returns
     -------
@@ -773,7 +1011,8 @@ def score_and_write(
         more anomalous, equal to ``-detector.score_samples``), ``anomaly``
         (bool), ``size`` (list of (height, width)), ``overlay`` / ``mask``
         (relative output paths or ""), ``maps`` (crop maps, with ``keep_maps``)
-        and ``skipped`` (list of (index, reason)).
+        and ``skipped`` (list of (index, reason)). An image whose score is not
+        finite is skipped (raises with ``strict``): it is not called normal.
     """
     from .plotting import overlay, save_png
 
@@ -785,45 +1024,102 @@ def score_and_write(
         out_dir = Path(out_dir)
         if vmin is None or vmax is None:
             vmin, vmax = color_range(detector, threshold, vmin, vmax)
-    result = {k: [] for k in ("index", "score", "anomaly", "size", "overlay", "mask", "maps")}
-    skipped = []
+    result = _new_result() if result is None else result
+    skipped = result["skipped"]
     chunk_size = int(detector.batch_size)
     for start in range(0, len(items), chunk_size):
         chunk = list(range(start, min(start + chunk_size, len(items))))
         for index, crop_map, score in _score_chunk(detector, items, chunk, strict, skipped):
+            if not math.isfinite(score):
+                reason = "its anomaly score is not finite: the model or the image is broken"
+                if strict:
+                    raise ValueError(f"image {index}: {reason}.")
+                skipped.append((index, reason))
+                continue
             # The same arithmetic as ProtoADDetector.predict, so labels agree exactly.
             anomaly = bool((-score) - offset < 0)
             size = sequence.original_size(index)
-            result["index"].append(index)
-            result["score"].append(score)
-            result["anomaly"].append(anomaly)
-            result["size"].append(size)
-            if keep_maps:
-                result["maps"].append(crop_map)
             overlay_rel = mask_rel = ""
             if out_dir is not None and (write is None or write[index]):
-                heat = _images.crop_map_to_input(crop_map, size, detector.image_size, crop)
+                # bounded: 17 GB for one 178-megapixel image at its own size
+                shown = _output_size(size)
+                heat = _images.crop_map_to_input(crop_map, shown, detector.image_size, crop)
                 predicted = np.nan_to_num(heat, nan=-np.inf) > pixel_threshold
-                outline = predicted if truth_masks is None else truth_masks[index]
-                image = items[index]
+                outline = predicted if truth_masks is None else _resized_mask(truth_masks[index], shown)
+                image = items[index] if shown == tuple(size) else _resized_image(items[index], shown)
                 picture = overlay(image, heat, alpha=alpha, vmin=vmin, vmax=vmax, mask=outline)
                 overlay_rel = f"overlays/{names[index]}.png"
                 mask_rel = f"masks/{names[index]}.png"
                 save_png(picture, out_dir / overlay_rel)
                 save_png(predicted, out_dir / mask_rel)
-            result["overlay"].append(overlay_rel)
-            result["mask"].append(mask_rel)
+            # appended once its files are written: an interrupted run lists
+            # only images whose outputs are complete
+            for key, value in (("index", index), ("score", score), ("anomaly", anomaly),
+                               ("size", size), ("overlay", overlay_rel), ("mask", mask_rel)):
+                result[key].append(value)
+            if keep_maps:
+                result["maps"].append(crop_map)
         if progress is not None:
             progress.update(len(chunk))
-    result["index"] = np.asarray(result["index"], dtype=int)
-    result["score"] = np.asarray(result["score"], dtype=np.float64)
-    result["anomaly"] = np.asarray(result["anomaly"], dtype=bool)
+    return _finish_result(result, keep_maps, crop)
+
+
+def _new_result():
+    return {k: [] for k in ("index", "score", "anomaly", "size", "overlay", "mask", "maps",
+                            "skipped")}
+
+
+def _finish_result(result, keep_maps=False, crop=None):
+    """The lists of :func:`score_and_write` as arrays, in a new dict."""
+    out = dict(result)
+    out["index"] = np.asarray(result["index"], dtype=int)
+    out["score"] = np.asarray(result["score"], dtype=np.float64)
+    out["anomaly"] = np.asarray(result["anomaly"], dtype=bool)
     if keep_maps and result["maps"] and crop is not None:
-        result["maps"] = np.stack(result["maps"])
+        out["maps"] = np.stack(result["maps"])
     elif not keep_maps:
-        result["maps"] = None
-    result["skipped"] = skipped
-    return result
+        out["maps"] = None
+    return out
+
+
+def _output_size(size):
+    """(height, width) of the overlay and mask of an image of ``size``."""
+    height, width = size
+    if height * width <= _MAX_OUTPUT_PIXELS:
+        return tuple(size)
+    factor = math.sqrt(_MAX_OUTPUT_PIXELS / (height * width))
+    return max(1, int(height * factor)), max(1, int(width * factor))
+
+
+def _resized_image(item, size):
+    """Image ``item`` (path or array) as uint8 RGB of ``size``, without a
+    full-size float copy."""
+    from PIL import Image
+
+    from .plotting import _as_rgb_uint8
+
+    height, width = size
+    if isinstance(item, (str, os.PathLike)):
+        with Image.open(item) as img:
+            img.draft("RGB", (width, height))  # JPEG: decode at a fraction of the size
+            if img.mode == "La":  # the only mode Pillow converts to nothing (opaque here)
+                img = img.getchannel("L")
+            elif img.mode not in ("L", "RGB"):
+                img = img.convert("RGB")
+            small = img.resize((width, height), Image.BILINEAR, reducing_gap=2.0)
+    else:
+        small = Image.fromarray(_as_rgb_uint8(item)).resize((width, height), Image.BILINEAR)
+    return np.asarray(small.convert("RGB"))
+
+
+def _resized_mask(mask, size):
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape == tuple(size):
+        return mask
+    from PIL import Image
+
+    small = Image.fromarray(mask.astype(np.uint8) * 255).resize(size[::-1], Image.NEAREST)
+    return np.asarray(small) > 127
 
 
 def _score_chunk(detector, items, chunk, strict, skipped):
@@ -941,7 +1237,7 @@ def _fit(args, detector, train):
 
 def _cmd_fit(args):
     _check_file_free(args.output, args.force, "model file")
-    paths, skipped = collect_images(args.train)
+    paths, skipped = collect_images(args.train, max_pixels=args.max_pixels)
     _report_skipped(skipped)
     _require_images(paths, args.train)
     detector = _make_detector(args)
@@ -953,7 +1249,7 @@ def _cmd_fit(args):
 def _cmd_predict(args):
     detector = _load_model(args.model)
     out_dir = Path(args.output)
-    paths, skipped = collect_images(args.inputs)
+    paths, skipped = collect_images(args.inputs, max_pixels=args.max_pixels)
     _report_skipped(skipped)
     _require_images(paths, args.inputs)
     overrides = {k: getattr(args, k) for k in ("batch_size", "device") if getattr(args, k) is not None}
@@ -966,32 +1262,30 @@ def _cmd_predict(args):
     vmin, vmax = color_range(detector, args.threshold, args.vmin, args.vmax)
     if not 0.0 <= args.alpha <= 1.0:
         raise CommandError(f"--alpha must be in [0, 1], got {args.alpha}.", EXIT_USAGE)
-    _prepare_out_dir(out_dir, args.force)
-
     names = output_names(paths)
-    with _progress(args, len(paths), "predict") as bar:
-        result = score_and_write(
-            detector, paths, names=names, out_dir=out_dir, threshold=args.threshold,
-            vmin=vmin, vmax=vmax, alpha=args.alpha, progress=bar,
-        )
-    skipped += [(paths[i], reason) for i, reason in result["skipped"]]
+    planned = ["scores.csv", "skipped.csv", "run.json"]
+    planned += [f"{folder}/{name}.png" for name in names for folder in _OUTPUT_DIRS]
+    _prepare_out_dir(out_dir, args.force, planned, inputs=paths)
+
+    done = _new_result()
+    try:
+        with _progress(args, len(paths), "predict") as bar:
+            result = score_and_write(
+                detector, paths, names=names, out_dir=out_dir, threshold=args.threshold,
+                vmin=vmin, vmax=vmax, alpha=args.alpha, progress=bar, result=done,
+            )
+    except (KeyboardInterrupt, Exception):
+        # Ctrl-C, a full disk, a bug: the images done are listed all the same,
+        # and run.json says the run is incomplete. Best effort: on a full disk
+        # this may fail too, and the original error is what the user sees.
+        with contextlib.suppress(Exception):
+            _write_predict_results(args, detector, out_dir, paths, skipped,
+                                   _finish_result(done), vmin, vmax, complete=False)
+        raise
     _report_skipped([(paths[i], r) for i, r in result["skipped"]])
-    _write_scores_csv(out_dir / "scores.csv", [paths[i] for i in result["index"]], result)
-    if skipped:
-        _write_skipped_csv(out_dir / "skipped.csv", skipped)
+    skipped = _write_predict_results(args, detector, out_dir, paths, skipped, result, vmin,
+                                     vmax, complete=True)
     threshold = -detector.offset_ if args.threshold is None else args.threshold
-    pixel_threshold = _pixel_threshold(detector, args.threshold)
-    _write_json(out_dir / "run.json", {
-        "model": str(Path(args.model).resolve()),
-        "threshold": threshold,
-        "pixel_threshold": pixel_threshold,
-        "vmin": vmin,
-        "vmax": vmax,
-        "n_images": len(result["index"]),
-        "n_anomalies": int(result["anomaly"].sum()),
-        "n_skipped": len(skipped),
-        "skprotoad_version": __version__,
-    })
     print(f"{len(result['index'])} images scored, {int(result['anomaly'].sum())} anomalies "
           f"(threshold {threshold:.4g}), {len(skipped)} skipped; wrote {out_dir}/scores.csv, "
           f"overlays/ and masks/")
@@ -999,9 +1293,42 @@ def _cmd_predict(args):
         raise CommandError("no image could be scored.")
 
 
+def _write_predict_results(args, detector, out_dir, paths, skipped, result, vmin, vmax,
+                           complete):
+    """Write scores.csv, skipped.csv and run.json; return all skipped files."""
+    skipped = skipped + [(paths[i], reason) for i, reason in result["skipped"]]
+    _write_scores_csv(out_dir / "scores.csv", [paths[i] for i in result["index"]], result)
+    if skipped:
+        _write_skipped_csv(out_dir / "skipped.csv", skipped)
+    _write_json(out_dir / "run.json", {
+        "model": str(Path(args.model).resolve()),
+        # false: interrupted or failed; scores.csv lists the images done
+        "complete": complete,
+        "threshold": -detector.offset_ if args.threshold is None else args.threshold,
+        "pixel_threshold": _pixel_threshold(detector, args.threshold),
+        "vmin": vmin,
+        "vmax": vmax,
+        "n_images": len(result["index"]),
+        "n_anomalies": int(result["anomaly"].sum()),
+        "n_skipped": len(skipped),
+        "skprotoad_version": __version__,
+    })
+    return skipped
+
+
+def _write_text(path, text):
+    """Write ``path`` atomically: a reader never sees it half written."""
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+
+    write_new_file(path, write, overwrite=True)
+
+
 def _write_scores_csv(path, paths, result, extra=None):
     extra = extra or {}
-    with open(path, "w", newline="") as f:
+    with io.StringIO(newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "score", "label", "width", "height", "overlay", "mask", *extra])
         for row, p in enumerate(paths):
@@ -1016,13 +1343,15 @@ def _write_scores_csv(path, paths, result, extra=None):
                 result["mask"][row],
                 *(values[row] for values in extra.values()),
             ])
+        _write_text(path, f.getvalue())
 
 
 def _write_skipped_csv(path, skipped):
-    with open(path, "w", newline="") as f:
+    with io.StringIO(newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "reason"])
         writer.writerows(skipped)
+        _write_text(path, f.getvalue())
 
 
 def _load_dataset(args):
@@ -1134,19 +1463,23 @@ def _cmd_demo(args):
     from .datasets import make_defect_dataset
     from .plotting import grid, save_png
 
-    out_dir = _prepare_out_dir(args.output, args.force)
+    # (generating the images takes a second; the fit is the work)
     data = make_defect_dataset(
         n_train=args.n_train, n_test=args.n_test, image_size=args.size, random_state=args.seed
     )
+    names = [f"test_{i:03d}_{'defect' if y else 'normal'}" for i, y in enumerate(data.y_test)]
+    shown = _demo_selection(data.y_test)
+    planned = ["scores.csv", "results.json", "grid.png"]
+    planned += [f"{folder}/{names[i]}.png" for i in shown for folder in _OUTPUT_DIRS]
+    # The demo's own folder: its earlier output is replaced without --force.
+    out_dir = _prepare_out_dir(args.output, args.force, planned, replace_own=True)
     _info(args, f"generated {args.n_train} normal training images and {args.n_test} test "
                 f"images ({int(data.y_test.sum())} with defects) of {args.size} x {args.size} px")
     detector = _make_detector(args, image_size=args.size, crop_size=args.size)
     fit_seconds = _fit(args, detector, data.X_train)
 
-    shown = _demo_selection(data.y_test)
     write = np.zeros(len(data.y_test), dtype=bool)
     write[shown] = True
-    names = [f"test_{i:03d}_{'defect' if y else 'normal'}" for i, y in enumerate(data.y_test)]
     start = time.perf_counter()
     with _progress(args, len(data.X_test), "scoring") as bar:
         result = score_and_write(

@@ -36,6 +36,9 @@ _FORMAT_VERSION = 1
 _CALIBRATION_FRACTION = 0.2
 _TARGET_FALSE_ALARM_RATE = 0.01
 _MIN_IMAGES_FOR_HOLDOUT = 5
+# Largest sigma accepted, in pixels: a wider Gaussian is flat over any map a
+# CNN can score, and the kernel's size grows with it (1e12 asked for 64 TB).
+_MAX_SIGMA = 256.0
 # Parameters added since the first saved models, with the defaults that
 # loading an older model gives them (pickle and the safe format alike).
 # (neighborhood_size: models saved before it existed had no aggregation, 1.)
@@ -92,7 +95,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
     sigma : float, default=4.0
         Standard deviation, in pixels of the model input (the crop, or the
         resized image with a float ``image_size``), of the Gaussian smoothing
-        of the anomaly map; 0 disables it.
+        of the anomaly map; 0 disables it; at most 256.
     alignment : {"center", "paper"}, default="center"
         Where patch features sit on the image. ``"center"``: each feature at
         the centre of its receptive field, when joining stages and when
@@ -200,7 +203,9 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         with the default backbone) and is never pruned: clear it with
         ``joblib.Memory(folder).clear()``. A ``joblib.Memory(folder,
         mmap_mode="r")`` maps cached features instead of reading them into
-        memory. ``None`` caches nothing.
+        memory. ``None`` caches nothing. Not kept by
+        :func:`skprotoad.persistence.save` (a folder of this machine): a model
+        loaded from the safe format has ``memory=None``.
 
     Attributes
     ----------
@@ -364,6 +369,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         protos = self._learn_prototypes(features.patches(), seed, device)
         self.network_ = self._network(embedding, protos, crop).to(device)
         self.network_.eval()
+        self._fitted_settings = self._feature_settings()
         # with a scale factor the grid follows each image's size: (None, None, C)
         n_channels = features.shape[2]
         self.feature_shape_ = features.shape if crop is not None else (None, None, n_channels)
@@ -448,11 +454,19 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         Returns
         -------
         labels : ndarray of shape (n_images,)
+
+        Raises
+        ------
+        ValueError
+            If an image's score is not finite (a damaged model, say): such an
+            image is neither called normal nor anomalous.
         """
         # validated once: the image checks are a full pass over an array input
         images = self._check_fitted_input(X)
+        decision = self.decision_function(images)
+        _check_finite_scores(decision)
         labels = np.ones(len(images), dtype=int)
-        labels[self.decision_function(images) < 0] = -1
+        labels[decision < 0] = -1
         return labels
 
     @with_torch_threads
@@ -517,7 +531,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             Anomaly-map value above which a pixel is a defect; defaults to
             ``pixel_threshold_``: the image threshold when the image score is
             the map's maximum, so that an image has a non-empty mask exactly
-            when :meth:`predict` calls it an anomaly.
+            when :meth:`predict` calls it an anomaly. Must be finite.
 
         Returns
         -------
@@ -525,8 +539,10 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             A list of 2-D arrays, one per image, whenever :meth:`anomaly_maps`
             returns one.
         """
-        threshold = self.pixel_threshold_ if threshold is None else float(threshold)
-        maps = self.anomaly_maps(X, output=output)
+        threshold = self.pixel_threshold_ if threshold is None else _check_threshold(threshold)
+        maps, scores = self.anomaly_maps(X, output=output, return_scores=True)
+        # a broken model's NaN maps would give empty masks, i.e. "no defect"
+        _check_finite_scores(scores)
         if output == "crop":
             if isinstance(maps, list):
                 return [m > threshold for m in maps]
@@ -579,8 +595,8 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             raise ValueError("clustering='kmeans' needs n_clusters (an int).")
         if not isinstance(self.sigma, numbers.Real) or isinstance(self.sigma, bool):
             raise TypeError(f"sigma must be a number, got {self.sigma!r}.")
-        if not np.isfinite(self.sigma) or self.sigma < 0:
-            raise ValueError(f"sigma must be finite and >= 0, got {self.sigma}.")
+        if not 0 <= self.sigma <= _MAX_SIGMA:  # NaN fails too
+            raise ValueError(f"sigma must be in [0, {_MAX_SIGMA:g}] (pixels), got {self.sigma}.")
         _check_alignment(self.alignment)
         _check_neighborhood_size(self.neighborhood_size)
         _check_normalization(self.normalization)
@@ -605,7 +621,11 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
                 f"contamination must be 'auto' or a float in (0, 0.5], "
                 f"got {self.contamination!r}."
             )
-        if not isinstance(self.batch_size, numbers.Integral) or self.batch_size < 1:
+        if (
+            isinstance(self.batch_size, bool)
+            or not isinstance(self.batch_size, numbers.Integral)
+            or self.batch_size < 1
+        ):
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}.")
         effective_n_threads(self.n_jobs)
         _cache.check_feature_memory(self.memory)
@@ -778,6 +798,57 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
                 map_maxima[part] = maps.flatten(1).amax(dim=1).cpu().numpy()
         return scores, map_maxima
 
+    def _feature_settings(self):
+        """The parameters a fitted network embodies (or that scoring reads
+        along with it, ``image_size``), in a form that compares by value."""
+
+        def size(value):
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                return (int(value), int(value))
+            return _plain(value)
+
+        return {
+            "backbone": self.backbone,
+            "layers": _plain(self.layers),
+            "sigma": _plain(self.sigma),
+            "alignment": self.alignment,
+            "neighborhood_size": _plain(self.neighborhood_size),
+            "normalization": self.normalization,
+            # with normalization="patch" every image_score is the same network
+            "image_score": self._network_image_score(),
+            "image_size": size(self.image_size),
+            "crop_size": size(self.crop_size),
+            "mean": _plain(self.mean),
+            "std": _plain(self.std),
+        }
+
+    def _check_unchanged_since_fit(self):
+        """Raise if ``set_params`` changed a parameter the fitted model embodies.
+
+        The network keeps what it was fitted with, while scoring would resize
+        images by the new ``image_size``: scores would silently shift.
+        """
+        fitted = getattr(self, "_fitted_settings", None)
+        if fitted is not None:
+            now = self._feature_settings()
+            changed = [
+                f"{name}={now[name]!r} (fitted with {fitted[name]!r})"
+                for name in fitted
+                if now.get(name) != fitted[name]
+            ]
+            if changed:
+                raise ValueError(
+                    f"{'; '.join(changed)}: changed after fit, which the fitted model "
+                    f"cannot follow; refit, or set them back."
+                )
+        crop = self.network_.input_size
+        if _images.is_scale(self.image_size) != (crop is None):
+            raise ValueError(
+                f"image_size={self.image_size!r} does not match the fitted network "
+                f"(input size {crop}): image_size was changed after fit; refit, or "
+                f"set it back."
+            )
+
     def _check_fitted_input(self, X):
         check_is_fitted(self, "network_")
         return X if isinstance(X, _images.ImageSequence) else _images.ImageSequence(X)
@@ -805,12 +876,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         device = self._torch_device()
         network = self.network_.to(device)
         crop = network.input_size
-        if _images.is_scale(self.image_size) != (crop is None):
-            raise ValueError(
-                f"image_size={self.image_size!r} does not match the fitted network "
-                f"(input size {crop}): image_size was changed after fit; refit, or "
-                f"set it back."
-            )
+        self._check_unchanged_since_fit()
         multiple = _size_multiple(network.embedding)
         plan = images.plan(self.batch_size, self.image_size, crop, multiple=multiple)
         batches = images.batches(
@@ -845,6 +911,63 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         super().__setstate__(state)
         if saved is not None:
             self.network_ = _rebuild_network(saved)
+            _check_finite_model(self)
+            if not hasattr(self, "_fitted_settings"):  # saved before the snapshot existed
+                self._fitted_settings = self._feature_settings()
+
+
+def _plain(value):
+    """Sequences as tuples and numpy scalars as Python ones, for comparisons."""
+    if isinstance(value, (tuple, list, np.ndarray)):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _check_threshold(threshold):
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold must be a number, got {threshold!r}.")
+    if not math.isfinite(threshold):
+        # NaN would mark no pixel as defective: "normal" by accident
+        raise ValueError(f"threshold must be finite, got {threshold!r}.")
+    return float(threshold)
+
+
+def _check_finite_scores(scores):
+    """A NaN score compares as neither anomalous nor normal: never call it normal."""
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if len(bad):
+        raise ValueError(
+            f"the anomaly scores of {len(bad)} image(s) (indices "
+            f"{bad[:10].tolist()}{' ...' if len(bad) > 10 else ''}) are not finite: the "
+            f"model or the images are broken, and such an image is not called normal."
+        )
+
+
+def _all_finite(t):
+    if t.dtype in (torch.float16, torch.float32, torch.float64):
+        # numpy's vectorised check is many times faster than torch.isfinite
+        # here, which matters for the 100 MB of a wide_resnet50_2.
+        return bool(np.isfinite(t.numpy()).all())
+    return bool(torch.isfinite(t).all())
+
+
+def _check_finite_model(model):
+    """Refuse an unpickled model with NaN or infinite numbers, which would
+    score every image NaN and so (before this check) call it normal."""
+    bad = [
+        name
+        for name, t in model.network_.state_dict().items()
+        if t.is_floating_point() and not _all_finite(t.detach().cpu())
+    ]
+    thresholds = [getattr(model, "offset_", 0.0), getattr(model, "_pixel_threshold", None)]
+    if bad or not all(t is None or math.isfinite(t) for t in thresholds):
+        raise ValueError(
+            "this ProtoADDetector holds non-finite values ("
+            + (f"tensors {bad[:5]}" if bad else "its thresholds")
+            + "): the file is damaged or was edited; refit the model."
+        )
 
 
 def _conformal_threshold(held_out_scores, false_alarm_rate=_TARGET_FALSE_ALARM_RATE):

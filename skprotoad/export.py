@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import json
+import numbers
 import warnings
 
 import torch
@@ -51,6 +52,8 @@ OUTPUT_NAMES = ("maps", "scores")
 _METADATA_KEY = "skprotoad"
 _TOLERANCE = 1e-4
 _CHECK_BATCH = 3  # differs from the tracing batch, so a batch size baked in shows
+# Lowest opset that holds the network: older ones lack align_corners upsampling.
+_MIN_OPSET = 11
 
 
 def preprocess(model, X):
@@ -147,7 +150,9 @@ def to_onnx(model, path, *, opset=18, dynamo=True, overwrite=False, check=True):
     path : str or os.PathLike
         File to write, conventionally ``*.onnx``; weights are stored inside it.
     opset : int, default=18
-        ONNX opset version.
+        ONNX opset version, from 11 (the first with the upsampling the network
+        uses) to the highest the installed torch writes (23 for torch 2.14; 20
+        with ``dynamo=False``).
     dynamo : bool, default=True
         Use PyTorch's ``torch.export``-based exporter (the default of
         ``torch.onnx.export`` since PyTorch 2.9). ``False`` selects the legacy
@@ -172,6 +177,7 @@ def to_onnx(model, path, *, opset=18, dynamo=True, overwrite=False, check=True):
     >>> session = ort.InferenceSession("model.onnx")  # doctest: +SKIP
     >>> maps, scores = session.run(None, {"images": preprocess(detector, X)})  # doctest: +SKIP
     """
+    _check_opset(opset, dynamo)
     onnx = _require("onnx")
     if dynamo:
         _require("onnxscript", "the dynamo ONNX exporter; or pass dynamo=False")
@@ -196,6 +202,21 @@ def to_onnx(model, path, *, opset=18, dynamo=True, overwrite=False, check=True):
             )
 
     return write_new_file(path, write, overwrite)
+
+
+def _check_opset(opset, dynamo):
+    """Refuse an opset the exporter cannot write before any work: torch's own
+    error for one dumps the whole graph."""
+    if isinstance(opset, bool) or not isinstance(opset, numbers.Integral):
+        raise TypeError(f"opset must be an int, got {opset!r}.")
+    from torch.onnx import _constants
+
+    highest = _constants.ONNX_MAX_OPSET if dynamo else _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    if not _MIN_OPSET <= opset <= highest:
+        raise ValueError(
+            f"opset must be between {_MIN_OPSET} and {highest} (with dynamo={dynamo}), "
+            f"got {opset}."
+        )
 
 
 def _export_onnx(network, example, path, opset, dynamo):
@@ -260,6 +281,8 @@ def _fitted_network(model):
     if not isinstance(model, ProtoADDetector):
         raise TypeError(f"model must be a ProtoADDetector, got {type(model).__name__}.")
     check_is_fitted(model, "network_")
+    # the metadata and preprocess() read image_size: it must be the fitted one
+    model._check_unchanged_since_fit()
     if model.network_.input_size is None:
         # The traced graph and the checked-input wrapper bake in one input size
         # (the smoothing's border indices, the upsampling size).

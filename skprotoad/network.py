@@ -14,6 +14,8 @@ map stays the distance.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -139,7 +141,8 @@ def _check_image_score(image_score):
 
 
 def _check_neighborhood_size(size):
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
+    # any integer type: a grid search over a numpy array passes numpy ints
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1 or size % 2 == 0:
         raise ValueError(f"neighborhood_size must be an odd int >= 1, got {size!r}.")
 
 
@@ -197,7 +200,7 @@ class PatchEmbedding(nn.Module):
         _check_normalization(normalization)
         self.backbone = backbone
         self.alignment = alignment
-        self.neighborhood_size = neighborhood_size
+        self.neighborhood_size = int(neighborhood_size)
         self.normalization = normalization
         self.n_channels = sum(backbone.channels)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))

@@ -9,11 +9,14 @@ and the raw tensor bytes, nothing else: unlike ``joblib.load`` / ``pickle.load``
 it cannot run code from the file, so it is the format to use for models that come
 from elsewhere.
 
-Before a model is returned, :func:`load` checks the format version, the JSON's
-keys, types and finite values, the tensors' names, shapes and dtypes against the
-network rebuilt from the description, and a SHA-256 checksum of the tensor
-bytes. A file that fails any check raises :class:`ValueError`; no partly loaded
-model is ever returned. The checksum catches corruption (a truncated download,
+Before a model is returned, :func:`load` checks the header's size, the format
+version, the JSON's keys, types and finite values, every number the network
+is built from against the parameters and the tensors' shapes (before building
+anything), the tensors' names, shapes and dtypes against the network rebuilt
+from the description, and a SHA-256 checksum of the tensor bytes. A file that
+fails any check raises :class:`ValueError`; no partly loaded model is ever
+returned, and nothing on disk but the file is read or created (the ``memory``
+cache folder is not saved). The checksum catches corruption (a truncated download,
 flipped bits), not deliberate forgery: whoever edits a file can recompute it.
 """
 
@@ -37,6 +40,7 @@ from .detector import (
     _ADDED_PARAMS,
     _FORMAT_VERSION,
     ProtoADDetector,
+    _all_finite,
     _build_network,
     _describe_network,
 )
@@ -53,6 +57,13 @@ _FORMAT_NAME = "skprotoad-safetensors"
 _METADATA_KEY = "skprotoad"
 _NETWORK_PREFIX = "network."
 _CALIBRATION = "calibration_scores_"
+_PROTOTYPES = _NETWORK_PREFIX + "prototype_conv.weight"
+_MAX_HEADER_BYTES = 8 << 20
+_JOBLIB_HINT = (
+    "A joblib file needs joblib.load, which can run code: use it only for files you trust"
+)
+# Longest backbone name accepted (timm's are under 60 characters).
+_MAX_NAME_LENGTH = 200
 # safetensors' names of the dtypes a detector holds.
 _DTYPE_NAMES = {
     torch.float32: "F32",
@@ -89,10 +100,17 @@ def save(model, path, *, overwrite=False):
     ------
     FileExistsError
         When ``path`` exists and ``overwrite`` is False.
+    OSError
+        When the file cannot be written (a full disk, ``path`` a folder); the
+        message names ``path``.
+    ValueError
+        When a parameter the fitted network embodies (``image_size``,
+        ``sigma`` ...) was changed with ``set_params`` after fit.
     TypeError
         When a parameter has no JSON form (e.g. a custom object). A
         ``numpy.random.RandomState`` as ``random_state`` is stored as ``None``
-        with a warning, since only refitting uses it.
+        with a warning, since only refitting uses it. ``memory`` (a cache
+        folder of this machine) is always stored as ``None``.
 
     Examples
     --------
@@ -103,6 +121,7 @@ def save(model, path, *, overwrite=False):
     if not isinstance(model, ProtoADDetector):
         raise TypeError(f"model must be a ProtoADDetector, got {type(model).__name__}.")
     check_is_fitted(model, "network_")
+    model._check_unchanged_since_fit()
     path = Path(path)
     refuse_existing(path, overwrite)
     tensors = _collect_tensors(model)
@@ -129,12 +148,20 @@ def save(model, path, *, overwrite=False):
     # never writes a file that load() refuses.
     header = json.dumps(config, allow_nan=False, sort_keys=True)
     _check_config(json.loads(header))
+    _check_consistency(
+        json.loads(header), {k: (_DTYPE_NAMES[t.dtype], tuple(t.shape)) for k, t in tensors.items()}
+    )
 
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    return write_new_file(
-        path, lambda tmp: save_file(tensors, tmp, metadata={_METADATA_KEY: header}), overwrite
-    )
+    def write(tmp):
+        try:
+            save_file(tensors, tmp, metadata={_METADATA_KEY: header})
+        except SafetensorError as exc:  # how safetensors reports a full disk
+            raise OSError(f"cannot write {path}: {exc}") from exc
+
+    return write_new_file(path, write, overwrite)
 
 
 def _collect_tensors(model):
@@ -162,13 +189,9 @@ def _params_to_json(params):
                 stacklevel=3,
             )
             value = None
-        if name == "memory" and value is not None and not isinstance(value, (str, os.PathLike)):
-            warnings.warn(
-                "memory is a joblib.Memory, which the safe format cannot hold; it is "
-                "saved as None (it only matters when refitting).",
-                UserWarning,
-                stacklevel=3,
-            )
+        if name == "memory":
+            # a cache folder of this machine: meaningless elsewhere, and load
+            # must not create or depend on it
             value = None
         out[name] = _json_value(name, value)
     return out
@@ -262,6 +285,7 @@ class _Invalid(Exception):
 def _load(path, device):
     from safetensors import SafetensorError, safe_open
 
+    _check_header_size(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -271,6 +295,9 @@ def _load(path, device):
             }
             config = _parse_header(metadata)
             _check_config(config)
+            # every number the network is built from, against the parameters
+            # and the tensors' shapes, before anything is allocated from it
+            _check_consistency(config, layout)
             network = _rebuild(config["network"])
             expected = {
                 _NETWORK_PREFIX + k: (_DTYPE_NAMES.get(v.dtype, str(v.dtype)), tuple(v.shape))
@@ -280,16 +307,25 @@ def _load(path, device):
             _check_layout(layout, expected)
             tensors = {k: f.get_tensor(k) for k in sorted(layout)}
     except SafetensorError as exc:
-        raise _Invalid(
-            f"{exc} (truncated or damaged? A joblib file needs joblib.load, which can "
-            f"run code: use it only for files you trust)"
-        ) from None
+        raise _Invalid(f"{exc} (truncated or damaged? {_JOBLIB_HINT})") from None
     if _digest(tensors) != config["tensors_sha256"]:
         raise _Invalid("the tensor data does not match its checksum (corrupted file)")
     _check_tensor_values(tensors, config)
     state = {k[len(_NETWORK_PREFIX):]: v for k, v in tensors.items() if k != _CALIBRATION}
     network.load_state_dict(state, strict=True)
     return _assemble(config, network.eval(), tensors[_CALIBRATION], device)
+
+
+def _check_header_size(path):
+    # safetensors accepts headers of up to 100 MB; a model's is a few kB (the
+    # tensors' names and shapes, and the JSON config)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) == 8 and int.from_bytes(head, "little") > _MAX_HEADER_BYTES:
+        raise _Invalid(
+            f"its header would be {int.from_bytes(head, 'little')} bytes, more than the "
+            f"{_MAX_HEADER_BYTES} any model needs (not a safetensors file? {_JOBLIB_HINT})"
+        )
 
 
 def _parse_header(metadata):
@@ -332,6 +368,9 @@ def _check_config(config):
     # Files written before a parameter existed load with its default.
     for name, default in _ADDED_PARAMS.items():
         params.setdefault(name, default)
+    # Files written before memory was dropped on save: a cache folder of the
+    # machine that saved it, which checking the parameters would create.
+    params["memory"] = None
     _check_params(params)
     _check_fitted(_require(config, "fitted", dict))
     _check_network(_require(config, "network", dict))
@@ -431,7 +470,8 @@ def _check_fitted(fitted):
 
 def _check_network(network):
     where = "network "
-    _require(network, "backbone", str, where)
+    if len(_require(network, "backbone", str, where)) > _MAX_NAME_LENGTH:
+        raise _Invalid(f"network 'backbone' is a {len(network['backbone'])}-character name")
     _require_list(network, "layers", int, None, where)
     _require_list(network, "mean", float, 3, where)
     _require_list(network, "std", float, 3, where, positive=True)
@@ -463,11 +503,68 @@ def _check_network(network):
         )
 
 
+def _check_consistency(config, layout):
+    """The network description against the parameters and the tensors' shapes.
+
+    Run on the header alone, before the network is built: each number that
+    sizes an allocation (prototypes, input size, sigma) must agree with the
+    validated parameters or with tensors that are in the file.
+    """
+    params, fitted, network = config["params"], config["fitted"], config["network"]
+    model = ProtoADDetector(**_params_from_json(params))
+    expected = {
+        "backbone": model.backbone,
+        "layers": list(model.layers),
+        "alignment": model.alignment,
+        "neighborhood_size": model.neighborhood_size,
+        "normalization": model.normalization,
+        "image_score": model._network_image_score(),
+        "input_size": None if model._crop_size() is None else list(model._crop_size()),
+        "sigma": float(model.sigma),
+    }
+    defaults = {"neighborhood_size": 1, "normalization": "patch", "image_score": "map"}
+    for key, value in expected.items():
+        described = network.get(key, defaults.get(key))
+        if described != value:
+            raise _Invalid(
+                f"the network's {key} {described!r} is not the {value!r} of its parameters"
+            )
+    for key in ("mean", "std"):
+        if not np.array_equal(
+            np.float32(network[key]), np.float32(np.asarray(params[key], dtype=float))
+        ):
+            raise _Invalid(f"the network's {key} is not the {key} of its parameters")
+    if _PROTOTYPES not in layout or len(layout[_PROTOTYPES][1]) != 4:
+        raise _Invalid(f"the prototypes, a 4-D tensor {_PROTOTYPES!r}, are missing")
+    n_prototypes, n_channels = layout[_PROTOTYPES][1][:2]
+    if network["n_prototypes"] != n_prototypes:
+        raise _Invalid(
+            f"network 'n_prototypes' is {network['n_prototypes']}, the file holds "
+            f"{n_prototypes} prototypes"
+        )
+    if fitted["feature_shape_"][2] != n_channels:
+        raise _Invalid(
+            f"fitted 'feature_shape_' {fitted['feature_shape_']} does not match the "
+            f"prototypes' {n_channels} channels"
+        )
+    if (fitted["feature_shape_"][0] is None) != (network["input_size"] is None):
+        raise _Invalid(
+            f"fitted 'feature_shape_' {fitted['feature_shape_']} does not match the "
+            f"network's input size {network['input_size']}"
+        )
+    score_is_map_max = expected["image_score"] == "map" or expected["normalization"] == "patch"
+    if (fitted.get("pixel_threshold_") is None) != score_is_map_max:
+        raise _Invalid(
+            "fitted 'pixel_threshold_' must be set exactly when the image score is not "
+            "the map's maximum (normalization='image', image_score other than 'map')"
+        )
+
+
 # ---------------------------------------------------------- tensor checks
 def _rebuild(description):
     try:
         return _build_network(description)
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise _Invalid(f"cannot rebuild the network it describes: {exc}") from None
 
 
@@ -496,14 +593,11 @@ def _check_tensor_values(tensors, config):
             raise _Invalid(f"tensor {name!r} holds non-finite values")
     if len(tensors[_CALIBRATION]) > config["fitted"]["n_train_images_"]:
         raise _Invalid(f"more {_CALIBRATION} than training images")
-
-
-def _all_finite(t):
-    if t.dtype in (torch.float16, torch.float32, torch.float64):
-        # numpy's vectorised check is many times faster than torch.isfinite
-        # here, which matters for the 100 MB of a wide_resnet50_2.
-        return bool(np.isfinite(t.numpy()).all())
-    return bool(torch.isfinite(t).all())
+    for key in ("mean", "std"):
+        # the tensors normalise the images; the parameters must say the same
+        values = tensors[f"{_NETWORK_PREFIX}embedding.{key}"].reshape(-1).numpy()
+        if not np.array_equal(values, np.float32(config["params"][key])):
+            raise _Invalid(f"tensor 'embedding.{key}' is not the {key} of its parameters")
 
 
 def _assemble(config, network, calibration, device):
@@ -512,42 +606,14 @@ def _assemble(config, network, calibration, device):
         params["device"] = device
     model = ProtoADDetector(**params)
     fitted = config["fitted"]
-    if network.input_size != model._crop_size():
-        raise _Invalid(
-            f"the network's input size {network.input_size} is not the crop "
-            f"{model._crop_size()} of its parameters"
-        )
-    if network.embedding.normalization != model.normalization:
-        raise _Invalid(
-            f"the network's normalization {network.embedding.normalization!r} is not "
-            f"the {model.normalization!r} of its parameters"
-        )
-    if network.image_score != model._network_image_score():
-        raise _Invalid(
-            f"the network's image score {network.image_score!r} does not follow from "
-            f"normalization={model.normalization!r}, image_score={model.image_score!r}"
-        )
-    if (fitted.get("pixel_threshold_") is None) != network.score_is_map_max:
-        raise _Invalid(
-            "fitted 'pixel_threshold_' must be set exactly when the image score is not "
-            "the map's maximum (normalization='image', image_score other than 'map')"
-        )
-    if (fitted["feature_shape_"][0] is None) != (network.input_size is None):
-        raise _Invalid(
-            f"fitted 'feature_shape_' {fitted['feature_shape_']} does not match the "
-            f"network's input size {network.input_size}"
-        )
-    if fitted["feature_shape_"][2] != network.embedding.n_channels:
-        raise _Invalid(
-            f"fitted 'feature_shape_' {fitted['feature_shape_']} does not match the "
-            f"network's {network.embedding.n_channels} channels"
-        )
     model.network_ = network
     model.offset_ = float(fitted["offset_"])
     model.calibration_scores_ = calibration.numpy().astype(np.float64)
     model.feature_shape_ = tuple(fitted["feature_shape_"])
     model.n_train_images_ = fitted["n_train_images_"]
     model._pixel_threshold = fitted.get("pixel_threshold_")
+    # _check_consistency matched the parameters with the network
+    model._fitted_settings = model._feature_settings()
     return model
 
 

@@ -21,11 +21,12 @@ dtype('uint8')
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
+
+from ._files import write_new_file
 
 __all__ = ["COLORMAPS", "apply_colormap", "overlay", "contour", "draw_contour", "save_png", "grid"]
 
@@ -293,6 +294,9 @@ def overlay(
 def save_png(array, path):
     """Write an image array as a PNG file, creating missing parent folders.
 
+    The file is written to a temporary file next to it and moved into place,
+    so it is never seen half written; an existing file is replaced.
+
     Parameters
     ----------
     array : ndarray of shape (H, W) or (H, W, 3)
@@ -322,10 +326,9 @@ def save_png(array, path):
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] != 3):
         raise ValueError(f"array must have shape (H, W) or (H, W, 3), got {arr.shape}.")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path, format="PNG")
-    return path
+    # atomic: an interrupted or failed write leaves no truncated PNG
+    return write_new_file(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"),
+                          overwrite=True)
 
 
 def _fit_into(rgb, height, width, background):

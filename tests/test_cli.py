@@ -2,9 +2,11 @@
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import joblib
 import numpy as np
@@ -315,14 +317,59 @@ def test_out_dir_is_not_overwritten_without_force(model, folders, tmp_path, caps
     code, _, err = _run(["predict", model, folders / "test", "-o", out, "-q"], capsys)
     assert code == 2 and "not empty" in err and "--force" in err
 
-    stale = out / "overlays" / "from_an_old_run.png"
-    stale.write_bytes(b"")
+    stale = out / "overlays" / "img_4.png"  # written by the first run
+    assert stale.exists()
     (out / "keep_me.txt").write_text("user file")
     one = sorted((folders / "test").glob("*.png"))[0]
     assert _run(["predict", model, one, "-o", out, "-q", "--force"], capsys)[0] == 0
     assert len(_read_csv(out / "scores.csv")) == 1
-    assert not stale.exists() and len(list((out / "overlays").iterdir())) == 1
+    # the earlier run's overlays are gone (they would mislead), nothing else is
+    assert not stale.exists() and [p.name for p in (out / "overlays").iterdir()] == ["img_0.png"]
     assert (out / "keep_me.txt").read_text() == "user file"
+
+
+def test_force_never_deletes_or_replaces_files_it_did_not_write(model, folders, tmp_path,
+                                                                capsys, synthetic):
+    """--force deleted every *.png in OUT/overlays and OUT/masks: a user's own
+    masks, or the input images themselves before they were read."""
+    out = tmp_path / "out"
+    truth = _save(synthetic.masks_test[0].astype(np.uint8) * 255, out / "masks" / "truth_0.png")
+    own_image = _save(synthetic.X_test[1], out / "overlays" / "photo.png")
+    before = truth.read_bytes(), own_image.read_bytes()
+    code, _, err = _run(["predict", model, folders / "test", "-o", out, "-q", "--force"], capsys)
+    assert code == 0, err
+    assert (truth.read_bytes(), own_image.read_bytes()) == before
+    assert (out / "overlays" / "img_0.png").exists()
+    # again, scoring the user's image inside OUT/overlays: the earlier run's
+    # outputs are replaced, the user's files are still not touched
+    code, _, err = _run(["predict", model, own_image, folders / "test", "-o", out, "-q",
+                         "--force"], capsys)
+    # overlays/photo.png would be this run's overlay of photo.png: refused, named
+    assert code == 2 and "did not write" in err and "overlays/photo.png" in err
+    assert (truth.read_bytes(), own_image.read_bytes()) == before
+    assert (out / "overlays" / "img_0.png").exists()  # the refused run removed nothing
+    # a user's scores.csv is not replaced either
+    other = tmp_path / "other"
+    (other / "scores.csv").parent.mkdir()
+    (other / "scores.csv").write_text("my own table")
+    code, _, err = _run(["predict", model, folders / "test", "-o", other, "-q", "--force"],
+                        capsys)
+    assert code == 2 and "scores.csv" in err
+    assert (other / "scores.csv").read_text() == "my own table"
+
+
+def test_an_edited_manifest_cannot_make_force_delete_other_files(model, folders, tmp_path,
+                                                                 capsys):
+    out = tmp_path / "out"
+    assert _run(["predict", model, folders / "test", "-o", out, "-q"], capsys)[0] == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (out / "notes.png").write_text("keep")
+    manifest = json.loads((out / ".skprotoad-outputs.json").read_text())
+    manifest["files"] += ["../victim.txt", "notes.png", "overlays/../../victim.txt"]
+    (out / ".skprotoad-outputs.json").write_text(json.dumps(manifest))
+    assert _run(["predict", model, folders / "test", "-o", out, "-q", "--force"], capsys)[0] == 0
+    assert victim.read_text() == "keep" and (out / "notes.png").read_text() == "keep"
 
 
 # ---------------------------------------------------------------- evaluate
@@ -395,8 +442,23 @@ def test_demo_small(tmp_path, capsys):
     assert set(results["metrics"]) >= {"image_auroc", "pixel_auroc", "aupro"}
     assert len(_read_csv(out / "scores.csv")) == 6
 
+    # README's first command, run again: the demo replaces its own output,
+    # including files of an earlier run that this one does not write
+    (out / "overlays" / "test_099_defect.png").write_bytes(b"")
+    manifest = json.loads((out / ".skprotoad-outputs.json").read_text())
+    manifest["files"].append("overlays/test_099_defect.png")
+    (out / ".skprotoad-outputs.json").write_text(json.dumps(manifest))
     code, _, err = _run(argv, capsys)
-    assert code == 2 and "not empty" in err
+    assert code == 0, err
+    assert not (out / "overlays" / "test_099_defect.png").exists()
+    assert sorted(p.name for p in (out / "overlays").glob("*.png")) == [p.name for p in overlays]
+
+    # a folder with files the demo did not write needs --force, and keeps them
+    (out / "mine.txt").write_text("mine")
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and "not empty" in err and "mine.txt" in err
+    assert _run([*argv, "--force"], capsys)[0] == 0
+    assert (out / "mine.txt").read_text() == "mine"
 
 
 # ------------------------------------------------------------- bad input
@@ -519,3 +581,188 @@ def test_unexpected_errors_are_one_clean_line(folders, tmp_path, capsys, monkeyp
     code, _, err = _run(["fit", folders / "train", "-o", tmp_path / "m.joblib", "-q"], capsys)
     assert code == 1 and "unexpected KeyError" in err and "--debug" in err
     assert "Traceback" not in err
+
+
+# ------------------------------------------------ issue 17: reliability
+
+
+def test_fit_and_predict_with_the_safe_format(folders, model, tmp_path, capsys):
+    """predict model.safetensors failed with "Error -3 while decompressing data"."""
+    from skprotoad import persistence
+
+    safe = tmp_path / "m.safetensors"
+    argv = ["fit", folders / "train", "-o", safe, "-q", *TINY_OPTIONS]
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    detector = persistence.load(safe)  # the safe format, not a pickle
+    assert detector.verbose is False
+    np.testing.assert_allclose(
+        detector.score_samples(sorted(str(p) for p in (folders / "test").glob("*.png"))),
+        joblib.load(model).score_samples(sorted(str(p) for p in (folders / "test").glob("*.png"))),
+        rtol=1e-6,
+    )
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _run(["predict", safe, folders / "test", "-o", a, "-q"], capsys)[0] == 0
+    # by content too: a safetensors file under another name is never unpickled
+    renamed = tmp_path / "m.model"
+    renamed.write_bytes(safe.read_bytes())
+    assert _run(["predict", renamed, folders / "test", "-o", b, "-q"], capsys)[0] == 0
+    assert _read_csv(a / "scores.csv") == _read_csv(b / "scores.csv")
+    # a pickle named .safetensors is refused, not unpickled
+    pickled = tmp_path / "p.safetensors"
+    pickled.write_bytes(model.read_bytes())
+    code, _, err = _run(["predict", pickled, folders / "test", "-o", tmp_path / "c", "-q"], capsys)
+    assert code == 1 and "not a valid skprotoad model file" in err
+
+
+def test_files_that_are_not_models_are_named_as_such(folders, model, tmp_path, capsys):
+    truncated = tmp_path / "cut.joblib"
+    truncated.write_bytes(model.read_bytes()[:1000])
+    code, _, err = _run(["predict", truncated, folders / "test", "-o", tmp_path / "o"], capsys)
+    assert code == 1 and "not a skprotoad model" in err and "truncated" in err
+    assert ".safetensors" in err  # says which formats are accepted
+
+
+def test_unwritable_outputs_are_refused_before_any_work(folders, tmp_path, capsys,
+                                                        monkeypatch, fake_mvtec):
+    """An unwritable MODEL was found only after the whole fit, and the error
+    named an internal temporary file."""
+    from skprotoad import cli
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the fit started")
+
+    monkeypatch.setattr(cli, "_fit", no_fit)
+    a_file = tmp_path / "plain.txt"
+    a_file.write_text("")
+    # /sys refuses new files even to root (a read-only file system here)
+    targets = [a_file / "m.joblib", "/sys/m.joblib"] if os.access("/sys", os.F_OK) else [
+        a_file / "m.joblib"]
+    for target in targets:
+        code, _, err = _run(["fit", folders / "train", "-o", target, "-q", *TINY_OPTIONS], capsys)
+        assert code == 2 and f"cannot write model file {target}" in err and ".tmp" not in err
+        code, _, err = _run(["evaluate", fake_mvtec, "--category", "widget", "-q",
+                             "--save-model", target, *TINY_OPTIONS], capsys)
+        assert code == 2 and f"cannot write model file {target}" in err
+    code, _, err = _run(["demo", "-o", a_file / "out", "-q"], capsys)
+    assert code == 2 and "not a folder" in err
+
+
+def test_nan_threshold_and_nan_models_never_label_normal(model, folders, tmp_path, capsys):
+    for option in ("--threshold", "--vmin", "--vmax"):
+        code, _, err = _run(["predict", model, folders / "test", "-o", tmp_path / "o", "-q",
+                             option, "nan"], capsys)
+        assert code == 2 and "finite" in err
+    code, _, err = _run(["fit", folders / "train", "-o", tmp_path / "m.joblib", "-q",
+                         *TINY_OPTIONS, "--sigma", "1e300"], capsys)
+    assert code == 1 and "sigma must be in" in err and "unexpected" not in err
+
+    broken = joblib.load(model)
+    broken.network_.prototype_conv.weight.data[0, 0] = float("nan")
+    joblib.dump(broken, tmp_path / "nan.joblib")
+    code, _, err = _run(["predict", tmp_path / "nan.joblib", folders / "test", "-o",
+                         tmp_path / "o", "-q"], capsys)
+    assert code == 1 and "non-finite" in err
+    assert not (tmp_path / "o" / "scores.csv").exists()
+
+
+def test_non_finite_scores_are_skipped_not_normal(model, folders, tmp_path, capsys, monkeypatch):
+    """Should a model still give NaN scores (the load checks passed), predict
+    lists those images as skipped, never as normal."""
+    from skprotoad import ProtoADDetector
+
+    original = ProtoADDetector.anomaly_maps
+
+    def nan_scores(self, X, output="crop", return_scores=False):
+        maps, scores = original(self, X, output=output, return_scores=True)
+        scores[:] = np.nan
+        return (maps, scores) if return_scores else maps
+
+    monkeypatch.setattr(ProtoADDetector, "anomaly_maps", nan_scores)
+    code, _, err = _run(["predict", model, folders / "test", "-o", tmp_path / "o", "-q"], capsys)
+    assert code == 1 and "no image could be scored" in err
+    assert _read_csv(tmp_path / "o" / "scores.csv") == []
+    reasons = {r["reason"] for r in _read_csv(tmp_path / "o" / "skipped.csv")}
+    assert reasons == {"its anomaly score is not finite: the model or the image is broken"}
+
+
+def test_large_images_are_refused_or_drawn_smaller(model, folders, tmp_path, capsys,
+                                                   monkeypatch, synthetic):
+    """One accepted 178-megapixel image took 17 GB: overlays and masks were
+    drawn at its own size. The limits are lowered here to test on small images."""
+    from skprotoad import cli
+
+    big = _save(_resized(synthetic.X_test[0], (120, 200)), tmp_path / "in" / "big.png")
+    code, _, err = _run(["predict", model, big, "-o", tmp_path / "a", "-q",
+                         "--max-pixels", "10000"], capsys)
+    assert code == 1 and "200 x 120 = 24,000 pixels, more than --max-pixels 10,000" in err
+    monkeypatch.setattr(cli, "_MAX_OUTPUT_PIXELS", 60 * 100)
+    code, _, err = _run(["predict", model, big, "-o", tmp_path / "b", "-q"], capsys)
+    assert code == 0, err
+    row = _read_csv(tmp_path / "b" / "scores.csv")[0]
+    assert (row["width"], row["height"]) == ("200", "120")  # the image's own size
+    for name in (row["overlay"], row["mask"]):
+        with Image.open(tmp_path / "b" / name) as img:
+            assert img.size == (100, 60)
+    # the same verdict and, scaled, the same mask as at full size
+    monkeypatch.setattr(cli, "_MAX_OUTPUT_PIXELS", 2048 * 2048)
+    assert _run(["predict", model, big, "-o", tmp_path / "c", "-q"], capsys)[0] == 0
+    assert _read_csv(tmp_path / "c" / "scores.csv")[0]["label"] == row["label"]
+
+
+def test_interrupted_predict_lists_what_was_done(model, folders, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (or a full disk) left a 0-byte PNG and no scores.csv."""
+    from skprotoad import plotting
+
+    calls = []
+    original = plotting.save_png
+
+    def interrupted(array, path):
+        calls.append(path)
+        if len(calls) == 5:  # the third image's overlay: two images are done
+            raise KeyboardInterrupt
+        return original(array, path)
+
+    monkeypatch.setattr(plotting, "save_png", interrupted)
+    out = tmp_path / "out"
+    code, _, err = _run(["predict", model, folders / "test", "-o", out, "-q"], capsys)
+    assert code == 130 and "interrupted" in err
+    rows = _read_csv(out / "scores.csv")
+    assert [r["overlay"] for r in rows] == ["overlays/img_0.png", "overlays/img_1.png"]
+    assert json.loads((out / "run.json").read_text())["complete"] is False
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert all(p.stat().st_size > 0 for p in written)
+    assert not [p for p in written if p.name.endswith(".tmp")]
+    for row in rows:
+        assert (out / row["mask"]).is_file()
+
+    def full_disk(array, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plotting, "save_png", full_disk)
+    code, _, err = _run(["predict", model, folders / "test", "-o", out, "-q", "--force"], capsys)
+    assert code == 1 and "No space left" in err
+    assert _read_csv(out / "scores.csv") == []
+    assert json.loads((out / "run.json").read_text())["complete"] is False
+    # complete runs say so
+    monkeypatch.setattr(plotting, "save_png", original)
+    assert _run(["predict", model, folders / "test", "-o", out, "-q", "--force"], capsys)[0] == 0
+    assert json.loads((out / "run.json").read_text())["complete"] is True
+
+
+def test_ctrl_c_during_start_up_exits_130_quietly(tmp_path):
+    """While torch was still being imported, Ctrl-C printed a traceback."""
+    script = (
+        "import sys, runpy\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "sys.argv = ['skprotoad', '--help']\n"
+        "runpy.run_module('skprotoad', run_name='__main__', alter_sys=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr and "interrupted" in done.stderr

@@ -181,6 +181,7 @@ def test_auto_contamination_with_few_images_uses_the_worst(normal_images):
         ({"contamination": 0.7}, ValueError, "contamination"),
         ({"contamination": "high"}, ValueError, "contamination"),
         ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"batch_size": True}, ValueError, "batch_size"),
         ({"device": "tpu"}, ValueError, "device"),
         ({"backbone": "no_such_net"}, ValueError, "Unknown backbone"),
         ({"layers": (2, 1)}, ValueError, "strictly increasing"),
@@ -198,6 +199,43 @@ def test_auto_contamination_with_few_images_uses_the_worst(normal_images):
 def test_bad_parameters_are_named_at_fit(normal_images, params, error, match):
     with pytest.raises(error, match=match):
         ProtoADDetector(**{**TINY, **params}).fit(normal_images)
+
+
+@pytest.mark.parametrize("sigma", [1e300, 1e12, 257.0, float("nan"), float("inf")])
+def test_sigma_is_bounded_before_any_work(normal_images, sigma, monkeypatch):
+    """sigma=1e300 raised OverflowError and 1e12 asked for 64 TB, both only
+    after the features were extracted."""
+    from skprotoad import detector
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before sigma was checked")
+
+    monkeypatch.setattr(detector, "create_feature_extractor", no_work)
+    with pytest.raises(ValueError, match=r"sigma must be in \[0, 256\]"):
+        ProtoADDetector(**{**TINY, "sigma": sigma}).fit(normal_images)
+
+
+def test_numpy_integers_are_accepted_for_integer_parameters(normal_images, synthetic,
+                                                           tiny_detector):
+    """A GridSearchCV grid given as a numpy array passes numpy integers."""
+    params = {**TINY, "neighborhood_size": np.int64(1), "n_clusters": np.int64(16),
+              "batch_size": np.int64(8)}
+    det = ProtoADDetector(**params).fit(normal_images)
+    assert det.network_.embedding.neighborhood_size == 1
+    assert type(det.network_.embedding.neighborhood_size) is int
+    np.testing.assert_array_equal(
+        det.score_samples(synthetic.X_test),
+        ProtoADDetector(**{**TINY, "neighborhood_size": 1}).fit(normal_images)
+        .score_samples(synthetic.X_test),
+    )
+
+
+def test_weights_file_that_is_not_a_state_dict_is_named(normal_images, tmp_path):
+    """It said only "...: '101'" (torch's unpickler's KeyError)."""
+    path = tmp_path / "weights.pth"
+    path.write_text("not a checkpoint at all")
+    with pytest.raises(ValueError, match=r"weights.pth: it is not a PyTorch checkpoint"):
+        ProtoADDetector(**{**TINY, "weights": str(path)}).fit(normal_images)
 
 
 def test_methods_before_fit_raise_not_fitted(synthetic):
@@ -332,6 +370,73 @@ def test_model_from_another_format_version_is_refused(tiny_detector):
     det = ProtoADDetector.__new__(ProtoADDetector)
     with pytest.raises(ValueError, match="format 999"):
         det.__setstate__(state)
+
+
+def _poisoned(model, value=float("nan")):
+    """A copy of ``model`` with one prototype entry set to ``value``."""
+    poisoned = pickle.loads(pickle.dumps(model))
+    poisoned.network_.prototype_conv.weight.data[0, 0] = value
+    return poisoned
+
+
+def test_a_model_with_nan_prototypes_does_not_load(tiny_detector, tmp_path):
+    """Every score of such a model is NaN, and predict called every image normal."""
+    joblib.dump(_poisoned(tiny_detector), tmp_path / "nan.joblib")
+    with pytest.raises(ValueError, match="non-finite values.*prototype_conv.weight"):
+        joblib.load(tmp_path / "nan.joblib")
+    broken = pickle.loads(pickle.dumps(tiny_detector))
+    broken.offset_ = float("nan")
+    with pytest.raises(ValueError, match="non-finite values.*thresholds"):
+        pickle.loads(pickle.dumps(broken))
+
+
+def test_non_finite_scores_are_never_normal(tiny_detector, synthetic):
+    X = synthetic.X_test[:3]
+    broken = _poisoned(tiny_detector)
+    assert np.isnan(broken.score_samples(X)).all()
+    with pytest.raises(ValueError, match="not finite.*not called normal"):
+        broken.predict(X)
+    with pytest.raises(ValueError, match="not finite"):
+        broken.predict_masks(X)
+    for threshold in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="threshold must be finite"):
+            tiny_detector.predict_masks(X, threshold=threshold)
+    with pytest.raises(TypeError, match="threshold must be a number"):
+        tiny_detector.predict_masks(X, threshold="0.5")
+    no_offset = pickle.loads(pickle.dumps(tiny_detector))
+    no_offset.offset_ = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        no_offset.predict(X)
+
+
+@pytest.mark.parametrize("change", [
+    {"image_size": 80, "crop_size": 64},
+    {"image_size": (64, 72), "crop_size": 64},
+    {"crop_size": 48},
+    {"sigma": 8.0},
+    {"neighborhood_size": 5},
+    {"mean": (0.5, 0.5, 0.5)},
+])
+def test_parameters_changed_after_fit_are_refused(tiny_detector, synthetic, change):
+    """set_params(image_size=...) after fit changed the preprocessing silently
+    (the network keeps its own sigma, mean ...: those were silently ignored)."""
+    det = pickle.loads(pickle.dumps(tiny_detector)).set_params(**change)
+    for method in ("score_samples", "predict", "anomaly_maps"):
+        with pytest.raises(ValueError, match="changed after fit.*refit"):
+            getattr(det, method)(synthetic.X_test[:2])
+    det.set_params(**{k: tiny_detector.get_params()[k] for k in change})
+    np.testing.assert_array_equal(
+        det.score_samples(synthetic.X_test[:2]), tiny_detector.score_samples(synthetic.X_test[:2])
+    )
+
+
+def test_parameters_that_do_not_change_the_model_can_change(tiny_detector, synthetic):
+    X = synthetic.X_test[:2]
+    det = pickle.loads(pickle.dumps(tiny_detector))
+    # with normalization="patch" every image_score is the same network
+    det.set_params(image_score="cosine", batch_size=1, n_clusters=3, image_size=(64, 64))
+    # (batch size 1: the same up to float rounding)
+    np.testing.assert_allclose(det.score_samples(X), tiny_detector.score_samples(X), rtol=1e-5)
 
 
 # ------------------------------------------------------------- localization

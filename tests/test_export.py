@@ -119,6 +119,31 @@ def test_onnx_needs_the_export_extra(crop_detector, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("opset, error, match", [
+    (3, ValueError, "opset must be between 11 and"),
+    (99, ValueError, "opset must be between 11 and"),
+    ("x", TypeError, "opset must be an int"),
+    (18.0, TypeError, "opset must be an int"),
+    (True, TypeError, "opset must be an int"),
+])
+def test_onnx_opset_is_checked_before_export(crop_detector, tmp_path, opset, error, match):
+    """opset=3 dumped the whole traced graph as its error message."""
+    with pytest.raises(error, match=match) as info:
+        export.to_onnx(crop_detector, tmp_path / "m.onnx", opset=opset, dynamo=False)
+    assert len(str(info.value)) < 200
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_refuses_parameters_changed_after_fit(crop_detector, tmp_path):
+    import copy
+
+    changed = copy.deepcopy(crop_detector).set_params(image_size=96)
+    with pytest.raises(ValueError, match="image_size=.*changed after fit"):
+        export.to_torchscript(changed, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="changed after fit"):
+        export.preprocess(changed, np.zeros((1, 64, 64, 3), np.uint8))
+
+
 def _run_onnx(path, x):
     ort = pytest.importorskip("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

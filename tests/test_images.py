@@ -182,3 +182,28 @@ def test_truncated_file_is_named(tmp_path, rgb):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(ValueError, match="cut.jpg"):
         load_image(path)
+
+
+def test_lab_images_are_colour_not_transparency(tmp_path, rgb):
+    """LAB's "A" band is a colour axis; it was taken for alpha."""
+    from PIL import ImageCms
+
+    to_lab = ImageCms.buildTransformFromOpenProfiles(
+        ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB"
+    )
+    path = tmp_path / "lab.tif"
+    ImageCms.applyTransform(Image.fromarray(rgb), to_lab).save(path)
+    with Image.open(path) as img:
+        assert img.mode == "LAB"
+    loaded = load_image(path)
+    assert loaded.shape == rgb.shape
+    assert np.abs(loaded - rgb / 255.0).mean() < 0.05  # the same colours, up to conversion
+
+
+def test_premultiplied_grey_alpha_is_read_or_named(rgb):
+    grey = Image.fromarray(rgb[..., 0])
+    opaque = Image.merge("La", [grey, Image.new("L", grey.size, 255)])
+    np.testing.assert_array_equal(ImageSequence([opaque]).load(0), load_image(grey))
+    clear = Image.merge("La", [grey, Image.new("L", grey.size, 0)])
+    with pytest.raises(ValueError, match=r"X\[0\] is a La image with transparent pixels"):
+        ImageSequence([clear]).load(0)

@@ -187,6 +187,36 @@ def test_save_never_overwrites_unless_asked(tiny_detector, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temp files
 
 
+def test_save_onto_a_folder_or_a_full_disk_names_the_users_path(tiny_detector, tmp_path,
+                                                                monkeypatch):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match=f"{folder} is a folder") as info:
+        persistence.save(tiny_detector, folder, overwrite=True)
+    assert ".tmp" not in str(info.value)
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="cannot write .*m.safetensors.*No space left"):
+        persistence.save(tiny_detector, folder / "m.safetensors")
+    assert list(folder.iterdir()) == []  # no temporary file left
+
+
+def test_save_refuses_parameters_changed_after_fit(tiny_detector, tmp_path):
+    """A file must describe the model that was fitted: load would otherwise
+    take the changed sigma or image_size for the fitted one."""
+    for change in ({"sigma": 8.0}, {"image_size": 80}):
+        model = copy.deepcopy(tiny_detector).set_params(**change)
+        with pytest.raises(ValueError, match=f"{next(iter(change))}=.*changed after fit"):
+            persistence.save(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_saved_file_has_normal_permissions(saved):
     umask = os.umask(0)
     os.umask(umask)
@@ -232,9 +262,13 @@ def _setter(dotted, value):
 
 _TAMPERED_JSON = {
     "more prototypes than tensors": (
-        _setter("network.n_prototypes", 17), "prototype_conv.weight.*shape"),
-    "fewer layers": (_setter("network.layers", [1]), "missing|unexpected|shape"),
-    "unknown backbone": (_setter("network.backbone", "no_such_net"), "Unknown backbone"),
+        _setter("network.n_prototypes", 17), "n_prototypes' is 17, the file holds 16"),
+    "fewer layers": (_setter("network.layers", [1]), "layers \\[1\\] is not the \\[1, 2\\]"),
+    "unknown backbone": (
+        lambda c: [_setter(k, "no_such_net")(c) for k in ("network.backbone", "params.backbone")],
+        "Unknown backbone"),
+    "backbone differs from network": (
+        _setter("network.backbone", "resnet34"), "backbone 'resnet34' is not the 'resnet18'"),
     "offset as a string": (_setter("fitted.offset_", "0.5"), "offset_.*must be float"),
     "feature shape of 2": (_setter("fitted.feature_shape_", [8, 8]), "must hold 3"),
     "bool as int": (_setter("fitted.n_train_images_", True), "must be int"),
@@ -242,13 +276,13 @@ _TAMPERED_JSON = {
     "unknown parameter": (_setter("params.colour", "red"), "unknown \\['colour'\\]"),
     "bad parameter": (_setter("params.clustering", "dbscan"), "clustering must be"),
     "object parameter": (_setter("params.weights", {"a": 1}), "weights"),
-    "crop differs from network": (_setter("params.crop_size", 32), "input size"),
+    "crop differs from network": (_setter("params.crop_size", 32), "input_size"),
     "normalization differs from network": (
         _setter("params.normalization", "image"), "normalization 'patch' is not"),
     "unknown normalization": (_setter("network.normalization", "layer"), "normalization"),
     "unknown image score": (_setter("network.image_score", "mean"), "image_score"),
     "image score differs from network": (
-        _setter("network.image_score", "cosine"), "image score 'cosine' does not follow"),
+        _setter("network.image_score", "cosine"), "image_score 'cosine' is not the 'map'"),
     "pixel threshold without a split score": (
         _setter("fitted.pixel_threshold_", 0.5), "pixel_threshold_' must be set exactly"),
     "feature channels": (_setter("fitted.feature_shape_", [16, 16, 5]), "channels"),
@@ -256,6 +290,55 @@ _TAMPERED_JSON = {
     "extra key": (_setter("code", "import os"), "unexpected metadata keys"),
     "missing key": (lambda c: c.pop("fitted"), "missing 'fitted'"),
 }
+
+
+def _both(keys, value):
+    def edit(config):
+        for key in keys:
+            _setter(key, value)(config)
+
+    return edit
+
+
+# Header numbers that once sized allocations before they were checked (1.5 GB
+# for a million prototypes, 3.3 GB for input_size 1e8, 1.6 GB for sigma 4e6,
+# which then even loaded), or raised OverflowError (sigma 1e300).
+_HUGE_NUMBERS = {
+    "a million prototypes": (_setter("network.n_prototypes", 10**6), "holds 16 prototypes"),
+    "input size 1e8": (
+        _both(["network.input_size", "params.image_size", "params.crop_size"], [10**8] * 2),
+        "image_size must be at most 8192"),
+    "network input size 1e8": (_setter("network.input_size", [10**8] * 2), "input_size"),
+    "long backbone name": (
+        _both(["network.backbone", "params.backbone"], "x" * 100_000), "100000-character name"),
+    "network sigma 4e6": (_setter("network.sigma", 4e6), "sigma 4000000.0 is not the 4.0"),
+    "sigma 4e6": (_both(["network.sigma", "params.sigma"], 4e6), "sigma must be in"),
+    "sigma 1e300": (_both(["network.sigma", "params.sigma"], 1e300), "sigma must be in"),
+    "neighborhood 1e9+1": (
+        _setter("network.neighborhood_size", 10**9 + 1), "neighborhood_size 1000000001"),
+}
+
+
+@pytest.mark.parametrize("case", list(_HUGE_NUMBERS))
+def test_header_numbers_are_checked_before_anything_is_built(case, saved, tmp_path, monkeypatch):
+    edit, match = _HUGE_NUMBERS[case]
+    path = _rewrite(saved, tmp_path / "m.safetensors", config=edit)
+
+    def build(description):
+        raise AssertionError("the network was built from unchecked numbers")
+
+    monkeypatch.setattr(persistence, "_build_network", build)
+    with pytest.raises(ValueError, match=match):
+        persistence.load(path)
+
+
+def test_mean_tensor_must_match_the_parameters(saved, tmp_path):
+    def shift(data):
+        data["network.embedding.mean"] += 0.1
+
+    path = _rewrite(saved, tmp_path / "m.safetensors", tensors=shift)
+    with pytest.raises(ValueError, match="embedding.mean' is not the mean"):
+        persistence.load(path)
 
 
 @pytest.mark.parametrize("case", list(_TAMPERED_JSON))
@@ -285,7 +368,16 @@ def test_edited_tensor_shapes_and_values_are_refused(saved, tmp_path):
         data[name] = data[name][:-1].contiguous()
 
     path = _rewrite(saved, tmp_path / "a.safetensors", tensors=reshape)
-    with pytest.raises(ValueError, match="prototype_conv.weight.*shape"):
+    with pytest.raises(ValueError, match="'n_prototypes' is 16, the file holds 15 prototypes"):
+        persistence.load(path)
+
+    conv = "network.embedding.backbone.model.conv1.weight"
+
+    def reshape_backbone(data):
+        data[conv] = data[conv][:-1].contiguous()
+
+    path = _rewrite(saved, tmp_path / "e.safetensors", tensors=reshape_backbone)
+    with pytest.raises(ValueError, match="conv1.weight.*shape"):
         persistence.load(path)
 
     def to_double(data):
@@ -406,14 +498,21 @@ def test_models_saved_before_neighborhood_size_load(normal_images, tmp_path, X):
         _assert_same_model(loaded, model, X)
 
 
-def test_memory_in_the_safe_format(tiny_detector, tmp_path):
+def test_memory_is_not_saved_and_loading_touches_no_folder(tiny_detector, saved, tmp_path):
+    """A cache folder is a path of the machine that saved the model: it is
+    dropped on save, and a file that names one (saved by an earlier version,
+    or edited) loads without creating or needing it."""
     model = copy.deepcopy(tiny_detector)
     model.set_params(memory=str(tmp_path / "cache"), n_jobs=2)
     loaded = persistence.load(persistence.save(model, tmp_path / "a.safetensors"))
-    assert loaded.memory == str(tmp_path / "cache") and loaded.n_jobs == 2
+    assert loaded.memory is None and loaded.n_jobs == 2
     model.set_params(memory=joblib.Memory(tmp_path / "cache", verbose=0))
-    with pytest.warns(UserWarning, match="memory is a joblib.Memory.*saved as None"):
-        path = persistence.save(model, tmp_path / "b.safetensors")
+    assert persistence.load(persistence.save(model, tmp_path / "b.safetensors")).memory is None
+
+    elsewhere = tmp_path / "other_machine" / "cache"
+    path = _rewrite(saved, tmp_path / "c.safetensors",
+                    config=_setter("params.memory", str(elsewhere)))
     assert persistence.load(path).memory is None
+    assert not (tmp_path / "other_machine").exists()
     joblib.dump(model, tmp_path / "m.joblib")  # pickle keeps the Memory as it is
     assert str(joblib.load(tmp_path / "m.joblib").memory.location) == str(tmp_path / "cache")
