@@ -70,6 +70,15 @@ SETTINGS = {
                          image_size=256, crop_size=224),
     "nov29_nbhd1_cosine": dict(neighborhood_size=1, normalization="image",
                                image_score="cosine", image_size=256, crop_size=224),
+    # cluster means plus the farthest training patches (greedy k-center)
+    "nov29_far250": dict(neighborhood_size=3, normalization="image", image_score="projection",
+                         image_size=256, crop_size=224, n_farthest=250),
+    "nov29_far1000": dict(neighborhood_size=3, normalization="image",
+                          image_score="projection", image_size=256, crop_size=224,
+                          n_farthest=1000),
+    "nov29_nbhd1_far250": dict(neighborhood_size=1, normalization="image",
+                               image_score="projection", image_size=256, crop_size=224,
+                               n_farthest=250),
     # the paper's per-patch normalisation with centred alignment
     "patch_nbhd1": dict(neighborhood_size=1, normalization="patch", image_size=256,
                         crop_size=224),

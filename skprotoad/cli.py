@@ -229,6 +229,16 @@ def _positive_int(value):
     return number
 
 
+def _non_negative_int(value):
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return number
+
+
 def _add_common(parser):
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="no progress bars or progress messages"
@@ -266,6 +276,11 @@ def _add_detector_options(parser):
     group.add_argument(
         "--n-clusters", type=_positive_int, default=None, metavar="N",
         help="number of prototypes (required with kmeans; finch picks one if omitted)",
+    )
+    group.add_argument(
+        "--n-farthest", type=_non_negative_int, default=None, metavar="N",
+        help="prototypes added after clustering, each the training patch farthest "
+        "from all prototypes so far (default: the estimator's)",
     )
     group.add_argument(
         "--image-size", type=_image_size_arg, default=256, metavar="PX|FACTOR",
@@ -1186,6 +1201,7 @@ _DETECTOR_OPTIONS = {
     "weights": "weights",
     "clustering": "clustering",
     "n_clusters": "n_clusters",
+    "n_farthest": "n_farthest",
     "sigma": "sigma",
     "alignment": "alignment",
     "neighborhood_size": "neighborhood_size",
@@ -1210,6 +1226,8 @@ def _make_detector(args, **overrides):
     }
     if "layers" in params:
         params["layers"] = tuple(params["layers"])
+    if params.get("n_farthest") is None:
+        params.pop("n_farthest", None)  # the estimator's default
     params.update(overrides)
     if params.get("crop_size") is _CROP_UNSET:
         scale = _images.is_scale(params.get("image_size"))

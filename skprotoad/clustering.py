@@ -38,6 +38,7 @@ __all__ = [
     "finch_n_clusters",
     "kmeans",
     "learn_prototypes",
+    "add_farthest_rows",
 ]
 
 #: Largest number of prototypes that ``learn_prototypes(method="finch")``
@@ -890,6 +891,81 @@ def kmeans(
 # --------------------------------------------------------------------------
 # Prototypes
 # --------------------------------------------------------------------------
+def add_farthest_rows(X, prototypes, n_rows, *, device="cpu", batch_size=None, verbose=False):
+    """Greedy k-center completion: append the rows of ``X`` farthest from the prototypes.
+
+    ``n_rows`` times, the row of ``X`` with the largest Euclidean distance to
+    its nearest prototype (those given and those added so far) is appended
+    as a prototype (Gonzalez's farthest-point rule, as PatchCore's coreset).
+    Cluster means describe typical rows and leave rare ones far from every
+    prototype; an image's anomaly score is its worst patch, so a rare but
+    normal patch (an edge of a part at an unusual pose) would otherwise
+    decide it.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+    prototypes : array-like of shape (n_prototypes, n_features)
+    n_rows : int
+        Rows to append; at most ``n_samples``.
+    device : str or torch.device, default="cpu"
+    batch_size : int, default=None
+        Rows of ``X`` per block when measuring the first distances.
+    verbose : bool, default=False
+        Show progress.
+
+    Returns
+    -------
+    prototypes : ndarray of shape (n_prototypes + n_rows, n_features), float32
+        The given prototypes, then the appended rows in the order they were
+        chosen.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skprotoad.clustering import add_farthest_rows
+    >>> X = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [0.0, 3.0]], dtype=np.float32)
+    >>> add_farthest_rows(X, X[:1], 2)[1:].tolist()
+    [[5.0, 5.0], [0.0, 3.0]]
+    """
+    X = _check_X(X)
+    P = np.asarray(prototypes, dtype=np.float32)
+    if P.ndim != 2 or P.shape[1] != X.shape[1]:
+        raise ValueError(
+            f"prototypes must have shape (n_prototypes, {X.shape[1]}), got {P.shape}."
+        )
+    if not isinstance(n_rows, numbers.Integral) or isinstance(n_rows, bool) or not (
+        0 <= n_rows <= X.shape[0]
+    ):
+        raise ValueError(f"n_rows must be an int in [0, {X.shape[0]}], got {n_rows!r}.")
+    if n_rows == 0:
+        return P.copy()
+    device = _resolve_device(device)
+    Xt = _as_tensor(X, device)
+    Pt = torch.from_numpy(P).to(device)
+    # |x - p|^2 = |x|^2 - max_p (2 x.p - |p|^2), by blocks of rows
+    x_sq = torch.empty(X.shape[0], dtype=torch.float32, device=device)
+    nearest = torch.full((X.shape[0],), math.inf, dtype=torch.float32, device=device)
+    p_sq = (Pt * Pt).sum(dim=1)
+    block = _row_block(max(len(P), 1), batch_size)
+    for r0 in range(0, X.shape[0], block):
+        rows = Xt[r0 : r0 + block]
+        x_sq[r0 : r0 + block] = (rows * rows).sum(dim=1)
+        if len(P):
+            best = (2.0 * rows @ Pt.T - p_sq).amax(dim=1)
+            nearest[r0 : r0 + block] = (x_sq[r0 : r0 + block] - best).clamp_min(0.0)
+    chosen = []
+    steps = range(n_rows)
+    if verbose:
+        steps = tqdm(steps, desc="farthest rows", unit="row", file=sys.stderr)
+    for _ in steps:
+        i = int(torch.argmax(nearest))
+        chosen.append(i)
+        q = Xt[i]
+        nearest = torch.minimum(nearest, (x_sq - 2.0 * (Xt @ q) + x_sq[i]).clamp_min(0.0))
+    return np.concatenate([P, X[chosen].astype(np.float32)])
+
+
 def learn_prototypes(
     X,
     *,
@@ -900,6 +976,7 @@ def learn_prototypes(
     device="cpu",
     batch_size=None,
     normalize=True,
+    n_farthest=0,
     verbose=False,
 ):
     """Learn ProtoAD prototypes: L2-normalised cluster means of ``X``.
@@ -933,13 +1010,18 @@ def learn_prototypes(
         in each cluster, keeping their magnitude, for Euclidean distances
         (``ProtoADDetector(normalization="image")``); this holds a unit-row
         copy of ``X`` while clustering.
+    n_farthest : int, default=0
+        Rows of ``X`` appended to the cluster means by
+        :func:`add_farthest_rows` (unit rows unless ``normalize=False``), so
+        that rare rows have a prototype near them too.
     verbose : bool, default=False
         Show progress.
 
     Returns
     -------
     prototypes : ndarray of shape (n_prototypes, n_features), dtype float32
-        Cluster means, unit-norm unless ``normalize=False``.
+        Cluster means, unit-norm unless ``normalize=False``, then the
+        ``n_farthest`` appended rows.
 
     Examples
     --------
@@ -960,8 +1042,28 @@ def learn_prototypes(
     if n_clusters is not None:
         n_clusters = _check_n_clusters(n_clusters, X.shape[0])
     _check_neighbors(neighbors)
-    raw = X
-    X = _normalize_rows(X)
+    if not isinstance(n_farthest, numbers.Integral) or isinstance(n_farthest, bool) or not (
+        0 <= n_farthest <= X.shape[0]
+    ):
+        raise ValueError(f"n_farthest must be an int in [0, {X.shape[0]}], got {n_farthest!r}.")
+    unit = _normalize_rows(X)
+    prototypes = _cluster_means_of(
+        X, unit, method, n_clusters, neighbors, random_state, device, batch_size, normalize,
+        verbose,
+    )
+    if not n_farthest:
+        return prototypes
+    return add_farthest_rows(
+        unit if normalize else X, prototypes, int(n_farthest), device=device,
+        batch_size=batch_size, verbose=verbose,
+    )
+
+
+def _cluster_means_of(
+    raw, X, method, n_clusters, neighbors, random_state, device, batch_size, normalize, verbose
+):
+    """The prototypes of :func:`learn_prototypes` before any farthest rows:
+    clusters found on the unit rows ``X``, means of ``X`` or of ``raw``."""
 
     if method == "kmeans":
         if n_clusters is None:

@@ -49,6 +49,7 @@ _ADDED_PARAMS = {
     "memory": None,
     "normalization": "patch",
     "image_score": "map",
+    "n_farthest": 0,
 }
 
 
@@ -269,6 +270,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         weights="imagenet",
         clustering="finch",
         n_clusters=None,
+        n_farthest=0,
         sigma=4.0,
         alignment="center",
         neighborhood_size=3,
@@ -291,6 +293,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         self.weights = weights
         self.clustering = clustering
         self.n_clusters = n_clusters
+        self.n_farthest = n_farthest
         self.sigma = sigma
         self.alignment = alignment
         self.neighborhood_size = neighborhood_size
@@ -593,6 +596,12 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
                 raise ValueError(f"n_clusters must be at least 1, got {self.n_clusters}.")
         elif self.clustering == "kmeans":
             raise ValueError("clustering='kmeans' needs n_clusters (an int).")
+        if not isinstance(self.n_farthest, numbers.Integral) or isinstance(
+            self.n_farthest, bool
+        ):
+            raise TypeError(f"n_farthest must be an int, got {self.n_farthest!r}.")
+        if self.n_farthest < 0:
+            raise ValueError(f"n_farthest must be >= 0, got {self.n_farthest}.")
         if not isinstance(self.sigma, numbers.Real) or isinstance(self.sigma, bool):
             raise TypeError(f"sigma must be a number, got {self.sigma!r}.")
         if not 0 <= self.sigma <= _MAX_SIGMA:  # NaN fails too
@@ -757,12 +766,18 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
                 random_state=seed,
                 device=str(device),
                 normalize=self.normalization == "patch",
+                n_farthest=int(self.n_farthest),
                 verbose=self.verbose,
             )
         )
 
     def _check_enough_patches(self, features, n_fit):
         n_patches = len(features.patches(n_fit))
+        if self.n_farthest > n_patches:
+            raise ValueError(
+                f"n_farthest={self.n_farthest} is more than the {n_patches} training "
+                f"patches ({n_fit} images)."
+            )
         if self.n_clusters is not None and self.n_clusters > n_patches:
             held_out = len(features) - n_fit
             note = (

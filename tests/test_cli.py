@@ -108,6 +108,16 @@ def test_fit_passes_normalization_and_image_score(folders, tmp_path, capsys):
     assert code == 2 and "invalid choice" in err
 
 
+def test_fit_passes_n_farthest(folders, tmp_path, capsys):
+    argv = ["fit", folders / "train", "-o", tmp_path / "m.joblib", "-q", *TINY_OPTIONS,
+            "--n-farthest", "3"]
+    assert _run(argv, capsys)[0] == 0
+    detector = joblib.load(tmp_path / "m.joblib")
+    assert detector.n_farthest == 3 and detector.prototypes_.shape[0] == 16 + 3
+    code, _, err = _run([*argv[:-1], "-2"], capsys)
+    assert code == 2 and "--n-farthest" in err
+
+
 def test_predict_with_split_image_scores(folders, tmp_path, capsys):
     """normalization="image" with its default image_score="projection": image
     scores and labels from that readout, masks from the maps and their own

@@ -7,6 +7,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from skprotoad import clustering
 from skprotoad.clustering import (
+    add_farthest_rows,
     finch,
     finch_n_clusters,
     kmeans,
@@ -415,3 +416,52 @@ def test_input_passes_need_no_copy_of_the_input(monkeypatch):
     finally:
         tracemalloc.stop()
     assert peak < 0.2 * X.nbytes, peak
+
+
+# ------------------------------------------------------------ farthest rows
+
+
+def _farthest_rows_brute_force(X, P, n):
+    P = list(P)
+    for _ in range(n):
+        d = np.full(len(X), np.inf)  # no prototype yet: every row is infinitely far
+        if P:
+            d = ((X[:, None, :] - np.asarray(P)[None]) ** 2).sum(-1).min(axis=1)
+        P.append(X[int(np.argmax(d))])
+    return np.asarray(P, dtype=np.float32)
+
+
+@pytest.mark.parametrize("n_prototypes", [0, 3])
+def test_add_farthest_rows_is_greedy_k_center(n_prototypes):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 8)).astype(np.float32)
+    X[:5] *= 4  # a few rare, far rows
+    P = 0.1 * rng.normal(size=(n_prototypes, 8)).astype(np.float32)  # near the bulk
+    ours = add_farthest_rows(X, P, 12, batch_size=64)
+    np.testing.assert_allclose(ours, _farthest_rows_brute_force(X, P, 12), rtol=1e-6)
+    if n_prototypes:
+        # with prototypes in the bulk, the rare rows are taken first
+        assert {tuple(r) for r in ours[3:8]} == {tuple(r) for r in X[:5]}
+
+
+def test_learn_prototypes_appends_farthest_unit_rows():
+    rng = np.random.default_rng(1)
+    X = 3 * rng.normal(size=(400, 6)).astype(np.float32)
+    base = learn_prototypes(X, method="kmeans", n_clusters=5, random_state=0)
+    both = learn_prototypes(X, method="kmeans", n_clusters=5, random_state=0, n_farthest=4)
+    np.testing.assert_array_equal(both[:5], base)
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    np.testing.assert_allclose(both, _farthest_rows_brute_force(unit, base, 4), rtol=1e-5)
+    # plain means: the appended rows are rows of X itself
+    raw = learn_prototypes(X, method="kmeans", n_clusters=5, random_state=0, normalize=False,
+                           n_farthest=4)
+    assert all(np.isclose(X, row).all(axis=1).any() for row in raw[5:])
+
+
+@pytest.mark.parametrize("n_rows", [-1, 401, 1.5, True])
+def test_add_farthest_rows_bad_count(n_rows):
+    X = np.ones((400, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="n_rows"):
+        add_farthest_rows(X, X[:2], n_rows)
+    with pytest.raises(ValueError, match="n_farthest"):
+        learn_prototypes(X, method="kmeans", n_clusters=2, n_farthest=n_rows)

@@ -118,6 +118,36 @@ def test_auto_threshold_false_alarm_rate_on_exchangeable_scores():
     assert np.mean(exceed) == pytest.approx(1 / 41, abs=0.004)
 
 
+def test_n_farthest_appends_the_training_patches_farthest_from_the_prototypes(normal_images):
+    import torch
+
+    params = {**TINY, "contamination": 0.1}
+    base = ProtoADDetector(**params).fit(normal_images)
+    det = ProtoADDetector(**params, n_farthest=5).fit(normal_images)
+    assert det.prototypes_.shape == (base.prototypes_.shape[0] + 5, base.prototypes_.shape[1])
+    np.testing.assert_allclose(det.prototypes_[:-5], base.prototypes_, rtol=1e-6)
+    # TINY's input is the 64 px image itself: its unit patch features, directly
+    x = torch.from_numpy(normal_images).permute(0, 3, 1, 2).float() / 255
+    with torch.inference_mode():
+        f = det.network_.embedding(x).permute(0, 2, 3, 1).reshape(-1, 192).numpy()
+    distance = ((f[:, None] - base.prototypes_[None]) ** 2).sum(-1).min(axis=1)
+    np.testing.assert_allclose(det.prototypes_[-5], f[np.argmax(distance)], atol=1e-5)
+    assert all(np.abs(f - p).max(axis=1).min() < 1e-5 for p in det.prototypes_[-5:])
+    # the worst training patch is now a prototype: the training maps' maximum drops
+    assert det.anomaly_maps(normal_images).max() < base.anomaly_maps(normal_images).max()
+
+
+@pytest.mark.parametrize("value, exc", [(-1, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_bad_n_farthest(normal_images, value, exc):
+    with pytest.raises(exc, match="n_farthest"):
+        ProtoADDetector(**TINY, n_farthest=value).fit(normal_images[:6])
+
+
+def test_n_farthest_larger_than_the_patches(normal_images):
+    with pytest.raises(ValueError, match="n_farthest=100000 is more than the"):
+        ProtoADDetector(**TINY, n_farthest=100_000).fit(normal_images[:6])
+
+
 # ------------------------------------------------------ labels and contamination
 
 
