@@ -55,7 +55,7 @@ SHARED_SETS = ("magnetic_tile", "bsdata_pitting", "tire")
 SYNTHETIC_SETS = ("synthetic_textures", "synthetic_objects")
 WHOLE_GRID = 256  # the whole-image protocol's evaluation grid
 
-PAPER = dict(normalization="patch", neighborhood_size=1, alignment="paper")
+PAPER = dict(normalization="patch", neighborhood_size=1, alignment="paper", n_farthest=0)
 SETTINGS = {
     # the package's defaults, whatever they are when the suite runs
     "defaults": dict(),
@@ -63,38 +63,46 @@ SETTINGS = {
     "paper": PAPER,
     # the defaults of 2026-11-29 (before the suite), named explicitly
     "nov29": dict(neighborhood_size=3, normalization="image", image_score="projection",
-                  image_size=256, crop_size=224),
+                  image_size=256, crop_size=224, n_farthest=0),
     "nov29_nbhd1": dict(neighborhood_size=1, normalization="image", image_score="projection",
-                        image_size=256, crop_size=224),
+                        image_size=256, crop_size=224, n_farthest=0),
     "nov29_cosine": dict(neighborhood_size=3, normalization="image", image_score="cosine",
-                         image_size=256, crop_size=224),
+                         image_size=256, crop_size=224, n_farthest=0),
     "nov29_nbhd1_cosine": dict(neighborhood_size=1, normalization="image",
-                               image_score="cosine", image_size=256, crop_size=224),
+                               image_score="cosine", image_size=256, crop_size=224, n_farthest=0),
     # cluster means plus the farthest training patches (greedy k-center)
     "nov29_far250": dict(neighborhood_size=3, normalization="image", image_score="projection",
                          image_size=256, crop_size=224, n_farthest=250),
     "nov29_far1000": dict(neighborhood_size=3, normalization="image",
                           image_score="projection", image_size=256, crop_size=224,
                           n_farthest=1000),
+    "nov29_far1000_whole": dict(neighborhood_size=3, normalization="image",
+                                image_score="projection", image_size=224, crop_size=None,
+                                n_farthest=1000),
+    # as many cluster means as nov29_far1000 has prototypes, and more
+    "nov29_k2000": dict(neighborhood_size=3, normalization="image", image_score="projection",
+                        image_size=256, crop_size=224, n_clusters=2000, n_farthest=0),
+    "nov29_k4000": dict(neighborhood_size=3, normalization="image", image_score="projection",
+                        image_size=256, crop_size=224, n_clusters=4000, n_farthest=0),
     "nov29_nbhd1_far250": dict(neighborhood_size=1, normalization="image",
                                image_score="projection", image_size=256, crop_size=224,
                                n_farthest=250),
     # the paper's per-patch normalisation with centred alignment
     "patch_nbhd1": dict(neighborhood_size=1, normalization="patch", image_size=256,
-                        crop_size=224),
+                        crop_size=224, n_farthest=0),
     "patch_nbhd3": dict(neighborhood_size=3, normalization="patch", image_size=256,
-                        crop_size=224),
+                        crop_size=224, n_farthest=0),
     "paper_whole": dict(PAPER, image_size=224, crop_size=None),
     "nov29_whole": dict(neighborhood_size=3, normalization="image", image_score="projection",
-                        image_size=224, crop_size=None),
+                        image_size=224, crop_size=None, n_farthest=0),
     "nov29_nbhd1_whole": dict(neighborhood_size=1, normalization="image",
-                              image_score="projection", image_size=224, crop_size=None),
+                              image_score="projection", image_size=224, crop_size=None, n_farthest=0),
     "nov29_nbhd1_cosine_whole": dict(neighborhood_size=1, normalization="image",
-                                     image_score="cosine", image_size=224, crop_size=None),
+                                     image_score="cosine", image_size=224, crop_size=None, n_farthest=0),
     "patch_nbhd1_whole": dict(neighborhood_size=1, normalization="patch",
-                              image_size=224, crop_size=None),
+                              image_size=224, crop_size=None, n_farthest=0),
     "patch_nbhd3_whole": dict(neighborhood_size=3, normalization="patch",
-                              image_size=224, crop_size=None),
+                              image_size=224, crop_size=None, n_farthest=0),
 }
 COMMON = dict(backbone="efficientnet_lite0")
 

@@ -36,6 +36,10 @@ _FORMAT_VERSION = 1
 _CALIBRATION_FRACTION = 0.2
 _TARGET_FALSE_ALARM_RATE = 0.01
 _MIN_IMAGES_FOR_HOLDOUT = 5
+# n_farthest=None: this many farthest patches, at most this share of the
+# training patches (so that a small training set is not memorised whole).
+_DEFAULT_FARTHEST = 1000
+_MAX_FARTHEST_SHARE = 0.1
 # Largest sigma accepted, in pixels: a wider Gaussian is flat over any map a
 # CNN can score, and the kernel's size grows with it (1e12 asked for 64 TB).
 _MAX_SIGMA = 256.0
@@ -93,6 +97,18 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         Number of prototypes. With FINCH, ``None`` means 1,000 (fewer when
         FINCH's first partition has fewer clusters, see
         :func:`skprotoad.clustering.learn_prototypes`); k-means needs an int.
+    n_farthest : int or None, default=None
+        Prototypes added after clustering, one at a time, each the normal
+        training patch farthest from every prototype so far (greedy
+        k-center, as PatchCore's memory bank). Cluster means cover the
+        patches that are many; an image's score is its worst patch, and a
+        rare but normal patch (a part's outline at an unusual rotation)
+        left far from every mean would decide it and drown small defects.
+        ``None`` means 1,000, or a tenth of the training patches if that is
+        fewer; 0 keeps the cluster means alone (the paper). Each one costs as
+        much at inference as a cluster prototype. A defect left in the
+        training images becomes a prototype this way: keep them clean. See
+        :doc:`/user_guide/defaults`.
     sigma : float, default=4.0
         Standard deviation, in pixels of the model input (the crop, or the
         resized image with a float ``image_size``), of the Gaussian smoothing
@@ -270,7 +286,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         weights="imagenet",
         clustering="finch",
         n_clusters=None,
-        n_farthest=0,
+        n_farthest=None,
         sigma=4.0,
         alignment="center",
         neighborhood_size=3,
@@ -596,12 +612,13 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
                 raise ValueError(f"n_clusters must be at least 1, got {self.n_clusters}.")
         elif self.clustering == "kmeans":
             raise ValueError("clustering='kmeans' needs n_clusters (an int).")
-        if not isinstance(self.n_farthest, numbers.Integral) or isinstance(
-            self.n_farthest, bool
-        ):
-            raise TypeError(f"n_farthest must be an int, got {self.n_farthest!r}.")
-        if self.n_farthest < 0:
-            raise ValueError(f"n_farthest must be >= 0, got {self.n_farthest}.")
+        if self.n_farthest is not None:
+            if not isinstance(self.n_farthest, numbers.Integral) or isinstance(
+                self.n_farthest, bool
+            ):
+                raise TypeError(f"n_farthest must be an int or None, got {self.n_farthest!r}.")
+            if self.n_farthest < 0:
+                raise ValueError(f"n_farthest must be >= 0, got {self.n_farthest}.")
         if not isinstance(self.sigma, numbers.Real) or isinstance(self.sigma, bool):
             raise TypeError(f"sigma must be a number, got {self.sigma!r}.")
         if not 0 <= self.sigma <= _MAX_SIGMA:  # NaN fails too
@@ -766,14 +783,19 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
                 random_state=seed,
                 device=str(device),
                 normalize=self.normalization == "patch",
-                n_farthest=int(self.n_farthest),
+                n_farthest=self._n_farthest(len(patches)),
                 verbose=self.verbose,
             )
         )
 
+    def _n_farthest(self, n_patches):
+        if self.n_farthest is None:
+            return min(_DEFAULT_FARTHEST, int(_MAX_FARTHEST_SHARE * n_patches))
+        return int(self.n_farthest)
+
     def _check_enough_patches(self, features, n_fit):
         n_patches = len(features.patches(n_fit))
-        if self.n_farthest > n_patches:
+        if self.n_farthest is not None and self.n_farthest > n_patches:
             raise ValueError(
                 f"n_farthest={self.n_farthest} is more than the {n_patches} training "
                 f"patches ({n_fit} images)."

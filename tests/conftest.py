@@ -17,7 +17,8 @@ MAGNETIC_TILE = DATA_ROOT / "magnetic_tile"
 # A random backbone on 64 px images, with the paper's per-patch normalisation:
 # its image score is its map's maximum, which many tests rely on; the default
 # normalization="image" (and its projection image score) is tested with real
-# features through LITE0 and in test_normalization.py.
+# features through LITE0 and in test_normalization.py. No farthest-patch
+# prototypes: exactly the 16 k-means prototypes (n_farthest has its own tests).
 TINY = dict(
     backbone="resnet18",
     weights=None,
@@ -27,6 +28,7 @@ TINY = dict(
     crop_size=64,
     clustering="kmeans",
     n_clusters=16,
+    n_farthest=0,
     batch_size=8,
     random_state=0,
 )

@@ -19,7 +19,7 @@ from skprotoad.cli import main, output_names
 TINY_OPTIONS = [
     "--backbone", "resnet18", "--weights", "none", "--layers", "1", "2",
     "--image-size", "64", "--crop-size", "64", "--clustering", "kmeans",
-    "--n-clusters", "16", "--batch-size", "8", "--seed", "0", "--normalization", "patch",
+    "--n-clusters", "16", "--n-farthest", "0", "--batch-size", "8", "--seed", "0", "--normalization", "patch",
 ]
 # Sizes (height, width) of the test images: non-square ones included, so that
 # outputs must follow each image's own size.

@@ -123,7 +123,7 @@ def test_n_farthest_appends_the_training_patches_farthest_from_the_prototypes(no
 
     params = {**TINY, "contamination": 0.1}
     base = ProtoADDetector(**params).fit(normal_images)
-    det = ProtoADDetector(**params, n_farthest=5).fit(normal_images)
+    det = ProtoADDetector(**{**params, "n_farthest": 5}).fit(normal_images)
     assert det.prototypes_.shape == (base.prototypes_.shape[0] + 5, base.prototypes_.shape[1])
     np.testing.assert_allclose(det.prototypes_[:-5], base.prototypes_, rtol=1e-6)
     # TINY's input is the 64 px image itself: its unit patch features, directly
@@ -140,12 +140,12 @@ def test_n_farthest_appends_the_training_patches_farthest_from_the_prototypes(no
 @pytest.mark.parametrize("value, exc", [(-1, ValueError), (1.5, TypeError), (True, TypeError)])
 def test_bad_n_farthest(normal_images, value, exc):
     with pytest.raises(exc, match="n_farthest"):
-        ProtoADDetector(**TINY, n_farthest=value).fit(normal_images[:6])
+        ProtoADDetector(**{**TINY, "n_farthest": value}).fit(normal_images[:6])
 
 
 def test_n_farthest_larger_than_the_patches(normal_images):
     with pytest.raises(ValueError, match="n_farthest=100000 is more than the"):
-        ProtoADDetector(**TINY, n_farthest=100_000).fit(normal_images[:6])
+        ProtoADDetector(**{**TINY, "n_farthest": 100_000}).fit(normal_images[:6])
 
 
 # ------------------------------------------------------ labels and contamination

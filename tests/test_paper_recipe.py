@@ -53,3 +53,4 @@ def test_paper_recipe_computes_the_papers_map(synthetic):
     np.testing.assert_allclose(maps, expected, atol=1e-4)
     np.testing.assert_allclose(-det.score_samples(X), expected.max(axis=(1, 2)), atol=1e-4)
     assert det.network_.embedding.neighborhood_size == 1
+    assert det.prototypes_.shape[0] == 12  # cluster means only, no farthest patches
