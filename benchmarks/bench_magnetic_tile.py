@@ -36,14 +36,21 @@ from skprotoad.metrics import evaluate_maps, image_auroc
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile"
 
-COMMON = dict(backbone="efficientnet_lite0", random_state=0)
+# Every variant below measured before n_farthest existed, hence n_farthest=0:
+# "default*" are the defaults of that time (the package defaults now add the
+# farthest patches: the "farthest*" variants).
+COMMON = dict(backbone="efficientnet_lite0", random_state=0, n_farthest=0)
 VARIANTS = {
-    # the package defaults
+    # the package defaults before n_farthest
     "default": dict(),
     # the same with other seeds (calibration split, FINCH's approximate
     # neighbour search): how much the metrics move between runs
     "default_seed1": dict(random_state=1),
     "default_seed2": dict(random_state=2),
+    # the package defaults since n_farthest (1,000 farthest training patches)
+    "farthest": dict(n_farthest=None),
+    "farthest_seed1": dict(n_farthest=None, random_state=1),
+    "farthest_seed2": dict(n_farthest=None, random_state=2),
     # the same with 2,000 prototypes
     "projection_2000": dict(n_clusters=2000),
     "projection_2000_seed1": dict(n_clusters=2000, random_state=1),

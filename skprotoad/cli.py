@@ -907,7 +907,9 @@ def _load_model(path):
     except ValueError as exc:  # ours: a damaged model, another format version
         raise CommandError(f"cannot load model {path}: {exc}") from exc
     except Exception as exc:  # any unpickling failure means the same to the user
-        detail = "the file ends early (truncated?)" if isinstance(exc, EOFError) else _describe(exc)
+        # where the file is cut decides which of the two the unpickler raises
+        ends_early = isinstance(exc, EOFError) or "exhausted" in str(exc)
+        detail = "the file ends early (truncated?)" if ends_early else _describe(exc)
         raise CommandError(
             f"cannot load model {path}: it is not a skprotoad model ({detail}). Models are "
             f"{_MODEL_FORMATS}."
