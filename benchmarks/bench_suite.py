@@ -66,10 +66,6 @@ SETTINGS = {
                   image_size=256, crop_size=224, n_farthest=0),
     "nov29_nbhd1": dict(neighborhood_size=1, normalization="image", image_score="projection",
                         image_size=256, crop_size=224, n_farthest=0),
-    "nov29_cosine": dict(neighborhood_size=3, normalization="image", image_score="cosine",
-                         image_size=256, crop_size=224, n_farthest=0),
-    "nov29_nbhd1_cosine": dict(neighborhood_size=1, normalization="image",
-                               image_score="cosine", image_size=256, crop_size=224, n_farthest=0),
     # cluster means plus the farthest training patches (greedy k-center)
     "nov29_far250": dict(neighborhood_size=3, normalization="image", image_score="projection",
                          image_size=256, crop_size=224, n_farthest=250),
@@ -79,30 +75,9 @@ SETTINGS = {
     "nov29_far1000_whole": dict(neighborhood_size=3, normalization="image",
                                 image_score="projection", image_size=224, crop_size=None,
                                 n_farthest=1000),
-    # as many cluster means as nov29_far1000 has prototypes, and more
-    "nov29_k2000": dict(neighborhood_size=3, normalization="image", image_score="projection",
-                        image_size=256, crop_size=224, n_clusters=2000, n_farthest=0),
-    "nov29_k4000": dict(neighborhood_size=3, normalization="image", image_score="projection",
-                        image_size=256, crop_size=224, n_clusters=4000, n_farthest=0),
-    "nov29_nbhd1_far250": dict(neighborhood_size=1, normalization="image",
-                               image_score="projection", image_size=256, crop_size=224,
-                               n_farthest=250),
     # the paper's per-patch normalisation with centred alignment
     "patch_nbhd1": dict(neighborhood_size=1, normalization="patch", image_size=256,
                         crop_size=224, n_farthest=0),
-    "patch_nbhd3": dict(neighborhood_size=3, normalization="patch", image_size=256,
-                        crop_size=224, n_farthest=0),
-    "paper_whole": dict(PAPER, image_size=224, crop_size=None),
-    "nov29_whole": dict(neighborhood_size=3, normalization="image", image_score="projection",
-                        image_size=224, crop_size=None, n_farthest=0),
-    "nov29_nbhd1_whole": dict(neighborhood_size=1, normalization="image",
-                              image_score="projection", image_size=224, crop_size=None, n_farthest=0),
-    "nov29_nbhd1_cosine_whole": dict(neighborhood_size=1, normalization="image",
-                                     image_score="cosine", image_size=224, crop_size=None, n_farthest=0),
-    "patch_nbhd1_whole": dict(neighborhood_size=1, normalization="patch",
-                              image_size=224, crop_size=None, n_farthest=0),
-    "patch_nbhd3_whole": dict(neighborhood_size=3, normalization="patch",
-                              image_size=224, crop_size=None, n_farthest=0),
 }
 COMMON = dict(backbone="efficientnet_lite0")
 
