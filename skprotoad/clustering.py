@@ -64,6 +64,11 @@ _IVF_MIN_FILL = 0.7
 # this many entries (512 MiB of float32), else recomputes rows on demand.
 _MERGE_MATRIX_ENTRIES = 2**27
 
+# add_farthest_rows updates only the rows with the largest distances: this
+# many, plus this many per row to choose, before a full refresh.
+_FARTHEST_POOL_MIN = 1024
+_FARTHEST_POOL_FACTOR = 8
+
 # Blocks of the similarity matrix hold at most this many float32 entries
 # (256 MiB), which bounds the memory of every search whatever ``n_samples``.
 _BLOCK_ENTRIES = 2**26
@@ -954,15 +959,39 @@ def add_farthest_rows(X, prototypes, n_rows, *, device="cpu", batch_size=None, v
         if len(P):
             best = (2.0 * rows @ Pt.T - p_sq).amax(dim=1)
             nearest[r0 : r0 + block] = (x_sq[r0 : r0 + block] - best).clamp_min(0.0)
-    chosen = []
-    steps = range(n_rows)
-    if verbose:
-        steps = tqdm(steps, desc="farthest rows", unit="row", file=sys.stderr)
-    for _ in steps:
-        i = int(torch.argmax(nearest))
-        chosen.append(i)
-        q = Xt[i]
-        nearest = torch.minimum(nearest, (x_sq - 2.0 * (Xt @ q) + x_sq[i]).clamp_min(0.0))
+    # Distances only shrink as rows are chosen, so a row outside the pool of
+    # the largest distances cannot beat the pool's best while that best is at
+    # least the pool's floor: the pool alone is updated (exact, and cheap:
+    # a full pass per chosen row over millions of patches costs minutes).
+    # with no prototype every row is infinitely far: the first row starts
+    chosen = [] if len(P) else [0]
+    steps = tqdm(total=n_rows, initial=len(chosen), desc="farthest rows", unit="row",
+                 file=sys.stderr, disable=not verbose)
+    while len(chosen) < n_rows:
+        if chosen:  # bring every row up to date with the rows chosen so far
+            C = Xt[chosen]
+            c_sq = x_sq[chosen]
+            for r0 in range(0, X.shape[0], block):
+                rows = Xt[r0 : r0 + block]
+                d = (x_sq[r0 : r0 + block, None] - 2.0 * rows @ C.T + c_sq).amin(dim=1)
+                nearest[r0 : r0 + block] = torch.minimum(
+                    nearest[r0 : r0 + block], d.clamp_min(0.0)
+                )
+        size = min(X.shape[0], _FARTHEST_POOL_MIN + _FARTHEST_POOL_FACTOR * n_rows)
+        pool_d, pool = torch.topk(nearest, size)
+        floor = pool_d[-1] if size < X.shape[0] else -math.inf
+        pool_x, pool_sq = Xt[pool], x_sq[pool]
+        while len(chosen) < n_rows:
+            j = int(torch.argmax(pool_d))
+            if pool_d[j] < floor:
+                break  # a row outside the pool may now be farther: refresh
+            i = int(pool[j])
+            chosen.append(i)
+            steps.update()
+            pool_d = torch.minimum(
+                pool_d, (pool_sq - 2.0 * (pool_x @ Xt[i]) + x_sq[i]).clamp_min(0.0)
+            )
+    steps.close()
     return np.concatenate([P, X[chosen].astype(np.float32)])
 
 

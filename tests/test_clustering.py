@@ -465,3 +465,17 @@ def test_add_farthest_rows_bad_count(n_rows):
         add_farthest_rows(X, X[:2], n_rows)
     with pytest.raises(ValueError, match="n_farthest"):
         learn_prototypes(X, method="kmeans", n_clusters=2, n_farthest=n_rows)
+
+
+def test_add_farthest_rows_refreshes_when_the_pool_runs_dry(monkeypatch):
+    # a pool of 3 rows: most steps must refresh every row's distance, and
+    # the result is still the exact greedy sequence
+    monkeypatch.setattr(clustering, "_FARTHEST_POOL_MIN", 3)
+    monkeypatch.setattr(clustering, "_FARTHEST_POOL_FACTOR", 0)
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(200, 5)).astype(np.float32)
+    P = 0.1 * rng.normal(size=(2, 5)).astype(np.float32)
+    np.testing.assert_allclose(
+        add_farthest_rows(X, P, 15, batch_size=32), _farthest_rows_brute_force(X, P, 15),
+        rtol=1e-6,
+    )
