@@ -47,7 +47,7 @@ from PIL import Image
 from skprotoad import ProtoADDetector
 from skprotoad._images import center_crop_box, check_size
 from skprotoad.datasets import load_masks, load_mvtec, make_defect_dataset
-from skprotoad.metrics import evaluate_maps
+from skprotoad.metrics import evaluate_maps, image_auroc
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"
@@ -194,7 +194,7 @@ def run_one(data, setting, seed, cache):
     row["mask_fpr"] = round(float(with_mask[normal].mean()), 4)
     row["verdict_mask_agreement"] = round(float((with_mask == flagged).mean()), 4)
     row["image_auroc_by_type"] = {
-        t: round(float(evaluate_maps(labels[keep], scores[keep])["image_auroc"]), 4)
+        t: round(float(image_auroc(labels[keep], scores[keep])), 4)
         for t in sorted(set(data.types) - {"good"})
         for keep in [(data.types == t) | (data.types == "good")]
     }
@@ -223,7 +223,7 @@ def normal_shift_auroc(row):
     if not held_out or not test:
         return None
     labels = np.r_[np.zeros(len(held_out)), np.ones(len(test))]
-    return round(float(evaluate_maps(labels, np.r_[held_out, test])["image_auroc"]), 4)
+    return round(float(image_auroc(labels, np.r_[held_out, test])), 4)
 
 
 def summarize(runs):

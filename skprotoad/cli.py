@@ -219,24 +219,22 @@ def _finite_float(value):
     return number
 
 
-def _positive_int(value):
+def _int_at_least(value, minimum, expected):
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    if number < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
     return number
+
+
+def _positive_int(value):
+    return _int_at_least(value, 1, "a positive integer")
 
 
 def _non_negative_int(value):
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return number
+    return _int_at_least(value, 0, "an integer >= 0")
 
 
 def _add_common(parser):

@@ -948,17 +948,24 @@ def add_farthest_rows(X, prototypes, n_rows, *, device="cpu", batch_size=None, v
     device = _resolve_device(device)
     Xt = _as_tensor(X, device)
     Pt = torch.from_numpy(P).to(device)
-    # |x - p|^2 = |x|^2 - max_p (2 x.p - |p|^2), by blocks of rows
+    block = _row_block(max(len(P), n_rows), batch_size)
     x_sq = torch.empty(X.shape[0], dtype=torch.float32, device=device)
-    nearest = torch.full((X.shape[0],), math.inf, dtype=torch.float32, device=device)
-    p_sq = (Pt * Pt).sum(dim=1)
-    block = _row_block(max(len(P), 1), batch_size)
     for r0 in range(0, X.shape[0], block):
         rows = Xt[r0 : r0 + block]
         x_sq[r0 : r0 + block] = (rows * rows).sum(dim=1)
-        if len(P):
-            best = (2.0 * rows @ Pt.T - p_sq).amax(dim=1)
-            nearest[r0 : r0 + block] = (x_sq[r0 : r0 + block] - best).clamp_min(0.0)
+
+    def lower_to(nearest, C):
+        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2, by blocks of rows
+        c_sq = (C * C).sum(dim=1)
+        for r0 in range(0, X.shape[0], block):
+            d = (x_sq[r0 : r0 + block, None] - 2.0 * Xt[r0 : r0 + block] @ C.T + c_sq)
+            nearest[r0 : r0 + block] = torch.minimum(
+                nearest[r0 : r0 + block], d.amin(dim=1).clamp_min(0.0)
+            )
+
+    nearest = torch.full((X.shape[0],), math.inf, dtype=torch.float32, device=device)
+    if len(P):
+        lower_to(nearest, Pt)
     # Distances only shrink as rows are chosen, so a row outside the pool of
     # the largest distances cannot beat the pool's best while that best is at
     # least the pool's floor: the pool alone is updated (exact, and cheap:
@@ -967,16 +974,11 @@ def add_farthest_rows(X, prototypes, n_rows, *, device="cpu", batch_size=None, v
     chosen = [] if len(P) else [0]
     steps = tqdm(total=n_rows, initial=len(chosen), desc="farthest rows", unit="row",
                  file=sys.stderr, disable=not verbose)
+    seen = 0  # chosen rows that every row's distance already accounts for
     while len(chosen) < n_rows:
-        if chosen:  # bring every row up to date with the rows chosen so far
-            C = Xt[chosen]
-            c_sq = x_sq[chosen]
-            for r0 in range(0, X.shape[0], block):
-                rows = Xt[r0 : r0 + block]
-                d = (x_sq[r0 : r0 + block, None] - 2.0 * rows @ C.T + c_sq).amin(dim=1)
-                nearest[r0 : r0 + block] = torch.minimum(
-                    nearest[r0 : r0 + block], d.clamp_min(0.0)
-                )
+        if len(chosen) > seen:  # bring every row up to date with the new ones
+            lower_to(nearest, Xt[chosen[seen:]])
+            seen = len(chosen)
         size = min(X.shape[0], _FARTHEST_POOL_MIN + _FARTHEST_POOL_FACTOR * n_rows)
         pool_d, pool = torch.topk(nearest, size)
         floor = pool_d[-1] if size < X.shape[0] else -math.inf

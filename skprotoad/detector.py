@@ -258,6 +258,8 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
     (2,)
     >>> det.anomaly_maps(X[:2]).shape
     (2, 64, 64)
+    >>> det.prototypes_.shape[0]  # 8 cluster means + the farthest tenth of 2,048 patches
+    212
     >>> maps, scores = det.anomaly_maps(X[:2], return_scores=True)  # one pass
     >>> bool(np.array_equal(scores, det.score_samples(X[:2])))
     True
@@ -603,22 +605,10 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             raise ValueError(
                 f"clustering must be 'finch' or 'kmeans', got {self.clustering!r}."
             )
-        if self.n_clusters is not None:
-            if not isinstance(self.n_clusters, numbers.Integral) or isinstance(
-                self.n_clusters, bool
-            ):
-                raise TypeError(f"n_clusters must be an int or None, got {self.n_clusters!r}.")
-            if self.n_clusters < 1:
-                raise ValueError(f"n_clusters must be at least 1, got {self.n_clusters}.")
-        elif self.clustering == "kmeans":
+        _check_optional_int("n_clusters", self.n_clusters, 1)
+        if self.n_clusters is None and self.clustering == "kmeans":
             raise ValueError("clustering='kmeans' needs n_clusters (an int).")
-        if self.n_farthest is not None:
-            if not isinstance(self.n_farthest, numbers.Integral) or isinstance(
-                self.n_farthest, bool
-            ):
-                raise TypeError(f"n_farthest must be an int or None, got {self.n_farthest!r}.")
-            if self.n_farthest < 0:
-                raise ValueError(f"n_farthest must be >= 0, got {self.n_farthest}.")
+        _check_optional_int("n_farthest", self.n_farthest, 0)
         if not isinstance(self.sigma, numbers.Real) or isinstance(self.sigma, bool):
             raise TypeError(f"sigma must be a number, got {self.sigma!r}.")
         if not 0 <= self.sigma <= _MAX_SIGMA:  # NaN fails too
@@ -1005,6 +995,16 @@ def _check_finite_model(model):
             + (f"tensors {bad[:5]}" if bad else "its thresholds")
             + "): the file is damaged or was edited; refit the model."
         )
+
+
+def _check_optional_int(name, value, minimum):
+    """``value`` is None or an int (not a bool) >= ``minimum``."""
+    if value is None:
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or None, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}.")
 
 
 def _conformal_threshold(held_out_scores, false_alarm_rate=_TARGET_FALSE_ALARM_RATE):
