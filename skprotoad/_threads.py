@@ -1,4 +1,7 @@
-"""``ProtoADDetector(n_jobs=...)``: torch's intra-op threads for one call.
+"""Torch's process-wide settings for one estimator call: threads, precision.
+
+``ProtoADDetector(n_jobs=...)`` sets torch's intra-op threads, and every call
+turns off TF32 convolutions on CUDA, for the duration of the call only.
 
 torch's thread count is global to the process (and to the calling thread's
 OpenMP state), so the detector sets it only for the duration of a call and
@@ -70,12 +73,37 @@ def torch_threads(n_jobs):
         torch.set_num_threads(previous)
 
 
+@contextlib.contextmanager
+def fp32_convolutions():
+    """Run the block with CUDA convolutions in full float32 (no TF32).
+
+    cuDNN's default TF32 convolutions round inputs to 10 mantissa bits: the
+    cosine similarities then move by about 1e-4, enough to flip a verdict at
+    the threshold between a model scored on a CPU and on a GPU. The network
+    is small, so full precision costs little. No effect on the CPU.
+
+    Examples
+    --------
+    >>> import torch
+    >>> with fp32_convolutions():
+    ...     torch.backends.cudnn.allow_tf32
+    False
+    """
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+
+
 def with_torch_threads(method):
-    """Decorate an estimator method to run under ``torch_threads(self.n_jobs)``."""
+    """Decorate an estimator method to run under ``torch_threads(self.n_jobs)``
+    and :func:`fp32_convolutions`."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with torch_threads(self.n_jobs):
+        with torch_threads(self.n_jobs), fp32_convolutions():
             return method(self, *args, **kwargs)
 
     return wrapper

@@ -19,7 +19,10 @@ MAGNETIC_TILE = DATA_ROOT / "magnetic_tile"
 # normalization="image" (and its projection image score) is tested with real
 # features through LITE0 and in test_normalization.py. No farthest-patch
 # prototypes: exactly the 16 k-means prototypes (n_farthest has its own tests).
+# On the CPU even where a GPU is seen: tests compare its scores bit for bit and
+# call its network with CPU tensors (tests/test_gpu.py covers device="cuda").
 TINY = dict(
+    device="cpu",
     backbone="resnet18",
     weights=None,
     layers=(1, 2),

@@ -29,7 +29,7 @@ def test_paper_recipe_computes_the_papers_map(synthetic):
     # random weights and small images: the arithmetic is what is checked
     det = ProtoADDetector(
         **recipe, weights=None, image_size=72, crop_size=64, clustering="kmeans",
-        n_clusters=12, random_state=0,
+        n_clusters=12, random_state=0, device="cpu",
     ).fit(synthetic.X_train[:4])
     X = synthetic.X_test[:2]
     maps = det.anomaly_maps(X)
