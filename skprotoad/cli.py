@@ -991,7 +991,9 @@ def score_and_write(
     out_dir : path, default=None
         Writes ``overlays/<name>.png`` (heatmap at the image's own size, the
         outline of ``truth_masks`` if given, else of the predicted mask) and
-        ``masks/<name>.png`` (predicted mask, 0 / 255, the image's own size);
+        ``masks/<name>.png`` (predicted mask, 0 / 255, the image's own size;
+        empty exactly for images labelled normal, as
+        :meth:`ProtoADDetector.predict_masks`);
         both scaled down to at most 2048 x 2048 pixels for larger images, so
         that memory stays bounded. Each file is written atomically.
     threshold : float, default=None
@@ -1029,6 +1031,7 @@ def score_and_write(
         and ``skipped`` (list of (index, reason)). An image whose score is not
         finite is skipped (raises with ``strict``): it is not called normal.
     """
+    from ._masks import verdict_mask
     from .plotting import overlay, save_png
 
     offset = detector.offset_ if threshold is None else -float(threshold)
@@ -1059,7 +1062,8 @@ def score_and_write(
                 # bounded: 17 GB for one 178-megapixel image at its own size
                 shown = _output_size(size)
                 heat = _images.crop_map_to_input(crop_map, shown, detector.image_size, crop)
-                predicted = np.nan_to_num(heat, nan=-np.inf) > pixel_threshold
+                # the rule of ProtoADDetector.predict_masks: agrees with `anomaly`
+                predicted = verdict_mask(heat, anomaly, pixel_threshold)
                 outline = predicted if truth_masks is None else _resized_mask(truth_masks[index], shown)
                 image = items[index] if shown == tuple(size) else _resized_image(items[index], shown)
                 picture = overlay(image, heat, alpha=alpha, vmin=vmin, vmax=vmax, mask=outline)

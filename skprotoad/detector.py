@@ -12,6 +12,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from . import _cache, _images
+from ._masks import verdict_mask
 from ._threads import effective_n_threads, with_torch_threads
 from ._version import __version__
 from .backbones import create_feature_extractor
@@ -539,7 +540,15 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
 
     @with_torch_threads
     def predict_masks(self, X, output="crop", threshold=None):
-        """Boolean defect masks: pixels whose anomaly exceeds a threshold.
+        """Boolean defect masks that agree with :meth:`predict`.
+
+        An image that :meth:`predict` calls normal gets an empty mask; an
+        image it calls anomalous gets the pixels whose anomaly exceeds
+        ``pixel_threshold_`` or, when none does, its most anomalous region
+        (the connected pixels around the map's maximum at half its height
+        above the image's median). So a flagged image always shows where, and
+        a passed one never shows a defect (see the user guide's Localization
+        page).
 
         Parameters
         ----------
@@ -549,10 +558,9 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             Geometry of the masks, as in :meth:`anomaly_maps`; with ``"input"``
             the pixels cut away by the crop are False.
         threshold : float, default=None
-            Anomaly-map value above which a pixel is a defect; defaults to
-            ``pixel_threshold_``: the image threshold when the image score is
-            the map's maximum, so that an image has a non-empty mask exactly
-            when :meth:`predict` calls it an anomaly. Must be finite.
+            ``None``: the masks above. A number: ``anomaly_maps(X) >
+            threshold`` for every image, whatever its verdict (for pixel-level
+            analyses at a threshold of your own). Must be finite.
 
         Returns
         -------
@@ -560,15 +568,20 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             A list of 2-D arrays, one per image, whenever :meth:`anomaly_maps`
             returns one.
         """
-        threshold = self.pixel_threshold_ if threshold is None else _check_threshold(threshold)
+        if threshold is not None:
+            threshold = _check_threshold(threshold)
         maps, scores = self.anomaly_maps(X, output=output, return_scores=True)
         # a broken model's NaN maps would give empty masks, i.e. "no defect"
         _check_finite_scores(scores)
-        if output == "crop":
-            if isinstance(maps, list):
-                return [m > threshold for m in maps]
-            return maps > threshold
-        return [np.nan_to_num(m, nan=-np.inf) > threshold for m in maps]
+        if threshold is None:
+            # the same arithmetic as predict, so that the two agree exactly
+            anomalous = (scores - self.offset_) < 0
+            masks = [verdict_mask(m, a, self.pixel_threshold_) for m, a in zip(maps, anomalous)]
+        else:
+            masks = [np.nan_to_num(m, nan=-np.inf) > threshold for m in maps]
+        if isinstance(maps, np.ndarray):
+            return np.stack(masks) if masks else np.zeros(maps.shape, dtype=bool)
+        return masks
 
     @property
     def pixel_threshold_(self):

@@ -121,7 +121,7 @@ def test_fit_passes_n_farthest(folders, tmp_path, capsys):
 def test_predict_with_split_image_scores(folders, tmp_path, capsys):
     """normalization="image" with its default image_score="projection": image
     scores and labels from that readout, masks from the maps and their own
-    threshold."""
+    threshold, empty exactly for the images labelled normal."""
     model = tmp_path / "m.joblib"
     argv = ["fit", folders / "train", "-o", model, "-q", *TINY_OPTIONS,
             "--normalization", "image"]
@@ -147,6 +147,8 @@ def test_predict_with_split_image_scores(folders, tmp_path, capsys):
             written = np.asarray(img) > 127
         # the same pixels, up to the interpolation of the map to the image's size
         assert np.mean(written == mask) > 0.98
+        # and exactly: a mask for every image labelled anomalous, none otherwise
+        assert written.any() == (row["label"] == "anomaly")
 
 
 def test_predict_round_trip(model, folders, tmp_path, capsys):

@@ -1,3 +1,4 @@
+import copy
 import pickle
 
 import joblib
@@ -547,16 +548,44 @@ def test_masks_are_non_empty_exactly_for_predicted_anomalies(tiny_detector, synt
     assert tiny_detector.pixel_threshold_ == -tiny_detector.offset_
 
 
-def test_default_masks_follow_their_own_threshold(lite0_detector, synthetic):
+def test_default_masks_agree_with_the_verdicts(lite0_detector, synthetic):
     # the default: distance maps, projection image scores, a threshold for each
     assert lite0_detector.normalization == "image"
     assert lite0_detector.network_.image_score == "projection"
+    assert lite0_detector.pixel_threshold_ != pytest.approx(-lite0_detector.offset_)
     maps = lite0_detector.anomaly_maps(synthetic.X_test)
     masks = lite0_detector.predict_masks(synthetic.X_test)
-    np.testing.assert_array_equal(masks, maps > lite0_detector.pixel_threshold_)
-    assert lite0_detector.pixel_threshold_ != pytest.approx(-lite0_detector.offset_)
+    flagged = lite0_detector.predict(synthetic.X_test) == -1
+    np.testing.assert_array_equal(masks.any(axis=(1, 2)), flagged)
+    above = maps > lite0_detector.pixel_threshold_
+    for mask, m, hit, flag in zip(masks, maps, above, flagged):
+        if flag and hit.any():
+            np.testing.assert_array_equal(mask, hit)
+        elif flag:  # flagged, nothing above the pixel threshold: its peak region
+            assert mask[np.unravel_index(np.argmax(m), m.shape)]
+            assert m[mask].min() >= m.max() - 0.5 * (m.max() - np.median(m)) - 1e-7
+    # an explicit threshold is the plain comparison, whatever the verdicts
+    t = float(np.median(maps))
+    np.testing.assert_array_equal(lite0_detector.predict_masks(synthetic.X_test, threshold=t),
+                                  maps > t)
     # the defects are found at both levels with the calibrated thresholds
     y = synthetic.y_test
-    flagged = lite0_detector.predict(synthetic.X_test) == -1
     assert flagged[y == 1].mean() > flagged[y == 0].mean()
-    assert masks[y == 1].any(axis=(1, 2)).mean() > masks[y == 0].any(axis=(1, 2)).mean()
+
+
+def test_masks_agree_with_verdicts_whatever_the_pixel_threshold(lite0_detector, synthetic):
+    # a pixel threshold above every map: flagged images still show their peak;
+    # one below every map: passed images still show nothing
+    X = synthetic.X_test
+    flagged = lite0_detector.predict(X) == -1
+    assert 0 < flagged.sum() < len(X)
+    maps = lite0_detector.anomaly_maps(X)
+    for level in (maps.max() + 1.0, maps.min() - 1.0):
+        model = copy.deepcopy(lite0_detector)
+        model._pixel_threshold = float(level)
+        masks = model.predict_masks(X)
+        np.testing.assert_array_equal(masks.any(axis=(1, 2)), flagged)
+        if level > maps.max():
+            assert all(mask.sum() < mask.size / 2 for mask in masks[flagged])
+        else:
+            assert masks[flagged].all()

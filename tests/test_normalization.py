@@ -287,8 +287,11 @@ def test_split_detector_calibrates_its_pixel_threshold_on_map_maxima(normal_imag
     assert det.pixel_threshold_ == pytest.approx(np.quantile(maxima, 0.75), rel=1e-5)
     assert -det.offset_ == pytest.approx(np.quantile(scores, 0.75), rel=1e-5)
     assert det.pixel_threshold_ != pytest.approx(-det.offset_)
+    # the raw masks at the pixel threshold, and the ones that follow the verdicts
+    raw = det.predict_masks(normal_images, threshold=det.pixel_threshold_)
+    np.testing.assert_array_equal(raw.any(axis=(1, 2)), maxima > det.pixel_threshold_)
     masks = det.predict_masks(normal_images)
-    np.testing.assert_array_equal(masks.any(axis=(1, 2)), maxima > det.pixel_threshold_)
+    np.testing.assert_array_equal(masks.any(axis=(1, 2)), det.predict(normal_images) == -1)
 
 
 def test_split_detector_with_auto_contamination_holds_out_images(split_detector):
