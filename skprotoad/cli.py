@@ -30,7 +30,7 @@ from . import _images
 from ._files import write_new_file
 from ._version import __version__
 from .backbones import WeightsUnavailableError
-from .network import IMAGE_SCORES
+from ._choices import ALIGNMENTS, CLUSTERING_METHODS, IMAGE_SCORES, NORMALIZATIONS
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
 
@@ -268,7 +268,7 @@ def _add_detector_options(parser):
         help="'imagenet' (default), a state-dict file, or 'none' (random; tests only)",
     )
     group.add_argument(
-        "--clustering", choices=("finch", "kmeans"), default="finch",
+        "--clustering", choices=CLUSTERING_METHODS, default="finch",
         help="how prototypes are learned (default: finch)",
     )
     group.add_argument(
@@ -297,7 +297,7 @@ def _add_detector_options(parser):
         help="Gaussian smoothing of the anomaly maps, in pixels (default: 4)",
     )
     group.add_argument(
-        "--alignment", choices=("center", "paper"), default="center",
+        "--alignment", choices=ALIGNMENTS, default="center",
         help="features at receptive-field centres (default) or the reference "
         "code's join",
     )
@@ -307,7 +307,7 @@ def _add_detector_options(parser):
         "as in the paper; default: 3)",
     )
     group.add_argument(
-        "--normalization", choices=("image", "patch"), default="image",
+        "--normalization", choices=NORMALIZATIONS, default="image",
         help="features divided by the image's mean norm and Euclidean distance "
         "(default), or unit-norm patch features and 1 - cosine (the paper)",
     )
@@ -439,7 +439,7 @@ def build_parser():
         help="write into OUT_DIR even if it holds files the demo did not write (they are kept)",
     )
     demo.add_argument(
-        "--clustering", choices=("finch", "kmeans"), default="finch",
+        "--clustering", choices=CLUSTERING_METHODS, default="finch",
         help="how prototypes are learned (default: finch)",
     )
     demo.add_argument("--n-clusters", type=_positive_int, default=None, metavar="N",

@@ -31,7 +31,10 @@ from sklearn.utils import check_random_state
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from ._choices import CLUSTERING_METHODS
+
 __all__ = [
+    "CLUSTERING_METHODS",
     "MAX_DEFAULT_PROTOTYPES",
     "EXACT_NEIGHBORS_MAX_SAMPLES",
     "finch",
@@ -1067,7 +1070,7 @@ def learn_prototypes(
     >>> bool(np.allclose(np.linalg.norm(P_raw, axis=1), 1, atol=1e-5))
     False
     """
-    if method not in ("finch", "kmeans"):
+    if method not in CLUSTERING_METHODS:
         raise ValueError(f"method must be 'finch' or 'kmeans', got {method!r}.")
     X = _check_X(X)
     if n_clusters is not None:

@@ -16,7 +16,7 @@ from ._masks import verdict_mask
 from ._threads import effective_n_threads, with_torch_threads
 from ._version import __version__
 from .backbones import create_feature_extractor
-from .clustering import learn_prototypes
+from .clustering import CLUSTERING_METHODS, learn_prototypes
 from .network import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -614,7 +614,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
 
     # ------------------------------------------------------------ internals
     def _check_params(self):
-        if self.clustering not in ("finch", "kmeans"):
+        if self.clustering not in CLUSTERING_METHODS:
             raise ValueError(
                 f"clustering must be 'finch' or 'kmeans', got {self.clustering!r}."
             )

@@ -20,9 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._choices import ALIGNMENTS, IMAGE_SCORES, NORMALIZATIONS
 from .backbones import FeatureExtractor
 
-__all__ = ["ProtoADNetwork", "PatchEmbedding", "GaussianSmoothing", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = [
+    "ProtoADNetwork", "PatchEmbedding", "GaussianSmoothing", "IMAGENET_MEAN", "IMAGENET_STD",
+    "ALIGNMENTS", "NORMALIZATIONS", "IMAGE_SCORES",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -118,19 +122,17 @@ def _symmetric_index(n: int, radius: int) -> torch.Tensor:
 
 
 def _check_alignment(alignment):
-    if alignment not in ("center", "paper"):
+    if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be 'center' or 'paper', got {alignment!r}.")
 
 
 def _check_normalization(normalization):
-    if normalization not in ("patch", "image"):
+    if normalization not in NORMALIZATIONS:
         raise ValueError(
             f"normalization must be 'patch' or 'image', got {normalization!r}."
         )
 
 
-#: Values of ``image_score`` (:class:`ProtoADNetwork`, the detector, the CLI).
-IMAGE_SCORES = ("projection", "cosine", "map")
 
 
 def _check_image_score(image_score):
