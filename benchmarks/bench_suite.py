@@ -23,6 +23,20 @@ background, ``kind="object"``), and reports per set:
     python benchmarks/bench_suite.py --settings defaults paper --seeds 0 1 2
     python benchmarks/bench_suite.py --settings defaults --sets tire --max-train 100
 
+Next to the settings of ProtoADDetector runs a peer, ``padim``: PaDiM from
+``benchmarks/anchors.py`` (the implementation ``bench_anchors.py`` measures),
+fed as there (efficientnet_lite0 stages 1, 2, 3, 256 resize / 224 centre crop,
+ImageNet normalisation) on the same training subset, test images, masks and
+metrics. PaDiM has no threshold of its own; it gets the rule of
+``contamination="auto"``: fit on the training images less the held-out 20 %
+(the images ProtoADDetector(random_state=seed) holds out), threshold = the
+split-conformal order statistic of their scores (and of their map maxima for
+the pixel threshold: the same, as PaDiM's image score is the map's maximum),
+then refit on all training images. The seed also picks PaDiM's random feature
+dimensions.
+
+    python benchmarks/bench_suite.py --settings padim --seeds 0 1 2 --max-train 200
+
 Results go to ``benchmarks/results/suite.json`` (merged with earlier runs,
 keyed by set, setting, seed and training-set size) and ``suite.md`` (means
 over seeds, per set, and the mean over the sets).
@@ -43,13 +57,23 @@ import torch
 import torch.nn.functional as F
 
 from PIL import Image
-
-from skprotoad import ProtoADDetector
-from skprotoad._images import center_crop_box, check_size
-from skprotoad.datasets import load_masks, load_mvtec, make_defect_dataset
-from skprotoad.metrics import evaluate_maps, image_auroc
+from sklearn.utils import check_random_state
 
 HERE = Path(__file__).resolve().parent
+# this checkout's skprotoad, not whichever one is installed
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+from anchors import PaDiM  # noqa: E402
+from bench_anchors import normalise  # noqa: E402
+
+from skprotoad import ProtoADDetector  # noqa: E402
+from skprotoad._images import ImageSequence, center_crop_box, check_size  # noqa: E402
+from skprotoad.backbones import create_feature_extractor  # noqa: E402
+from skprotoad.datasets import load_masks, load_mvtec, make_defect_dataset  # noqa: E402
+# the rule of contamination="auto", private for now
+from skprotoad.detector import _conformal_threshold  # noqa: E402
+from skprotoad.metrics import evaluate_maps, image_auroc  # noqa: E402
+
 SHARED = HERE.parent.parent / "shared" / "data"
 SHARED_SETS = ("magnetic_tile", "bsdata_pitting", "tire")
 SYNTHETIC_SETS = ("synthetic_textures", "synthetic_objects")
@@ -80,6 +104,15 @@ SETTINGS = {
                         crop_size=224, n_farthest=0),
 }
 COMMON = dict(backbone="efficientnet_lite0")
+# peers: other methods on the same backbone, crop, data and metrics (run_peer)
+PEER_INPUT = dict(backbone="efficientnet_lite0", layers=(1, 2, 3), image_size=256,
+                  crop_size=224)
+PEERS = {
+    "padim": dict(method="padim", n_features=100, **PEER_INPUT),
+}
+PEER_BATCH = 16  # images per backbone call, so that no set's stage maps are held
+HOLD_OUT = 0.2  # as ProtoADDetector's contamination="auto"
+MIN_IMAGES_FOR_HOLDOUT = 5
 
 
 def find_sets(names=None):
@@ -153,6 +186,51 @@ def _to_grid(arrays):
                          align_corners=False)[:, 0].numpy()
 
 
+def _whole_grid(maps, image_size, crop_size):
+    """Crop maps placed on the resized image and resampled to the whole grid.
+
+    The whole protocol: each map goes where its crop was taken from the resized
+    image, the discarded border gets the map's minimum (a crop model cannot
+    detect there), and everything is resampled to WHOLE_GRID x WHOLE_GRID, so
+    that every setting is evaluated on the same pixels.
+    """
+    top, left, height, width = center_crop_box(image_size, crop_size)
+    size_h, size_w = check_size(image_size, "image_size")
+    canvas = np.repeat(maps.reshape(len(maps), -1).min(axis=1)[:, None, None], size_h, axis=1)
+    canvas = np.repeat(canvas, size_w, axis=2)
+    canvas[:, top:top + height, left:left + width] = maps
+    return _to_grid(canvas)
+
+
+def _evaluate(data, maps, scores, image_size, crop_size, threshold, pixel_threshold):
+    """The suite's metrics of test maps and image scores (higher = more anomalous).
+
+    ``threshold``: image scores above it are flagged; ``pixel_threshold``:
+    map values above it are mask pixels.
+    """
+    labels = data.labels
+    row = {}
+    crop = evaluate_maps(labels, scores, data.masks(image_size, crop_size), maps)
+    whole = evaluate_maps(labels, scores, data.masks(WHOLE_GRID, None),
+                          _whole_grid(maps, image_size, crop_size))
+    for prefix, metrics in (("crop", crop), ("whole", whole)):
+        for key in ("image_auroc", "pixel_auroc", "aupro"):
+            row[f"{prefix}_{key}"] = round(float(metrics[key]), 4)
+    flagged = scores > threshold
+    normal = labels == 0
+    row["fpr"] = round(float(flagged[normal].mean()), 4)
+    row["tpr"] = round(float(flagged[~normal].mean()), 4)
+    with_mask = maps.reshape(len(maps), -1).max(axis=1) > pixel_threshold
+    row["mask_fpr"] = round(float(with_mask[normal].mean()), 4)
+    row["verdict_mask_agreement"] = round(float((with_mask == flagged).mean()), 4)
+    row["image_auroc_by_type"] = {
+        t: round(float(image_auroc(labels[keep], scores[keep])), 4)
+        for t in sorted(set(data.types) - {"good"})
+        for keep in [(data.types == t) | (data.types == "good")]
+    }
+    return row
+
+
 def run_one(data, setting, seed, cache):
     params = {**COMMON, **SETTINGS[setting], "random_state": seed, "memory": cache}
     det = ProtoADDetector(**params)
@@ -171,36 +249,100 @@ def run_one(data, setting, seed, cache):
         "n_test": len(labels), "params": {k: v for k, v in SETTINGS[setting].items()},
         "n_prototypes": int(det.prototypes_.shape[0]),
     }
-    crop = evaluate_maps(labels, scores, data.masks(det.image_size, det.crop_size), maps)
-    # whole protocol: the maps placed on the resized image (the discarded
-    # border at each map's minimum), compared with uncropped masks, all on
-    # one grid so that every setting is evaluated on the same pixels
-    top, left, height, width = center_crop_box(det.image_size, det.crop_size)
-    canvas = np.repeat(maps.reshape(len(maps), -1).min(axis=1)[:, None, None],
-                       check_size(det.image_size, "image_size")[0], axis=1)
-    canvas = np.repeat(canvas, check_size(det.image_size, "image_size")[1], axis=2)
-    canvas[:, top:top + height, left:left + width] = maps
-    whole_masks = data.masks(WHOLE_GRID, None)
-    whole = evaluate_maps(labels, scores, whole_masks, _to_grid(canvas))
-    del canvas
-    for prefix, metrics in (("crop", crop), ("whole", whole)):
-        for key in ("image_auroc", "pixel_auroc", "aupro"):
-            row[f"{prefix}_{key}"] = round(float(metrics[key]), 4)
-    flagged = scores > -det.offset_
-    normal = labels == 0
-    row["fpr"] = round(float(flagged[normal].mean()), 4)
-    row["tpr"] = round(float(flagged[~normal].mean()), 4)
-    with_mask = maps.reshape(len(maps), -1).max(axis=1) > det.pixel_threshold_
-    row["mask_fpr"] = round(float(with_mask[normal].mean()), 4)
-    row["verdict_mask_agreement"] = round(float((with_mask == flagged).mean()), 4)
-    row["image_auroc_by_type"] = {
-        t: round(float(image_auroc(labels[keep], scores[keep])), 4)
-        for t in sorted(set(data.types) - {"good"})
-        for keep in [(data.types == t) | (data.types == "good")]
-    }
+    row.update(_evaluate(data, maps, scores, det.image_size, det.crop_size,
+                         -det.offset_, det.pixel_threshold_))
     row["offset"] = float(det.offset_)
     row["calibration_scores"] = [round(float(v), 5) for v in det.calibration_scores_]
-    row["test_scores_good"] = [round(float(v), 5) for v in scores[normal]]
+    row["test_scores_good"] = [round(float(v), 5) for v in scores[labels == 0]]
+    row["fit_seconds"] = round(fit_seconds, 1)
+    row["test_images_per_second"] = round(len(labels) / test_seconds, 1)
+    return row
+
+
+def _peer_split(n_images, seed):
+    """(fit, held-out) training indices, the split ProtoADDetector.fit makes
+    with ``random_state=seed`` and ``contamination="auto"`` (held-out last)."""
+    rng = check_random_state(seed)
+    rng.randint(np.iinfo(np.int32).max)  # the detector draws its own seed first
+    order = rng.permutation(n_images)
+    n_held_out = 0
+    if n_images >= MIN_IMAGES_FOR_HOLDOUT:
+        n_held_out = max(1, int(round(HOLD_OUT * n_images)))
+    return order[:n_images - n_held_out], order[n_images - n_held_out:]
+
+
+def _stage_maps(images, extractor, indices, cfg):
+    """Stage maps of ``images[indices]``, PEER_BATCH images at a time."""
+    for _, batch in images.batches(PEER_BATCH, cfg["image_size"], cfg["crop_size"],
+                                   indices=list(indices)):
+        yield normalise(batch, extractor)
+
+
+def _fit_padim(images, extractor, indices, cfg, seed):
+    model = PaDiM(extractor.strides, sum(extractor.channels),
+                  check_size(cfg["crop_size"], "crop_size"), cfg["n_features"], seed=seed)
+    return model.fit(_stage_maps(images, extractor, indices, cfg)).eval()
+
+
+def _peer_scores(model, images, extractor, indices, cfg):
+    """(maps, image scores) as float32 arrays, scored batch by batch."""
+    maps, scores = [], []
+    for stage_maps in _stage_maps(images, extractor, indices, cfg):
+        m, s = model(stage_maps)
+        maps.append(m.numpy())
+        scores.append(s.numpy())
+    return np.concatenate(maps), np.concatenate(scores)
+
+
+def run_peer(data, setting, seed):
+    """A peer method (PEERS) on the suite's data, protocol and metrics.
+
+    Threshold as ProtoADDetector's ``contamination="auto"``: fit on the
+    training images less the held-out 20 %, the split-conformal order statistic
+    of the held-out images' scores (image threshold) and map maxima (pixel
+    threshold), then refit on every training image for the test scores.
+    """
+    cfg = PEERS[setting]
+    if cfg["method"] != "padim":
+        raise ValueError(f"unknown peer method {cfg['method']!r}")
+    extractor = create_feature_extractor(cfg["backbone"], cfg["layers"])
+    train, test = ImageSequence(data.train), ImageSequence(data.test)
+    fit_part, held_out = _peer_split(len(train), seed)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        if len(held_out):
+            model = _fit_padim(train, extractor, fit_part, cfg, seed)
+            held_maps, calibration = _peer_scores(model, train, extractor, held_out, cfg)
+            map_maxima = held_maps.reshape(len(held_maps), -1).max(axis=1)
+            del held_maps, model
+            threshold = _conformal_threshold(calibration)
+            pixel_threshold = _conformal_threshold(map_maxima)
+        model = _fit_padim(train, extractor, range(len(train)), cfg, seed)
+        if not len(held_out):
+            # as the detector with too few images to hold any out: the worst
+            # training image
+            train_maps, train_scores = _peer_scores(model, train, extractor,
+                                                    range(len(train)), cfg)
+            threshold = float(train_scores.max())
+            pixel_threshold = float(train_maps.max())
+            calibration = np.empty(0)
+            del train_maps
+        fit_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        maps, scores = _peer_scores(model, test, extractor, range(len(test)), cfg)
+        test_seconds = time.perf_counter() - start
+    labels = data.labels
+    row = {
+        "set": data.name, "setting": setting, "seed": seed, "n_train": data.n_train,
+        "n_test": len(labels),
+        "params": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "n_prototypes": None,
+    }
+    row.update(_evaluate(data, maps, scores.astype(np.float64), cfg["image_size"],
+                         cfg["crop_size"], threshold, pixel_threshold))
+    row["offset"] = -float(threshold)
+    row["calibration_scores"] = [round(float(v), 5) for v in calibration]
+    row["test_scores_good"] = [round(float(v), 5) for v in scores[labels == 0]]
     row["fit_seconds"] = round(fit_seconds, 1)
     row["test_images_per_second"] = round(len(labels) / test_seconds, 1)
     return row
@@ -301,7 +443,7 @@ def write_results(rows, out, command):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", nargs="+", default=["defaults", "paper"],
-                        choices=list(SETTINGS))
+                        choices=list(SETTINGS) + list(PEERS))
     parser.add_argument("--sets", nargs="+", default=None,
                         help="data set names (default: every set found)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -327,7 +469,10 @@ def main(argv=None):
                 for setting in args.settings:
                     if f"{name}|{setting}|{seed}|{data.n_train}" in done:
                         continue
-                    row = run_one(data, setting, seed, cache)
+                    if setting in PEERS:
+                        row = run_peer(data, setting, seed)
+                    else:
+                        row = run_one(data, setting, seed, cache)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
                     write_results([row], args.out, command)
