@@ -99,6 +99,8 @@ SETTINGS = {
     "nov29_far1000_whole": dict(neighborhood_size=3, normalization="image",
                                 image_score="projection", image_size=224, crop_size=None,
                                 n_farthest=1000),
+    # the defaults with k-means instead of FINCH (FINCH's licence: docs/clustering.md)
+    "kmeans1000": dict(clustering="kmeans", n_clusters=1000),
     # the paper's per-patch normalisation with centred alignment
     "patch_nbhd1": dict(neighborhood_size=1, normalization="patch", image_size=256,
                         crop_size=224, n_farthest=0),
