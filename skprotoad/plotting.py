@@ -28,7 +28,16 @@ from scipy import ndimage
 
 from ._files import write_new_file
 
-__all__ = ["COLORMAPS", "apply_colormap", "overlay", "contour", "draw_contour", "save_png", "grid"]
+__all__ = [
+    "COLORMAPS", "PREDICTION_COLOR", "TRUTH_COLOR", "apply_colormap", "overlay", "contour",
+    "draw_contour", "add_legend", "save_png", "grid",
+]
+
+#: Outline colour of predicted defects (cyan: apart from every colour of the
+#: inferno heatmap and from the ground truth's green).
+PREDICTION_COLOR = (0, 255, 255)
+#: Outline colour of ground-truth defects.
+TRUTH_COLOR = (0, 255, 0)
 
 # Anchor colours of each map, evenly spaced from low to high values; the
 # 256-entry tables are linear interpolations between them. "inferno" is
@@ -176,23 +185,29 @@ def _as_mask(mask, shape):
 
 
 def contour(mask):
-    """The 1-pixel inner boundary of a boolean mask.
+    """The 1-pixel outline just outside a boolean mask.
 
-    A mask pixel is on the boundary when one of its 4 neighbours is outside the
-    mask or outside the image; the result is ``mask & ~erode(mask)``.
+    The pixels outside the mask with one of their 4 neighbours inside
+    (``dilate(mask) & ~mask``), so that the defect itself stays visible under
+    its outline, even a defect of a pixel or two; where the mask reaches the
+    image's edge, its pixels on the edge are outlined instead, so that a
+    defect at the border is closed in too.
 
     Examples
     --------
     >>> m = np.zeros((5, 5), bool); m[1:4, 1:4] = True
-    >>> int(contour(m).sum())
-    8
+    >>> int(contour(m).sum()), bool((contour(m) & m).any())
+    (12, False)
     """
     mask = np.asarray(mask, dtype=bool)
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+    edge = np.zeros_like(mask)
+    edge[[0, -1], :] = True
+    edge[:, [0, -1]] = True
+    return (ndimage.binary_dilation(mask) & ~mask) | (mask & edge)
 
 
 def draw_contour(image, mask, color=(0, 255, 0)):
-    """Draw the 1-pixel boundary of ``mask`` onto a copy of ``image``.
+    """Draw the 1-pixel outline of ``mask`` (:func:`contour`) onto a copy of ``image``.
 
     Parameters
     ----------
@@ -213,8 +228,8 @@ def draw_contour(image, mask, color=(0, 255, 0)):
     >>> mask = np.zeros((8, 8), dtype=bool)
     >>> mask[2:6, 2:6] = True
     >>> rgb = draw_contour(np.zeros((8, 8), dtype=np.uint8), mask)
-    >>> int((rgb[..., 1] == 255).sum())  # the 12 boundary pixels of a 4 x 4 square
-    12
+    >>> int((rgb[..., 1] == 255).sum())  # the 16 pixels around a 4 x 4 square
+    16
     """
     rgb = _as_rgb_uint8(image).copy()
     rgb[contour(_as_mask(mask, rgb.shape[:2]))] = np.asarray(color, dtype=np.uint8)
@@ -256,10 +271,11 @@ def overlay(
         ``"inferno"`` (dark = normal, bright yellow = anomalous), ``"jet"``
         (blue to red), ``"gray"``, or a lookup table of your own.
     mask : array of shape (H, W), PIL image or path, default=None
-        A defect mask (ground truth or prediction) whose 1-pixel boundary is
-        drawn on top.
+        A defect mask (ground truth or prediction) whose 1-pixel outline
+        (:func:`contour`) is drawn on top; the masked pixels stay as they are.
     contour_color : tuple of 3 ints, default=(0, 255, 0)
-        Colour of that boundary.
+        Colour of that outline (:data:`PREDICTION_COLOR` and
+        :data:`TRUTH_COLOR` are the command line's).
 
     Returns
     -------
@@ -289,6 +305,44 @@ def overlay(
     if mask is not None:
         out[contour(_as_mask(mask, heat.shape))] = np.asarray(contour_color, dtype=np.uint8)
     return out
+
+
+def add_legend(image, entries, background=255):
+    """A copy of ``image`` with a strip below it naming each outline colour.
+
+    Parameters
+    ----------
+    image : array, PIL image or path
+        Any form :func:`overlay` accepts.
+    entries : sequence of (str, tuple of 3 ints)
+        ``(label, colour)``, one line each: a colour swatch, then the label.
+    background : int, default=255
+        Grey level of the strip.
+
+    Returns
+    -------
+    rgb : ndarray of uint8, shape (H + strip, W, 3)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> out = add_legend(np.zeros((40, 120, 3), np.uint8), [("predicted", PREDICTION_COLOR)])
+    >>> out.shape[0] > 40, bool((out[40:] == PREDICTION_COLOR).all(axis=-1).any())
+    (True, True)
+    """
+    rgb = _as_rgb_uint8(image)
+    if not entries:
+        return rgb.copy()
+    font = ImageFont.load_default()
+    line = 14
+    strip = Image.new("RGB", (rgb.shape[1], line * len(entries) + 4), (background,) * 3)
+    draw = ImageDraw.Draw(strip)
+    for i, (label, color) in enumerate(entries):
+        top = 2 + i * line
+        draw.rectangle([3, top + 2, 13, top + 11], fill=tuple(int(c) for c in color))
+        draw.text((18, top), _fit_text(draw, str(label), font, rgb.shape[1] - 20),
+                  fill=(0, 0, 0), font=font)
+    return np.concatenate([rgb, np.asarray(strip)], axis=0)
 
 
 def save_png(array, path):

@@ -6,6 +6,9 @@ from scipy import ndimage
 from skprotoad.plotting import (
     COLORMAPS,
     apply_colormap,
+    PREDICTION_COLOR,
+    TRUTH_COLOR,
+    add_legend,
     contour,
     draw_contour,
     grid,
@@ -94,21 +97,41 @@ def test_all_nan_map_is_the_image(image):
     np.testing.assert_array_equal(overlay(image, heat), image)
 
 
-def test_contour_pixels_are_exactly_the_mask_boundary(image):
+def test_contour_pixels_are_exactly_the_outline_around_the_mask(image):
     mask = np.zeros(image.shape[:2], dtype=bool)
     mask[5:20, 10:30] = True
-    mask[12:15, 15:20] = False  # a hole has a boundary too
+    mask[12:15, 15:20] = False  # a hole has an outline too
     mask[0:4, 40:45] = True  # touching the image border
+    mask[25, 35] = True  # a one-pixel defect
     heat = np.zeros(image.shape[:2])
     color = (1, 2, 3)
     out = overlay(image, heat, alpha=0.0, mask=mask, contour_color=color)
-    expected = mask & ~ndimage.binary_erosion(mask)
+    on_edge = mask.copy()
+    on_edge[1:-1, 1:-1] = False
+    expected = (ndimage.binary_dilation(mask) & ~mask) | on_edge
     painted = np.all(out == color, axis=-1) & ~np.all(image == color, axis=-1)
     np.testing.assert_array_equal(painted, expected)
     np.testing.assert_array_equal(out[~expected], image[~expected])
-    # The rectangle's outline is 1 pixel wide, with the border pixels included.
-    assert contour(mask)[5, 10:30].all() and not contour(mask)[6, 11:14].any()
-    assert contour(mask)[0, 40:45].all()
+    # outside the rectangle, 1 pixel wide; the defect's own pixels stay visible
+    assert contour(mask)[4, 10:30].all() and not (contour(mask) & mask)[1:-1, 1:-1].any()
+    assert not contour(mask)[25, 35] and contour(mask)[[24, 26, 25, 25], [35, 35, 34, 36]].all()
+    # at the image's edge the defect is closed in by its own edge pixels
+    assert contour(mask)[0, 40:45].all() and contour(mask)[4, 40:45].all()
+
+
+def test_legend_names_each_outline_colour(image):
+    out = add_legend(image, [("predicted defect", PREDICTION_COLOR),
+                             ("ground truth", TRUTH_COLOR)])
+    h = image.shape[0]
+    np.testing.assert_array_equal(out[:h], image)
+    strip = out[h:]
+    assert strip.shape[0] >= 2 * 10 and strip.shape[1] == image.shape[1]
+    for color in (PREDICTION_COLOR, TRUTH_COLOR):
+        rows = np.flatnonzero(np.all(strip == color, axis=-1).any(axis=1))
+        assert len(rows) >= 8  # a swatch, not a stray pixel
+    # the text is drawn: dark pixels right of the swatches
+    assert (strip[:, 18:].min(axis=-1) < 100).sum() > 20
+    assert PREDICTION_COLOR != TRUTH_COLOR
 
 
 def test_draw_contour_accepts_mask_files(image, tmp_path):
