@@ -21,7 +21,7 @@ from .cli_files import describe_error
 
 __all__ = [
     "pixel_threshold", "color_range", "score_and_write", "new_result", "finish_result",
-    "compute_metrics", "per_type_auroc", "format_table",
+    "metric_maps_and_masks", "compute_metrics", "per_type_auroc", "format_table",
 ]
 
 # Overlays and masks of larger images are written scaled down to at most this
@@ -310,6 +310,38 @@ def _score_chunk(detector, items, chunk, strict, skipped):
     # One image of the chunk is unreadable (a truncated file, say): find it.
     for index in chunk:
         yield from _score_chunk(detector, items, [index], strict, skipped)
+
+
+def metric_maps_and_masks(detector, result, mask_paths):
+    """A scored test set's anomaly maps and ground-truth masks, in one geometry.
+
+    Parameters
+    ----------
+    detector : fitted ProtoADDetector
+    result : dict
+        From :func:`score_and_write` with ``keep_maps=True``.
+    mask_paths : list of str or None
+        Each test image's mask file; None for a normal image.
+
+    Returns
+    -------
+    geometry : {"crop", "input"}
+        "crop": maps and masks on the model's input (a fixed ``image_size``);
+        "input": at each image's own size (a scale-factor ``image_size``).
+    maps, masks : array of shape (n, h, w), or lists of 2-D arrays
+    """
+    from .datasets import load_input_masks, load_masks
+
+    if detector.network_.input_size is None:
+        # Scale geometry: the map covers the whole image; compare each map with
+        # its mask at the image's own size (no common grid to resample to).
+        maps = [
+            _images.crop_map_to_input(m, size, detector.image_size, None)
+            for m, size in zip(result["maps"], result["size"])
+        ]
+        return "input", maps, load_input_masks(mask_paths, result["size"])
+    masks = load_masks(mask_paths, detector.image_size, detector.crop_size)
+    return "crop", result["maps"], masks
 
 
 def compute_metrics(labels, scores, masks=None, maps=None):

@@ -1,7 +1,9 @@
 """The ``skprotoad`` command line: ``fit``, ``predict``, ``evaluate`` and ``demo``.
 
 Run ``skprotoad --help`` or ``python -m skprotoad --help``; ``docs/cli.md``
-describes every command and its outputs. :func:`main` takes an argument list
+describes every command and its outputs. This module holds the parser and the
+commands; the scoring loop they share is :mod:`skprotoad.batch_scoring`, the
+files they read and write :mod:`skprotoad.cli_files`. :func:`main` takes an argument list
 and returns the exit code, so the commands can also be run from Python:
 
 >>> from skprotoad.cli import main
@@ -721,9 +723,13 @@ def _load_dataset(args):
 
 
 def _cmd_evaluate(args):
-    from . import _images
-    from .batch_scoring import compute_metrics, format_table, per_type_auroc, score_and_write
-    from .datasets import load_input_masks, load_masks
+    from .batch_scoring import (
+        compute_metrics,
+        format_table,
+        metric_maps_and_masks,
+        per_type_auroc,
+        score_and_write,
+    )
 
     for path, what in ((args.output, "results file"), (args.save_model, "model file")):
         if path is not None:
@@ -740,19 +746,7 @@ def _cmd_evaluate(args):
     with _progress(args, len(data.test_paths), "scoring") as bar:
         result = score_and_write(detector, data.test_paths, keep_maps=True, strict=True, progress=bar)
     score_seconds = time.perf_counter() - start
-    if detector.network_.input_size is None:
-        # Scale geometry: the map covers the whole image; compare each map with
-        # its mask at the image's own size (no common grid to resample to).
-        geometry = "input"
-        maps = [
-            _images.crop_map_to_input(m, size, detector.image_size, None)
-            for m, size in zip(result["maps"], result["size"])
-        ]
-        masks = load_input_masks(data.test_mask_paths, result["size"])
-    else:
-        geometry = "crop"
-        maps = result["maps"]
-        masks = load_masks(data.test_mask_paths, detector.image_size, detector.crop_size)
+    geometry, maps, masks = metric_maps_and_masks(detector, result, data.test_mask_paths)
     result["maps"] = None
     metrics = compute_metrics(data.test_labels, result["score"], masks, maps)
     del maps, masks

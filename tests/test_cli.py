@@ -686,6 +686,15 @@ def test_nan_threshold_and_nan_models_never_label_normal(model, folders, tmp_pat
     assert not (tmp_path / "o" / "scores.csv").exists()
 
 
+def test_colour_range_and_alpha_are_usage_errors(model, folders, tmp_path, capsys):
+    for options, message in ((["--vmin", "2", "--vmax", "1"], "--vmin (2) must be below --vmax (1)"),
+                             (["--alpha", "1.5"], "--alpha must be in [0, 1]")):
+        code, _, err = _run(["predict", model, folders / "test", "-o", tmp_path / "o", "-q",
+                             *options], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "o").exists()
+
+
 def test_non_finite_scores_are_skipped_not_normal(model, folders, tmp_path, capsys, monkeypatch):
     """Should a model still give NaN scores (the load checks passed), predict
     lists those images as skipped, never as normal."""
