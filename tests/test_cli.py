@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skprotoad.cli import main, output_names
+from skprotoad.cli import main
+from skprotoad.cli_files import output_names
 
 # The random resnet18 of conftest.TINY as command-line options.
 TINY_OPTIONS = [
@@ -284,10 +285,11 @@ def test_unreadable_model_is_a_runtime_failure(folders, tmp_path, capsys):
 
 
 def test_library_errors_are_one_clean_line(folders, tmp_path, capsys):
-    # k-means without a number of clusters: the detector's ValueError.
-    options = [o for o in TINY_OPTIONS if o not in ("--n-clusters", "16")]
-    code, _, err = _run(["fit", folders / "train", "-o", tmp_path / "m.joblib", "-q", *options],
-                        capsys)
+    # more clusters than the training images have patches: the detector's
+    # ValueError during the fit (k-means without a number of clusters, which
+    # was the example here, is now a usage error found before the fit)
+    code, _, err = _run(["fit", folders / "train", "-o", tmp_path / "m.joblib", "-q",
+                         *TINY_OPTIONS, "--n-clusters", "100000"], capsys)
     assert code == 1
     assert err.startswith("skprotoad: error: ") and err.count("\n") == 1
     assert "n_clusters" in err and "Traceback" not in err
@@ -547,25 +549,27 @@ def test_bad_image_files(command, bad, code, message, folders, model, tmp_path, 
 
 
 @pytest.mark.parametrize(
-    "options, message",
+    "options, message, expected",
     [
-        (["--layers", "2", "1"], "strictly increasing"),
-        (["--layers", "1", "1"], "without repeats"),
-        (["--layers", "1", "9"], "out of range"),
-        (["--backbone", "no_such_net"], "Unknown backbone"),
-        (["--backbone", "vit_tiny_patch16_224"], "cannot process 64 x 64 crops"),
-        (["--n-clusters", "100000"], "more than the .* training patches"),
-        (["--crop-size", "100"], "larger than image_size"),
-        (["--weights", "/no/such/weights.pth"], "Weights file not found"),
-        (["--neighborhood-size", "2"], "neighborhood_size"),
-        (["--contamination", "0.9"], "contamination"),
+        (["--layers", "2", "1"], "strictly increasing", 1),
+        (["--layers", "1", "1"], "without repeats", 1),
+        (["--layers", "1", "9"], "out of range", 1),
+        (["--backbone", "no_such_net"], "Unknown backbone", 1),
+        (["--backbone", "vit_tiny_patch16_224"], "cannot process 64 x 64 crops", 1),
+        (["--n-clusters", "100000"], "more than the .* training patches", 1),
+        (["--weights", "/no/such/weights.pth"], "Weights file not found", 1),
+        # wrong whatever the data or the backbone: usage errors
+        (["--crop-size", "100"], "larger than image_size", 2),
+        (["--neighborhood-size", "2"], "neighborhood_size", 2),
+        (["--contamination", "0.9"], "contamination", 2),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )
-def test_bad_detector_options_are_one_clean_line(options, message, folders, tmp_path, capsys):
+def test_bad_detector_options_are_one_clean_line(options, message, expected, folders, tmp_path,
+                                                 capsys):
     argv = ["fit", folders / "train", "-o", tmp_path / "m.joblib", "-q", *TINY_OPTIONS, *options]
     code, _, err = _run(argv, capsys)
-    assert code == 1 and err.startswith("skprotoad: error: ") and err.count("\n") == 1
+    assert code == expected and err.startswith("skprotoad: error: ") and err.count("\n") == 1
     assert re.search(message, err), err
     assert not (tmp_path / "m.joblib").exists()
 
@@ -671,7 +675,7 @@ def test_nan_threshold_and_nan_models_never_label_normal(model, folders, tmp_pat
         assert code == 2 and "finite" in err
     code, _, err = _run(["fit", folders / "train", "-o", tmp_path / "m.joblib", "-q",
                          *TINY_OPTIONS, "--sigma", "1e300"], capsys)
-    assert code == 1 and "sigma must be in" in err and "unexpected" not in err
+    assert code == 2 and "sigma must be in" in err and "unexpected" not in err
 
     broken = joblib.load(model)
     broken.network_.prototype_conv.weight.data[0, 0] = float("nan")
@@ -680,6 +684,15 @@ def test_nan_threshold_and_nan_models_never_label_normal(model, folders, tmp_pat
                          tmp_path / "o", "-q"], capsys)
     assert code == 1 and "non-finite" in err
     assert not (tmp_path / "o" / "scores.csv").exists()
+
+
+def test_colour_range_and_alpha_are_usage_errors(model, folders, tmp_path, capsys):
+    for options, message in ((["--vmin", "2", "--vmax", "1"], "--vmin (2) must be below --vmax (1)"),
+                             (["--alpha", "1.5"], "--alpha must be in [0, 1]")):
+        code, _, err = _run(["predict", model, folders / "test", "-o", tmp_path / "o", "-q",
+                             *options], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "o").exists()
 
 
 def test_non_finite_scores_are_skipped_not_normal(model, folders, tmp_path, capsys, monkeypatch):
@@ -706,13 +719,13 @@ def test_large_images_are_refused_or_drawn_smaller(model, folders, tmp_path, cap
                                                    monkeypatch, synthetic):
     """One accepted 178-megapixel image took 17 GB: overlays and masks were
     drawn at its own size. The limits are lowered here to test on small images."""
-    from skprotoad import cli
+    from skprotoad import batch_scoring
 
     big = _save(_resized(synthetic.X_test[0], (120, 200)), tmp_path / "in" / "big.png")
     code, _, err = _run(["predict", model, big, "-o", tmp_path / "a", "-q",
                          "--max-pixels", "10000"], capsys)
     assert code == 1 and "200 x 120 = 24,000 pixels, more than --max-pixels 10,000" in err
-    monkeypatch.setattr(cli, "_MAX_OUTPUT_PIXELS", 60 * 100)
+    monkeypatch.setattr(batch_scoring, "MAX_OUTPUT_PIXELS", 60 * 100)
     code, _, err = _run(["predict", model, big, "-o", tmp_path / "b", "-q"], capsys)
     assert code == 0, err
     row = _read_csv(tmp_path / "b" / "scores.csv")[0]
@@ -721,7 +734,7 @@ def test_large_images_are_refused_or_drawn_smaller(model, folders, tmp_path, cap
         with Image.open(tmp_path / "b" / name) as img:
             assert img.size == (100, 60)
     # the same verdict and, scaled, the same mask as at full size
-    monkeypatch.setattr(cli, "_MAX_OUTPUT_PIXELS", 2048 * 2048)
+    monkeypatch.setattr(batch_scoring, "MAX_OUTPUT_PIXELS", 2048 * 2048)
     assert _run(["predict", model, big, "-o", tmp_path / "c", "-q"], capsys)[0] == 0
     assert _read_csv(tmp_path / "c" / "scores.csv")[0]["label"] == row["label"]
 
@@ -766,19 +779,132 @@ def test_interrupted_predict_lists_what_was_done(model, folders, tmp_path, capsy
     assert json.loads((out / "run.json").read_text())["complete"] is True
 
 
-def test_ctrl_c_during_start_up_exits_130_quietly(tmp_path):
+# A Python run with a KeyboardInterrupt as torch is imported: Ctrl-C while it
+# loads (seconds). Then the given command line.
+_INTERRUPT_TORCH = (
+    "import sys, runpy\n"
+    "class Interrupt:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'torch':\n"
+    "            raise KeyboardInterrupt\n"
+    "sys.meta_path.insert(0, Interrupt())\n"
+    "sys.argv = ['skprotoad', *sys.argv[1:]]\n"
+    "runpy.run_module('skprotoad', run_name='__main__', alter_sys=True)\n"
+)
+
+
+def _run_interrupting_torch(*argv):
+    return subprocess.run([sys.executable, "-c", _INTERRUPT_TORCH, *map(str, argv)],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def test_ctrl_c_during_start_up_exits_130_quietly(folders, tmp_path):
     """While torch was still being imported, Ctrl-C printed a traceback."""
-    script = (
-        "import sys, runpy\n"
-        "class Interrupt:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch':\n"
-        "            raise KeyboardInterrupt\n"
-        "sys.meta_path.insert(0, Interrupt())\n"
-        "sys.argv = ['skprotoad', '--help']\n"
-        "runpy.run_module('skprotoad', run_name='__main__', alter_sys=True)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    done = _run_interrupting_torch("fit", folders / "train", "-o", tmp_path / "m.joblib")
     assert done.returncode == 130, done.stderr
     assert "Traceback" not in done.stderr and "interrupted" in done.stderr
+
+
+def test_help_does_not_import_torch():
+    """--help took 1.9 s, most of it importing torch, which it does not need."""
+    for argv in (["--help"], ["fit", "--help"], ["predict", "--help"], ["--version"]):
+        done = _run_interrupting_torch(*argv)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (argv, done.stderr)
+    script = "import sys, skprotoad.cli; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+
+
+# ---------------------------------------------- defaults and usage errors
+
+
+def _estimator_params_of(args):
+    """The ``ProtoADDetector`` parameters parsed options stand for, converted
+    from the command line's representations (lists, an unset crop)."""
+    from skprotoad import ProtoADDetector, cli
+
+    params = {name: getattr(args, option) for name, option in cli._DETECTOR_OPTIONS.items()
+              if hasattr(args, option)}
+    if "layers" in params:
+        params["layers"] = tuple(params["layers"])
+    if params.get("crop_size") is cli._CROP_UNSET:  # the estimator's, for a size in pixels
+        fixed = isinstance(params["image_size"], int)
+        params["crop_size"] = ProtoADDetector().crop_size if fixed else None
+    return params
+
+
+def test_defaults_module_matches_the_estimator():
+    """skprotoad/_defaults.py, which the command line reads without torch,
+    holds the estimator's defaults: every parameter but mean and std."""
+    from skprotoad import ProtoADDetector
+    from skprotoad._defaults import DETECTOR_DEFAULTS
+
+    estimator = ProtoADDetector().get_params()
+    assert set(estimator) - set(DETECTOR_DEFAULTS) == {"mean", "std"}
+    assert {name: estimator[name] for name in DETECTOR_DEFAULTS} == dict(DETECTOR_DEFAULTS)
+
+
+@pytest.mark.parametrize("command", [["fit", "TRAIN", "-o", "M"], ["evaluate", "ROOT"], ["demo"]],
+                         ids=lambda v: v[0])
+def test_option_defaults_are_the_estimators(command):
+    from skprotoad import ProtoADDetector
+    from skprotoad.cli import build_parser
+
+    args = build_parser().parse_args(command)
+    params = _estimator_params_of(args)
+    estimator = ProtoADDetector().get_params()
+    # the one deliberate difference: runs of the command line are reproducible
+    assert params.pop("random_state") == 0 and estimator["random_state"] is None
+    if command[0] == "demo":
+        # the demo has a few detector options; its image size is its own
+        assert set(params) == {"backbone", "weights", "clustering", "n_clusters", "device"}
+    else:
+        assert set(params) == set(estimator) - {"random_state", "mean", "std", "verbose",
+                                                "n_jobs", "memory"}
+    assert params == {name: estimator[name] for name in params}
+
+
+def test_detector_built_from_default_options_is_the_default_estimator():
+    from skprotoad import ProtoADDetector, cli
+
+    args = cli.build_parser().parse_args(["fit", "TRAIN", "-o", "M", "-q"])
+    got = cli._make_detector(args).get_params()
+    expected = ProtoADDetector(random_state=0).get_params()
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    "command, reader",
+    [
+        (["fit", "TRAIN", "-o", "OUT/m.joblib"], "collect_images"),
+        (["evaluate", "TRAIN", "-o", "OUT/r.json"], "_load_dataset"),
+        (["demo", "-o", "OUT/demo"], None),
+    ],
+    ids=lambda v: v[0] if isinstance(v, list) else None,
+)
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--clustering", "kmeans"], "needs n_clusters"),
+        (["--device", "tpu"], "device must be"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_usage_errors_of_the_options_come_before_any_data(command, reader, options, message,
+                                                         folders, tmp_path, capsys, monkeypatch):
+    """--clustering kmeans without --n-clusters was reported (exit code 1)
+    only after every training image's header was read (or the data set loaded,
+    or the demo's generated)."""
+    from skprotoad import cli, datasets
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was read")
+
+    if reader is not None:
+        monkeypatch.setattr(cli, reader, no_data)
+    monkeypatch.setattr(datasets, "make_defect_dataset", no_data)
+    argv = [str(a).replace("TRAIN", str(folders / "train")).replace("OUT", str(tmp_path))
+            for a in [*command, "-q", *options]]
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())

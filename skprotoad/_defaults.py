@@ -1,0 +1,36 @@
+"""The estimator's default parameter values, written once.
+
+Kept free of heavy imports (no torch, no numpy): the command line builds its
+option defaults from :data:`DETECTOR_DEFAULTS` without loading torch, so that
+``skprotoad --help`` stays instant. ``ProtoADDetector.__init__`` is meant to
+take its defaults from here; until it does, ``tests/test_cli.py`` checks that
+the two agree.
+"""
+
+from types import MappingProxyType
+
+#: ``ProtoADDetector`` parameter -> default value, for every parameter but
+#: ``mean`` and ``std`` (ImageNet's, owned by :mod:`skprotoad.network`).
+#: Read-only: a caller that changed it would change every later default.
+DETECTOR_DEFAULTS = MappingProxyType({
+    "backbone": "efficientnet_lite0",
+    "layers": (1, 2, 3),
+    "weights": "imagenet",
+    "clustering": "finch",
+    "n_clusters": None,
+    "n_farthest": None,
+    "sigma": 4.0,
+    "alignment": "center",
+    "neighborhood_size": 3,
+    "normalization": "image",
+    "image_score": "projection",
+    "image_size": 256,
+    "crop_size": 224,
+    "contamination": "auto",
+    "batch_size": 16,
+    "device": "auto",
+    "random_state": None,
+    "verbose": False,
+    "n_jobs": None,
+    "memory": None,
+})
