@@ -28,6 +28,8 @@ __all__ = [
 # many pixels (2048 x 2048): at the image's own size, drawing a 178-megapixel
 # image's overlay took 17 GB (drawing costs about 60 bytes an output pixel).
 MAX_OUTPUT_PIXELS = 2048 * 2048
+#: Overlays of smaller images are enlarged to this shorter side, to be read.
+MIN_OVERLAY_SIDE = 256
 # Colour range of the overlays, as multiples of the image threshold: the
 # threshold sits mid-scale, well below it is dark, 1.5 times it saturates.
 _VMIN_FACTOR, _VMAX_FACTOR = 0.5, 1.5
@@ -121,8 +123,10 @@ def score_and_write(
     names : list of str, default=None
         Output names (no extension), one per item; needed with ``out_dir``.
     out_dir : path, default=None
-        Writes ``overlays/<name>.png`` (heatmap at the image's own size, the
-        outline of ``truth_masks`` if given, else of the predicted mask) and
+        Writes ``overlays/<name>.png`` (heatmap at the image's own size,
+        enlarged by an integer factor to a shorter side of at least
+        ``MIN_OVERLAY_SIDE`` pixels; the predicted mask outlined in
+        ``PREDICTION_COLOR``, ``truth_masks`` if given in ``TRUTH_COLOR``) and
         ``masks/<name>.png`` (predicted mask, 0 / 255, the image's own size;
         empty exactly for images labelled normal, as
         :meth:`ProtoADDetector.predict_masks`);
@@ -139,7 +143,7 @@ def score_and_write(
     write : sequence of bool, default=None
         Which items get overlay and mask files (default: all).
     truth_masks : sequence of (H, W) bool arrays, default=None
-        Ground truth, outlined in the overlays instead of the prediction.
+        Ground truth, outlined in the overlays next to the prediction.
     keep_maps : bool, default=False
         Return the crop-geometry anomaly maps (for metrics): an array, or a
         list when the model's input size varies (a scale-factor
@@ -164,7 +168,7 @@ def score_and_write(
         finite is skipped (raises with ``strict``): it is not called normal.
     """
     from ._masks import verdict_mask
-    from .plotting import overlay, save_png
+    from .plotting import PREDICTION_COLOR, TRUTH_COLOR, draw_contour, overlay, save_png
 
     offset = detector.offset_ if threshold is None else -float(threshold)
     pixel_t = pixel_threshold(detector, threshold)
@@ -196,9 +200,16 @@ def score_and_write(
                 heat = _images.crop_map_to_input(crop_map, shown, detector.image_size, crop)
                 # the rule of ProtoADDetector.predict_masks: agrees with `anomaly`
                 predicted = verdict_mask(heat, anomaly, pixel_t)
-                outline = predicted if truth_masks is None else _resized_mask(truth_masks[index], shown)
-                image = items[index] if shown == tuple(size) else _resized_image(items[index], shown)
-                picture = overlay(image, heat, alpha=alpha, vmin=vmin, vmax=vmax, mask=outline)
+                view = _overlay_size(shown)  # small images enlarged, to be read
+                if view != shown:
+                    heat = _images.crop_map_to_input(crop_map, view, detector.image_size, crop)
+                image = items[index] if view == tuple(size) else _resized_image(items[index], view)
+                picture = overlay(image, heat, alpha=alpha, vmin=vmin, vmax=vmax,
+                                  mask=_resized_mask(predicted, view),
+                                  contour_color=PREDICTION_COLOR)
+                if truth_masks is not None:
+                    picture = draw_contour(picture, _resized_mask(truth_masks[index], view),
+                                           TRUTH_COLOR)
                 overlay_rel = f"overlays/{names[index]}.png"
                 mask_rel = f"masks/{names[index]}.png"
                 save_png(picture, out_dir / overlay_rel)
@@ -263,12 +274,22 @@ def _output_size(size):
     return max(1, int(height * factor)), max(1, int(width * factor))
 
 
+def _overlay_size(size):
+    """(height, width) of the overlay of an image of ``size``: enlarged by an
+    integer factor until its shorter side has ``MIN_OVERLAY_SIDE`` pixels."""
+    height, width = size
+    factor = math.ceil(MIN_OVERLAY_SIDE / max(1, min(height, width)))
+    if factor <= 1 or height * width * factor**2 > MAX_OUTPUT_PIXELS:
+        return tuple(size)
+    return height * factor, width * factor
+
+
 def _resized_image(item, size):
     """Image ``item`` (path or array) as uint8 RGB of ``size``, without a
     full-size float copy."""
     from PIL import Image
 
-    from .plotting import _as_rgb_uint8
+    from .plotting import as_rgb_uint8
 
     height, width = size
     if isinstance(item, (str, os.PathLike)):
@@ -280,7 +301,7 @@ def _resized_image(item, size):
                 img = img.convert("RGB")
             small = img.resize((width, height), Image.BILINEAR, reducing_gap=2.0)
     else:
-        small = Image.fromarray(_as_rgb_uint8(item)).resize((width, height), Image.BILINEAR)
+        small = Image.fromarray(as_rgb_uint8(item)).resize((width, height), Image.BILINEAR)
     return np.asarray(small.convert("RGB"))
 
 

@@ -134,7 +134,7 @@ exit codes: 0 success, 1 runtime failure, 2 usage error (JSON exists: --force).
 _EPILOG_DEMO = """\
 Generates a synthetic surface-defect data set (no data, no download), fits a
 detector with the offline efficientnet_lite0 backbone, prints the metrics and
-writes heatmap overlays (ground truth outlined in green), a grid.png and
+writes heatmap overlays (prediction outlined in cyan, ground truth in green), a grid.png and
 results.json into OUT_DIR. Takes about a minute on two CPU cores. Run again,
 it replaces its own earlier output in OUT_DIR; a folder holding other files
 needs --force (and those files are kept).
@@ -805,7 +805,7 @@ def _cmd_demo(args):
 
     from .batch_scoring import compute_metrics, format_table, score_and_write
     from .datasets import make_defect_dataset
-    from .plotting import grid, save_png
+    from .plotting import PREDICTION_COLOR, TRUTH_COLOR, add_legend, grid, save_png
 
     detector = _make_detector(args, image_size=args.size, crop_size=args.size)
     # (generating the images takes a second; the fit is the work)
@@ -844,6 +844,8 @@ def _cmd_demo(args):
         [out_dir / result["overlay"][i] for i in shown], titles=titles, ncols=4,
         tile_size=max(args.size, 192),
     )
+    figure = add_legend(figure, [("predicted defect (the model)", PREDICTION_COLOR),
+                                 ("true defect (ground truth)", TRUTH_COLOR)])
     save_png(figure, out_dir / "grid.png")
     speed = len(data.X_test) / score_seconds
     write_json(out_dir / "results.json", {
@@ -861,5 +863,6 @@ def _cmd_demo(args):
           f"({int(data.y_test.sum())} with defects)")
     print(format_table(metrics, [("fit time (s)", f"{fit_seconds:.1f}"),
                                  ("test images/s", f"{speed:.2f}")]))
-    print(f"wrote {len(shown)} overlays (ground truth outlined in green), grid.png, "
+    print(f"wrote {len(shown)} overlays (predicted defects outlined in cyan, true ones in "
+          f"green), grid.png, "
           f"scores.csv and results.json to {out_dir}")

@@ -30,7 +30,7 @@ from ._files import write_new_file
 
 __all__ = [
     "COLORMAPS", "PREDICTION_COLOR", "TRUTH_COLOR", "apply_colormap", "overlay", "contour",
-    "draw_contour", "add_legend", "save_png", "grid",
+    "draw_contour", "add_legend", "as_rgb_uint8", "save_png", "grid",
 ]
 
 #: Outline colour of predicted defects (cyan: apart from every colour of the
@@ -152,7 +152,7 @@ def _value_range(values, vmin, vmax):
     return vmin, vmax
 
 
-def _as_rgb_uint8(image, where="image"):
+def as_rgb_uint8(image, where="image"):
     """Any image form (array, PIL image, path) as an (H, W, 3) uint8 array."""
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as img:
@@ -177,7 +177,7 @@ def _as_rgb_uint8(image, where="image"):
 
 def _as_mask(mask, shape):
     if isinstance(mask, (str, os.PathLike, Image.Image)):
-        mask = np.asarray(_as_rgb_uint8(mask, "mask"))[..., 0] > 127
+        mask = np.asarray(as_rgb_uint8(mask, "mask"))[..., 0] > 127
     mask = np.asarray(mask)
     if mask.shape != tuple(shape):
         raise ValueError(f"mask has shape {mask.shape}, the image {tuple(shape)}.")
@@ -231,7 +231,7 @@ def draw_contour(image, mask, color=(0, 255, 0)):
     >>> int((rgb[..., 1] == 255).sum())  # the 16 pixels around a 4 x 4 square
     16
     """
-    rgb = _as_rgb_uint8(image).copy()
+    rgb = as_rgb_uint8(image).copy()
     rgb[contour(_as_mask(mask, rgb.shape[:2]))] = np.asarray(color, dtype=np.uint8)
     return rgb
 
@@ -290,7 +290,7 @@ def overlay(
     >>> out[0, 0].tolist(), out[3, 3].tolist()
     ([252, 255, 164], [0, 0, 0])
     """
-    rgb = _as_rgb_uint8(image)
+    rgb = as_rgb_uint8(image)
     heat = np.asarray(anomaly_map, dtype=np.float64)
     if heat.shape != rgb.shape[:2]:
         raise ValueError(
@@ -330,7 +330,7 @@ def add_legend(image, entries, background=255):
     >>> out.shape[0] > 40, bool((out[40:] == PREDICTION_COLOR).all(axis=-1).any())
     (True, True)
     """
-    rgb = _as_rgb_uint8(image)
+    rgb = as_rgb_uint8(image)
     if not entries:
         return rgb.copy()
     font = ImageFont.load_default()
@@ -375,7 +375,7 @@ def save_png(array, path):
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
     elif arr.dtype != np.uint8:
-        arr = _as_rgb_uint8(arr, "array") if arr.ndim == 3 else _as_rgb_uint8(arr)[..., 0]
+        arr = as_rgb_uint8(arr, "array") if arr.ndim == 3 else as_rgb_uint8(arr)[..., 0]
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] != 3):
@@ -442,7 +442,7 @@ def grid(images, titles=None, ncols=4, tile_size=None, pad=4, background=255):
     >>> grid(tiles, ncols=2, pad=1).shape
     (23, 43, 3)
     """
-    rgbs = [_as_rgb_uint8(image, f"images[{i}]") for i, image in enumerate(images)]
+    rgbs = [as_rgb_uint8(image, f"images[{i}]") for i, image in enumerate(images)]
     if not rgbs:
         raise ValueError("images is empty: nothing to tile.")
     if titles is not None and len(titles) != len(rgbs):

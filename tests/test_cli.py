@@ -183,7 +183,10 @@ def test_outputs_have_each_images_own_size(model, folders, tmp_path, capsys):
             size = img.size  # (width, height)
         assert (int(row["width"]), int(row["height"])) == size
         with Image.open(out / row["overlay"]) as overlay:
-            assert overlay.size == size and overlay.mode == "RGB"
+            # small images' overlays are enlarged by a whole factor, to be read
+            factor = max(1, -(-256 // min(size)))
+            assert overlay.size == (size[0] * factor, size[1] * factor)
+            assert overlay.mode == "RGB"
         with Image.open(out / row["mask"]) as mask:
             assert mask.size == size and mask.mode == "L"
             assert set(np.unique(np.asarray(mask))) <= {0, 255}
@@ -451,7 +454,11 @@ def test_demo_small(tmp_path, capsys):
     assert "image AUROC" in stdout and "pixel AUROC" in stdout and "AUPRO" in stdout
     assert (out / "grid.png").is_file()
     overlays = sorted((out / "overlays").glob("*.png"))
-    assert overlays and all(Image.open(p).size == (64, 64) for p in overlays)
+    assert overlays and all(Image.open(p).size == (256, 256) for p in overlays)
+    # both outlines, in their own colours: cyan the model's, green the truth's
+    pixels = np.concatenate([np.asarray(Image.open(p)).reshape(-1, 3) for p in overlays])
+    assert (pixels == (0, 255, 0)).all(axis=1).any()
+    assert (pixels == (0, 255, 255)).all(axis=1).any()
     results = json.loads((out / "results.json").read_text())
     assert set(results["metrics"]) >= {"image_auroc", "pixel_auroc", "aupro"}
     assert len(_read_csv(out / "scores.csv")) == 6
