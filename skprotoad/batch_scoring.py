@@ -20,7 +20,8 @@ from . import _images
 from .cli_files import describe_error
 
 __all__ = [
-    "pixel_threshold", "color_range", "score_and_write", "new_result", "finish_result",
+    "pixel_threshold", "color_range", "score_and_write", "draw_overlay", "new_result",
+    "finish_result",
     "metric_maps_and_masks", "compute_metrics", "per_type_auroc", "format_table",
 ]
 
@@ -167,8 +168,7 @@ def score_and_write(
         and ``skipped`` (list of (index, reason)). An image whose score is not
         finite is skipped (raises with ``strict``): it is not called normal.
     """
-    from ._masks import verdict_mask
-    from .plotting import PREDICTION_COLOR, TRUTH_COLOR, draw_contour, overlay, save_png
+    from .plotting import save_png
 
     offset = detector.offset_ if threshold is None else -float(threshold)
     pixel_t = pixel_threshold(detector, threshold)
@@ -195,21 +195,10 @@ def score_and_write(
             size = sequence.original_size(index)
             overlay_rel = mask_rel = ""
             if out_dir is not None and (write is None or write[index]):
-                # bounded: 17 GB for one 178-megapixel image at its own size
-                shown = _output_size(size)
-                heat = _images.crop_map_to_input(crop_map, shown, detector.image_size, crop)
-                # the rule of ProtoADDetector.predict_masks: agrees with `anomaly`
-                predicted = verdict_mask(heat, anomaly, pixel_t)
-                view = _overlay_size(shown)  # small images enlarged, to be read
-                if view != shown:
-                    heat = _images.crop_map_to_input(crop_map, view, detector.image_size, crop)
-                image = items[index] if view == tuple(size) else _resized_image(items[index], view)
-                picture = overlay(image, heat, alpha=alpha, vmin=vmin, vmax=vmax,
-                                  mask=_resized_mask(predicted, view),
-                                  contour_color=PREDICTION_COLOR)
-                if truth_masks is not None:
-                    picture = draw_contour(picture, _resized_mask(truth_masks[index], view),
-                                           TRUTH_COLOR)
+                picture, predicted = draw_overlay(
+                    detector, items[index], crop_map, size, anomaly, pixel_t, vmin, vmax,
+                    alpha, None if truth_masks is None else truth_masks[index],
+                )
                 overlay_rel = f"overlays/{names[index]}.png"
                 mask_rel = f"masks/{names[index]}.png"
                 save_png(picture, out_dir / overlay_rel)
@@ -224,6 +213,52 @@ def score_and_write(
         if progress is not None:
             progress.update(len(chunk))
     return finish_result(result, keep_maps, crop)
+
+
+def draw_overlay(detector, item, crop_map, size, anomaly, pixel_threshold, vmin, vmax,
+                 alpha=0.5, truth_mask=None):
+    """One image's overlay and predicted mask, as ``predict`` writes them.
+
+    Parameters
+    ----------
+    detector : fitted ProtoADDetector
+    item : path or image array
+    crop_map : 2-D array
+        The image's map on the model's input (``anomaly_maps(output="crop")``).
+    size : (int, int)
+        The image's own (height, width).
+    anomaly : bool
+        Its verdict: the mask follows it (:meth:`ProtoADDetector.predict_masks`).
+    pixel_threshold, vmin, vmax, alpha : float
+    truth_mask : 2-D bool array, default=None
+        Ground truth at any size, outlined in ``TRUTH_COLOR``.
+
+    Returns
+    -------
+    picture : ndarray of uint8 (H', W', 3)
+        At the image's size, scaled down to ``MAX_OUTPUT_PIXELS`` (bounded
+        memory: 17 GB for one 178-megapixel image at its own size) or enlarged
+        to a ``MIN_OVERLAY_SIDE`` shorter side; the prediction outlined in
+        ``PREDICTION_COLOR``.
+    predicted : ndarray of bool
+        The predicted mask at the image's size, scaled down like the picture.
+    """
+    from ._masks import verdict_mask
+    from .plotting import PREDICTION_COLOR, TRUTH_COLOR, draw_contour, overlay
+
+    crop = detector.network_.input_size
+    shown = _output_size(size)
+    heat = _images.crop_map_to_input(crop_map, shown, detector.image_size, crop)
+    predicted = verdict_mask(heat, anomaly, pixel_threshold)
+    view = _overlay_size(shown)
+    if view != shown:
+        heat = _images.crop_map_to_input(crop_map, view, detector.image_size, crop)
+    image = item if view == tuple(size) else _resized_image(item, view)
+    picture = overlay(image, heat, alpha=alpha, vmin=vmin, vmax=vmax,
+                      mask=_resized_mask(predicted, view), contour_color=PREDICTION_COLOR)
+    if truth_mask is not None:
+        picture = draw_contour(picture, _resized_mask(truth_mask, view), TRUTH_COLOR)
+    return picture, predicted
 
 
 def new_result():

@@ -31,6 +31,7 @@ from .cli_files import (
     EXIT_OK,
     EXIT_USAGE,
     OUTPUT_DIRS,
+    REPORT_FILES,
     CommandError,
     check_file_free,
     collect_images,
@@ -411,6 +412,12 @@ def build_parser():
         help="map value shown brightest (default: 1.5 x threshold)",
     )
     predict.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (default: 0.5)")
+    predict.add_argument(
+        "--report", action="store_true",
+        help="also write OUT_DIR/report/: index.html with a contact sheet of the most "
+        "anomalous images and the score histogram (needs matplotlib: pip install "
+        "'skprotoad[report]')",
+    )
     _add_common(predict)
     _add_max_pixels(predict)
     _add_runtime_options(predict.add_argument_group("runtime options"), defaults_from_model=True)
@@ -430,7 +437,14 @@ def build_parser():
     evaluate.add_argument("-o", "--output", default=None, metavar="JSON", help="write the results as JSON")
     evaluate.add_argument("--save-model", default=None, metavar="MODEL",
                           help="also save the fitted model (.joblib, or .safetensors)")
-    evaluate.add_argument("--force", action="store_true", help="overwrite JSON / MODEL if they exist")
+    evaluate.add_argument(
+        "--report", default=None, metavar="DIR",
+        help="write a report to DIR: index.html with ROC and PRO curves, score histograms "
+        "with the threshold, a table per defect type, the worst false alarms and misses "
+        "(needs matplotlib: pip install 'skprotoad[report]')",
+    )
+    evaluate.add_argument("--force", action="store_true",
+                          help="overwrite JSON / MODEL / the report if they exist")
     _add_common(evaluate)
     _add_detector_options(evaluate)
     evaluate.set_defaults(handler=_cmd_evaluate)
@@ -654,12 +668,16 @@ def _cmd_predict(args):
         raise CommandError(str(exc), EXIT_USAGE) from None
     if not 0.0 <= args.alpha <= 1.0:
         raise CommandError(f"--alpha must be in [0, 1], got {args.alpha}.", EXIT_USAGE)
+    if args.report:
+        _require_report_extra()
     paths, skipped = collect_images(args.inputs, max_pixels=args.max_pixels)
     _report_skipped(skipped)
     require_images(paths, args.inputs)
     names = output_names(paths)
     planned = ["scores.csv", "skipped.csv", "run.json"]
     planned += [f"{folder}/{name}.png" for name in names for folder in OUTPUT_DIRS]
+    if args.report:
+        planned += [f"report/{f}" for f in REPORT_FILES]
     prepare_out_dir(out_dir, args.force, planned, inputs=paths)
 
     done = new_result()
@@ -686,6 +704,31 @@ def _cmd_predict(args):
           f"overlays/ and masks/")
     if not len(result["index"]):
         raise CommandError("no image could be scored.")
+    if args.report:
+        import numpy as np
+        from PIL import Image
+
+        from .report import prediction_report
+
+        def draw(k):  # the overlay just written
+            with Image.open(out_dir / result["overlay"][k]) as img:
+                return np.asarray(img.convert("RGB"))
+
+        written = prediction_report(
+            out_dir / "report", result["score"], threshold, draw_example=draw,
+            names=[Path(paths[i]).name for i in result["index"]], overwrite=True,
+        )
+        print(f"wrote {written['index']}")
+
+
+def _require_report_extra():
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise CommandError(
+            "--report needs matplotlib: pip install 'skprotoad[report]' (or matplotlib).",
+            EXIT_USAGE,
+        )
 
 
 def _write_predict_results(args, detector, out_dir, paths, skipped, result, vmin, vmax,
@@ -734,6 +777,9 @@ def _cmd_evaluate(args):
     for path, what in ((args.output, "results file"), (args.save_model, "model file")):
         if path is not None:
             check_file_free(path, args.force, what)
+    if args.report is not None:
+        _require_report_extra()
+        check_file_free(Path(args.report) / "index.html", args.force, "report")
     detector = _make_detector(args)
     data = _load_dataset(args)
     fit_seconds = _fit(args, detector, data.train_paths)
@@ -747,9 +793,12 @@ def _cmd_evaluate(args):
         result = score_and_write(detector, data.test_paths, keep_maps=True, strict=True, progress=bar)
     score_seconds = time.perf_counter() - start
     geometry, maps, masks = metric_maps_and_masks(detector, result, data.test_mask_paths)
-    result["maps"] = None
+    crop_maps, result["maps"] = result["maps"], None
     metrics = compute_metrics(data.test_labels, result["score"], masks, maps)
-    del maps, masks
+    if args.report is not None:
+        written = _write_evaluation_report(args, detector, data, result, crop_maps, maps, masks)
+        _info(args, f"wrote {written}")
+    del maps, masks, crop_maps
     normal_name = "ok" if args.format == "btad" else "good"
     per_type = per_type_auroc(
         data.test_defect_types, data.test_labels, result["score"], normal_name
@@ -786,6 +835,35 @@ def _cmd_evaluate(args):
             "skprotoad_version": __version__,
         })
         _info(args, f"wrote {args.output}")
+
+
+def _write_evaluation_report(args, detector, data, result, crop_maps, maps, masks):
+    """The evaluation report of ``evaluate --report``; returns its index.html."""
+    from .batch_scoring import color_range, draw_overlay, pixel_threshold
+    from .datasets import load_input_masks
+    from .report import evaluation_report
+
+    vmin, vmax = color_range(detector)
+    pixel_t = pixel_threshold(detector)
+
+    def draw(k):  # the k-th scored image, its prediction and its ground truth
+        i = result["index"][k]
+        size = result["size"][k]
+        (truth,) = load_input_masks([data.test_mask_paths[i]], [size])
+        picture, _ = draw_overlay(detector, data.test_paths[i], crop_maps[k], size,
+                                  result["anomaly"][k], pixel_t, vmin, vmax, truth_mask=truth)
+        return picture
+
+    index = result["index"]
+    name = args.category or Path(args.root).name
+    written = evaluation_report(
+        args.report, data.test_labels[index], result["score"], -detector.offset_,
+        defect_types=[data.test_defect_types[i] for i in index],
+        names=[f"{data.test_defect_types[i]}/{Path(data.test_paths[i]).name}" for i in index],
+        masks=masks, maps=maps,
+        draw_example=draw, title=f"skprotoad evaluation: {name}", overwrite=args.force,
+    )
+    return written["index"]
 
 
 # Overlays the demo writes: this many anomalous and normal test images.

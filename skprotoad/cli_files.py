@@ -39,6 +39,8 @@ EXIT_USAGE = 2
 # replaces only those, never anything else the folder holds.
 _OUTPUT_FILES = ("scores.csv", "skipped.csv", "run.json", "results.json", "grid.png")
 OUTPUT_DIRS = ("overlays", "masks")
+# predict --report's files, in OUT_DIR/report/
+REPORT_FILES = ("index.html", "scores.png", "contact_sheet.png")
 _MANIFEST = ".skprotoad-outputs.json"
 # The model formats the CLI reads and writes, for messages.
 _MODEL_FORMATS = (
@@ -342,6 +344,8 @@ def _is_output_name(name):
     parts = name.split("/")
     if len(parts) == 1:
         return name in _OUTPUT_FILES
+    if len(parts) == 2 and parts[0] == "report":
+        return parts[1] in REPORT_FILES
     return (
         len(parts) == 2
         and parts[0] in OUTPUT_DIRS

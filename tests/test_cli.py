@@ -433,6 +433,60 @@ def test_evaluate_writes_json(fake_mvtec, tmp_path, capsys):
     assert _run([*argv, "--force"], capsys)[0] == 0
 
 
+def test_evaluate_report(fake_mvtec, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    report = tmp_path / "report"
+    out = tmp_path / "results.json"
+    argv = ["evaluate", fake_mvtec, "--category", "widget", "-q", "-o", out, "--report", report,
+            *TINY_OPTIONS]
+    assert _run(argv, capsys)[0] == 0
+    page = (report / "index.html").read_text()
+    assert "skprotoad evaluation: widget" in page and "<td>scratch</td><td>4</td>" in page
+    results = json.loads(out.read_text())
+    assert f"{results['metrics']['image_auroc']:.4f}" in page
+    for name in ("scores", "roc", "pro"):
+        with Image.open(report / f"{name}.png") as img:
+            assert img.format == "PNG" and img.width > 200
+    # the example grids show the test images at the overlay size, with outlines
+    grids = [p for p in (report / "false_alarms.png", report / "misses.png") if p.exists()]
+    for path in grids:
+        pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+        assert (pixels == (0, 255, 255)).all(axis=1).any() or "misses" in path.name
+    # no overwrite without --force, before any work
+    before = (report / "index.html").read_bytes()
+    code, _, err = _run(argv[:5] + argv[7:], capsys)  # without -o: only the report is in the way
+    assert code == 2 and "report" in err and "--force" in err
+    assert (report / "index.html").read_bytes() == before
+
+
+def test_predict_report(model, folders, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    assert _run(["predict", model, folders / "test", "-o", out, "-q", "--report"], capsys)[0] == 0
+    page = (out / "report" / "index.html").read_text()
+    rows = _read_csv(out / "scores.csv")
+    flagged = sum(r["label"] == "anomaly" for r in rows)
+    assert f"({flagged})" in page
+    with Image.open(out / "report" / "contact_sheet.png") as sheet:
+        assert sheet.width > 256
+    # run again with --force: the report is the run's own output, replaced
+    assert _run(["predict", model, folders / "test", "-o", out, "-q", "--report", "--force"],
+                capsys)[0] == 0
+
+
+def test_report_without_matplotlib_is_a_usage_error(model, folders, tmp_path, capsys,
+                                                    monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    out = tmp_path / "out"
+    code, _, err = _run(["predict", model, folders / "test", "-o", out, "-q", "--report"], capsys)
+    assert code == 2 and "skprotoad[report]" in err
+    assert not out.exists()
+
+
 def test_evaluate_category_folder_and_missing_root(fake_mvtec, tmp_path, capsys):
     code, stdout, _ = _run(["evaluate", fake_mvtec / "widget", "-q", *TINY_OPTIONS], capsys)
     assert code == 0 and "image AUROC" in stdout
