@@ -209,6 +209,22 @@ def embodied_settings(params):
     }
 
 
+def check_unchanged(fitted, now):
+    """Raise if the :func:`embodied_settings` ``now`` differ from the ``fitted``
+    ones: ``set_params`` changed a parameter the fitted network embodies, which
+    would keep the old value while scoring used the new one."""
+    changed = [
+        f"{name}={now[name]!r} (fitted with {fitted[name]!r})"
+        for name in fitted
+        if now.get(name) != fitted[name]
+    ]
+    if changed:
+        raise ValueError(
+            f"{'; '.join(changed)}: changed after fit, which the fitted model "
+            f"cannot follow; refit, or set them back."
+        )
+
+
 def _plain(value):
     """Sequences as tuples and numpy scalars as Python ones, for comparisons."""
     if isinstance(value, (tuple, list, np.ndarray)):

@@ -305,7 +305,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         self.offset_ = calibration.offset
         self.pixel_threshold_ = calibration.pixel_threshold
         self.calibration_scores_ = calibration.scores
-        self._fitted_settings = self._feature_settings()
+        self._fitted_settings = _validation.embodied_settings(self.get_params(deep=False))
         self.feature_shape_ = features.shape if crop is not None else (None, None, features.shape[2])
         self.n_train_images_ = len(order)
         return self
@@ -495,23 +495,10 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         )
         return torch.from_numpy(prototypes)
 
-    def _feature_settings(self):
-        return _validation.embodied_settings(self.get_params(deep=False))
-
     def _check_unchanged_since_fit(self):
-        """Raise if ``set_params`` changed a parameter the fitted model embodies:
-        the network would keep the old value while scoring used the new one."""
-        fitted, now = self._fitted_settings, self._feature_settings()
-        changed = [
-            f"{name}={now[name]!r} (fitted with {fitted[name]!r})"
-            for name in fitted
-            if now.get(name) != fitted[name]
-        ]
-        if changed:
-            raise ValueError(
-                f"{'; '.join(changed)}: changed after fit, which the fitted model "
-                f"cannot follow; refit, or set them back."
-            )
+        _validation.check_unchanged(
+            self._fitted_settings, _validation.embodied_settings(self.get_params(deep=False))
+        )
 
     def _check_fitted_input(self, X):
         check_is_fitted(self, "network_")

@@ -36,7 +36,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._files import refuse_existing, write_new_file
 from ._images import fixed_input_size
-from ._validation import validate
+from ._validation import embodied_settings, validate
 from ._version import __version__
 from .detector import ProtoADDetector
 from .network import FORMAT_VERSION as NETWORK_FORMAT_VERSION
@@ -608,7 +608,7 @@ def _assemble(config, network, calibration, device):
     own = fitted.get("pixel_threshold_")
     model.pixel_threshold_ = -model.offset_ if own is None else float(own)
     # _check_consistency matched the parameters with the network
-    model._fitted_settings = model._feature_settings()
+    model._fitted_settings = embodied_settings(model.get_params(deep=False))
     return model
 
 
