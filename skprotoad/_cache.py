@@ -30,7 +30,7 @@ from . import _images
 # Modules whose code shapes the patch features: a change to any of them
 # invalidates cached features, even without a new version number.
 _FEATURE_MODULES = ("skprotoad._images", "skprotoad.backbones", "skprotoad.network",
-                    "skprotoad.detector")
+                    "skprotoad._features", "skprotoad.detector")
 
 
 def check_feature_memory(memory):
@@ -82,6 +82,7 @@ def feature_key(detector, images, seed):
     import timm
     import torch
 
+    from ._validation import torch_device
     from ._version import __version__
 
     if _images.is_scale(detector.image_size):
@@ -106,7 +107,7 @@ def feature_key(detector, images, seed):
         "crop": crop,
         "mean": tuple(float(v) for v in np.ravel(detector.mean)),
         "std": tuple(float(v) for v in np.ravel(detector.std)),
-        "device": detector._torch_device().type,
+        "device": torch_device(detector.device).type,
         "images": images.cache_token(),
     }
 

@@ -558,3 +558,16 @@ def crop_map_to_input(crop_map, original_size, image_size, crop_size):
     outside = (gy.abs() > 1)[:, None] | (gx.abs() > 1)[None, :]
     out[outside] = float("nan")
     return out.numpy()
+
+
+def fixed_input_size(image_size, crop_size):
+    """The model's one input size (the crop); None for a scale-factor ``image_size``.
+
+    Examples
+    --------
+    >>> fixed_input_size(256, 224), fixed_input_size(0.5, None)
+    ((224, 224), None)
+    """
+    if is_scale(image_size):
+        return None
+    return tuple(center_crop_box(image_size, crop_size)[2:])

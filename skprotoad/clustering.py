@@ -1027,10 +1027,9 @@ def learn_prototypes(
         ``None`` gives :data:`MAX_DEFAULT_PROTOTYPES` prototypes, the FINCH
         hierarchy merged down to that many (:func:`finch_n_clusters`), or the
         first partition when it has fewer clusters; an int gives exactly that
-        many clusters.  Merging to 1,000 beat the finest partition with at
-        most 1,000 clusters on Magnetic Tile (image AUROC 0.730 vs 0.709,
-        AUPRO 0.545 vs 0.518, ``benchmarks/results/feature_variants.md``);
-        for 1,000 against 2,000 see :doc:`/user_guide/prototypes`.
+        many clusters.  Choose more prototypes for more varied normal
+        images, at a proportional cost in scoring time; see
+        :doc:`/user_guide/prototypes`.
     neighbors : {"auto", "exact", "approx"}, default="auto"
         First-neighbour search of FINCH, see :func:`finch`.
     random_state : int, RandomState instance or None, default=None

@@ -14,22 +14,28 @@ map stays the distance.
 
 from __future__ import annotations
 
-import numbers
-
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._choices import ALIGNMENTS, IMAGE_SCORES, NORMALIZATIONS
-from .backbones import FeatureExtractor
+from ._validation import Integer, OneOf, validate
+from ._version import __version__
+from .backbones import FeatureExtractor, create_feature_extractor
 
 __all__ = [
     "ProtoADNetwork", "PatchEmbedding", "GaussianSmoothing", "IMAGENET_MEAN", "IMAGENET_STD",
+    "FORMAT_VERSION",
     "ALIGNMENTS", "NORMALIZATIONS", "IMAGE_SCORES",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Version of what :meth:`ProtoADNetwork.describe` returns, shared by the
+#: detector's pickles and :mod:`skprotoad.persistence`; bumped when it changes.
+FORMAT_VERSION = 1
 
 
 class GaussianSmoothing(nn.Module):
@@ -121,31 +127,23 @@ def _symmetric_index(n: int, radius: int) -> torch.Tensor:
     return torch.where(idx >= n, 2 * n - 1 - idx, idx)
 
 
-def _check_alignment(alignment):
-    if alignment not in ALIGNMENTS:
-        raise ValueError(f"alignment must be 'center' or 'paper', got {alignment!r}.")
+#: The rules of the network's options, which the detector's parameters of the
+#: same names follow too (see :mod:`skprotoad._validation`).
+NETWORK_CONSTRAINTS = {
+    "alignment": OneOf(ALIGNMENTS),
+    "neighborhood_size": Integer(1, odd=True),
+    "normalization": OneOf(NORMALIZATIONS),
+    "image_score": OneOf(IMAGE_SCORES),
+}
 
 
-def _check_normalization(normalization):
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(
-            f"normalization must be 'patch' or 'image', got {normalization!r}."
-        )
-
-
-
-
-def _check_image_score(image_score):
-    if image_score not in IMAGE_SCORES:
-        raise ValueError(
-            f"image_score must be 'projection', 'cosine' or 'map', got {image_score!r}."
-        )
-
-
-def _check_neighborhood_size(size):
-    # any integer type: a grid search over a numpy array passes numpy ints
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1 or size % 2 == 0:
-        raise ValueError(f"neighborhood_size must be an odd int >= 1, got {size!r}.")
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a CPU tensor holds no NaN or infinity."""
+    if t.dtype in (torch.float16, torch.float32, torch.float64):
+        # numpy's vectorised check is many times faster than torch.isfinite
+        # here, which matters for the 100 MB of a wide_resnet50_2.
+        return bool(np.isfinite(t.numpy()).all())
+    return bool(torch.isfinite(t).all())
 
 
 class PatchEmbedding(nn.Module):
@@ -197,9 +195,11 @@ class PatchEmbedding(nn.Module):
         normalization="patch",
     ):
         super().__init__()
-        _check_alignment(alignment)
-        _check_neighborhood_size(neighborhood_size)
-        _check_normalization(normalization)
+        validate(
+            NETWORK_CONSTRAINTS,
+            {"alignment": alignment, "neighborhood_size": neighborhood_size,
+             "normalization": normalization},
+        )
         self.backbone = backbone
         self.alignment = alignment
         self.neighborhood_size = int(neighborhood_size)
@@ -238,6 +238,16 @@ class PatchEmbedding(nn.Module):
             else:
                 joined.append(upsample(m, stride // finest, size, "center"))
         return torch.cat(joined, dim=1)
+
+
+def effective_image_score(normalization, image_score):
+    """The network's ``image_score`` for the detector's two parameters.
+
+    With unit features (``normalization="patch"``) every readout is the map's
+    maximum, so the network is built with ``"map"``: one network, whatever
+    ``image_score`` says.
+    """
+    return image_score if normalization == "image" else "map"
 
 
 class ProtoADNetwork(nn.Module):
@@ -296,7 +306,7 @@ class ProtoADNetwork(nn.Module):
         image_score: str = "map",
     ):
         super().__init__()
-        _check_image_score(image_score)
+        validate(NETWORK_CONSTRAINTS, {"image_score": image_score})
         self.image_score = image_score
         prototypes = torch.as_tensor(prototypes, dtype=torch.float32)
         n_channels = embedding.n_channels
@@ -379,6 +389,114 @@ class ProtoADNetwork(nn.Module):
         """(N, 1, h, w) patch scores -> smoothed (N, H, W) maps at ``size``."""
         maps = upsample(patch_scores, stride, size, self.embedding.alignment)[:, 0]
         return self.smoothing(maps)
+
+    def non_finite_tensors(self) -> list:
+        """Names of the floating-point tensors that hold a NaN or an infinity."""
+        return [
+            name
+            for name, t in self.state_dict().items()
+            if t.is_floating_point() and not all_finite(t.detach().cpu())
+        ]
+
+    def describe(self) -> dict:
+        """The plain values that, with its tensors, rebuild this network.
+
+        Shared by the detector's pickles and :mod:`skprotoad.persistence`, so
+        that both formats describe a network alike and :data:`FORMAT_VERSION`
+        covers both.
+
+        Returns
+        -------
+        description : dict
+            JSON-compatible values; see :meth:`from_description`.
+        """
+        embedding = self.embedding
+        return {
+            "backbone": embedding.backbone.name,
+            "layers": embedding.backbone.layers,
+            "mean": embedding.mean.flatten().tolist(),
+            "std": embedding.std.flatten().tolist(),
+            "alignment": embedding.alignment,
+            "neighborhood_size": embedding.neighborhood_size,
+            "normalization": embedding.normalization,
+            "image_score": self.image_score,
+            "input_size": self.input_size,
+            "sigma": self.smoothing.sigma,
+            "n_prototypes": int(self.prototype_conv.out_channels),
+        }
+
+    @classmethod
+    def from_description(cls, description, state_dict=None) -> "ProtoADNetwork":
+        """The network ``description`` names, in eval mode.
+
+        The backbone is created with ``weights=None``: its weights come from
+        ``state_dict``, so the file or download the model was fitted with is
+        not needed.
+
+        Parameters
+        ----------
+        description : dict
+            What :meth:`describe` returned; other keys are ignored.
+        state_dict : dict of tensors, default=None
+            Loaded strictly into the network; ``None`` leaves placeholder
+            weights (to compare a file's tensors with before loading them).
+
+        Returns
+        -------
+        network : ProtoADNetwork
+        """
+        backbone = create_feature_extractor(
+            description["backbone"], description["layers"], weights=None
+        )
+        embedding = PatchEmbedding(
+            backbone,
+            mean=description["mean"],
+            std=description["std"],
+            alignment=description["alignment"],
+            neighborhood_size=description["neighborhood_size"],
+            normalization=description["normalization"],
+        )
+        network = cls(
+            embedding,
+            torch.zeros(description["n_prototypes"], embedding.n_channels),
+            description["input_size"],
+            description["sigma"],
+            image_score=description["image_score"],
+        )
+        if state_dict is not None:
+            network.load_state_dict(state_dict, strict=True)
+        return network.eval()
+
+    def to_state(self) -> dict:
+        """What a pickle of the detector holds: :meth:`describe`, the format
+        and package versions, and CPU copies of the tensors (only the
+        truncated backbone's and the head's)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "skprotoad_version": __version__,
+            **self.describe(),
+            "tensors": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()},
+        }
+
+    @classmethod
+    def from_state(cls, state) -> "ProtoADNetwork":
+        """The network :meth:`to_state` described.
+
+        Raises
+        ------
+        ValueError
+            When ``state`` is of another format version.
+        KeyError
+            When a key of the description is missing (a pre-release state).
+        """
+        version = state.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"This model was saved by skprotoad {state.get('skprotoad_version', '?')} "
+                f"(format {version}); this is skprotoad {__version__} (format "
+                f"{FORMAT_VERSION}). Install that version to load it, or refit."
+            )
+        return cls.from_description(state, state["tensors"])
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.input_size is None:

@@ -35,22 +35,18 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 
 from ._files import refuse_existing, write_new_file
+from ._images import fixed_input_size
+from ._validation import embodied_settings, validate
 from ._version import __version__
-from .detector import (
-    _ADDED_PARAMS,
-    _FORMAT_VERSION,
-    ProtoADDetector,
-    _all_finite,
-    _build_network,
-    _describe_network,
-)
-from .network import IMAGE_SCORES
+from .detector import ProtoADDetector
+from .network import FORMAT_VERSION as NETWORK_FORMAT_VERSION
+from .network import NETWORK_CONSTRAINTS, ProtoADNetwork, all_finite, effective_image_score
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
 
 #: Version of the file layout written by :func:`save`; bumped when it changes.
-#: The network description inside also carries the detector's pickle format
-#: version, since both formats share it.
+#: The network description inside carries its own version,
+#: :data:`skprotoad.network.FORMAT_VERSION`, which the detector's pickles share.
 FORMAT_VERSION = 1
 
 _FORMAT_NAME = "skprotoad-safetensors"
@@ -59,6 +55,10 @@ _NETWORK_PREFIX = "network."
 _CALIBRATION = "calibration_scores_"
 _PROTOTYPES = _NETWORK_PREFIX + "prototype_conv.weight"
 _MAX_HEADER_BYTES = 8 << 20
+_PRE_RELEASE = (
+    "it was saved by a pre-release development version of skprotoad ({}), whose files "
+    "this version does not read; refit the model"
+)
 _JOBLIB_HINT = (
     "A joblib file needs joblib.load, which can run code: use it only for files you trust"
 )
@@ -128,7 +128,7 @@ def save(model, path, *, overwrite=False):
     config = {
         "format": _FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "network_format_version": _FORMAT_VERSION,
+        "network_format_version": NETWORK_FORMAT_VERSION,
         "skprotoad_version": __version__,
         "torch_version": torch.__version__,
         "timm_version": _timm_version(),
@@ -139,9 +139,11 @@ def save(model, path, *, overwrite=False):
             "feature_shape_": [None if v is None else int(v) for v in model.feature_shape_],
             "n_train_images_": int(model.n_train_images_),
             # null unless the image score is not the map's maximum
-            "pixel_threshold_": getattr(model, "_pixel_threshold", None),
+            "pixel_threshold_": (
+                None if model.network_.score_is_map_max else float(model.pixel_threshold_)
+            ),
         },
-        "network": _describe_network(model.network_),
+        "network": model.network_.describe(),
         "tensors_sha256": _digest(tensors),
     }
     # Round-trip through JSON and validate what load() will see, so that save
@@ -353,7 +355,9 @@ def _check_config(config):
     if config["format"] != _FORMAT_NAME:
         raise _Invalid(f"format is {config['format']!r}, expected {_FORMAT_NAME!r}")
     saved_by = config.get("skprotoad_version", "?")
-    versions = (("format_version", FORMAT_VERSION), ("network_format_version", _FORMAT_VERSION))
+    versions = (
+        ("format_version", FORMAT_VERSION), ("network_format_version", NETWORK_FORMAT_VERSION)
+    )
     for key, ours in versions:
         version = _require(config, key, int)
         if version != ours:
@@ -365,15 +369,12 @@ def _check_config(config):
     for key in ("skprotoad_version", "torch_version", "timm_version", "tensors_sha256"):
         _require(config, key, str)
     params = _require(config, "params", dict)
-    # Files written before a parameter existed load with its default.
-    for name, default in _ADDED_PARAMS.items():
-        params.setdefault(name, default)
-    # Files written before memory was dropped on save: a cache folder of the
-    # machine that saved it, which checking the parameters would create.
+    # save writes None; any other value (an edited file) is a cache folder of
+    # another machine, which checking the parameters would create
     params["memory"] = None
-    _check_params(params)
+    _check_params(params, saved_by)
     _check_fitted(_require(config, "fitted", dict))
-    _check_network(_require(config, "network", dict))
+    _check_network(_require(config, "network", dict), saved_by)
     extra = set(config) - {
         "format", "format_version", "network_format_version", "skprotoad_version",
         "torch_version", "timm_version", "params", "fitted", "network", "tensors_sha256",
@@ -408,13 +409,13 @@ def _require_list(mapping, key, kind, length=None, where="", positive=False):
     return values
 
 
-def _check_params(params):
+def _check_params(params, saved_by):
     names = set(ProtoADDetector().get_params(deep=False))
+    if not names <= set(params):
+        # every parameter is saved: one that is missing was added since
+        raise _Invalid(_PRE_RELEASE.format(saved_by))
     if set(params) != names:
-        missing, extra = sorted(names - set(params)), sorted(set(params) - names)
-        raise _Invalid(
-            f"params do not match ProtoADDetector's: missing {missing}, unknown {extra}"
-        )
+        raise _Invalid(f"params do not match ProtoADDetector's: unknown {sorted(set(params) - names)}")
     for name, value in params.items():
         if not _is_json_param(value):
             raise _Invalid(f"parameter {name!r} has an unexpected value {value!r}")
@@ -426,7 +427,7 @@ def _check_params(params):
             torch.device(device)
         # The device is checked above: validating it here would reject a
         # GPU-fitted model on a machine without a GPU.
-        ProtoADDetector(**{**_params_from_json(params), "device": "cpu"})._check_params()
+        ProtoADDetector(**{**_params_from_json(params), "device": "cpu"})._validate_params()
     except (TypeError, ValueError, RuntimeError) as exc:
         raise _Invalid(f"invalid parameters: {exc}") from None
 
@@ -460,7 +461,7 @@ def _check_fitted(fitted):
         _require_list(fitted, "feature_shape_", int, 3, where, positive=True)
     if _require(fitted, "n_train_images_", int, where) < 1:
         raise _Invalid("fitted 'n_train_images_' must be at least 1")
-    # absent from files saved before image_score existed: null
+    # null (or absent) when it is -offset_: the image score is the map's maximum
     if fitted.get("pixel_threshold_") is not None:
         _require(fitted, "pixel_threshold_", float, where)
     required = {"offset_", "feature_shape_", "n_train_images_"}
@@ -468,39 +469,31 @@ def _check_fitted(fitted):
         raise _Invalid(f"unexpected fitted keys {sorted(fitted)}")
 
 
-def _check_network(network):
+def _check_network(network, saved_by):
     where = "network "
+    required = {
+        "backbone", "layers", "mean", "std", "alignment", "neighborhood_size", "normalization",
+        "image_score", "input_size", "sigma", "n_prototypes",
+    }
+    if not required <= set(network):
+        raise _Invalid(_PRE_RELEASE.format(saved_by))
+    if set(network) != required:
+        raise _Invalid(f"network keys {sorted(network)} differ from {sorted(required)}")
     if len(_require(network, "backbone", str, where)) > _MAX_NAME_LENGTH:
         raise _Invalid(f"network 'backbone' is a {len(network['backbone'])}-character name")
     _require_list(network, "layers", int, None, where)
     _require_list(network, "mean", float, 3, where)
     _require_list(network, "std", float, 3, where, positive=True)
-    if _require(network, "alignment", str, where) not in ("center", "paper"):
-        raise _Invalid(f"network 'alignment' is {network['alignment']!r}")
-    # absent from files saved before the option existed: 1
-    if "neighborhood_size" in network:
-        size = _require(network, "neighborhood_size", int, where)
-        if size < 1 or size % 2 == 0:
-            raise _Invalid("network 'neighborhood_size' must be an odd int >= 1")
-    # absent from files saved before the option existed: "patch"
-    if network.get("normalization", "patch") not in ("patch", "image"):
-        raise _Invalid(f"network 'normalization' is {network['normalization']!r}")
-    if network.get("image_score", "map") not in IMAGE_SCORES:
-        raise _Invalid(f"network 'image_score' is {network['image_score']!r}")
-    if network.get("input_size", []) is not None:  # null: any input size
+    try:
+        validate(NETWORK_CONSTRAINTS, network)
+    except ValueError as exc:
+        raise _Invalid(f"network {exc}") from None
+    if network["input_size"] is not None:  # null: any input size
         _require_list(network, "input_size", int, 2, where, positive=True)
     if _require(network, "sigma", float, where) < 0:
         raise _Invalid("network 'sigma' must be >= 0")
     if _require(network, "n_prototypes", int, where) < 1:
         raise _Invalid("network 'n_prototypes' must be at least 1")
-    required = {
-        "backbone", "layers", "mean", "std", "alignment", "input_size", "sigma", "n_prototypes",
-    }
-    optional = {"neighborhood_size", "normalization", "image_score"}  # absent from older files
-    if not required <= set(network) <= required | optional:
-        raise _Invalid(
-            f"network keys {sorted(network)} differ from {sorted(required | optional)}"
-        )
 
 
 def _check_consistency(config, layout):
@@ -518,13 +511,14 @@ def _check_consistency(config, layout):
         "alignment": model.alignment,
         "neighborhood_size": model.neighborhood_size,
         "normalization": model.normalization,
-        "image_score": model._network_image_score(),
-        "input_size": None if model._crop_size() is None else list(model._crop_size()),
+        "image_score": effective_image_score(model.normalization, model.image_score),
+        "input_size": fixed_input_size(model.image_size, model.crop_size),
         "sigma": float(model.sigma),
     }
-    defaults = {"neighborhood_size": 1, "normalization": "patch", "image_score": "map"}
+    if expected["input_size"] is not None:
+        expected["input_size"] = list(expected["input_size"])
     for key, value in expected.items():
-        described = network.get(key, defaults.get(key))
+        described = network[key]
         if described != value:
             raise _Invalid(
                 f"the network's {key} {described!r} is not the {value!r} of its parameters"
@@ -563,7 +557,7 @@ def _check_consistency(config, layout):
 # ---------------------------------------------------------- tensor checks
 def _rebuild(description):
     try:
-        return _build_network(description)
+        return ProtoADNetwork.from_description(description)
     except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise _Invalid(f"cannot rebuild the network it describes: {exc}") from None
 
@@ -589,7 +583,7 @@ def _check_layout(layout, expected):
 
 def _check_tensor_values(tensors, config):
     for name, t in tensors.items():
-        if t.is_floating_point() and not _all_finite(t):
+        if t.is_floating_point() and not all_finite(t):
             raise _Invalid(f"tensor {name!r} holds non-finite values")
     if len(tensors[_CALIBRATION]) > config["fitted"]["n_train_images_"]:
         raise _Invalid(f"more {_CALIBRATION} than training images")
@@ -611,9 +605,10 @@ def _assemble(config, network, calibration, device):
     model.calibration_scores_ = calibration.numpy().astype(np.float64)
     model.feature_shape_ = tuple(fitted["feature_shape_"])
     model.n_train_images_ = fitted["n_train_images_"]
-    model._pixel_threshold = fitted.get("pixel_threshold_")
+    own = fitted.get("pixel_threshold_")
+    model.pixel_threshold_ = -model.offset_ if own is None else float(own)
     # _check_consistency matched the parameters with the network
-    model._fitted_settings = model._feature_settings()
+    model._fitted_settings = embodied_settings(model.get_params(deep=False))
     return model
 
 

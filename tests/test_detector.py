@@ -98,24 +98,24 @@ def test_auto_threshold_flags_defects_not_normals():
 
 
 def test_auto_threshold_is_the_conformal_order_statistic():
-    from skprotoad.detector import _conformal_threshold
+    from skprotoad._calibration import conformal_threshold
 
     scores = np.random.default_rng(0).permutation(np.arange(1.0, 301.0))
     # the ceil(301 * 0.99) = 298th smallest of 300; np.quantile(0.99) gives 297.01
-    assert _conformal_threshold(scores, 0.01) == 298.0
+    assert conformal_threshold(scores, 0.01) == 298.0
     # fewer than 99 scores: no order statistic reaches 1 %, the maximum is used
-    assert _conformal_threshold(scores[:40], 0.01) == scores[:40].max()
+    assert conformal_threshold(scores[:40], 0.01) == scores[:40].max()
 
 
 def test_auto_threshold_false_alarm_rate_on_exchangeable_scores():
     # 40 held-out scores and one new normal score, all from one distribution:
     # the new one exceeds the threshold with probability 1 / 41 (the plain
     # 99th percentile: about 1.5 / 41)
-    from skprotoad.detector import _conformal_threshold
+    from skprotoad._calibration import conformal_threshold
 
     rng = np.random.default_rng(1)
     draws = rng.gamma(2.0, size=(20_000, 41))
-    exceed = [new > _conformal_threshold(held_out) for *held_out, new in draws]
+    exceed = [new > conformal_threshold(held_out) for *held_out, new in draws]
     assert np.mean(exceed) == pytest.approx(1 / 41, abs=0.004)
 
 
@@ -275,8 +275,11 @@ def test_methods_before_fit_raise_not_fitted(synthetic):
                    "predict_masks"):
         with pytest.raises(NotFittedError):
             getattr(det, method)(synthetic.X_test)
-    for attribute in ("prototypes_", "pixel_threshold_"):
-        with pytest.raises(NotFittedError):
+    with pytest.raises(NotFittedError):
+        det.prototypes_
+    # fitted attributes, set by fit as in every scikit-learn estimator
+    for attribute in ("offset_", "pixel_threshold_"):
+        with pytest.raises(AttributeError):
             getattr(det, attribute)
 
 
@@ -582,7 +585,7 @@ def test_masks_agree_with_verdicts_whatever_the_pixel_threshold(lite0_detector, 
     maps = lite0_detector.anomaly_maps(X)
     for level in (maps.max() + 1.0, maps.min() - 1.0):
         model = copy.deepcopy(lite0_detector)
-        model._pixel_threshold = float(level)
+        model.pixel_threshold_ = float(level)
         masks = model.predict_masks(X)
         np.testing.assert_array_equal(masks.any(axis=(1, 2)), flagged)
         if level > maps.max():

@@ -68,7 +68,7 @@ def test_bad_scale_geometry_is_named(mixed, params, error, match):
 
 def test_scale_factor_accepts_numpy_floats_and_four():
     for value in (np.float64(0.5), np.float32(0.75), 4.0, 1e-3):
-        ProtoADDetector(image_size=value, crop_size=None)._check_params()
+        ProtoADDetector(image_size=value, crop_size=None)._validate_params()
 
 
 def test_int_image_size_without_crop_scores_the_whole_squashed_image(mixed):

@@ -102,9 +102,9 @@ def test_a_patch_equal_to_a_prototype_is_at_distance_zero(backbone):
 
 
 def test_bad_normalization_is_named(backbone, normal_images):
-    with pytest.raises(ValueError, match="normalization must be 'patch' or 'image'"):
+    with pytest.raises(ValueError, match="normalization must be 'image' or 'patch'"):
         PatchEmbedding(backbone, normalization="layer")
-    with pytest.raises(ValueError, match="normalization must be 'patch' or 'image'"):
+    with pytest.raises(ValueError, match="normalization must be 'image' or 'patch'"):
         ProtoADDetector(**{**TINY, "normalization": "l2"}).fit(normal_images[:4])
 
 

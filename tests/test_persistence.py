@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from sklearn.exceptions import NotFittedError
 
-from skprotoad import ProtoADDetector, detector, persistence
+from skprotoad import ProtoADDetector, network, persistence
 
 from .conftest import TINY
 
@@ -160,7 +160,7 @@ def test_non_default_memory_layout_round_trips(tiny_detector, tmp_path, X, tiny_
 
 def test_joblib_file_of_another_format_version_is_refused(tiny_detector, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
-        m.setattr(detector, "_FORMAT_VERSION", 999)
+        m.setattr(network, "FORMAT_VERSION", 999)
         joblib.dump(tiny_detector, tmp_path / "m.joblib")
     with pytest.raises(ValueError, match="format 999.*Install that version"):
         joblib.load(tmp_path / "m.joblib")
@@ -327,7 +327,7 @@ def test_header_numbers_are_checked_before_anything_is_built(case, saved, tmp_pa
     def build(description):
         raise AssertionError("the network was built from unchecked numbers")
 
-    monkeypatch.setattr(persistence, "_build_network", build)
+    monkeypatch.setattr(persistence.ProtoADNetwork, "from_description", build)
     with pytest.raises(ValueError, match=match):
         persistence.load(path)
 
@@ -445,57 +445,49 @@ def test_loading_runs_no_code(tiny_detector, tmp_path):
     assert persistence.load(path).weights == payload
 
 
-# ------------------------------------------------ parameters added later
+# ------------------------------------------- files of pre-release versions
 
 
-def test_models_saved_before_later_parameters_load(tiny_detector, saved, tmp_path, X):
-    """Files written before n_jobs, memory, normalization and image_score existed."""
-
-    def drop_new_params(config):
-        for name in ("n_jobs", "memory", "normalization", "image_score"):
-            config["params"].pop(name)
-        config["network"].pop("normalization")
-        config["network"].pop("image_score")
-        config["fitted"].pop("pixel_threshold_")
-
-    path = _rewrite(saved, tmp_path / "old.safetensors", config=drop_new_params)
-    state = tiny_detector.__getstate__()
-    del state["n_jobs"], state["memory"], state["normalization"], state["image_score"]
-    del state["_network_state"]["normalization"], state["_network_state"]["image_score"]
-    state.pop("_pixel_threshold")
-    unpickled = ProtoADDetector.__new__(ProtoADDetector)
-    unpickled.__setstate__(state)
-    for loaded in (persistence.load(path), unpickled):
-        assert loaded.n_jobs is None and loaded.memory is None
-        assert loaded.normalization == "patch"
-        assert loaded.network_.embedding.normalization == "patch"
-        # their image scores were their maps' maxima
-        assert loaded.image_score == "map" and loaded.network_.image_score == "map"
-        assert loaded.pixel_threshold_ == -loaded.offset_
-        # for unit features the readouts are one: the same model otherwise
-        _assert_same_model(loaded.set_params(image_score="projection"), tiny_detector, X)
-
-
-def test_models_saved_before_neighborhood_size_load(normal_images, tmp_path, X):
-    """Models from before the aggregation option had none: they load as size 1."""
-    model = ProtoADDetector(**{**TINY, "neighborhood_size": 1}).fit(normal_images[:6])
+@pytest.mark.parametrize(
+    "params, network_keys, fitted_keys",
+    [
+        (("n_jobs", "memory", "normalization", "image_score"),
+         ("normalization", "image_score"), ("pixel_threshold_",)),
+        (("neighborhood_size",), ("neighborhood_size",), ()),
+    ],
+)
+def test_models_of_pre_release_versions_are_refused(tiny_detector, saved, tmp_path,
+                                                    params, network_keys, fitted_keys):
+    """Files and pickles written before a parameter existed (development
+    versions before the first release): refused with a clear message."""
 
     def drop(config):
-        config["params"].pop("neighborhood_size")
-        config["network"].pop("neighborhood_size")
+        for name in params:
+            config["params"].pop(name)
+        for name in network_keys:
+            config["network"].pop(name)
+        for name in fitted_keys:
+            config["fitted"].pop(name)
 
-    path = _rewrite(
-        persistence.save(model, tmp_path / "m.safetensors"), tmp_path / "old.safetensors",
-        config=drop,
-    )
-    state = model.__getstate__()
-    del state["neighborhood_size"], state["_network_state"]["neighborhood_size"]
+    path = _rewrite(saved, tmp_path / "old.safetensors", config=drop)
+    with pytest.raises(ValueError, match="pre-release development version.*refit"):
+        persistence.load(path)
+    state = tiny_detector.__getstate__()
+    for name in params:
+        del state[name]
+    for name in network_keys:
+        del state["_network_state"][name]
     unpickled = ProtoADDetector.__new__(ProtoADDetector)
-    unpickled.__setstate__(state)
-    for loaded in (persistence.load(path), unpickled):
-        assert loaded.neighborhood_size == 1
-        assert loaded.network_.embedding.neighborhood_size == 1
-        _assert_same_model(loaded, model, X)
+    with pytest.raises(ValueError, match="pre-release development version.*refit"):
+        unpickled.__setstate__(state)
+
+
+def test_pickles_of_pre_release_versions_are_refused(tiny_detector):
+    """Their pixel threshold was a private attribute, ``_pixel_threshold``."""
+    state = tiny_detector.__getstate__()
+    state["_pixel_threshold"] = state.pop("pixel_threshold_")
+    with pytest.raises(ValueError, match="pre-release development version.*refit"):
+        ProtoADDetector.__new__(ProtoADDetector).__setstate__(state)
 
 
 def test_memory_is_not_saved_and_loading_touches_no_folder(tiny_detector, saved, tmp_path):

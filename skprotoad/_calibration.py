@@ -1,0 +1,102 @@
+"""How :meth:`skprotoad.ProtoADDetector.fit` sets its two thresholds.
+
+With ``contamination="auto"`` a random share of the normal training images is
+held out, prototypes are learned once more without them, and the thresholds
+are split-conformal order statistics of the held-out images' scores (see
+:doc:`/user_guide/thresholds`). With a float ``contamination``, or too few
+images to hold any out, they are quantiles of the training images' own scores.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+#: Share of the normal training images held out to calibrate contamination="auto".
+CALIBRATION_FRACTION = 0.2
+#: False-alarm rate on unseen normal images that the "auto" threshold aims at.
+TARGET_FALSE_ALARM_RATE = 0.01
+#: Fewer normal images than this: none is held out (too few to learn from).
+MIN_IMAGES_FOR_HOLDOUT = 5
+
+
+class Calibration(NamedTuple):
+    """What calibration sets on the detector."""
+
+    #: ``offset_``: minus the image anomaly score above which an image is anomalous.
+    offset: float
+    #: ``pixel_threshold_``: anomaly-map value above which a pixel is defective.
+    pixel_threshold: float
+    #: ``calibration_scores_``: the held-out images' anomaly scores (empty without).
+    scores: np.ndarray
+
+
+def n_held_out(contamination, n_images):
+    """How many of ``n_images`` normal images calibration holds out (the last ones)."""
+    if contamination == "auto" and n_images >= MIN_IMAGES_FOR_HOLDOUT:
+        return max(1, int(round(CALIBRATION_FRACTION * n_images)))
+    return 0
+
+
+def calibrate(network, n_images, n_held_out, contamination, fit_network, score):
+    """The detector's thresholds and calibration scores.
+
+    Parameters
+    ----------
+    network : ProtoADNetwork
+        The network learned from all ``n_images`` training images.
+    n_images : int
+        Number of training images; the last ``n_held_out`` of them are the
+        held-out ones.
+    n_held_out : int
+        From :func:`n_held_out`.
+    contamination : "auto" or float
+        The detector's parameter.
+    fit_network : callable
+        ``fit_network(n)``: a network learned from the first ``n`` images only.
+    score : callable
+        ``score(network, positions)``: the anomaly scores and anomaly-map
+        maxima of the training images at ``positions``.
+
+    Returns
+    -------
+    calibration : Calibration
+    """
+    if n_held_out:
+        n_fit = n_images - n_held_out
+        scores, map_maxima = score(fit_network(n_fit), range(n_fit, n_images))
+        calibration_scores = scores
+        threshold = conformal_threshold
+    else:
+        # the training images' scores, which are optimistic (the prototypes
+        # were learned from them); "auto" then takes the worst image
+        scores, map_maxima = score(network, range(n_images))
+        calibration_scores = np.empty(0)
+        quantile = 1.0 if contamination == "auto" else 1.0 - contamination
+
+        def threshold(values):
+            return float(np.quantile(values, quantile))
+
+    offset = -threshold(scores)
+    # the map's own threshold only when the image score is read elsewhere
+    pixel_threshold = -offset if network.score_is_map_max else threshold(map_maxima)
+    return Calibration(offset, pixel_threshold, calibration_scores)
+
+
+def conformal_threshold(held_out_scores, false_alarm_rate=TARGET_FALSE_ALARM_RATE):
+    """The split-conformal threshold of held-out normal scores.
+
+    The ``ceil((n + 1) (1 - rate))``-th smallest of the ``n`` scores: a new
+    normal image exchangeable with the held-out ones exceeds it with
+    probability at most ``rate`` (Vovk et al., "Algorithmic Learning in a
+    Random World", 2005). A plain percentile of ``n`` scores falls below that
+    order statistic, and so under-estimates the threshold, for small ``n``.
+    With fewer than ``1 / rate - 1`` scores no order statistic reaches the
+    target, and the largest score is used: the false-alarm rate is then at
+    most ``1 / (n + 1)``.
+    """
+    ordered = np.sort(np.asarray(held_out_scores, dtype=np.float64))
+    rank = math.ceil((len(ordered) + 1) * (1.0 - false_alarm_rate))
+    return float(ordered[min(rank, len(ordered)) - 1])

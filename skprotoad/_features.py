@@ -1,0 +1,258 @@
+"""Patch-feature extraction and storage, and the one batch loop over images.
+
+:class:`~skprotoad.ProtoADDetector` runs images through torch modules in two
+places: the embedding when :meth:`~skprotoad.ProtoADDetector.fit` extracts
+the training features, and the whole network when it scores. Both go through
+:func:`run_batches`, which groups the images by input size (see
+:meth:`skprotoad._images.ImageSequence.plan`) and runs each batch without
+autograd. The training features of all images are held once, in one
+:class:`PatchFeatures` array, which clustering and calibration read from.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import _images
+
+
+def size_multiple(embedding):
+    """Multiple of which scale-mode input sides are: every stride divides it."""
+    return math.lcm(*embedding.backbone.strides)
+
+
+def progress(iterable, total, desc, verbose):
+    """``iterable`` with a tqdm bar when ``verbose``, else as it is."""
+    if not verbose:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="batch")
+
+
+def run_batches(module, images, device, batch_size, image_size, crop_size, multiple,
+                indices=None, sizes=None, verbose=False, desc=""):
+    """Run ``module`` on batches of ``images``, without autograd.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Takes a (B, 3, height, width) tensor on ``device``.
+    images : skprotoad._images.ImageSequence
+    device : torch.device
+    batch_size : int
+    image_size, crop_size
+        The model geometry, as the detector's parameters take it.
+    multiple : int
+        See :func:`size_multiple`.
+    indices : sequence of int, default=None
+        The images to run, in this order; all by default.
+    sizes : list of (height, width), default=None
+        Input sizes of ``indices`` when the caller has them already.
+    verbose : bool, default=False
+        Show a progress bar named ``desc``.
+
+    Yields
+    ------
+    chunk : list of int
+        The indices of the batch's images.
+    batch : torch.Tensor
+        The batch's input, (B, 3, height, width), on the CPU.
+    output
+        ``module(batch)``.
+    """
+    plan = images.plan(batch_size, image_size, crop_size, indices, multiple, sizes=sizes)
+    batches = images.batches(batch_size, image_size, crop_size, multiple=multiple, plan=plan)
+    with torch.inference_mode():
+        for chunk, batch in progress(batches, len(plan), desc, verbose):
+            yield chunk, batch, module(batch.to(device))
+
+
+class PatchFeatures:
+    """Patch features of images of possibly different sizes, in one array.
+
+    Parameters
+    ----------
+    sizes : list of (height, width)
+        Model input size of each image.
+    grids : list of (height, width)
+        Patch grid of each image's features.
+    n_channels : int
+
+    Attributes
+    ----------
+    features : ndarray of shape (n_patches, n_channels), float32
+        Image ``k``'s patches, row-major over its grid, at rows
+        ``offsets[k]:offsets[k + 1]``.
+    """
+
+    def __init__(self, sizes, grids, n_channels):
+        self.sizes = [tuple(int(v) for v in s) for s in sizes]
+        self.grids = [tuple(int(v) for v in g) for g in grids]
+        counts = [h * w for h, w in self.grids]
+        self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self.features = np.empty((int(self.offsets[-1]), int(n_channels)), dtype=np.float32)
+
+    def __len__(self):
+        return len(self.grids)
+
+    @property
+    def shape(self):
+        """(height, width, channels) of a grid; height and width None if they vary."""
+        grids = set(self.grids)
+        (height, width) = grids.pop() if len(grids) == 1 else (None, None)
+        return (height, width, self.features.shape[1])
+
+    def put(self, k, patches):
+        """Store image ``k``'s features, an (h, w, C) array."""
+        if tuple(patches.shape[:2]) != self.grids[k]:
+            raise RuntimeError(
+                f"the backbone gave a {patches.shape[0]} x {patches.shape[1]} feature "
+                f"grid for an input of {self.sizes[k]}, expected {self.grids[k]}."
+            )
+        self.features[self.offsets[k] : self.offsets[k + 1]] = patches.reshape(
+            -1, patches.shape[-1]
+        )
+
+    def patches(self, stop=None):
+        """All patches of the first ``stop`` images (all by default): a view."""
+        end = self.offsets[-1 if stop is None else stop]
+        return self.features[:end]
+
+    def image(self, k):
+        """Image ``k``'s features, (h, w, C): a view."""
+        return self.features[self.offsets[k] : self.offsets[k + 1]].reshape(
+            *self.grids[k], -1
+        )
+
+
+def extract_features(embedding, images, order, device, batch_size, image_size, crop_size,
+                     verbose=False):
+    """Patch features of ``images[order]``, as :class:`PatchFeatures`.
+
+    All patches of all images go into one preallocated float32 array, image
+    ``k`` of ``order`` at rows ``offsets[k]:offsets[k + 1]``, whatever order
+    the batches (grouped by input size) come in: the full feature set is
+    held once.
+    """
+    order = list(order)
+    multiple = size_multiple(embedding)
+    stride = embedding.backbone.strides[0]
+    features = sizes = None
+    if _images.is_scale(image_size):
+        # Sizes are multiples of every stride, so each grid is size / stride;
+        # known before extraction, so the array can be allocated first.
+        sizes = images.input_sizes(image_size, None, multiple, order)
+        grids = [(-(-h // stride), -(-w // stride)) for h, w in sizes]
+        features = PatchFeatures(sizes, grids, embedding.n_channels)
+    position = {index: k for k, index in enumerate(order)}
+    batches = run_batches(
+        embedding, images, device, batch_size, image_size, crop_size, multiple,
+        indices=order, sizes=sizes, verbose=verbose, desc="features",
+    )
+    for chunk, batch, output in batches:
+        f = output.permute(0, 2, 3, 1).cpu().numpy()
+        if features is None:
+            # One fixed size: the grid is known from the first batch.
+            size = tuple(batch.shape[-2:])
+            features = PatchFeatures(
+                [size] * len(order), [f.shape[1:3]] * len(order), f.shape[-1]
+            )
+        for patches, index in zip(f, chunk):
+            features.put(position[index], patches)
+    return features
+
+
+def score_features(network, features, positions, device, batch_size):
+    """Anomaly scores and map maxima of the images at ``positions`` of ``features``.
+
+    Images of one input size are scored together, in batches, by the
+    network's head alone (the features are already extracted).
+    """
+    positions = list(positions)
+    scores = np.empty(len(positions))
+    map_maxima = np.empty(len(positions))
+    sizes = [features.sizes[k] for k in positions]
+    with torch.inference_mode():
+        for part in _images.size_batches(range(len(positions)), sizes, batch_size):
+            f = torch.from_numpy(np.stack([features.image(positions[j]) for j in part]))
+            maps, s = network.head(f.to(device).permute(0, 3, 1, 2), sizes[part[0]])
+            scores[part] = s.cpu().numpy()
+            map_maxima[part] = maps.flatten(1).amax(dim=1).cpu().numpy()
+    return scores, map_maxima
+
+
+def check_backbone_runs(embedding, device, crop, name, layers):
+    """Run one blank crop through the embedding before the real images.
+
+    A backbone that cannot take this input (a vision transformer built for
+    another size, say) then fails with a ValueError naming the backbone
+    (``name``, ``layers``) and the crop, not with an error from deep inside
+    torch or timm. ``crop`` None (a scale-factor geometry): any stride
+    multiple will do as a probe.
+    """
+    crop = crop or (64, 64)
+    try:
+        with torch.inference_mode():
+            embedding(torch.zeros(1, 3, *crop, device=device))
+    except (RuntimeError, AssertionError, ValueError, IndexError, TypeError) as exc:
+        if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+            raise
+        raise ValueError(
+            f"backbone {name!r} with layers {tuple(layers)} cannot "
+            f"process {crop[0]} x {crop[1]} crops: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def score_images(network, images, device, batch_size, image_size, keep_maps, verbose=False):
+    """Anomaly maps and scores of ``images`` by the whole network, one pass.
+
+    Returns
+    -------
+    maps : ndarray of shape (n_images, height, width), list or None
+        float32 maps at the network's input size; a list of 2-D arrays when
+        the input size varies (``network.input_size`` None); None unless
+        ``keep_maps``.
+    scores : ndarray of shape (n_images,), float64
+        Anomaly scores (higher = more anomalous).
+    """
+    scores = np.empty(len(images), dtype=np.float64)
+    size = network.input_size
+    maps = None
+    if keep_maps:
+        maps = [None] * len(images) if size is None else np.empty((len(images), *size), np.float32)
+    batches = run_batches(
+        network, images, device, batch_size, image_size, size,
+        size_multiple(network.embedding), verbose=verbose, desc="scoring",
+    )
+    for chunk, _, (batch_maps, batch_scores) in batches:
+        scores[chunk] = batch_scores.cpu().numpy()
+        if isinstance(maps, list):
+            for i, m in zip(chunk, batch_maps.cpu().numpy()):
+                maps[i] = m
+        elif maps is not None:
+            maps[chunk] = batch_maps.cpu().numpy()
+    return maps, scores
+
+
+def check_enough_patches(features, n_fit, n_clusters, n_farthest):
+    """Raise if the first ``n_fit`` images have fewer patches than the
+    prototypes asked for (``n_clusters``, ``n_farthest``; None: no number)."""
+    n_patches = len(features.patches(n_fit))
+    if n_farthest is not None and n_farthest > n_patches:
+        raise ValueError(
+            f"n_farthest={n_farthest} is more than the {n_patches} training "
+            f"patches ({n_fit} images)."
+        )
+    if n_clusters is not None and n_clusters > n_patches:
+        held_out = len(features) - n_fit
+        grids = set(features.grids[:n_fit])
+        what = "of {} x {} patches".format(*grids.pop()) if len(grids) == 1 else "of varying sizes"
+        note = f", after holding out {held_out} to calibrate contamination='auto'"
+        raise ValueError(
+            f"n_clusters={n_clusters} is more than the {n_patches} training "
+            f"patches ({n_fit} images {what}{note if held_out else ''})."
+        )
