@@ -71,7 +71,7 @@ from skprotoad._images import ImageSequence, center_crop_box, check_size  # noqa
 from skprotoad.backbones import create_feature_extractor  # noqa: E402
 from skprotoad.datasets import load_masks, load_mvtec, make_defect_dataset  # noqa: E402
 # the rule of contamination="auto", private for now
-from skprotoad.detector import _conformal_threshold  # noqa: E402
+from skprotoad._calibration import conformal_threshold  # noqa: E402
 from skprotoad.metrics import evaluate_maps, image_auroc  # noqa: E402
 
 SHARED = HERE.parent.parent / "shared" / "data"
@@ -317,8 +317,8 @@ def run_peer(data, setting, seed):
             held_maps, calibration = _peer_scores(model, train, extractor, held_out, cfg)
             map_maxima = held_maps.reshape(len(held_maps), -1).max(axis=1)
             del held_maps, model
-            threshold = _conformal_threshold(calibration)
-            pixel_threshold = _conformal_threshold(map_maxima)
+            threshold = conformal_threshold(calibration)
+            pixel_threshold = conformal_threshold(map_maxima)
         model = _fit_padim(train, extractor, range(len(train)), cfg, seed)
         if not len(held_out):
             # as the detector with too few images to hold any out: the worst

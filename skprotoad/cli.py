@@ -615,7 +615,7 @@ def _make_detector(args, **overrides):
     try:
         # the checks fit starts with, of the parameters alone (no data, no
         # backbone): here they fail before minutes of reading images
-        detector._check_params()
+        detector._validate_params()
     except (ValueError, TypeError) as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
     return detector
@@ -653,13 +653,15 @@ def _cmd_fit(args):
 def _cmd_predict(args):
     from .batch_scoring import color_range, finish_result, new_result, score_and_write
 
+    from ._validation import torch_device
+
     detector = load_model(args.model)
     out_dir = Path(args.output)
     overrides = {k: getattr(args, k) for k in ("batch_size", "device") if getattr(args, k) is not None}
     detector.set_params(verbose=False, **overrides)
     try:
         # checked here: in the scoring loop it would read as a problem of each file
-        detector._torch_device()
+        torch_device(detector.device)
     except ValueError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
     try:

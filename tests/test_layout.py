@@ -4,8 +4,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "skprotoad"
-# cli.py is being split in another branch; remove it from here once merged.
-EXCLUDED = {"cli.py"}
+EXCLUDED = set()
 
 
 def _private(name):
