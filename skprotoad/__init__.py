@@ -7,7 +7,7 @@ pre-trained CNN with prototypes of normal patches learned by FINCH clustering.
 
 from ._version import __version__
 
-__all__ = ["ProtoADDetector", "WeightsUnavailableError", "__version__"]
+__all__ = ["ProtoADDetector", "WeightsUnavailableError", "CalibrationWarning", "__version__"]
 
 
 def __getattr__(name):
@@ -18,6 +18,10 @@ def __getattr__(name):
         from .detector import ProtoADDetector
 
         return ProtoADDetector
+    if name == "CalibrationWarning":
+        from ._calibration import CalibrationWarning
+
+        return CalibrationWarning
     if name == "WeightsUnavailableError":
         from .backbones import WeightsUnavailableError
 

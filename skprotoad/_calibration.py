@@ -10,9 +10,11 @@ images to hold any out, they are quantiles of the training images' own scores.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import numpy as np
+from scipy import stats
 
 #: Share of the normal training images held out to calibrate contamination="auto".
 CALIBRATION_FRACTION = 0.2
@@ -20,6 +22,10 @@ CALIBRATION_FRACTION = 0.2
 TARGET_FALSE_ALARM_RATE = 0.01
 #: Fewer normal images than this: none is held out (too few to learn from).
 MIN_IMAGES_FOR_HOLDOUT = 5
+
+
+class CalibrationWarning(UserWarning):
+    """The held-out calibration images are too few for the threshold's target."""
 
 
 class Calibration(NamedTuple):
@@ -69,6 +75,7 @@ def calibrate(network, n_images, n_held_out, contamination, fit_network, score):
         scores, map_maxima = score(fit_network(n_fit), range(n_fit, n_images))
         calibration_scores = scores
         threshold = conformal_threshold
+        _warn_if_too_few(n_held_out, n_images)
     else:
         # the training images' scores, which are optimistic (the prototypes
         # were learned from them); "auto" then takes the worst image
@@ -83,6 +90,43 @@ def calibrate(network, n_images, n_held_out, contamination, fit_network, score):
     # the map's own threshold only when the image score is read elsewhere
     pixel_threshold = -offset if network.score_is_map_max else threshold(map_maxima)
     return Calibration(offset, pixel_threshold, calibration_scores)
+
+
+def expected_false_alarm_rate(n_held_out, target=TARGET_FALSE_ALARM_RATE, level=0.9):
+    """The false-alarm rate that :func:`conformal_threshold` of ``n_held_out``
+    scores gives on new normal images: its mean over fits, and the rate that
+    one fit in ``1 / (1 - level)`` exceeds.
+
+    The threshold is the ``k``-th smallest of ``n`` exchangeable scores; the
+    share of new normal images above it then follows Beta(n + 1 - k, k) over
+    the draws of the held-out images, with mean ``(n + 1 - k) / (n + 1)``.
+
+    Examples
+    --------
+    >>> mean, high = expected_false_alarm_rate(40)  # 200 training images, 20 % held out
+    >>> round(mean, 4), round(high, 3)
+    (0.0244, 0.056)
+    >>> expected_false_alarm_rate(99)[0]  # 495 training images: the 1 % target
+    0.01
+    """
+    n = int(n_held_out)
+    k = min(math.ceil((n + 1) * (1.0 - target)), n)
+    return (n + 1 - k) / (n + 1), float(stats.beta.ppf(level, n + 1 - k, k))
+
+
+def _warn_if_too_few(n_held_out, n_images):
+    mean, high = expected_false_alarm_rate(n_held_out)
+    if mean <= TARGET_FALSE_ALARM_RATE:
+        return
+    needed = math.ceil((1 / TARGET_FALSE_ALARM_RATE - 1) / CALIBRATION_FRACTION)
+    warnings.warn(
+        f"contamination='auto' held out {n_held_out} of {n_images} training images to set "
+        f"the threshold: too few for its {TARGET_FALSE_ALARM_RATE:.0%} target. Expect "
+        f"{mean:.1%} false alarms on new normal images on average, and more than "
+        f"{high:.1%} after one fit in ten. Fit on at least {needed} images, or set "
+        f"contamination to the rate you accept (see the user guide's Thresholds page).",
+        CalibrationWarning, stacklevel=5,
+    )
 
 
 def conformal_threshold(held_out_scores, false_alarm_rate=TARGET_FALSE_ALARM_RATE):

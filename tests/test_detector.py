@@ -1,4 +1,5 @@
 import copy
+import warnings
 import pickle
 
 import joblib
@@ -592,3 +593,27 @@ def test_masks_agree_with_verdicts_whatever_the_pixel_threshold(lite0_detector, 
             assert all(mask.sum() < mask.size / 2 for mask in masks[flagged])
         else:
             assert masks[flagged].all()
+
+
+def test_too_few_held_out_images_warn_with_the_expected_false_alarm_rate(normal_images):
+    from skprotoad import CalibrationWarning
+    from skprotoad._calibration import _warn_if_too_few, expected_false_alarm_rate
+
+    with pytest.warns(CalibrationWarning, match=r"held out 2 of 12 .* Expect 33\.3% .* "
+                                                r"at least 495 images") as record:
+        ProtoADDetector(**TINY).fit(normal_images)
+    assert record[0].filename == __file__  # points at the user's call
+    # a float contamination holds nothing out, and says nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        ProtoADDetector(**{**TINY, "contamination": 0.1}).fit(normal_images)
+        _warn_if_too_few(99, 495)  # the 1 % target reached: silent
+    # the rates the warning quotes: 2 held out, the larger one is the threshold
+    mean, high = expected_false_alarm_rate(2)
+    assert mean == pytest.approx(1 / 3) and high == pytest.approx(1 - 0.1 ** 0.5)
+    # and they are what repeated draws give: the max of 40 normal scores
+    rng = np.random.default_rng(0)
+    rates = [np.mean(rng.random(2000) > rng.random(40).max()) for _ in range(400)]
+    mean40, high40 = expected_false_alarm_rate(40)
+    assert np.mean(rates) == pytest.approx(mean40, abs=0.004)
+    assert np.quantile(rates, 0.9) == pytest.approx(high40, abs=0.01)
