@@ -232,6 +232,10 @@ def _add_common(parser):
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="no progress bars or progress messages"
     )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="also show the clustering's own progress detail",
+    )
 
 
 def _add_max_pixels(parser):
@@ -611,7 +615,8 @@ def _make_detector(args, **overrides):
     if params.get("crop_size") is _CROP_UNSET:
         scale = _images.is_scale(params.get("image_size"))
         params["crop_size"] = None if scale else DETECTOR_DEFAULTS["crop_size"]
-    detector = ProtoADDetector(verbose=not args.quiet, **params)
+    verbose = 0 if args.quiet else 2 if args.verbose else 1
+    detector = ProtoADDetector(verbose=verbose, **params)
     try:
         # the checks fit starts with, of the parameters alone (no data, no
         # backbone): here they fail before minutes of reading images

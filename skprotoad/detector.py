@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import time
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from . import _cache, _calibration, _features, _images, _validation
+from . import _cache, _calibration, _features, _images, _progress, _validation
 from ._choices import CLUSTERING_METHODS
 from ._masks import verdict_mask
 from ._threads import effective_n_threads, with_torch_threads
@@ -126,8 +127,12 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
     random_state : int, RandomState or None, default=None
         Seeds the calibration split, k-means and, with ``weights=None``, the
         backbone's initialisation.
-    verbose : bool, default=False
-        Show progress bars for feature extraction, clustering and scoring.
+    verbose : bool or int, default=False
+        ``True`` (or 1): ``fit`` names its stages as they start (reading and
+        extracting features, learning prototypes, calibrating), with progress
+        bars for feature extraction and scoring, and closes with a summary
+        (images, patches, prototypes, thresholds, seconds per stage, peak
+        memory); 2 adds the clustering's own progress detail.
     n_jobs : int or None, default=None
         Torch threads during each call (-1: all CPUs). ``None`` leaves torch's
         setting, which joblib and Dask workers already limit: leave it so in
@@ -157,6 +162,10 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         are ``None`` with a float ``image_size``.
     n_train_images_ : int
         Number of normal images the prototypes were learned from.
+    fit_seconds_ : dict of str to float
+        Seconds of each stage of the last ``fit`` (``"features"``,
+        ``"prototypes"``, ``"calibration"``) and in all (``"total"``); not
+        kept in ``.safetensors`` files.
 
     See Also
     --------
@@ -265,23 +274,26 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         self : ProtoADDetector
         """
         self._validate_params()
+        start = time.perf_counter()
+        clock = _progress.StageClock(self.verbose)
         images = _images.ImageSequence(X)
         normal = _validation.check_labels(y, len(images))
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(np.iinfo(np.int32).max))
         device = self._torch_device()
-        backbone = create_feature_extractor(
-            self.backbone, self.layers, self.weights, seed=seed, verbose=self.verbose
-        )
-        embedding = PatchEmbedding(
-            backbone, mean=self.mean, std=self.std, alignment=self.alignment,
-            neighborhood_size=self.neighborhood_size, normalization=self.normalization,
-        ).to(device)
         # held-out images go last: the patches to learn from are a prefix of
         # the feature array, used without a copy
         order = rng.permutation(normal)
         n_held_out = _calibration.n_held_out(self.contamination, len(order))
-        features = self._patch_features(embedding, images, order, device, seed)
+        with clock.stage("features", f"{len(order)} images, {self.backbone}"):
+            backbone = create_feature_extractor(
+                self.backbone, self.layers, self.weights, seed=seed, verbose=self.verbose
+            )
+            embedding = PatchEmbedding(
+                backbone, mean=self.mean, std=self.std, alignment=self.alignment,
+                neighborhood_size=self.neighborhood_size, normalization=self.normalization,
+            ).to(device)
+            features = self._patch_features(embedding, images, order, device, seed)
         _features.check_enough_patches(
             features, len(order) - n_held_out, self.n_clusters, self.n_farthest
         )
@@ -298,17 +310,36 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
                 network, features, positions, device, self.batch_size
             )
 
-        self.network_ = fit_network(len(order))
-        calibration = _calibration.calibrate(
-            self.network_, len(order), n_held_out, self.contamination, fit_network, score
-        )
+        n_patches = int(features.offsets[-1])
+        with clock.stage("prototypes", f"{n_patches:,} patches, {self.clustering}"):
+            self.network_ = fit_network(len(order))
+        detail = (f"{n_held_out} held-out images, a second clustering without them"
+                  if n_held_out else "the training images' own scores")
+        with clock.stage("calibration", detail):
+            calibration = _calibration.calibrate(
+                self.network_, len(order), n_held_out, self.contamination, fit_network, score
+            )
         self.offset_ = calibration.offset
         self.pixel_threshold_ = calibration.pixel_threshold
         self.calibration_scores_ = calibration.scores
         self._fitted_settings = _validation.embodied_settings(self.get_params(deep=False))
         self.feature_shape_ = features.shape if crop is not None else (None, None, features.shape[2])
         self.n_train_images_ = len(order)
+        self.fit_seconds_ = {**clock.seconds, "total": time.perf_counter() - start}
+        if clock.level:
+            clock.say(self._fit_summary(n_patches, n_held_out))
         return self
+
+    def _fit_summary(self, n_patches, n_held_out):
+        seconds = self.fit_seconds_
+        stages = ", ".join(f"{name} {seconds[name]:.1f} s" for name in _progress.FIT_STAGES)
+        peak = _progress.peak_memory_bytes()
+        memory = "" if peak is None else f"; peak memory {peak / 2**30:.1f} GiB"
+        held = f" from {n_held_out} held-out images" if n_held_out else ""
+        return (f"fitted on {self.n_train_images_} images: {n_patches:,} patches, "
+                f"{self.prototypes_.shape[0]:,} prototypes; threshold {-self.offset_:.4g} "
+                f"(pixels {self.pixel_threshold_:.4g}){held}; {seconds['total']:.1f} s "
+                f"({stages}){memory}")
 
     # --------------------------------------------------------------- predict
     @with_torch_threads
@@ -491,7 +522,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         prototypes = learn_prototypes(
             patches, method=self.clustering, n_clusters=self.n_clusters, random_state=seed,
             device=str(device), normalize=self.normalization == "patch",
-            n_farthest=n_farthest, verbose=self.verbose,
+            n_farthest=n_farthest, verbose=_progress.verbosity(self.verbose) >= 2,
         )
         return torch.from_numpy(prototypes)
 

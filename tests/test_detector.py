@@ -617,3 +617,28 @@ def test_too_few_held_out_images_warn_with_the_expected_false_alarm_rate(normal_
     mean40, high40 = expected_false_alarm_rate(40)
     assert np.mean(rates) == pytest.approx(mean40, abs=0.004)
     assert np.quantile(rates, 0.9) == pytest.approx(high40, abs=0.01)
+
+
+def test_fit_names_its_stages_and_times_them(normal_images, capsys):
+    params = {**TINY, "clustering": "finch", "n_clusters": 8}
+    det = ProtoADDetector(**params, verbose=True).fit(normal_images)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("skprotoad: ")]
+    assert [line[11:16] for line in lines[:3]] == ["[1/3]", "[2/3]", "[3/3]"]
+    assert "extracting" in lines[0] and "prototypes" in lines[1] and "calibrating" in lines[2]
+    assert "2 held-out images" in lines[2]
+    n_patches = 12 * 16 * 16  # TINY: 64 px at stride 4
+    assert lines[3].startswith(f"skprotoad: fitted on 12 images: {n_patches:,} patches, "
+                               f"{det.prototypes_.shape[0]} prototypes")
+    assert f"threshold {-det.offset_:.4g}" in lines[3]
+    # the clustering's own detail only at verbose=2
+    assert "FINCH" not in err and "partition" not in err.lower()
+    ProtoADDetector(**params, verbose=2).fit(normal_images)
+    assert "partition" in capsys.readouterr().err.lower()
+    # timed whatever the verbosity, and silent without it
+    quiet = ProtoADDetector(**params).fit(normal_images)
+    assert capsys.readouterr().err == ""
+    seconds = quiet.fit_seconds_
+    assert set(seconds) == {"features", "prototypes", "calibration", "total"}
+    assert all(v >= 0 for v in seconds.values())
+    assert sum(v for k, v in seconds.items() if k != "total") <= seconds["total"]
