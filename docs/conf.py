@@ -57,7 +57,7 @@ numpydoc_validation_checks = set()
 
 html_theme = "furo"
 html_title = f"skprotoad {release}"
-html_static_path = []
+html_static_path = ["_static"]
 
 # ---------------------------------------------------------------- generated
 GENERATED = DOCS / "_generated"
