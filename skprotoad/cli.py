@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import math
 import sys
 import time
@@ -74,6 +75,19 @@ exit codes:
   130  interrupted (Ctrl-C)
 
 Run 'skprotoad COMMAND --help' for the options of a command.
+"""
+
+_EPILOG_EXPORT = """\
+The exported file needs no skprotoad and no torch (ONNX: onnxruntime alone).
+Its input 'images' is a uint8 batch (N, H, W, 3) of RGB images of any size
+(one size per batch; repeat grey images to 3 channels); resizing, cropping,
+the network and both thresholds are inside. Outputs: 'maps' (N, crop_h,
+crop_w), 'scores' (N,) = -score_samples, 'anomalous' (N,) = predict == -1,
+'masks' (N, crop_h, crop_w). The settings travel in the file's metadata
+('skprotoad'). Models fitted with a scale-factor --image-size cannot be
+exported (their input size varies per image).
+
+  skprotoad export model.safetensors -o station.onnx
 """
 
 _EPILOG_FIT = """\
@@ -453,6 +467,26 @@ def build_parser():
     _add_detector_options(evaluate)
     evaluate.set_defaults(handler=_cmd_evaluate)
 
+    export = commands.add_parser(
+        "export", help="write a fitted model as one ONNX or TorchScript file for a station",
+        description="Export the whole inference path: uint8 images of any size in; anomaly "
+        "maps, scores, verdicts and masks out, thresholds inside.",
+        epilog=_EPILOG_EXPORT, formatter_class=formatter,
+    )
+    export.add_argument("model", metavar="MODEL",
+                        help="model file written by 'skprotoad fit' (.joblib or .safetensors)")
+    export.add_argument("-o", "--output", required=True, metavar="FILE",
+                        help="file to write: NAME.onnx, or NAME.pt for TorchScript")
+    export.add_argument("--format", choices=("onnx", "torchscript"), default=None,
+                        help="default: from FILE's extension (.pt, .pth: torchscript; "
+                        "else onnx)")
+    export.add_argument("--network-only", action="store_true",
+                        help="export the network alone: its input is preprocessed float "
+                        "images (skprotoad.export.preprocess)")
+    export.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    _add_common(export)
+    export.set_defaults(handler=_cmd_export)
+
     demo = commands.add_parser(
         "demo", help="run the whole pipeline on synthetic defects (no data needed)",
         description="Fit and evaluate on generated surface-defect images; write overlays.",
@@ -653,6 +687,31 @@ def _cmd_fit(args):
     _fit(args, detector, paths)
     save_model(detector, args.output)
     print(f"saved model to {args.output} (fitted on {len(paths)} images)")
+
+
+def _cmd_export(args):
+    check_file_free(args.output, args.force, "export file")
+    form = args.format or (
+        "torchscript" if Path(args.output).suffix.lower() in (".pt", ".pth") else "onnx"
+    )
+    if form == "onnx":
+        for name in ("onnx", "onnxscript", "onnxruntime"):
+            if importlib.util.find_spec(name) is None:
+                raise CommandError(
+                    f"ONNX export needs {name}: pip install 'skprotoad[export]'.", EXIT_USAGE
+                )
+    from .export import to_onnx, to_torchscript
+
+    detector = load_model(args.model)
+    export = to_onnx if form == "onnx" else to_torchscript
+    _info(args, f"exporting {'the network' if args.network_only else 'the whole inference path'}"
+                f" as {form} (checked against the model) ...")
+    try:
+        export(detector, args.output, pipeline=not args.network_only, overwrite=args.force)
+    except ValueError as exc:  # a scale-factor model, say
+        raise CommandError(str(exc)) from None
+    print(f"wrote {args.output} ({form}; threshold {-detector.offset_:.4g}, pixel threshold "
+          f"{detector.pixel_threshold_:.4g})")
 
 
 def _cmd_predict(args):

@@ -45,15 +45,19 @@ from ._version import __version__
 from .detector import ProtoADDetector
 from ._files import write_new_file
 
-__all__ = ["preprocess", "to_torchscript", "to_onnx"]
+__all__ = ["preprocess", "to_torchscript", "to_onnx", "InspectionPipeline"]
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("maps", "scores")
+#: Outputs of the whole inference path (``pipeline=True``).
+PIPELINE_OUTPUT_NAMES = ("maps", "scores", "anomalous", "masks")
 _METADATA_KEY = "skprotoad"
 _TOLERANCE = 1e-4
 _CHECK_BATCH = 3  # differs from the tracing batch, so a batch size baked in shows
 # Lowest opset that holds the network: older ones lack align_corners upsampling.
 _MIN_OPSET = 11
+# ... and the whole pipeline: Resize's antialias attribute came with opset 18.
+_MIN_PIPELINE_OPSET = 18
 
 
 def preprocess(model, X):
@@ -88,7 +92,7 @@ def preprocess(model, X):
     return torch.cat([batch for _, batch in batches]).numpy()
 
 
-def to_torchscript(model, path, *, overwrite=False, check=True):
+def to_torchscript(model, path, *, pipeline=False, overwrite=False, check=True):
     """Write the fitted network as a TorchScript module (``torch.jit.load``-able).
 
     The network is traced on the CPU (``torch.jit.trace``) and wrapped in a
@@ -103,6 +107,10 @@ def to_torchscript(model, path, *, overwrite=False, check=True):
         A fitted detector; it is not modified.
     path : str or os.PathLike
         File to write, conventionally ``*.pt``.
+    pipeline : bool, default=False
+        ``True``: the whole inference path (:class:`InspectionPipeline`: uint8
+        ``(N, H, W, 3)`` images of any size in; maps, scores, verdicts, masks
+        out), as in :func:`to_onnx`.
     overwrite : bool, default=False
         Replace ``path`` if it exists; otherwise an existing file is an error.
     check : bool, default=True
@@ -121,14 +129,23 @@ def to_torchscript(model, path, *, overwrite=False, check=True):
     >>> module = torch.jit.load("model.pt")  # doctest: +SKIP
     >>> maps, scores = module(torch.from_numpy(preprocess(detector, X)))  # doctest: +SKIP
     """
+    if not isinstance(pipeline, bool):
+        raise TypeError(f"pipeline must be True or False, got {pipeline!r}.")
     network = _cpu_copy(model)
-    example = _example_input(network, batch=2)
-    with _quiet_tracing():
-        traced = torch.jit.trace(network, example, check_trace=False)
-        module = torch.jit.script(_CheckedInput(traced, *network.input_size))
-    if check:
-        _check_outputs(network, lambda x: module(x))
-    extra = {f"{_METADATA_KEY}.json": json.dumps(_metadata(model))}
+    if pipeline:
+        whole = _pipeline(model, network)
+        with _quiet_tracing():
+            module = torch.jit.trace(whole, _raw_example(whole, batch=2), check_trace=False)
+        if check:
+            _check_pipeline_outputs(whole, lambda x: module(x))
+    else:
+        example = _example_input(network, batch=2)
+        with _quiet_tracing():
+            traced = torch.jit.trace(network, example, check_trace=False)
+            module = torch.jit.script(_CheckedInput(traced, *network.input_size))
+        if check:
+            _check_outputs(network, lambda x: module(x))
+    extra = {f"{_METADATA_KEY}.json": json.dumps(_metadata(model, pipeline))}
 
     def write(tmp):
         with _quiet_tracing():
@@ -137,7 +154,8 @@ def to_torchscript(model, path, *, overwrite=False, check=True):
     return write_new_file(path, write, overwrite)
 
 
-def to_onnx(model, path, *, opset=18, dynamo=True, overwrite=False, check=True):
+def to_onnx(model, path, *, pipeline=False, opset=18, dynamo=True, overwrite=False,
+            check=True):
     """Write the fitted network as an ONNX model with a dynamic batch size.
 
     Needs the ``export`` extra: ``onnx`` and, for ``dynamo=True``, ``onnxscript``;
@@ -149,6 +167,14 @@ def to_onnx(model, path, *, opset=18, dynamo=True, overwrite=False, check=True):
         A fitted detector; it is not modified.
     path : str or os.PathLike
         File to write, conventionally ``*.onnx``; weights are stored inside it.
+    pipeline : bool, default=False
+        ``False``: the network alone; its input is :func:`preprocess`'s.
+        ``True``: the whole inference path, :class:`InspectionPipeline`: raw
+        uint8 ``(N, H, W, 3)`` images of any size in (dynamic ``N``, ``H``,
+        ``W``), resizing and cropping inside the graph, the thresholds too;
+        outputs ``maps``, ``scores``, ``anomalous``, ``masks``. A station then
+        needs onnxruntime alone. Needs ``dynamo=True`` and an opset of 18 or
+        more (antialiased resizing).
     opset : int, default=18
         ONNX opset version, from 11 (the first with the upsampling the network
         uses) to the highest the installed torch writes (23 for torch 2.14; 20
@@ -178,17 +204,29 @@ def to_onnx(model, path, *, opset=18, dynamo=True, overwrite=False, check=True):
     >>> maps, scores = session.run(None, {"images": preprocess(detector, X)})  # doctest: +SKIP
     """
     _check_opset(opset, dynamo)
+    if not isinstance(pipeline, bool):
+        raise TypeError(f"pipeline must be True or False, got {pipeline!r}.")
+    if pipeline and (not dynamo or opset < _MIN_PIPELINE_OPSET):
+        raise ValueError(
+            f"pipeline=True needs dynamo=True and opset >= {_MIN_PIPELINE_OPSET} "
+            f"(antialiased resizing of inputs of any size); got dynamo={dynamo}, "
+            f"opset={opset}."
+        )
     onnx = _require("onnx")
     if dynamo:
         _require("onnxscript", "the dynamo ONNX exporter; or pass dynamo=False")
     if check:
         ort = _require("onnxruntime", "check=True; or pass check=False")
     network = _cpu_copy(model)
-    example = _example_input(network, batch=2)
-    metadata = json.dumps(_metadata(model))
+    if pipeline:
+        module = _pipeline(model, network)
+        example, names = _raw_example(module, batch=2), PIPELINE_OUTPUT_NAMES
+    else:
+        module, example, names = network, _example_input(network, batch=2), OUTPUT_NAMES
+    metadata = json.dumps(_metadata(model, pipeline))
 
     def write(tmp):
-        _export_onnx(network, example, tmp, opset, dynamo)
+        _export_onnx(module, example, tmp, opset, dynamo, names, spatial=pipeline)
         proto = onnx.load(tmp)
         entry = proto.metadata_props.add()
         entry.key, entry.value = _METADATA_KEY, metadata
@@ -196,10 +234,14 @@ def to_onnx(model, path, *, opset=18, dynamo=True, overwrite=False, check=True):
         onnx.save(proto, tmp)
         if check:
             session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-            _check_outputs(
-                network,
-                lambda x: [torch.from_numpy(o) for o in session.run(None, {INPUT_NAME: x.numpy()})],
-            )
+
+            def run(x):
+                return [torch.from_numpy(o) for o in session.run(None, {INPUT_NAME: x.numpy()})]
+
+            if pipeline:
+                _check_pipeline_outputs(module, run)
+            else:
+                _check_outputs(network, run)
 
     return write_new_file(path, write, overwrite)
 
@@ -219,8 +261,12 @@ def _check_opset(opset, dynamo):
         )
 
 
-def _export_onnx(network, example, path, opset, dynamo):
-    names = dict(input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES))
+def _export_onnx(network, example, path, opset, dynamo, outputs=OUTPUT_NAMES, spatial=False):
+    names = dict(input_names=[INPUT_NAME], output_names=list(outputs))
+    dims = {0: torch.export.Dim("batch")}
+    if spatial:  # raw images of any size: (N, H, W, 3)
+        dims.update({1: torch.export.Dim("height", min=2, max=65535),
+                     2: torch.export.Dim("width", min=2, max=65535)})
     with _quiet_tracing():
         if dynamo:
             torch.onnx.export(
@@ -230,7 +276,7 @@ def _export_onnx(network, example, path, opset, dynamo):
                 **names,
                 opset_version=opset,
                 dynamo=True,
-                dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
+                dynamic_shapes={INPUT_NAME: dims},
                 external_data=False,
                 verbose=False,
             )
@@ -244,6 +290,51 @@ def _export_onnx(network, example, path, opset, dynamo):
                 dynamo=False,
                 dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
             )
+
+
+class InspectionPipeline(nn.Module):
+    """The whole inference path: raw uint8 images in; maps, scores, verdicts, masks out.
+
+    ``forward(images)`` takes uint8 ``(N, H, W, 3)`` RGB images of any
+    ``H x W`` (one size per batch), resizes them to ``image_size`` (bilinear,
+    antialiased: the filter of skprotoad's own preprocessing), centre-crops
+    them to the network's input, runs the network and returns
+
+    - ``maps``: float32 ``(N, crop_h, crop_w)``, as :meth:`ProtoADDetector.anomaly_maps`;
+    - ``scores``: float32 ``(N,)``, ``-score_samples``;
+    - ``anomalous``: bool ``(N,)``, ``scores > threshold`` (``predict == -1``);
+    - ``masks``: bool ``(N, crop_h, crop_w)``, ``maps > pixel_threshold`` for
+      anomalous images and empty for the others. Unlike
+      :meth:`ProtoADDetector.predict_masks`, an anomalous image whose map
+      exceeds the pixel threshold nowhere gets an empty mask here (its peak
+      region needs connected components, which ONNX lacks): draw it from
+      ``maps`` where a station needs it.
+
+    Parameters
+    ----------
+    network : ProtoADNetwork
+    image_size : (int, int)
+    threshold, pixel_threshold : float
+    """
+
+    def __init__(self, network, image_size, threshold, pixel_threshold):
+        super().__init__()
+        self.network = network
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        top, left, height, width = _images.center_crop_box(self.image_size, network.input_size)
+        self.crop_box = (int(top), int(left), int(height), int(width))
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.register_buffer("pixel_threshold", torch.tensor(float(pixel_threshold)))
+
+    def forward(self, images):
+        x = images.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        x = nn.functional.interpolate(x, size=self.image_size, mode="bilinear",
+                                      antialias=True, align_corners=False)
+        top, left, height, width = self.crop_box
+        maps, scores = self.network(x[:, :, top:top + height, left:left + width])
+        anomalous = scores > self.threshold
+        masks = (maps > self.pixel_threshold) & anomalous[:, None, None]
+        return maps, scores, anomalous, masks
 
 
 class _CheckedInput(nn.Module):
@@ -306,6 +397,51 @@ def _example_input(network, batch):
     return torch.rand(batch, 3, *network.input_size, generator=generator)
 
 
+def _pipeline(model, network):
+    size = _images.check_size(model.image_size, "image_size")
+    return InspectionPipeline(network, size, -model.offset_, model.pixel_threshold_).eval()
+
+
+def _raw_example(module, batch, extra=(7, 13), seed=0):
+    """Random uint8 images of a size that is not the model's, so that no size
+    coincides with a constant of the graph during export."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = (s + e for s, e in zip(module.image_size, extra))
+    return torch.randint(0, 256, (batch, height, width, 3), dtype=torch.uint8,
+                         generator=generator)
+
+
+def _check_pipeline_outputs(module, run):
+    """The exported pipeline against the module, on two other image sizes (one
+    smaller than ``image_size``, one larger): equal within ``_TOLERANCE``, the
+    verdicts and masks equal except within it of a threshold."""
+    for extra, seed in (((-37, 21), 1), ((45, -3), 2)):
+        x = _raw_example(module, batch=_CHECK_BATCH, extra=extra, seed=seed)
+        with torch.inference_mode():
+            expected = module(x)
+        got = run(x)
+        maps, scores = expected[0], expected[1]
+        near_verdict = (scores - module.threshold).abs() <= _TOLERANCE
+        near = {
+            "anomalous": near_verdict,
+            "masks": ((maps - module.pixel_threshold).abs() <= _TOLERANCE)
+            | near_verdict[:, None, None],
+        }
+        for name, e, g in zip(PIPELINE_OUTPUT_NAMES, expected, got):
+            if tuple(g.shape) != tuple(e.shape):
+                raise RuntimeError(f"The exported pipeline's {name} have shape "
+                                   f"{tuple(g.shape)}, not {tuple(e.shape)}: export failed.")
+            if e.dtype == torch.bool:
+                if ((g != e) & ~near[name]).any():
+                    raise RuntimeError(f"The exported pipeline's {name} differ from the "
+                                       f"module's away from the threshold: export failed.")
+            elif not torch.allclose(g, e, rtol=0, atol=_TOLERANCE):
+                raise RuntimeError(
+                    f"The exported pipeline's {name} differ from the module's (max error "
+                    f"{(g - e).abs().max().item()}): export failed."
+                )
+
+
 def _check_outputs(network, run):
     x = _example_input(network, batch=_CHECK_BATCH)
     with torch.inference_mode():
@@ -328,9 +464,9 @@ _SCORE_MEANING = {
 }
 
 
-def _metadata(model):
+def _metadata(model, pipeline=False):
     network = model.network_
-    return {
+    meta = {
         "skprotoad_version": __version__,
         "torch_version": torch.__version__,
         "input": {
@@ -356,6 +492,23 @@ def _metadata(model):
         "backbone": network.embedding.backbone.name,
         "layers": list(network.embedding.backbone.layers),
     }
+    if pipeline:
+        meta["input"] = {
+            "name": INPUT_NAME,
+            "shape": ["N", "H", "W", 3],
+            "dtype": "uint8",
+            "description": "RGB images of any size (one size per batch); grey images "
+            "repeated to 3 channels. Resized (bilinear, antialiased) and centre-cropped "
+            "inside the graph",
+            "image_size": list(_images.check_size(model.image_size, "image_size")),
+            "crop_size": list(network.input_size),
+        }
+        meta["outputs"].update({
+            "anomalous": "bool (N,), scores > threshold (predict == -1)",
+            "masks": "bool (N, crop_h, crop_w), maps > pixel_threshold for anomalous "
+            "images, empty for the others",
+        })
+    return meta
 
 
 class _quiet_tracing(warnings.catch_warnings):

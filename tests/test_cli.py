@@ -433,6 +433,31 @@ def test_evaluate_writes_json(fake_mvtec, tmp_path, capsys):
     assert _run([*argv, "--force"], capsys)[0] == 0
 
 
+def test_export_writes_the_whole_pipeline(model, folders, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    out = tmp_path / "station.onnx"
+    code, stdout, err = _run(["export", model, "-o", out, "-q"], capsys)
+    assert code == 0, err
+    detector = joblib.load(model)
+    assert f"threshold {-detector.offset_:.4g}" in stdout
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["maps", "scores", "anomalous", "masks"]
+    path = sorted((folders / "test").glob("*.png"))[0]
+    image = np.asarray(Image.open(path).convert("RGB"))
+    _, scores, flagged, _ = session.run(None, {"images": image[None]})
+    assert scores[0] == pytest.approx(-detector.score_samples([str(path)])[0], abs=1e-4)
+    assert bool(flagged[0]) == (detector.predict([str(path)])[0] == -1)
+    # never overwritten without --force; TorchScript by the extension; the network alone
+    code, _, err = _run(["export", model, "-o", out, "-q"], capsys)
+    assert code == 2 and "--force" in err
+    assert _run(["export", model, "-o", tmp_path / "s.pt", "-q"], capsys)[0] == 0
+    assert _run(["export", model, "-o", out, "-q", "--force", "--network-only"], capsys)[0] == 0
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["maps", "scores"]
+
+
 def test_evaluate_report(fake_mvtec, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     report = tmp_path / "report"

@@ -39,6 +39,7 @@ def test_every_example_is_tested():
         "grid_search.py",
         "persistence.py",
         "real_data_magnetic_tile.py",
+        "station_onnxruntime.py",
     }
     assert set(ALL_SCRIPTS) == tested, "add a test for each new example"
 
@@ -91,3 +92,46 @@ def test_network_figure_draws(tmp_path):
     path = ns["draw_figure"](tmp_path / "net.png")
     with Image.open(path) as image:
         assert image.width > image.height > 100
+
+
+def test_station_runs_the_exported_model_without_torch_or_skprotoad(lite0_detector, synthetic,
+                                                                   tmp_path):
+    pytest.importorskip("onnxruntime")
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    from skprotoad.export import to_onnx
+
+    model = to_onnx(lite0_detector, tmp_path / "station.onnx", pipeline=True)
+    paths = []
+    for i, image in enumerate(synthetic.X_test):
+        paths.append(tmp_path / f"img_{i:02d}.png")
+        Image.fromarray(image).save(paths[-1])
+    # torch and skprotoad cannot be imported in the station's process
+    guard = ("import sys, runpy; sys.modules['torch'] = None; sys.modules['skprotoad'] = None; "
+             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    done = subprocess.run(
+        [sys.executable, "-c", guard, str(EXAMPLES / "station_onnxruntime.py"), str(model),
+         *map(str, paths), "--masks", str(tmp_path / "masks")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("\t") for line in done.stdout.splitlines()[1:]]
+    assert [r[0] for r in rows] == list(map(str, paths))
+    scores = np.array([float(r[1]) for r in rows])
+    np.testing.assert_allclose(scores, -lite0_detector.score_samples(paths), atol=1e-4)
+    flagged = lite0_detector.predict(paths) == -1
+    assert [r[2] == "anomaly" for r in rows] == flagged.tolist()
+    masks = [np.asarray(Image.open(tmp_path / "masks" / f"img_{i:02d}_mask.png")) > 0
+             for i in range(len(paths))]
+    assert not any(m.any() for m, f in zip(masks, flagged) if not f)
+    expected = lite0_detector.predict_masks(paths, threshold=lite0_detector.pixel_threshold_)
+    for mask, want, f in zip(masks, expected, flagged):
+        if f:  # the pixels above the pixel threshold (up to float rounding at it)
+            assert np.mean(mask == want) > 0.99
+    # and the guard does keep torch out
+    blocked = subprocess.run([sys.executable, "-c", guard.split(" sys.argv")[0] + " import torch"],
+                             capture_output=True, text=True)
+    assert blocked.returncode != 0 and "import of torch halted" in blocked.stderr

@@ -211,3 +211,73 @@ def test_lite0_onnx_matches_on_images(lite0_case, lite0_files):
 
     meta = {p.key: p.value for p in onnx.load(str(lite0_files["onnx"])).metadata_props}
     assert json.loads(meta["skprotoad"])["backbone"] == "efficientnet_lite0"
+
+
+# ------------------------------------------------ the whole inference path
+
+
+@pytest.fixture(scope="module")
+def lite0_pipeline(lite0_detector, tmp_path_factory):
+    if not all(_importable(m) for m in ("onnx", "onnxscript", "onnxruntime")):
+        pytest.skip("onnx, onnxscript and onnxruntime are needed (the export extra)")
+    return export.to_onnx(lite0_detector, tmp_path_factory.mktemp("pipe") / "p.onnx",
+                          pipeline=True)
+
+
+def _raw_images(case, synthetic):
+    """uint8 RGB images of several sizes, as a station reads them."""
+    from PIL import Image
+
+    if case == "magnetic_tile":
+        return [np.asarray(Image.open(p).convert("RGB")) for p in _real_images(2)]
+    images = list(synthetic.X_test[[0, 1, -2, -1]])
+    # other sizes and aspects, up and down from the model's 64 px
+    return images + [np.asarray(Image.fromarray(images[1]).resize(size))
+                     for size in ((120, 80), (40, 52))]
+
+
+@pytest.mark.parametrize("case", ["synthetic", "magnetic_tile"])
+def test_lite0_pipeline_is_the_estimator_on_raw_images(case, lite0_detector, lite0_pipeline,
+                                                       synthetic):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(lite0_pipeline), providers=["CPUExecutionProvider"])
+    images = _raw_images(case, synthetic)
+    maps, scores = lite0_detector.anomaly_maps(images, return_scores=True)
+    flagged = lite0_detector.predict(images) == -1
+    above = lite0_detector.predict_masks(images, threshold=lite0_detector.pixel_threshold_)
+    for i, image in enumerate(images):
+        got_map, got_score, got_flag, got_mask = session.run(None, {"images": image[None]})
+        np.testing.assert_allclose(got_map[0], maps[i], rtol=0, atol=TOLERANCE)
+        assert got_score[0] == pytest.approx(-scores[i], abs=TOLERANCE)
+        assert bool(got_flag[0]) == flagged[i]
+        expected_mask = above[i] & flagged[i]
+        assert np.mean(got_mask[0] == expected_mask) > 0.999
+    # a batch of one size at once: the same
+    batch = np.stack(images[:3]) if case == "synthetic" else images[0][None]
+    got = session.run(None, {"images": batch})
+    np.testing.assert_allclose(got[0], maps[:len(batch)], rtol=0, atol=TOLERANCE)
+
+
+def test_pipeline_torchscript_takes_any_image_size(crop_detector, synthetic, tmp_path):
+    from PIL import Image
+
+    module = _jit_load(export.to_torchscript(crop_detector, tmp_path / "p.pt", pipeline=True))
+    for size in ((64, 64), (90, 70), (33, 47)):
+        X = np.stack([np.asarray(Image.fromarray(x).resize(size)) for x in synthetic.X_test[:2]])
+        with torch.inference_mode():
+            maps, scores, flagged, masks = module(torch.from_numpy(X))
+        np.testing.assert_allclose(maps.numpy(), crop_detector.anomaly_maps(X), atol=TOLERANCE)
+        np.testing.assert_array_equal(flagged.numpy(), crop_detector.predict(X) == -1)
+        assert masks.dtype == torch.bool and masks.shape == maps.shape
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dynamo=False), "pipeline=True needs dynamo=True"),
+    (dict(opset=17), "opset >= 18"),
+    (dict(pipeline="yes"), "pipeline must be True or False"),
+])
+def test_pipeline_needs_the_dynamo_exporter(crop_detector, tmp_path, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        export.to_onnx(crop_detector, tmp_path / "p.onnx", **{"pipeline": True, **kwargs})
+    assert not list(tmp_path.iterdir())
