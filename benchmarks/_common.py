@@ -101,13 +101,23 @@ def peak_rss_mb(children=False):
     return peak_rss_bytes(children) / 2**20
 
 
-def rss_bytes():
-    """Current resident set size of this process, bytes (``/proc``, Linux)."""
+def _proc_status_bytes(field):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise KeyError("VmRSS")
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise KeyError(field)
+
+
+def rss_bytes():
+    """Current resident set size of this process, bytes (``VmRSS``, Linux)."""
+    return _proc_status_bytes("VmRSS")
+
+
+def vm_hwm_bytes():
+    """Peak resident set size of this process's own memory map, bytes
+    (``VmHWM``, Linux): unlike ``ru_maxrss``, never what a forked parent held."""
+    return _proc_status_bytes("VmHWM")
 
 
 # ----------------------------------------------------------------- results
