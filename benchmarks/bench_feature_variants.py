@@ -11,26 +11,37 @@ Writes benchmarks/results/feature_variants.{json,md}. Data: Y. Huang, C. Qiu,
 K. Yuan, "Surface defect saliency of magnetic tile", The Visual Computer 36,
 85-96 (2020).
 """
-import time, json, numpy as np, torch, torch.nn.functional as F
+import _common  # first: this checkout's skprotoad
+import time, json, numpy as np, scipy.sparse as sp, torch, torch.nn.functional as F
 torch.set_num_threads(2)
+# private, no public equivalent: the detector's own image loading, resize and crop
 from skprotoad._images import ImageSequence
 from skprotoad.backbones import create_feature_extractor
 from skprotoad.network import upsample, GaussianSmoothing, IMAGENET_MEAN, IMAGENET_STD
 from skprotoad.datasets import load_mvtec, load_masks
 from skprotoad.metrics import evaluate_maps
-from skprotoad.clustering import learn_prototypes, finch_n_clusters, kmeans, _cluster_sums, _assign
-import sys as _sys
-_sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parent))
+from skprotoad.clustering import learn_prototypes, finch_n_clusters, kmeans
 from anchors import greedy_coreset
 
 
-def kmeans_labels(X, K):
+def kmeans_labels(X, K, block=65536):
+    """Labels of the closest (cosine) of K k-means centres of the unit rows X."""
     C = torch.from_numpy(kmeans(X, K, random_state=0))
-    return _assign(torch.from_numpy(X), C, 65536)[0].numpy()
+    Xt = torch.from_numpy(X)
+    return torch.cat([(Xt[i:i + block] @ C.T).argmax(dim=1)
+                      for i in range(0, len(Xt), block)]).numpy()
 
-from pathlib import Path
-HERE = Path(__file__).resolve().parent
-data = load_mvtec(HERE.parent.parent / 'shared' / 'data' / 'magnetic_tile')
+
+def cluster_sums(X, labels, n_clusters):
+    """Per-cluster sums of the rows of ``X`` (float32, deterministic)."""
+    n = X.shape[0]
+    member = sp.csr_matrix((np.ones(n, dtype=np.float32), (labels, np.arange(n))),
+                           shape=(n_clusters, n))
+    return np.asarray(member @ X, dtype=np.float32)
+
+
+RESULTS = _common.RESULTS
+data = load_mvtec(_common.data_dir('magnetic_tile'))
 ROWS = []
 train = data.train_paths[::4]
 fe = create_feature_extractor('efficientnet_lite0', (1, 2, 3))
@@ -114,7 +125,7 @@ def run(name, agg=0, per_stage=False, stages=(0, 1, 2), K=500, score='max', meth
         # prototypes that carry the feature magnitude too
         labels = finch_n_clusters(F.normalize(X, dim=1).numpy(), K, random_state=0) if method == 'finch' \
             else kmeans_labels(F.normalize(X, dim=1).numpy(), K)
-        P = torch.from_numpy(_cluster_sums(X.numpy(), labels, int(labels.max()) + 1))
+        P = torch.from_numpy(cluster_sums(X.numpy(), labels, int(labels.max()) + 1))
         P /= torch.from_numpy(np.bincount(labels)).float()[:, None]
     else:
         P = torch.from_numpy(learn_prototypes(X.numpy(), method=method, n_clusters=K, random_state=0,
@@ -175,23 +186,21 @@ def run(name, agg=0, per_stage=False, stages=(0, 1, 2), K=500, score='max', meth
 
 
 def write():
-    out = HERE / 'results'
-    out.mkdir(exist_ok=True)
+    out = RESULTS
     path = out / 'feature_variants.json'
     # a partial run (named variants) keeps the other variants' earlier rows
-    rows = {r['variant']: r for r in (json.loads(path.read_text()) if path.exists() else [])}
+    rows = {r['variant']: r for r in _common.read_json(path, [])}
     rows.update({r['variant']: r for r in ROWS})
     rows = list(rows.values())
-    path.write_text(json.dumps(rows, indent=2))
+    _common.write_json(path, rows)
     cols = ['variant', 'neighborhood', 'per_stage_norm', 'stages', 'stage_weights', 'position', 'whiten', 'position_norm', 'metric', 'clustering',
             'n_train', 'n_prototypes', 'sigma', 'score',
             'image_auroc', 'pixel_auroc', 'aupro', 'image_f1_max', 'pixel_f1_max', 'normal_max_at_edge']
     lines = ['# Feature variants on magnetic_tile (efficientnet_lite0)', '',
              'Command: `python benchmarks/bench_feature_variants.py`', '',
-             f'Train: every 4th of train/good ({len(train)} images); test: all {len(data.test_paths)} test images.', '',
-             '| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
-    lines += ['| ' + ' | '.join(str(r.get(c, '')) for c in cols) + ' |' for r in rows]
-    (out / 'feature_variants.md').write_text('\n'.join(lines) + '\n')
+             f'Train: every 4th of train/good ({len(train)} images); test: all {len(data.test_paths)} test images.', '']
+    lines += _common.markdown_table(cols, [[r.get(c, '') for c in cols] for r in rows])
+    _common.write_markdown(out / 'feature_variants.md', lines)
 
 import sys
 ONLY = sys.argv[1:]  # variant names to run; all when empty

@@ -28,23 +28,26 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
+import _common  # first: this checkout's skprotoad
 
-from skprotoad._images import load_image, _resize_plane
-from skprotoad.backbones import create_feature_extractor
-from skprotoad.clustering import learn_prototypes
-from skprotoad.datasets import load_mvtec
-from skprotoad.metrics import evaluate_maps
-from skprotoad.network import PatchEmbedding, ProtoADNetwork
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# private, no public equivalent: the package's own image reader and plane
+# resize, so that each geometry resamples exactly as the detector does
+from skprotoad._images import load_image, _resize_plane  # noqa: E402
+from skprotoad.backbones import create_feature_extractor  # noqa: E402
+from skprotoad.clustering import learn_prototypes  # noqa: E402
+from skprotoad.datasets import load_mvtec  # noqa: E402
+from skprotoad.metrics import evaluate_maps  # noqa: E402
+from skprotoad.network import PatchEmbedding, ProtoADNetwork  # noqa: E402
+
 from anchors import PaDiM, PixelMaps  # noqa: E402
 
 torch.set_num_threads(2)
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile"
+RESULTS = _common.RESULTS
+DATA = _common.data_dir("magnetic_tile")
 EVAL = 256  # evaluation grid
 data = load_mvtec(DATA)
 train = data.train_paths[::4]
@@ -54,8 +57,7 @@ if "--smoke" in sys.argv:  # a quick run of the code paths, results not written
     data.test_paths = [data.test_paths[i] for i in keep]
     data.test_labels = data.test_labels[keep]
     data.test_mask_paths = [data.test_mask_paths[i] for i in keep]
-    train, HERE = train[:6], Path("/tmp")
-    (HERE / "results").mkdir(exist_ok=True)
+    train, RESULTS = train[:6], Path("/tmp") / "results"
 backbone = create_feature_extractor("efficientnet_lite0", (1, 2, 3))
 EMBEDDINGS = {
     norm: PatchEmbedding(backbone, neighborhood_size=3, normalization=norm).eval()
@@ -334,12 +336,12 @@ def run(name, geometry, crop=None, normalization="patch", method="protoad", posi
 
 
 def write():
-    out = HERE / "results"
+    out = RESULTS
     path = out / "geometry.json"
-    rows = {r["variant"]: r for r in (json.loads(path.read_text()) if path.exists() else [])}
+    rows = {r["variant"]: r for r in _common.read_json(path, [])}
     rows.update({r["variant"]: r for r in ROWS})
     rows = list(rows.values())
-    path.write_text(json.dumps(rows, indent=2))
+    _common.write_json(path, rows)
     cols = ["variant", "method", "normalization", "position", "position_norm", "score",
             "n_prototypes", "n_train",
             "geometry", "crop", "n_patches_train", "image_auroc", "pixel_auroc",
@@ -349,10 +351,9 @@ def write():
              f"Train: every 4th of train/good ({len(train)} images); test: all "
              f"{len(data.test_paths)} test images. Every pixel of every image is evaluated, "
              f"on a {EVAL} x {EVAL} grid (see the script's docstring). Times on a shared "
-             "2-core machine, one image at a time.", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    (out / "geometry.md").write_text("\n".join(lines) + "\n")
+             "2-core machine, one image at a time.", ""]
+    lines += _common.markdown_table(cols, [[r.get(c, "") for c in cols] for r in rows])
+    _common.write_markdown(out / "geometry.md", lines)
 
 
 MASKS = masks_on_grid(data.test_mask_paths)

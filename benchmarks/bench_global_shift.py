@@ -15,17 +15,17 @@ little about detection. Results: ``benchmarks/results/global_shift.{json,md}``.
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-import numpy as np
+import _common  # first: this checkout's skprotoad
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
+import numpy as np  # noqa: E402
 
 from bench_suite import COMMON, _Set, find_sets  # noqa: E402
 
 from skprotoad import ProtoADDetector  # noqa: E402
+# private, no public equivalent: the package's own image reader (float in [0, 1],
+# every mode Pillow reads), so that the statistics see what the detector sees
 from skprotoad._images import load_image  # noqa: E402
 from skprotoad.metrics import image_auroc  # noqa: E402
 
@@ -44,7 +44,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sets", nargs="+", default=None)
     parser.add_argument("--max-train", type=int, default=200)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=_common.RESULTS)
     args = parser.parse_args(argv)
     rows = []
     for name, folder in find_sets(args.sets).items():
@@ -67,8 +67,7 @@ def main(argv=None):
                 auroc, 4)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "global_shift.json").write_text(json.dumps(rows, indent=1))
+    _common.write_json(args.out / "global_shift.json", rows, indent=1)
     lines = ["# Global statistics vs image labels (acquisition-bias check)", "",
              f"Command: `python benchmarks/bench_global_shift.py --max-train {args.max_train}`",
              "", "Image AUROC, defective vs normal test images. Grey mean / std: of the "
@@ -81,7 +80,7 @@ def main(argv=None):
         lines.append(f"| {r['set']} | {r['n_train']} | {r['n_test']} ({r['n_defective']}) | "
                      f"{r['grey_mean']:.3f} | {r['grey_std']:.3f} | {r['map_mean']:.3f} | "
                      f"{r['map_max']:.3f} | {r['image_score']:.3f} |")
-    (args.out / "global_shift.md").write_text("\n".join(lines) + "\n")
+    _common.write_markdown(args.out / "global_shift.md", lines)
 
 
 if __name__ == "__main__":

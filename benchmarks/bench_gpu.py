@@ -14,19 +14,15 @@ repetitions after a warm-up; CUDA timings synchronise. Results:
 """
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+import _common  # first: this checkout's skprotoad
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent)]
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from skprotoad import ProtoADDetector  # noqa: E402
 from skprotoad.datasets import make_defect_dataset  # noqa: E402
@@ -66,7 +62,7 @@ def _backbone_rate(det, images, batch_size, device, repeats):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=_common.RESULTS)
     parser.add_argument("--n-train", type=int, default=200)
     parser.add_argument("--n-test", type=int, default=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
@@ -116,14 +112,11 @@ def main(argv=None):
                          "anomaly_maps_img_s": round(maps_rate, 1),
                          "bare_backbone_img_s": round(bare, 1)})
             print(rows[-1], flush=True)
-    machine = {"python": platform.python_version(), "torch": torch.__version__,
-               "gpu": torch.cuda.get_device_name(0), "cpu_count": os.cpu_count()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.json").write_text(json.dumps({"machine": machine, "rows": rows},
-                                                  indent=1))
+    machine = {**_common.machine_info(), "gpu": torch.cuda.get_device_name(0)}
+    _common.write_json(args.out / "gpu.json", {"machine": machine, "rows": rows}, indent=1)
     lines = ["# ProtoADDetector on a GPU", "",
              f"Command: `python benchmarks/bench_gpu.py --n-train {args.n_train}`", "",
-             f"Machine: {machine['gpu']}, {machine['cpu_count']} CPU cores, "
+             f"Machine: {machine['gpu']}, {machine['cpus']} CPU cores, "
              f"torch {machine['torch']}. Generated 256 px textures, defaults.", "",
              "| what | device | batch | fit s | img/s score_samples | img/s anomaly_maps "
              "| img/s bare backbone | image AUROC |", "|---|---|---|---|---|---|---|---|"]
@@ -134,7 +127,7 @@ def main(argv=None):
                 f"{r.get('fit_seconds', '')} | {r.get('score_samples_img_s', '')} | "
                 f"{r.get('anomaly_maps_img_s', '')} | {r.get('bare_backbone_img_s', '')} | "
                 f"{r.get('image_auroc', '')} |")
-    (args.out / "gpu.md").write_text("\n".join(lines) + "\n")
+    _common.write_markdown(args.out / "gpu.md", lines)
 
 
 if __name__ == "__main__":

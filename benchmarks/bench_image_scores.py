@@ -34,20 +34,22 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+import _common  # first: this checkout's skprotoad
 
-from skprotoad import ProtoADDetector
-from skprotoad._images import ImageSequence
-from skprotoad.backbones import create_feature_extractor
-from skprotoad.clustering import learn_prototypes
-from skprotoad.datasets import load_mvtec
-from skprotoad.metrics import image_auroc
-from skprotoad.network import GaussianSmoothing, PatchEmbedding, upsample
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile"
+from skprotoad import ProtoADDetector  # noqa: E402
+# private, no public equivalent: the detector's own image loading, resize and crop
+from skprotoad._images import ImageSequence  # noqa: E402
+from skprotoad.backbones import create_feature_extractor  # noqa: E402
+from skprotoad.clustering import learn_prototypes  # noqa: E402
+from skprotoad.datasets import load_mvtec  # noqa: E402
+from skprotoad.metrics import image_auroc  # noqa: E402
+from skprotoad.network import GaussianSmoothing, PatchEmbedding, upsample  # noqa: E402
+
+DEFAULT_DATA = _common.data_dir("magnetic_tile")
 SIZE, CROP, STRIDE = 256, 224, 4
 
 
@@ -145,8 +147,7 @@ def diagnostic(labels, s):
 
 
 def write(results, out):
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "image_scores.json").write_text(json.dumps(results, indent=2))
+    _common.write_json(out / "image_scores.json", results)
     rows = results["rows"]
     types = [k for k in rows[0]["image_auroc"] if k != "all"]
     lines = [
@@ -179,7 +180,7 @@ def write(results, out):
               "99th percentile |", "|---|---|---|---|"]
     lines += [f"| {b['relative_norm']} | {b['share_of_patches']} | {b['mean_1_minus_cos']} | "
               f"{b['p99_1_minus_cos']} |" for b in diag["by_norm"]]
-    (out / "image_scores.md").write_text("\n".join(lines) + "\n")
+    _common.write_markdown(out / "image_scores.md", lines)
 
 
 def main(argv=None):
@@ -189,7 +190,7 @@ def main(argv=None):
     parser.add_argument("--n-clusters", type=int, nargs="+", default=[2000, 1000])
     parser.add_argument("--train-step", type=int, default=1,
                         help="every N-th training image (quick runs)")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=_common.RESULTS)
     args = parser.parse_args(argv)
     data = load_mvtec(args.data)
     labels = np.asarray(data.test_labels)

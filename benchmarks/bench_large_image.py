@@ -29,16 +29,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
-REPO = Path(__file__).resolve().parents[1]
+import _common  # first: this checkout's skprotoad
+
+RESULTS = _common.RESULTS
+REPO = _common.REPO
 
 _SCORE = """
 import sys, joblib
@@ -57,11 +57,10 @@ def _measure(command):
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kB on Linux
     print(json.dumps({
         "returncode": done.returncode,
         "seconds": seconds,
-        "peak_rss_mb": peak_kb / 1024,
+        "peak_rss_mb": _common.peak_rss_mb(children=True),
         "stdout_tail": done.stdout[-300:],
         "stderr_tail": done.stderr[-600:],
     }))
@@ -152,11 +151,9 @@ def main(argv=None):
                   "png_bytes": png.stat().st_size},
         "overlay_size": overlay_size,
         "results": results,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": platform.python_version()},
+        "machine": _common.machine_info(),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "large_image.json").write_text(json.dumps(report, indent=2) + "\n")
+    _common.write_json(RESULTS / "large_image.json", report)
     lines = [
         "# One very large image: peak memory",
         "",
@@ -174,7 +171,7 @@ def main(argv=None):
         lines.append(f"| {name} | {r['returncode']} | {r['peak_rss_mb']:.0f} | {r['seconds']:.1f} |")
     if overlay_size:
         lines += ["", f"The overlay and mask were written at {overlay_size[0]} x {overlay_size[1]}."]
-    (RESULTS / "large_image.md").write_text("\n".join(lines) + "\n")
+    _common.write_markdown(RESULTS / "large_image.md", lines)
     print("\n".join(lines))
 
 

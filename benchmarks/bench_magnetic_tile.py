@@ -18,23 +18,19 @@ saliency of magnetic tile", The Visual Computer 36, 85-96 (2020).
 
 import argparse
 import json
-import os
-import platform
-import resource
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+import _common  # first: this checkout's skprotoad
 
-from skprotoad import ProtoADDetector
-from skprotoad._images import ImageSequence, crop_map_to_input
-from skprotoad.datasets import load_input_masks, load_masks, load_mvtec
-from skprotoad.metrics import evaluate_maps, image_auroc
+import numpy as np  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile"
+from skprotoad import ProtoADDetector  # noqa: E402
+from skprotoad.datasets import load_input_masks, load_masks, load_mvtec  # noqa: E402
+from skprotoad.metrics import evaluate_maps, image_auroc  # noqa: E402
+
+DEFAULT_DATA = _common.data_dir("magnetic_tile")
 
 # Every variant below measured before n_farthest existed, hence n_farthest=0:
 # "default*" are the defaults of that time (the package defaults now add the
@@ -96,23 +92,19 @@ def run_variant(name, data, args):
     det.fit(train)
     fit_seconds = time.perf_counter() - start
 
+    # maps of varying sizes covering whole images (a float image_size): each
+    # carried back to its image's own size and compared with its mask there
+    geometry = "input" if det.network_.input_size is None else "crop"
     start = time.perf_counter()
     # the anomaly scores (minus score_samples) with the maps, in one pass: a
     # map's maximum unless normalization="image" with a readout of its own
-    maps, scores = det.anomaly_maps(data.test_paths, return_scores=True)
+    maps, scores = det.anomaly_maps(data.test_paths, output=geometry, return_scores=True)
     scores = -scores
     test_seconds = time.perf_counter() - start
     n_test = len(maps)
-    if det.network_.input_size is None:
-        # maps of varying sizes covering whole images: compare each with its
-        # mask at the image's own size
-        geometry = "input"
-        images = ImageSequence(data.test_paths)
-        sizes = [images.original_size(i) for i in range(len(images))]
-        maps = [crop_map_to_input(m, s, det.image_size, None) for m, s in zip(maps, sizes)]
-        masks = load_input_masks(data.test_mask_paths, sizes)
+    if geometry == "input":
+        masks = load_input_masks(data.test_mask_paths, [m.shape for m in maps])
     else:
-        geometry = "crop"
         masks = load_masks(data.test_mask_paths, det.image_size, det.crop_size)
     metrics = evaluate_maps(data.test_labels, scores, masks, maps)
     del maps, masks
@@ -137,17 +129,16 @@ def run_variant(name, data, args):
         "tpr_auto_threshold_test_defects": round(float(flagged[~normal].mean()), 4),
         "fit_seconds": round(fit_seconds, 1),
         "test_images_per_second": round(n_test / test_seconds, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mb": round(_common.peak_rss_mb()),
     }
 
 
 def write_results(rows, out):
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "magnetic_tile.json"
-    old = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    old = _common.read_json(path, {"runs": {}})
     old["runs"].update({r["variant"]: r for r in rows})
-    old["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    path.write_text(json.dumps(old, indent=2))
+    old["machine"] = _common.machine()
+    _common.write_json(path, old)
     cols = [
         "variant", "pixel_metrics_geometry", "n_prototypes", "image_auroc", "pixel_auroc",
         "aupro", "image_f1_max", "pixel_f1_max", "fpr_auto_threshold_test_good",
@@ -162,14 +153,11 @@ def write_results(rows, out):
         f"Machine: {old['machine']}. Train: train/good; test: all of test/. "
         "Times are wall-clock on a shared, noisy 2-core machine.",
         "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
     ]
-    for r in old["runs"].values():
-        # runs from before the column existed were all in crop geometry
-        r = {"pixel_metrics_geometry": "crop", **r}
-        lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
-    (out / "magnetic_tile.md").write_text("\n".join(lines) + "\n")
+    # runs from before the column existed were all in crop geometry
+    runs = [{"pixel_metrics_geometry": "crop", **r} for r in old["runs"].values()]
+    lines += _common.markdown_table(cols, [[r.get(c, "") for c in cols] for r in runs])
+    _common.write_markdown(out / "magnetic_tile.md", lines)
 
 
 def main(argv=None):
@@ -177,7 +165,7 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--max-train", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=_common.RESULTS)
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     if not args.data.is_dir():

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -37,27 +36,13 @@ import threading
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import _common  # first: this checkout's skprotoad
+from _common import rss_bytes, vm_hwm_bytes as peak_rss_bytes
+
+RESULTS = _common.RESULTS
 COMMAND = "PYTHONPATH=. nice -n 10 python benchmarks/bench_memory.py"
 IMAGE_SIZE = 256
 GiB = 2**30
-
-
-# --------------------------------------------------------------- /proc reads
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def rss_bytes():
-    return _status_kib("VmRSS") * 1024
-
-
-def peak_rss_bytes():
-    return _status_kib("VmHWM") * 1024
 
 
 class Sampler(threading.Thread):
@@ -317,8 +302,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.markdown_only:
-        result = json.loads((RESULTS / f"{args.output}.json").read_text())
-        (RESULTS / f"{args.output}.md").write_text(_markdown(result))
+        result = _common.read_json(RESULTS / f"{args.output}.json")
+        _common.write_markdown(RESULTS / f"{args.output}.md", _markdown(result))
         print(_markdown(result))
         return
 
@@ -363,7 +348,7 @@ def main(argv=None):
     result = {
         "meta": {
             "command": COMMAND,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
+            "machine": _common.machine(torch=False),
             "torch": torch.__version__,
             "skprotoad": __version__,
             "load_average": os.getloadavg(),
@@ -374,9 +359,8 @@ def main(argv=None):
         "predict": predict,
         "notes": args.notes,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.output}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{args.output}.md").write_text(_markdown(result))
+    _common.write_json(RESULTS / f"{args.output}.json", result)
+    _common.write_markdown(RESULTS / f"{args.output}.md", _markdown(result))
     print(_markdown(result))
 
 

@@ -15,20 +15,21 @@ written here for comparison only.
 """
 
 import argparse
-import json
 import platform
 import sys
 import time
 import tracemalloc
 from pathlib import Path
 
-import numpy as np
-import scipy
-import sklearn
-from scipy import ndimage
-from sklearn.metrics import roc_auc_score
+import _common  # first: this checkout's skprotoad
 
-from skprotoad.metrics import aupro, evaluate_maps, pixel_auroc, pixel_f1_max, pro_curve
+import numpy as np  # noqa: E402
+import scipy  # noqa: E402
+import sklearn  # noqa: E402
+from scipy import ndimage  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from skprotoad.metrics import aupro, evaluate_maps, pixel_auroc, pixel_f1_max, pro_curve  # noqa: E402
 
 COMMAND = "PYTHONPATH=. python benchmarks/bench_metrics.py"
 
@@ -134,11 +135,10 @@ def main(argv=None):
         "numpy": np.__version__,
         "scipy": scipy.__version__,
         "sklearn": sklearn.__version__,
-        "machine": f"{platform.machine()}, {platform.processor() or 'unknown cpu'}",
+        "machine": _common.machine(torch=False),
     }
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({"setup": setup, "results": rows}, indent=2) + "\n")
+    _common.write_json(out / "metrics.json", {"setup": setup, "results": rows})
     lines = [
         "# Pixel-metric benchmark",
         "",
@@ -158,7 +158,7 @@ def main(argv=None):
               for r in rows]
     lines += ["", f"Python {setup['python']}, NumPy {setup['numpy']}, SciPy {setup['scipy']}, "
               f"scikit-learn {setup['sklearn']}.", ""]
-    (out / "metrics.md").write_text("\n".join(lines))
+    _common.write_markdown(out / "metrics.md", lines)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ created, a TorchScript module loaded).
 """
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -25,14 +23,16 @@ import time
 import warnings
 from pathlib import Path
 
-import joblib
-import numpy as np
-import torch
+import _common  # first: this checkout's skprotoad
 
-from skprotoad import ProtoADDetector, __version__, export, persistence
+import joblib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from skprotoad import ProtoADDetector, __version__, export, persistence  # noqa: E402
 
 BACKBONES = ("resnet18", "efficientnet_lite0", "wide_resnet50_2")
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = _common.RESULTS
 
 
 def _fit(backbone):
@@ -145,14 +145,13 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         rows = [bench(b, Path(tmp), args.repeats) for b in args.backbones]
     meta = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
+        "machine": _common.machine(torch=False),
         "torch": torch.__version__,
         "skprotoad": __version__,
         "repeats": args.repeats,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "persistence.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (RESULTS / "persistence.md").write_text(_markdown(rows, meta))
+    _common.write_json(RESULTS / "persistence.json", {"meta": meta, "rows": rows})
+    _common.write_markdown(RESULTS / "persistence.md", _markdown(rows, meta))
     print(_markdown(rows, meta))
 
 

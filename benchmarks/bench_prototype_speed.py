@@ -7,27 +7,31 @@ random images for each K, interleaving the K values over several rounds and
 keeping each one's fastest round, so that the ratios are measured side by
 side on a noisy machine.
 
-    python benchmarks/bench_prototype_speed.py
+    python benchmarks/bench_prototype_speed.py [--out DIR]
 
-Writes benchmarks/results/prototype_speed.{json,md}.
+Writes DIR/prototype_speed.{json,md} (default benchmarks/results).
 """
-import json
+import argparse
 import os
 import time
 from pathlib import Path
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+import _common  # first: this checkout's skprotoad
 
-from skprotoad.backbones import create_feature_extractor
-from skprotoad.network import PatchEmbedding, ProtoADNetwork
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+from skprotoad.backbones import create_feature_extractor  # noqa: E402
+from skprotoad.network import PatchEmbedding, ProtoADNetwork  # noqa: E402
+
 KS = [250, 500, 1000, 2000, 4000]
 ROUNDS = 5
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=_common.RESULTS)
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     embedding = PatchEmbedding(create_feature_extractor("efficientnet_lite0", (1, 2, 3)),
                                neighborhood_size=3).eval()
@@ -57,10 +61,10 @@ def main():
              "head_flop_share": round(1 - embedding_flops / flops[k], 2), "images_per_s": round(len(x) / best[k], 1),
              "relative_to_1000": round(best[1000] / best[k], 2),
              "head_share": round(1 - base / best[k], 2)} for k in KS]
-    out = HERE / "results"
-    (out / "prototype_speed.json").write_text(json.dumps(
-        {"embedding_images_per_s": round(len(x) / base, 1), "rows": rows,
-         "load": os.getloadavg()[0], "threads": torch.get_num_threads()}, indent=2))
+    out = args.out
+    _common.write_json(out / "prototype_speed.json",
+                       {"embedding_images_per_s": round(len(x) / base, 1), "rows": rows,
+                        "load": os.getloadavg()[0], "threads": torch.get_num_threads()})
     lines = ["# Inference speed vs number of prototypes (efficientnet_lite0, CPU)", "",
              "Command: `python benchmarks/bench_prototype_speed.py`", "",
              f"One batch of 16 images of 224 x 224, fastest of {ROUNDS} interleaved rounds, "
@@ -74,7 +78,7 @@ def main():
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['n_prototypes']} | {r['gflop_per_image']} | {r['head_flop_share']} | "
               f"{r['images_per_s']} | {r['relative_to_1000']} | {r['head_share']} |" for r in rows]
-    (out / "prototype_speed.md").write_text("\n".join(lines) + "\n")
+    _common.write_markdown(out / "prototype_speed.md", lines)
     print("\n".join(lines))
 
 

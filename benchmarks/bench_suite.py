@@ -44,24 +44,20 @@ over seeds, per set, and the mean over the sets).
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import joblib
-import numpy as np
-import torch
-import torch.nn.functional as F
+import _common  # first: this checkout's skprotoad, not whichever one is installed
 
-from PIL import Image
-from sklearn.utils import check_random_state
+import joblib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-# this checkout's skprotoad, not whichever one is installed
-sys.path[:0] = [str(HERE.parent), str(HERE)]
+from PIL import Image  # noqa: E402
+from sklearn.utils import check_random_state  # noqa: E402
 
 from anchors import PaDiM  # noqa: E402
 from bench_anchors import normalise  # noqa: E402
@@ -70,11 +66,12 @@ from skprotoad import ProtoADDetector  # noqa: E402
 from skprotoad._images import ImageSequence, center_crop_box, check_size  # noqa: E402
 from skprotoad.backbones import create_feature_extractor  # noqa: E402
 from skprotoad.datasets import load_masks, load_mvtec, make_defect_dataset  # noqa: E402
-# the rule of contamination="auto", private for now
+# private, no public equivalent: the preprocessing that feeds the peer exactly as
+# the detector's own (ImageSequence.batches) and the crop geometry the masks follow
+# (center_crop_box, check_size); the rule of contamination="auto" (conformal_threshold)
 from skprotoad._calibration import conformal_threshold  # noqa: E402
 from skprotoad.metrics import evaluate_maps, image_auroc  # noqa: E402
 
-SHARED = HERE.parent.parent / "shared" / "data"
 SHARED_SETS = ("magnetic_tile", "bsdata_pitting", "tire")
 SYNTHETIC_SETS = ("synthetic_textures", "synthetic_objects")
 WHOLE_GRID = 256  # the whole-image protocol's evaluation grid
@@ -119,14 +116,10 @@ MIN_IMAGES_FOR_HOLDOUT = 5
 
 def find_sets(names=None):
     """{name: folder} of the MVTec-layout sets found, in a stable order."""
-    folders = {name: SHARED / name for name in SHARED_SETS}
-    for entry in filter(None, os.environ.get("SKPROTOAD_DATA", "").split(os.pathsep)):
-        entry = Path(entry)
-        candidates = [entry] if (entry / "train" / "good").is_dir() else sorted(entry.glob("*"))
-        for folder in candidates:
-            if (folder / "train" / "good").is_dir():
-                folders.setdefault(folder.name, folder)
-    found = {n: f for n, f in folders.items() if (f / "train" / "good").is_dir()}
+    folders = {name: _common.SHARED_DATA / name for name in SHARED_SETS}
+    for name, folder in _common.env_data_sets().items():
+        folders.setdefault(name, folder)
+    found = {n: f for n, f in folders.items() if _common.is_mvtec_set(f)}
     found.update({name: None for name in SYNTHETIC_SETS})
     if names:
         missing = sorted(set(names) - set(found))
@@ -390,14 +383,13 @@ def summarize(runs):
 
 
 def write_results(rows, out, command):
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "suite.json"
-    old = json.loads(path.read_text()) if path.exists() else {"runs": {}, "commands": []}
+    old = _common.read_json(path, {"runs": {}, "commands": []})
     old["runs"].update({_key(r): r for r in rows})
     if command not in old["commands"]:
         old["commands"].append(command)
-    old["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    path.write_text(json.dumps(old, indent=1))
+    old["machine"] = _common.machine()
+    _common.write_json(path, old, indent=1)
     table = summarize(old["runs"])
     lines = [
         "# The real-data suite (efficientnet_lite0)",
@@ -439,7 +431,7 @@ def write_results(rows, out, command):
         means = [np.mean([e[c][0] for e in entries if e[c]] or [np.nan]) for c in cols]
         lines.append(f"| {setting} | {len(sets)} | " + " | ".join(f"{m:.3f}" for m in means)
                      + " |")
-    (out / "suite.md").write_text("\n".join(lines) + "\n")
+    _common.write_markdown(out / "suite.md", lines)
 
 
 def main(argv=None):
@@ -452,7 +444,7 @@ def main(argv=None):
     parser.add_argument("--max-train", type=int, default=None,
                         help="learn from this many training images per set (a seeded "
                              "subset; default: all)")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=_common.RESULTS)
     parser.add_argument("--resume", action="store_true",
                         help="skip the runs already in the results file")
     args = parser.parse_args(argv)

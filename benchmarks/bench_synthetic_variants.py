@@ -14,25 +14,26 @@ A second table ranks larger test sets of one defect type each (two generator
 seeds, 120 images each, half defective) by each image score of the
 per-image normalisation, with the default 3 x 3 aggregation.
 
-Writes benchmarks/results/synthetic_variants.{json,md}.
+Writes benchmarks/results/synthetic_variants.{json,md} (``--out`` another folder).
 """
 
 import argparse
 import json
 from pathlib import Path
 
-from skprotoad import ProtoADDetector
-from skprotoad.datasets import (
+import _common  # first: this checkout's skprotoad
+
+from skprotoad import ProtoADDetector  # noqa: E402
+from skprotoad.datasets import (  # noqa: E402
     DEFECT_TYPES,
     load_masks,
     load_mvtec,
     make_defect_dataset,
     make_defect_images,
 )
-from skprotoad.metrics import evaluate_maps, image_auroc
+from skprotoad.metrics import evaluate_maps, image_auroc  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile"
+DATA = _common.data_dir("magnetic_tile")
 SETTINGS = [("paper", 1, "patch", "map"), ("center", 1, "patch", "map"),
             ("center", 3, "patch", "map"), ("center", 1, "image", "map"),
             ("center", 3, "image", "map"), ("center", 1, "image", "cosine"),
@@ -72,6 +73,7 @@ def image_scores_by_defect_type(seeds=(0, 1)):
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--magnetic-tile", type=int, default=0, metavar="STEP")
+    parser.add_argument("--out", type=Path, default=_common.RESULTS)
     args = parser.parse_args(argv)
     rows = []
     synth = make_defect_dataset(n_train=40, n_test=40, image_size=(128, 128), random_state=0)
@@ -102,10 +104,9 @@ def main(argv=None):
                          "normalization": norm, "image_score": image_score, **r})
             print(json.dumps(rows[-1]), flush=True)
     by_type = image_scores_by_defect_type()
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / "synthetic_variants.json").write_text(
-        json.dumps({"rows": rows, "image_scores_by_defect_type": by_type}, indent=2))
+    out = args.out
+    _common.write_json(out / "synthetic_variants.json",
+                       {"rows": rows, "image_scores_by_defect_type": by_type})
     cols = ["data", "alignment", "neighborhood_size", "normalization", "image_score", "image_auroc", "pixel_auroc", "aupro", "pixel_f1_max"]
     lines = [
         "# Alignment, neighbourhood averaging and normalization",
@@ -115,9 +116,7 @@ def main(argv=None):
         "",
         "efficientnet_lite0, k-means prototypes, sigma 4.",
         "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
-    ] + ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    ] + _common.markdown_table(cols, [[r.get(c, "") for c in cols] for r in rows])
     lines += [
         "",
         "## Image scores by defect type",
@@ -130,7 +129,7 @@ def main(argv=None):
         "|" + "---|" * (2 + len(DEFECT_TYPES)),
     ] + [f"| {r['seed']} | {r['image_score']} | " + " | ".join(str(r[t]) for t in DEFECT_TYPES)
          + " |" for r in by_type]
-    (out / "synthetic_variants.md").write_text("\n".join(lines) + "\n")
+    _common.write_markdown(out / "synthetic_variants.md", lines)
 
 
 if __name__ == "__main__":
