@@ -16,26 +16,20 @@ Results: ``benchmarks/results/export.{json,md}``.
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import _common  # noqa: F401  (first: this checkout's skprotoad)
 import numpy as np
+from PIL import Image
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent)]
+from skprotoad import ProtoADDetector
+from skprotoad.datasets import load_mvtec
+from skprotoad.export import to_onnx
 
-from PIL import Image  # noqa: E402
-
-from skprotoad import ProtoADDetector  # noqa: E402
-from skprotoad.datasets import load_mvtec  # noqa: E402
-from skprotoad.export import to_onnx  # noqa: E402
-
-DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile"
+DEFAULT_DATA = _common.SHARED_DATA / "magnetic_tile"
 
 
 def _rgb(path):
@@ -58,7 +52,7 @@ def main(argv=None):
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--max-train", type=int, default=200)
     parser.add_argument("--no-speed", action="store_true")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=_common.RESULTS)
     args = parser.parse_args(argv)
     import onnxruntime as ort
 
@@ -99,15 +93,14 @@ def main(argv=None):
                 row[f"estimator_img_s_batch{batch}"] = round(_median_rate(
                     lambda: det.score_samples(images), 16), 1)
     print(json.dumps(row), flush=True)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "export.json").write_text(json.dumps({"machine": machine, "row": row}, indent=1))
+    machine = f"{_common.machine()}, onnxruntime {ort.__version__}"
+    _common.write_json(args.out / "export.json", {"machine": machine, "row": row})
     lines = ["# The exported whole-pipeline model next to the estimator", "",
              f"Command: `python benchmarks/bench_export.py --max-train {args.max_train}"
              f"{' --no-speed' if args.no_speed else ''}`", "", f"Machine: {machine}.", "",
              "| measure | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in row.items()]
-    (args.out / "export.md").write_text("\n".join(lines) + "\n")
+    _common.write_markdown(args.out / "export.md", lines)
 
 
 if __name__ == "__main__":
