@@ -75,8 +75,8 @@ def main(argv=None):
             got_map, got_score, got_flag, got_mask = session.run(None, {"images": _rgb(p)[None]})
             map_diff = max(map_diff, float(np.abs(got_map[0] - maps[i]).max()))
             score_diff = max(score_diff, abs(float(got_score[0]) + float(neg_scores[i])))
-            verdicts_agree += bool(got_flag[0]) == flagged[i]
-            masks_agree += bool(np.array_equal(got_mask[0], above[i] & flagged[i]))
+            verdicts_agree += int(bool(got_flag[0]) == bool(flagged[i]))
+            masks_agree += int(np.array_equal(got_mask[0], above[i] & flagged[i]))
         row = {"data": str(args.data), "n_train": len(train), "n_test": len(test),
                "max_abs_map_difference": map_diff, "max_abs_score_difference": score_diff,
                "verdicts_agree": verdicts_agree, "masks_agree": masks_agree,
