@@ -9,8 +9,9 @@ test image through both, each image as its file is read (RGB uint8 for the
 exported model; the path for the estimator): the largest absolute
 difference of maps and of scores, and the share of images whose verdicts
 (and masks) agree. With speed (quiet machine only): images per second of
-onnxruntime and of the estimator on in-memory images of the model's
-``image_size`` at batch 1 and 16, alternated, medians of repetitions.
+onnxruntime, of OpenVINO if it is installed (float32), and of the estimator on
+in-memory images of the model's ``image_size`` at batch 1 and 16, medians of
+repetitions.
 Results: ``benchmarks/results/export.{json,md}``.
 """
 
@@ -35,6 +36,17 @@ DEFAULT_DATA = _common.SHARED_DATA / "magnetic_tile"
 def _rgb(path):
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB"))
+
+
+def _openvino(path):
+    """The file compiled by OpenVINO's CPU plugin in float32, or None without it."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    core = ov.Core()
+    return core.compile_model(core.read_model(str(path)), "CPU",
+                              {"INFERENCE_PRECISION_HINT": "f32"})
 
 
 def _median_rate(fn, n, repeats=5):
@@ -85,6 +97,14 @@ def main(argv=None):
             size = det.image_size if isinstance(det.image_size, tuple) else (det.image_size,) * 2
             images = np.stack([np.asarray(Image.fromarray(_rgb(p)).resize(size[::-1]))
                                for p in test[:16]])
+            compiled = _openvino(path)
+            if compiled is not None:
+                # its Resize does not antialias when shrinking: images at
+                # image_size only (docs/persistence.md)
+                ov_scores = np.concatenate([compiled(images[j:j + 1])[compiled.outputs[1]]
+                                            for j in range(len(images))])
+                row["openvino_max_abs_score_difference_at_image_size"] = float(
+                    np.abs(ov_scores + det.score_samples(images)).max())
             for batch in (1, 16):
                 chunks = [images[j:j + batch] for j in range(0, 16, batch)]
                 row[f"onnxruntime_img_s_batch{batch}"] = round(_median_rate(
@@ -92,6 +112,9 @@ def main(argv=None):
                 det.set_params(batch_size=batch)
                 row[f"estimator_img_s_batch{batch}"] = round(_median_rate(
                     lambda: det.score_samples(images), 16), 1)
+                if compiled is not None:
+                    row[f"openvino_img_s_batch{batch}"] = round(_median_rate(
+                        lambda: [compiled(c) for c in chunks], 16), 1)
     print(json.dumps(row), flush=True)
     machine = f"{_common.machine()}, onnxruntime {ort.__version__}"
     _common.write_json(args.out / "export.json", {"machine": machine, "row": row})
