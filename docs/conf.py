@@ -129,6 +129,27 @@ BENCHMARKS = {
         "FLOPs and CPU speed of the network vs number of prototypes.",
         "python benchmarks/bench_prototype_speed.py",
     ),
+    "suite": (
+        "The real-data suite: settings and peers on every data set at hand.",
+        "python benchmarks/bench_suite.py --settings defaults paper --seeds 0 1 2 "
+        "--max-train 200",
+    ),
+    "global_shift": (
+        "Global statistics against the image labels (acquisition-bias check).",
+        "python benchmarks/bench_global_shift.py",
+    ),
+    "real_cost": (
+        "What a real-data fit and a prediction on files cost.",
+        "python benchmarks/bench_real_cost.py",
+    ),
+    "export": (
+        "The exported whole-pipeline model next to the estimator: parity and speed.",
+        "python benchmarks/bench_export.py",
+    ),
+    "gpu": (
+        "ProtoADDetector on a GPU: fit time and scoring throughput.",
+        "python benchmarks/bench_gpu.py",
+    ),
 }
 
 
