@@ -496,6 +496,10 @@ def load_model(path):
         # where the file is cut decides which of the two the unpickler raises
         ends_early = isinstance(exc, EOFError) or "exhausted" in str(exc)
         detail = "the file ends early (truncated?)" if ends_early else describe_error(exc)
+        # the unpickler's own words ("Memo value not found at index 101", or a
+        # bare opcode number) mean nothing to a user: say what was read instead
+        if not ends_early and (detail.strip().isdigit() or "memo" in detail.lower()):
+            detail = "its bytes are not a pickle that joblib can read"
         raise CommandError(
             f"cannot load model {path}: it is not a skprotoad model ({detail}). Models are "
             f"{_MODEL_FORMATS}."

@@ -727,6 +727,14 @@ def test_files_that_are_not_models_are_named_as_such(folders, model, tmp_path, c
                             capsys)
         assert code == 1 and "not a skprotoad model" in err and "truncated" in err, (size, err)
         assert ".safetensors" in err  # says which formats are accepted
+    # a text file and random bytes: no unpickler jargon ("Memo value not found", "191")
+    for name, content in (("notes.joblib", b"hello\n"),
+                          ("noise.joblib", bytes(range(191, 256)) * 3)):
+        (tmp_path / name).write_bytes(content)
+        code, _, err = _run(["predict", tmp_path / name, folders / "test", "-o",
+                             tmp_path / f"o_{name}"], capsys)
+        assert code == 1 and "not a skprotoad model" in err and "joblib can read" in err, err
+        assert "Memo" not in err and "(191)" not in err
 
 
 def test_unwritable_outputs_are_refused_before_any_work(folders, tmp_path, capsys,
