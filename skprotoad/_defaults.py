@@ -2,9 +2,9 @@
 
 Kept free of heavy imports (no torch, no numpy): the command line builds its
 option defaults from :data:`DETECTOR_DEFAULTS` without loading torch, so that
-``skprotoad --help`` stays instant. ``ProtoADDetector.__init__`` is meant to
-take its defaults from here; until it does, ``tests/test_cli.py`` checks that
-the two agree.
+``skprotoad --help`` stays instant. ``ProtoADDetector.__init__`` keeps its
+defaults literally in its signature, where readers and scikit-learn look;
+``tests/test_cli.py`` checks that the two agree.
 """
 
 from types import MappingProxyType

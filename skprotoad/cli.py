@@ -695,11 +695,7 @@ def _cmd_export(args):
         "torchscript" if Path(args.output).suffix.lower() in (".pt", ".pth") else "onnx"
     )
     if form == "onnx":
-        for name in ("onnx", "onnxscript", "onnxruntime"):
-            if importlib.util.find_spec(name) is None:
-                raise CommandError(
-                    f"ONNX export needs {name}: pip install 'skprotoad[export]'.", EXIT_USAGE
-                )
+        _require_extra("ONNX export", "export", "onnx", "onnxscript", "onnxruntime")
     from .export import to_onnx, to_torchscript
 
     detector = load_model(args.model)
@@ -735,7 +731,7 @@ def _cmd_predict(args):
     if not 0.0 <= args.alpha <= 1.0:
         raise CommandError(f"--alpha must be in [0, 1], got {args.alpha}.", EXIT_USAGE)
     if args.report:
-        _require_report_extra()
+        _require_extra("--report", "report", "matplotlib")
     paths, skipped = collect_images(args.inputs, max_pixels=args.max_pixels)
     _report_skipped(skipped)
     require_images(paths, args.inputs)
@@ -787,14 +783,14 @@ def _cmd_predict(args):
         print(f"wrote {written['index']}")
 
 
-def _require_report_extra():
-    import importlib.util
-
-    if importlib.util.find_spec("matplotlib") is None:
-        raise CommandError(
-            "--report needs matplotlib: pip install 'skprotoad[report]' (or matplotlib).",
-            EXIT_USAGE,
-        )
+def _require_extra(purpose, extra, *modules):
+    """Refuse, before any work, a command whose optional dependencies are missing."""
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            raise CommandError(
+                f"{purpose} needs {name}: pip install 'skprotoad[{extra}]' (or {name}).",
+                EXIT_USAGE,
+            )
 
 
 def _write_predict_results(args, detector, out_dir, paths, skipped, result, vmin, vmax,
@@ -844,7 +840,7 @@ def _cmd_evaluate(args):
         if path is not None:
             check_file_free(path, args.force, what)
     if args.report is not None:
-        _require_report_extra()
+        _require_extra("--report", "report", "matplotlib")
         check_file_free(Path(args.report) / "index.html", args.force, "report")
     detector = _make_detector(args)
     data = _load_dataset(args)

@@ -129,22 +129,14 @@ def to_torchscript(model, path, *, pipeline=False, overwrite=False, check=True):
     >>> module = torch.jit.load("model.pt")  # doctest: +SKIP
     >>> maps, scores = module(torch.from_numpy(preprocess(detector, X)))  # doctest: +SKIP
     """
-    if not isinstance(pipeline, bool):
-        raise TypeError(f"pipeline must be True or False, got {pipeline!r}.")
-    network = _cpu_copy(model)
-    if pipeline:
-        whole = _pipeline(model, network)
-        with _quiet_tracing():
-            module = torch.jit.trace(whole, _raw_example(whole, batch=2), check_trace=False)
-        if check:
-            _check_pipeline_outputs(whole, lambda x: module(x))
-    else:
-        example = _example_input(network, batch=2)
-        with _quiet_tracing():
-            traced = torch.jit.trace(network, example, check_trace=False)
-            module = torch.jit.script(_CheckedInput(traced, *network.input_size))
-        if check:
-            _check_outputs(network, lambda x: module(x))
+    _check_pipeline(pipeline)
+    exported, example, _, check_against = _export_target(model, pipeline)
+    with _quiet_tracing():
+        module = torch.jit.trace(exported, example, check_trace=False)
+        if not pipeline:  # the network's input size is fixed: guard it
+            module = torch.jit.script(_CheckedInput(module, *exported.input_size))
+    if check:
+        check_against(lambda x: module(x))
     extra = {f"{_METADATA_KEY}.json": json.dumps(_metadata(model, pipeline))}
 
     def write(tmp):
@@ -204,8 +196,7 @@ def to_onnx(model, path, *, pipeline=False, opset=18, dynamo=True, overwrite=Fal
     >>> maps, scores = session.run(None, {"images": preprocess(detector, X)})  # doctest: +SKIP
     """
     _check_opset(opset, dynamo)
-    if not isinstance(pipeline, bool):
-        raise TypeError(f"pipeline must be True or False, got {pipeline!r}.")
+    _check_pipeline(pipeline)
     if pipeline and (not dynamo or opset < _MIN_PIPELINE_OPSET):
         raise ValueError(
             f"pipeline=True needs dynamo=True and opset >= {_MIN_PIPELINE_OPSET} "
@@ -217,12 +208,7 @@ def to_onnx(model, path, *, pipeline=False, opset=18, dynamo=True, overwrite=Fal
         _require("onnxscript", "the dynamo ONNX exporter; or pass dynamo=False")
     if check:
         ort = _require("onnxruntime", "check=True; or pass check=False")
-    network = _cpu_copy(model)
-    if pipeline:
-        module = _pipeline(model, network)
-        example, names = _raw_example(module, batch=2), PIPELINE_OUTPUT_NAMES
-    else:
-        module, example, names = network, _example_input(network, batch=2), OUTPUT_NAMES
+    module, example, names, check_against = _export_target(model, pipeline)
     metadata = json.dumps(_metadata(model, pipeline))
 
     def write(tmp):
@@ -235,13 +221,9 @@ def to_onnx(model, path, *, pipeline=False, opset=18, dynamo=True, overwrite=Fal
         if check:
             session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
 
-            def run(x):
-                return [torch.from_numpy(o) for o in session.run(None, {INPUT_NAME: x.numpy()})]
-
-            if pipeline:
-                _check_pipeline_outputs(module, run)
-            else:
-                _check_outputs(network, run)
+            check_against(
+                lambda x: [torch.from_numpy(o) for o in session.run(None, {INPUT_NAME: x.numpy()})]
+            )
 
     return write_new_file(path, write, overwrite)
 
@@ -397,9 +379,22 @@ def _example_input(network, batch):
     return torch.rand(batch, 3, *network.input_size, generator=generator)
 
 
-def _pipeline(model, network):
+def _check_pipeline(pipeline):
+    if not isinstance(pipeline, bool):
+        raise TypeError(f"pipeline must be True or False, got {pipeline!r}.")
+
+
+def _export_target(model, pipeline):
+    """What to export: (module, tracing example, output names, ``check(run)``
+    that compares ``run``'s outputs with the module's)."""
+    network = _cpu_copy(model)
+    if not pipeline:
+        example = _example_input(network, batch=2)
+        return network, example, OUTPUT_NAMES, lambda run: _check_outputs(network, run)
     size = _images.check_size(model.image_size, "image_size")
-    return InspectionPipeline(network, size, -model.offset_, model.pixel_threshold_).eval()
+    module = InspectionPipeline(network, size, -model.offset_, model.pixel_threshold_).eval()
+    return (module, _raw_example(module, batch=2), PIPELINE_OUTPUT_NAMES,
+            lambda run: _check_pipeline_outputs(module, run))
 
 
 def _raw_example(module, batch, extra=(7, 13), seed=0):
