@@ -105,6 +105,11 @@ def main(argv=None):
                                             for j in range(len(images))])
                 row["openvino_max_abs_score_difference_at_image_size"] = float(
                     np.abs(ov_scores + det.score_samples(images)).max())
+                # the files as they are: the graph shrinks or enlarges them
+                raw = [_rgb(p)[None] for p in test[:16]]
+                row["openvino_max_abs_map_difference_raw_files"] = max(
+                    float(np.abs(compiled(x)[compiled.outputs[0]]
+                                 - session.run(None, {"images": x})[0]).max()) for x in raw)
             for batch in (1, 16):
                 chunks = [images[j:j + batch] for j in range(0, 16, batch)]
                 row[f"onnxruntime_img_s_batch{batch}"] = round(_median_rate(
