@@ -13,6 +13,8 @@ import numbers
 import sys
 import time
 
+from .clustering import estimated_multiply_adds
+
 #: The stages of ``fit``, in order, as they are named to users.
 FIT_STAGES = {
     "features": "reading the images and extracting their patch features",
@@ -70,3 +72,61 @@ def peak_memory_bytes():
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes; Linux: KiB
+
+
+# The clustering's searches run at about this share of the speed of a plain
+# matrix product of the same width (argmax, top-k and gathers around each
+# product); calibrated on FINCH and the farthest rows, docs/user_guide/prototypes.md.
+_SEARCH_EFFICIENCY = 0.45
+
+
+def multiply_add_rate(n_features, device="cpu"):
+    """Multiply-adds per second of a similarity block on ``device``, measured now.
+
+    Measured rather than assumed, so that an estimate follows the machine
+    and its current load (a fraction of a second).
+    """
+    import torch
+
+    a = torch.randn(2048, int(n_features), device=device)
+    b = torch.randn(int(n_features), 4096, device=device)
+    (a @ b).amax(dim=1)  # warm up the kernels
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        (a @ b).amax(dim=1).cpu()
+        best = min(best, time.perf_counter() - start)
+    return a.shape[0] * b.shape[1] * a.shape[1] / max(best, 1e-9)
+
+
+def clustering_seconds(n_samples, n_features, device="cpu", **kwargs):
+    """A rough estimate of the seconds :func:`~skprotoad.clustering.learn_prototypes`
+    takes (``kwargs``: its ``method``, ``n_clusters``, ``n_farthest``)."""
+    work = estimated_multiply_adds(n_samples, n_features, **kwargs)
+    return work / (multiply_add_rate(n_features, device) * _SEARCH_EFFICIENCY)
+
+
+def clustering_estimate(n_patches, n_second, n_features, device="cpu", **kwargs):
+    """'; about ...' for a clustering of ``n_patches`` to come, and when the
+    calibration clusters ``n_second`` patches again, the time left to the end."""
+    first = clustering_seconds(n_patches, n_features, device, **kwargs)
+    text = f"; {about(first)}"
+    if n_second:
+        rest = first + clustering_seconds(n_second, n_features, device, **kwargs)
+        text += f", the whole fit in {about(rest)}"
+    return text
+
+
+def about(seconds):
+    """``seconds`` in the round words of an estimate.
+
+    Examples
+    --------
+    >>> about(42.0), about(400), about(8000)
+    ('about 40 s', 'about 7 min', 'about 2.2 h')
+    """
+    if seconds < 90:
+        return f"about {max(10, round(seconds, -1)):.0f} s"
+    if seconds < 5400:
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"

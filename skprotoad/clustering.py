@@ -46,9 +46,8 @@ __all__ = [
 
 #: Largest number of prototypes that ``learn_prototypes(method="finch")``
 #: picks on its own.  The cost of the 1x1 convolution against the prototypes
-#: at inference grows linearly with their number; with the default image
-#: score, 1,000 ranked Magnetic Tile images as well as 2,000 or better, 1.4
-#: times as fast (docs/user_guide/prototypes.md).
+#: at inference grows linearly with their number; how accuracy follows it is
+#: measured in docs/user_guide/prototypes.md.
 MAX_DEFAULT_PROTOTYPES = 1000
 
 #: With ``neighbors="auto"``, inputs (or hierarchy levels) with at most this
@@ -62,6 +61,10 @@ _IVF_TRAIN_PER_LIST = 32
 _IVF_TRAIN_ITER = 6
 # lists batched into one padded product must fill this fraction of it
 _IVF_MIN_FILL = 0.7
+
+# k-means: Lloyd iterations at most, and rows its k-means++ seeding samples at least
+_KMEANS_MAX_ITER = 30
+_KMEANS_MIN_INIT_SIZE = 10_000
 
 # finch_n_clusters keeps all cluster-to-cluster similarities in memory up to
 # this many entries (512 MiB of float32), else recomputes rows on demand.
@@ -820,7 +823,7 @@ def kmeans(
     *,
     random_state=None,
     device="cpu",
-    max_iter=30,
+    max_iter=_KMEANS_MAX_ITER,
     tol=1e-4,
     init_size=None,
     batch_size=None,
@@ -876,7 +879,7 @@ def kmeans(
     n = X.shape[0]
 
     if init_size is None:
-        init_size = min(n, max(10_000, 10 * n_clusters))
+        init_size = min(n, max(_KMEANS_MIN_INIT_SIZE, 10 * n_clusters))
     init_size = min(n, max(int(init_size), n_clusters))
     sample = (
         np.sort(rng.choice(n, init_size, replace=False))
@@ -899,6 +902,48 @@ def kmeans(
 # --------------------------------------------------------------------------
 # Prototypes
 # --------------------------------------------------------------------------
+def estimated_multiply_adds(n_samples, n_features, *, method="finch", n_clusters=None,
+                            n_farthest=0):
+    """Rough count of the multiply-adds :func:`learn_prototypes` will spend.
+
+    For a time estimate before the work starts: the searches are matrix
+    products, so their time follows this count closely enough to tell a
+    user whether to wait seconds or an hour. FINCH's later levels are
+    assumed to shrink the rows threefold each (about what the hierarchy
+    does on patch features); k-means counts every allowed iteration, so its
+    count is an upper bound.
+
+    Examples
+    --------
+    >>> from skprotoad.clustering import estimated_multiply_adds
+    >>> small = estimated_multiply_adds(10_000, 176)
+    >>> large = estimated_multiply_adds(1_000_000, 176, n_farthest=1000)
+    >>> 10 < large / small < 10_000
+    True
+    """
+    n, d = int(n_samples), int(n_features)
+    if method == "kmeans":
+        k = int(n_clusters)
+        seeding = min(n, max(_KMEANS_MIN_INIT_SIZE, 10 * k))
+        return ((_KMEANS_MAX_ITER * n + seeding) * k + n * int(n_farthest)) * d
+
+    def first_neighbours(rows):
+        if rows <= EXACT_NEIGHBORS_MAX_SAMPLES:
+            return rows * rows * d
+        n_lists = math.sqrt(_IVF_N_PROBE * rows)
+        quantiser = min(rows, _IVF_TRAIN_PER_LIST * n_lists) * n_lists * _IVF_TRAIN_ITER
+        search = rows * (n_lists + _IVF_N_PROBE * rows / n_lists)
+        return (quantiser + search) * d
+
+    work, rows = 0.0, float(n)
+    while rows >= 2:
+        work += first_neighbours(rows)
+        rows /= 3
+    n_prototypes = MAX_DEFAULT_PROTOTYPES if n_clusters is None else int(n_clusters)
+    # the first pass of add_farthest_rows against the means, then its refreshes
+    return work + n * (n_prototypes + int(n_farthest)) * d * (n_farthest > 0)
+
+
 def add_farthest_rows(X, prototypes, n_rows, *, device="cpu", batch_size=None, verbose=False):
     """Greedy k-center completion: append the rows of ``X`` farthest from the prototypes.
 

@@ -311,7 +311,13 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             )
 
         n_patches = int(features.offsets[-1])
-        with clock.stage("prototypes", f"{n_patches:,} patches, {self.clustering}"):
+        detail = f"{n_patches:,} patches, {self.clustering}"
+        if clock.level:
+            detail += _progress.clustering_estimate(
+                n_patches, n_patches * (len(order) - n_held_out) // len(order) if n_held_out
+                else 0, features.shape[2], device, method=self.clustering,
+                n_clusters=self.n_clusters, n_farthest=self._n_farthest(n_patches))
+        with clock.stage("prototypes", detail):
             self.network_ = fit_network(len(order))
         # the second clustering sees the patches of the other 80 % of the
         # images: about that share of the first one's time
@@ -517,11 +523,13 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             self.crop_size, self.verbose,
         )
 
-    def _learn_prototypes(self, patches, seed, device):
+    def _n_farthest(self, n_patches):
         if self.n_farthest is None:
-            n_farthest = min(_DEFAULT_FARTHEST, int(_MAX_FARTHEST_SHARE * len(patches)))
-        else:
-            n_farthest = int(self.n_farthest)
+            return min(_DEFAULT_FARTHEST, int(_MAX_FARTHEST_SHARE * n_patches))
+        return int(self.n_farthest)
+
+    def _learn_prototypes(self, patches, seed, device):
+        n_farthest = self._n_farthest(len(patches))
         prototypes = learn_prototypes(
             patches, method=self.clustering, n_clusters=self.n_clusters, random_state=seed,
             device=str(device), normalize=self.normalization == "patch",

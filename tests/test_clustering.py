@@ -479,3 +479,33 @@ def test_add_farthest_rows_refreshes_when_the_pool_runs_dry(monkeypatch):
         add_farthest_rows(X, P, 15, batch_size=32), _farthest_rows_brute_force(X, P, 15),
         rtol=1e-6,
     )
+
+
+@pytest.mark.parametrize("n_samples, kwargs", [
+    (6000, {}),  # exact first neighbours at every level
+    (30000, {}),  # the inverted-file search at the first level
+    (30000, {"n_farthest": 200}),
+])
+def test_estimated_multiply_adds_follow_the_counted_ones(n_samples, kwargs):
+    # fit's time estimate rests on this count: it must follow the matrix
+    # products the clustering really runs (torch counts them), whichever search
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rng = np.random.default_rng(0)
+    centers = 3 * rng.normal(size=(40, 16))
+    X = (centers[rng.integers(0, 40, n_samples)] + rng.normal(size=(n_samples, 16)))
+    with FlopCounterMode(display=False) as counter:
+        learn_prototypes(X.astype(np.float32), random_state=0, **kwargs)
+    counted = counter.get_total_flops() / 2
+    estimated = clustering.estimated_multiply_adds(n_samples, 16, **kwargs)
+    assert counted / 3 < estimated < 3 * counted
+
+
+def test_estimated_multiply_adds_bound_kmeans():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    X = np.random.default_rng(0).normal(size=(5000, 16)).astype(np.float32)
+    with FlopCounterMode(display=False) as counter:
+        learn_prototypes(X, method="kmeans", n_clusters=20, random_state=0)
+    estimated = clustering.estimated_multiply_adds(5000, 16, method="kmeans", n_clusters=20)
+    assert counter.get_total_flops() / 2 <= estimated

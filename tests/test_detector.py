@@ -627,6 +627,8 @@ def test_fit_names_its_stages_and_times_them(normal_images, capsys):
     assert [line[11:16] for line in lines[:3]] == ["[1/3]", "[2/3]", "[3/3]"]
     assert "extracting" in lines[0] and "prototypes" in lines[1] and "calibrating" in lines[2]
     assert "2 held-out images" in lines[2]
+    # the first clustering's duration and the fit's, estimated before they start
+    assert "; about " in lines[1] and "the whole fit in about " in lines[1]
     n_patches = 12 * 16 * 16  # TINY: 64 px at stride 4
     assert lines[3].startswith(f"skprotoad: fitted on 12 images: {n_patches:,} patches, "
                                f"{det.prototypes_.shape[0]} prototypes")
