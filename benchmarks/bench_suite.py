@@ -96,6 +96,10 @@ SETTINGS = {
     "nov29_far1000_whole": dict(neighborhood_size=3, normalization="image",
                                 image_score="projection", image_size=224, crop_size=None,
                                 n_farthest=1000),
+    # nov29_far1000 on the whole image at the crop's resolution (nothing discarded)
+    "far1000_whole256": dict(neighborhood_size=3, normalization="image",
+                             image_score="projection", image_size=256, crop_size=None,
+                             n_farthest=1000),
     # the defaults with k-means instead of FINCH (FINCH's licence: docs/clustering.md)
     "kmeans1000": dict(clustering="kmeans", n_clusters=1000),
     # the paper's per-patch normalisation with centred alignment

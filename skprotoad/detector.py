@@ -130,7 +130,8 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
     verbose : bool or int, default=False
         ``True`` (or 1): ``fit`` names its stages as they start (reading and
         extracting features, learning prototypes, calibrating), with progress
-        bars for feature extraction and scoring, and closes with a summary
+        bars for feature extraction and scoring and a rough estimate of the
+        clustering's duration before it starts, and closes with a summary
         (images, patches, prototypes, thresholds, seconds per stage, peak
         memory); 2 adds the clustering's own progress detail.
     n_jobs : int or None, default=None
