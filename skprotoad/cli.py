@@ -436,6 +436,12 @@ def build_parser():
         "anomalous images and the score histogram (needs matplotlib: pip install "
         "'skprotoad[report]')",
     )
+    predict.add_argument(
+        "--scheduler", default=None, metavar="ADDRESS",
+        help="score on the Dask cluster of this scheduler (e.g. tcp://10.0.0.5:8786): "
+        "its workers read the images and write the outputs, so IMAGE_OR_DIR and "
+        "OUT_DIR must be paths they reach (needs pip install 'skprotoad[dask]')",
+    )
     _add_common(predict)
     _add_max_pixels(predict)
     _add_runtime_options(predict.add_argument_group("runtime options"), defaults_from_model=True)
@@ -732,6 +738,8 @@ def _cmd_predict(args):
         raise CommandError(f"--alpha must be in [0, 1], got {args.alpha}.", EXIT_USAGE)
     if args.report:
         _require_extra("--report", "report", "matplotlib")
+    if args.scheduler:
+        _require_extra("--scheduler", "dask", "dask", "distributed")
     paths, skipped = collect_images(args.inputs, max_pixels=args.max_pixels)
     _report_skipped(skipped)
     require_images(paths, args.inputs)
@@ -740,47 +748,65 @@ def _cmd_predict(args):
     planned += [f"{folder}/{name}.png" for name in names for folder in OUTPUT_DIRS]
     if args.report:
         planned += [f"report/{f}" for f in REPORT_FILES]
-    prepare_out_dir(out_dir, args.force, planned, inputs=paths)
+    # connected before anything is written: an unreachable scheduler is a usage error
+    client = _dask_client(args.scheduler) if args.scheduler else contextlib.nullcontext()
+    with client:
+        prepare_out_dir(out_dir, args.force, planned, inputs=paths)
 
-    done = new_result()
-    try:
-        with _progress(args, len(paths), "predict") as bar:
-            result = score_and_write(
-                detector, paths, names=names, out_dir=out_dir, threshold=args.threshold,
-                vmin=vmin, vmax=vmax, alpha=args.alpha, progress=bar, result=done,
+        done = new_result()
+        try:
+            with _progress(args, len(paths), "predict") as bar:
+                scoring = dict(names=names, out_dir=out_dir, threshold=args.threshold, vmin=vmin,
+                               vmax=vmax, alpha=args.alpha, progress=bar, result=done)
+                if args.scheduler:
+                    from .distributed import score_and_write as score_on_dask
+
+                    result = score_on_dask(detector, paths, client=client, **scoring)
+                else:
+                    result = score_and_write(detector, paths, **scoring)
+        except (KeyboardInterrupt, Exception):
+            # Ctrl-C, a full disk, a bug: the images done are listed all the same,
+            # and run.json says the run is incomplete. Best effort: on a full disk
+            # this may fail too, and the original error is what the user sees.
+            with contextlib.suppress(Exception):
+                _write_predict_results(args, detector, out_dir, paths, skipped,
+                                       finish_result(done), vmin, vmax, complete=False)
+            raise
+        _report_skipped([(paths[i], r) for i, r in result["skipped"]])
+        skipped = _write_predict_results(args, detector, out_dir, paths, skipped, result, vmin,
+                                         vmax, complete=True)
+        threshold = -detector.offset_ if args.threshold is None else args.threshold
+        print(f"{len(result['index'])} images scored, {int(result['anomaly'].sum())} anomalies "
+              f"(threshold {threshold:.4g}), {len(skipped)} skipped; wrote {out_dir}/scores.csv, "
+              f"overlays/ and masks/")
+        if not len(result["index"]):
+            raise CommandError("no image could be scored.")
+        if args.report:
+            import numpy as np
+            from PIL import Image
+
+            from .report import prediction_report
+
+            def draw(k):  # the overlay just written
+                with Image.open(out_dir / result["overlay"][k]) as img:
+                    return np.asarray(img.convert("RGB"))
+
+            written = prediction_report(
+                out_dir / "report", result["score"], threshold, draw_example=draw,
+                names=[Path(paths[i]).name for i in result["index"]], overwrite=True,
             )
-    except (KeyboardInterrupt, Exception):
-        # Ctrl-C, a full disk, a bug: the images done are listed all the same,
-        # and run.json says the run is incomplete. Best effort: on a full disk
-        # this may fail too, and the original error is what the user sees.
-        with contextlib.suppress(Exception):
-            _write_predict_results(args, detector, out_dir, paths, skipped,
-                                   finish_result(done), vmin, vmax, complete=False)
-        raise
-    _report_skipped([(paths[i], r) for i, r in result["skipped"]])
-    skipped = _write_predict_results(args, detector, out_dir, paths, skipped, result, vmin,
-                                     vmax, complete=True)
-    threshold = -detector.offset_ if args.threshold is None else args.threshold
-    print(f"{len(result['index'])} images scored, {int(result['anomaly'].sum())} anomalies "
-          f"(threshold {threshold:.4g}), {len(skipped)} skipped; wrote {out_dir}/scores.csv, "
-          f"overlays/ and masks/")
-    if not len(result["index"]):
-        raise CommandError("no image could be scored.")
-    if args.report:
-        import numpy as np
-        from PIL import Image
+            print(f"wrote {written['index']}")
 
-        from .report import prediction_report
 
-        def draw(k):  # the overlay just written
-            with Image.open(out_dir / result["overlay"][k]) as img:
-                return np.asarray(img.convert("RGB"))
+def _dask_client(address):
+    """A client of the Dask scheduler at ``address``, or a usage error."""
+    from distributed import Client
 
-        written = prediction_report(
-            out_dir / "report", result["score"], threshold, draw_example=draw,
-            names=[Path(paths[i]).name for i in result["index"]], overwrite=True,
-        )
-        print(f"wrote {written['index']}")
+    try:
+        return Client(address, timeout="20s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise CommandError(f"--scheduler {address}: cannot reach the Dask scheduler "
+                           f"({exc}).", EXIT_USAGE) from None
 
 
 def _require_extra(purpose, extra, *modules):
