@@ -10,11 +10,13 @@ images to hold any out, they are quantiles of the training images' own scores.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import NamedTuple
 
 import numpy as np
 from scipy import stats
+from sklearn.utils import check_random_state
 
 #: Share of the normal training images held out to calibrate contamination="auto".
 CALIBRATION_FRACTION = 0.2
@@ -39,11 +41,57 @@ class Calibration(NamedTuple):
     scores: np.ndarray
 
 
+def is_contamination(value):
+    """Whether ``value`` is a ``contamination``: "auto" or a float in (0, 0.5]."""
+    if isinstance(value, str):
+        return value == "auto"
+    return isinstance(value, numbers.Real) and 0 < value <= 0.5
+
+
 def n_held_out(contamination, n_images):
     """How many of ``n_images`` normal images calibration holds out (the last ones)."""
     if contamination == "auto" and n_images >= MIN_IMAGES_FOR_HOLDOUT:
         return max(1, int(round(CALIBRATION_FRACTION * n_images)))
     return 0
+
+
+def split(normal, contamination, random_state):
+    """The random draws of one fit: a seed, and the order of the training images.
+
+    Parameters
+    ----------
+    normal : ndarray of int
+        Indices of the normal training images.
+    contamination : "auto" or float
+        The detector's parameter.
+    random_state : int, RandomState or None
+        The detector's parameter.
+
+    Returns
+    -------
+    seed : int
+        Seeds the clustering and, without weights, the backbone.
+    order : ndarray of int
+        ``normal`` shuffled, the held-out images last: the patches to learn
+        from are then a prefix of the feature array, used without a copy.
+    n_held_out : int
+        From :func:`n_held_out`.
+    """
+    rng = check_random_state(random_state)
+    seed = int(rng.randint(np.iinfo(np.int32).max))
+    order = rng.permutation(normal)
+    return seed, order, n_held_out(contamination, len(order))
+
+
+def stage_detail(n_held_out, n_images, prototype_seconds):
+    """What calibration is about to do, for ``fit``'s progress (``verbose``)."""
+    if not n_held_out:
+        return "the training images' own scores"
+    # the second clustering sees the patches of the other images: about that
+    # share of the first one's time
+    seconds = prototype_seconds * (1 - n_held_out / n_images)
+    return (f"{n_held_out} held-out images, a second clustering without them: "
+            f"about {seconds:.0f} s")
 
 
 def calibrate(network, n_images, n_held_out, contamination, fit_network, score):

@@ -560,6 +560,15 @@ def crop_map_to_input(crop_map, original_size, image_size, crop_size):
     return out.numpy()
 
 
+def maps_on_inputs(maps, images, image_size, crop_size):
+    """:func:`crop_map_to_input` of each of ``maps``, the maps of ``images``
+    (an :class:`ImageSequence`): a list of maps on the images' own pixels."""
+    return [
+        crop_map_to_input(m, images.original_size(i), image_size, crop_size)
+        for i, m in enumerate(maps)
+    ]
+
+
 def fixed_input_size(image_size, crop_size):
     """The model's one input size (the crop); None for a scale-factor ``image_size``.
 

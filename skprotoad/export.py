@@ -41,6 +41,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from . import _images
+from ._validation import check_unchanged_since_fit
 from ._version import __version__
 from .detector import ProtoADDetector
 from ._files import write_new_file
@@ -355,7 +356,7 @@ def _fitted_network(model):
         raise TypeError(f"model must be a ProtoADDetector, got {type(model).__name__}.")
     check_is_fitted(model, "network_")
     # the metadata and preprocess() read image_size: it must be the fitted one
-    model._check_unchanged_since_fit()
+    check_unchanged_since_fit(model)
     if model.network_.input_size is None:
         # The traced graph and the checked-input wrapper bake in one input size
         # (the smoothing's border indices, the upsampling size).
