@@ -44,6 +44,7 @@ from . import _images
 from ._validation import check_unchanged_since_fit
 from ._version import __version__
 from .detector import ProtoADDetector
+from .preprocessing import model_inputs
 from ._files import write_new_file
 
 __all__ = ["preprocess", "to_torchscript", "to_onnx", "InspectionPipeline"]
@@ -88,8 +89,7 @@ def preprocess(model, X):
     (4, 3, 24, 24)
     """
     network = _fitted_network(model)
-    images = _images.ImageSequence(X)
-    batches = images.batches(model.batch_size, model.image_size, network.input_size)
+    batches = model_inputs(X, model.image_size, network.input_size, model.batch_size)
     return torch.cat([batch for _, batch in batches]).numpy()
 
 
