@@ -152,16 +152,22 @@ def patch_embedding(detector, seed, device):
     ).to(device)
 
 
+def farthest_count(n_farthest, n_patches):
+    """How many farthest-patch prototypes the detector's ``n_farthest`` asks
+    for, with ``n_patches`` training patches."""
+    if n_farthest is None:
+        return min(DEFAULT_FARTHEST, int(MAX_FARTHEST_SHARE * n_patches))
+    return int(n_farthest)
+
+
 def fit_network(detector, embedding, patches, seed, device):
     """The network of ``detector``'s parameters, with prototypes learned from
     ``patches`` (an (n_patches, n_channels) array), in eval mode on ``device``."""
-    n_farthest = detector.n_farthest
-    if n_farthest is None:
-        n_farthest = min(DEFAULT_FARTHEST, int(MAX_FARTHEST_SHARE * len(patches)))
     prototypes = learn_prototypes(
         patches, method=detector.clustering, n_clusters=detector.n_clusters, random_state=seed,
         device=str(device), normalize=detector.normalization == "patch",
-        n_farthest=int(n_farthest), verbose=_progress.verbosity(detector.verbose) >= 2,
+        n_farthest=farthest_count(detector.n_farthest, len(patches)),
+        verbose=_progress.verbosity(detector.verbose) >= 2,
     )
     network = ProtoADNetwork(
         embedding, torch.from_numpy(prototypes),
