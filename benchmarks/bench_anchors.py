@@ -35,9 +35,6 @@ import torch.nn.functional as F  # noqa: E402
 from anchors import PaDiM, PatchCore, join_stages, local_average  # noqa: E402
 
 from skprotoad import ProtoADDetector  # noqa: E402
-# private, no public equivalent: the detector's own image loading and
-# resize-and-crop, so that the baselines see exactly its input
-from skprotoad._images import ImageSequence, resize_and_crop  # noqa: E402
 from skprotoad.backbones import create_feature_extractor  # noqa: E402
 from skprotoad.datasets import load_masks, load_mvtec  # noqa: E402
 from skprotoad.metrics import evaluate_maps  # noqa: E402
@@ -47,6 +44,8 @@ from skprotoad.network import (  # noqa: E402
     PatchEmbedding,
     ProtoADNetwork,
 )
+# the detector's own reading, resize and crop: the baselines see exactly its input
+from skprotoad.preprocessing import model_inputs  # noqa: E402
 
 DEFAULT_DATA = _common.data_dir("magnetic_tile")
 DEFAULT_WORK = Path("/tmp/skprotoad_anchors")
@@ -103,13 +102,12 @@ def splits(args):
 # ------------------------------------------------------------------ extract
 def extract(paths, extractor, batch_size=16):
     """Stage maps of all ``paths`` as float32 arrays, and the seconds it took."""
-    seq = ImageSequence(paths)
     out, start = None, time.perf_counter()
     with torch.inference_mode():
-        for chunk, batch in seq.batches(batch_size, IMAGE_SIZE, CROP):
+        for chunk, batch in model_inputs(paths, IMAGE_SIZE, CROP, batch_size):
             maps = normalise(batch, extractor)
             if out is None:
-                out = [np.empty((len(seq), *m.shape[1:]), np.float32) for m in maps]
+                out = [np.empty((len(paths), *m.shape[1:]), np.float32) for m in maps]
             for o, m in zip(out, maps):
                 o[chunk] = m.numpy()
     return out, time.perf_counter() - start
@@ -194,10 +192,9 @@ def save_protoad(network, path):
 def check_protoad_matches_estimator(network, test_paths, test_maps, strides):
     """The cached-feature path gives the network's own maps on the images, as
     ``ProtoADDetector.anomaly_maps`` computes them (2 images)."""
-    images = ImageSequence(test_paths[:2])
     with torch.inference_mode():
         direct = torch.cat([network(batch)[0] for _, batch in
-                            images.batches(2, IMAGE_SIZE, (CROP, CROP))]).numpy()
+                            model_inputs(test_paths[:2], IMAGE_SIZE, (CROP, CROP), 2)]).numpy()
         cached = protoad_scorer(network, strides, {})([m[:2] for m in test_maps])[0].numpy()
     err = float(np.abs(direct - cached).max())
     if err > 1e-4:
@@ -368,8 +365,8 @@ def stage_speed(args):
         names.append("patchcore_1pct_full_bank")
     pick = np.linspace(0, len(data.test_paths) - 1, SPEED_IMAGES).round().astype(int)
     # decoded, resized and cropped up front: the timings are the models' alone
-    seq = ImageSequence([data.test_paths[i] for i in pick])
-    images = torch.stack([resize_and_crop(seq.load(i), IMAGE_SIZE, CROP) for i in range(len(seq))])
+    paths = [data.test_paths[i] for i in pick]
+    images = torch.cat([batch for _, batch in model_inputs(paths, IMAGE_SIZE, CROP)])
     times = {n: {1: [], 16: []} for n in names}
     with torch.inference_mode():
         for name in names:  # warm-up

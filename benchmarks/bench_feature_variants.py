@@ -5,18 +5,19 @@ every 4th training image and of all test images are computed once; each
 variant then builds its patch embedding from them, learns k-means prototypes,
 and scores the test set (receptive-field-centred upsampling, Gaussian sigma 4).
 
-    python benchmarks/bench_feature_variants.py [VARIANT ...]
+    python benchmarks/bench_feature_variants.py [VARIANT ...] [--list]
 
 Writes benchmarks/results/feature_variants.{json,md}. Data: Y. Huang, C. Qiu,
 K. Yuan, "Surface defect saliency of magnetic tile", The Visual Computer 36,
 85-96 (2020).
 """
+import argparse
+from pathlib import Path
+
 import _common  # first: this checkout's skprotoad
 import time, json, numpy as np, scipy.sparse as sp, torch, torch.nn.functional as F
-torch.set_num_threads(2)
-# private, no public equivalent: the detector's own image loading, resize and crop
-from skprotoad._images import ImageSequence
 from skprotoad.backbones import create_feature_extractor
+from skprotoad.preprocessing import model_inputs
 from skprotoad.network import upsample, GaussianSmoothing, IMAGENET_MEAN, IMAGENET_STD
 from skprotoad.datasets import load_mvtec, load_masks
 from skprotoad.metrics import evaluate_maps
@@ -40,20 +41,27 @@ def cluster_sums(X, labels, n_clusters):
     return np.asarray(member @ X, dtype=np.float32)
 
 
-RESULTS = _common.RESULTS
-data = load_mvtec(_common.data_dir('magnetic_tile'))
 ROWS = []
-train = data.train_paths[::4]
-fe = create_feature_extractor('efficientnet_lite0', (1, 2, 3))
 mean = torch.tensor(IMAGENET_MEAN).view(1,3,1,1); std = torch.tensor(IMAGENET_STD).view(1,3,1,1)
 def stage_maps(paths):
-    seq = ImageSequence(paths); out = [[], [], []]
+    out = [[], [], []]
     with torch.inference_mode():
-        for _, b in seq.batches(32, 256, 224):
+        for _, b in model_inputs(paths, 256, 224, batch_size=32):
             for k, m in enumerate(fe((b - mean) / std)): out[k].append(m)
     return [torch.cat(o) for o in out]
-t = time.time(); tr = stage_maps(train); te = stage_maps(data.test_paths); print('extract', time.time() - t, flush=True)
-masks = load_masks(data.test_mask_paths, 256, 224)
+
+
+def prepare(out):
+    """The data, the backbone and the stage maps every variant reads (module
+    globals, as the variants below were written against them)."""
+    global RESULTS, data, train, fe, tr, te, masks
+    RESULTS = out
+    data = load_mvtec(_common.data_dir('magnetic_tile'))
+    train = data.train_paths[::4]
+    fe = create_feature_extractor('efficientnet_lite0', (1, 2, 3))
+    t = time.time(); tr = stage_maps(train); te = stage_maps(data.test_paths); print('extract', time.time() - t, flush=True)
+    masks = load_masks(data.test_mask_paths, 256, 224)
+
 
 def embed(maps, agg, per_stage, stages, weights=None, pos=0.0, whiten=None, normalize=True):
     parts = []
@@ -202,57 +210,54 @@ def write():
     lines += _common.markdown_table(cols, [[r.get(c, '') for c in cols] for r in rows])
     _common.write_markdown(out / 'feature_variants.md', lines)
 
-import sys
-ONLY = sys.argv[1:]  # variant names to run; all when empty
-_run = run
-def run(name, **kw):
-    if not ONLY or name in ONLY:
-        _run(name, **kw)
 
-run('base')
-run('agg3', agg=3)
-run('perstage', per_stage=True)
-run('agg3_perstage', agg=3, per_stage=True)
-run('agg3_perstage_top100', agg=3, per_stage=True, score=100)
-run('agg3_stages23', agg=3, stages=(1, 2))
-run('agg3_perstage_K2000', agg=3, per_stage=True, K=2000)
-run('agg3_finch_1000', agg=3, method='finch', K=1000)
-run('agg3_kmeans_1000', agg=3, K=1000)
-# second round (default: 3x3 aggregation, FINCH merged to 1,000)
-run('finch1000_perstage', agg=3, per_stage=True, method='finch', K=1000)
-run('finch1000_pos0.25', agg=3, method='finch', K=1000, pos=0.25)
-run('finch1000_pos0.5', agg=3, method='finch', K=1000, pos=0.5)
-run('finch1000_sigma2', agg=3, method='finch', K=1000, sigma=2.0)
-run('finch1000_sigma8', agg=3, method='finch', K=1000, sigma=8.0)
-run('finch1000_top100', agg=3, method='finch', K=1000, score=100)
-run('finch1000_w1-1-2', agg=3, per_stage=True, method='finch', K=1000, weights=(1, 1, 2))
-run('finch1000_w2-1-1', agg=3, per_stage=True, method='finch', K=1000, weights=(2, 1, 1))
-run('finch250', agg=3, method='finch', K=250)
-run('finch500', agg=3, method='finch', K=500)
-run('finch2000', agg=3, method='finch', K=2000)
-run('finch4000', agg=3, method='finch', K=4000)
-# exact vs approximate first neighbours, on every 4th of these images (150k patches)
-run('finch1000_sub4_exact', agg=3, method='finch', K=1000, train_step=4, neighbors='exact')
-run('finch1000_sub4_approx', agg=3, method='finch', K=1000, train_step=4, neighbors='approx')
-run('finch1000_whiten0.01', agg=3, method='finch', K=1000, whiten=0.01)
-run('finch1000_whiten0.1', agg=3, method='finch', K=1000, whiten=0.1)
-run('finch1000_whiten1', agg=3, method='finch', K=1000, whiten=1.0)
-run('finch1000_posnorm_mean', agg=3, method='finch', K=1000, posnorm='mean')
-run('finch1000_posnorm_z', agg=3, method='finch', K=1000, posnorm='z')
-run('finch1000_posnorm_mean_insample', agg=3, method='finch', K=1000, posnorm='mean_insample')
-# third round: the distance PatchCore uses (Euclidean on raw, aggregated features)
-run('finch1000_euclid', agg=3, method='finch', K=1000, metric='euclidean')
-run('coreset1000_cosine', agg=3, method='coreset', K=1000)
-run('coreset1000_euclid', agg=3, method='coreset', K=1000, metric='euclidean')
-run('kmeans1000_euclid', agg=3, method='kmeans', K=1000, metric='euclidean')
-run('finch1000_imagenorm', agg=3, method='finch', K=1000, metric='image')
-run('kmeans1000_imagenorm', agg=3, method='kmeans', K=1000, metric='image')
-run('finch1000_imagenorm_rms', agg=3, method='finch', K=1000, metric='image_rms')
-run('finch1000_imagenorm_top10', agg=3, method='finch', K=1000, metric='image', score=10)
-run('finch1000_imagenorm_top100', agg=3, method='finch', K=1000, metric='image', score=100)
-run('finch1000_imagenorm_top1000', agg=3, method='finch', K=1000, metric='image', score=1000)
-# image score from the cosine readout of the same prototypes, map from the distances
-run('finch1000_imagenorm_cosine_score', agg=3, method='finch', K=1000, metric='image', score='cosine')
+# name -> keyword arguments of run()
+VARIANTS = {
+    'base': dict(),
+    'agg3': dict(agg=3),
+    'perstage': dict(per_stage=True),
+    'agg3_perstage': dict(agg=3, per_stage=True),
+    'agg3_perstage_top100': dict(agg=3, per_stage=True, score=100),
+    'agg3_stages23': dict(agg=3, stages=(1, 2)),
+    'agg3_perstage_K2000': dict(agg=3, per_stage=True, K=2000),
+    'agg3_finch_1000': dict(agg=3, method='finch', K=1000),
+    'agg3_kmeans_1000': dict(agg=3, K=1000),
+    # second round (default: 3x3 aggregation, FINCH merged to 1,000)
+    'finch1000_perstage': dict(agg=3, per_stage=True, method='finch', K=1000),
+    'finch1000_pos0.25': dict(agg=3, method='finch', K=1000, pos=0.25),
+    'finch1000_pos0.5': dict(agg=3, method='finch', K=1000, pos=0.5),
+    'finch1000_sigma2': dict(agg=3, method='finch', K=1000, sigma=2.0),
+    'finch1000_sigma8': dict(agg=3, method='finch', K=1000, sigma=8.0),
+    'finch1000_top100': dict(agg=3, method='finch', K=1000, score=100),
+    'finch1000_w1-1-2': dict(agg=3, per_stage=True, method='finch', K=1000, weights=(1, 1, 2)),
+    'finch1000_w2-1-1': dict(agg=3, per_stage=True, method='finch', K=1000, weights=(2, 1, 1)),
+    'finch250': dict(agg=3, method='finch', K=250),
+    'finch500': dict(agg=3, method='finch', K=500),
+    'finch2000': dict(agg=3, method='finch', K=2000),
+    'finch4000': dict(agg=3, method='finch', K=4000),
+    # exact vs approximate first neighbours, on every 4th of these images (150k patches)
+    'finch1000_sub4_exact': dict(agg=3, method='finch', K=1000, train_step=4, neighbors='exact'),
+    'finch1000_sub4_approx': dict(agg=3, method='finch', K=1000, train_step=4, neighbors='approx'),
+    'finch1000_whiten0.01': dict(agg=3, method='finch', K=1000, whiten=0.01),
+    'finch1000_whiten0.1': dict(agg=3, method='finch', K=1000, whiten=0.1),
+    'finch1000_whiten1': dict(agg=3, method='finch', K=1000, whiten=1.0),
+    'finch1000_posnorm_mean': dict(agg=3, method='finch', K=1000, posnorm='mean'),
+    'finch1000_posnorm_z': dict(agg=3, method='finch', K=1000, posnorm='z'),
+    'finch1000_posnorm_mean_insample': dict(agg=3, method='finch', K=1000, posnorm='mean_insample'),
+    # third round: the distance PatchCore uses (Euclidean on raw, aggregated features)
+    'finch1000_euclid': dict(agg=3, method='finch', K=1000, metric='euclidean'),
+    'coreset1000_cosine': dict(agg=3, method='coreset', K=1000),
+    'coreset1000_euclid': dict(agg=3, method='coreset', K=1000, metric='euclidean'),
+    'kmeans1000_euclid': dict(agg=3, method='kmeans', K=1000, metric='euclidean'),
+    'finch1000_imagenorm': dict(agg=3, method='finch', K=1000, metric='image'),
+    'kmeans1000_imagenorm': dict(agg=3, method='kmeans', K=1000, metric='image'),
+    'finch1000_imagenorm_rms': dict(agg=3, method='finch', K=1000, metric='image_rms'),
+    'finch1000_imagenorm_top10': dict(agg=3, method='finch', K=1000, metric='image', score=10),
+    'finch1000_imagenorm_top100': dict(agg=3, method='finch', K=1000, metric='image', score=100),
+    'finch1000_imagenorm_top1000': dict(agg=3, method='finch', K=1000, metric='image', score=1000),
+    # image score from the cosine readout of the same prototypes, map from the distances
+    'finch1000_imagenorm_cosine_score': dict(agg=3, method='finch', K=1000, metric='image', score='cosine'),
+}
 
 
 def mean_norm_auroc():
@@ -272,5 +277,31 @@ def mean_norm_auroc():
     write()
 
 
-if not ONLY or 'diagnostic_mean_feature_norm' in ONLY:
-    mean_norm_auroc()
+DIAGNOSTIC = 'diagnostic_mean_feature_norm'
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("variants", nargs="*", metavar="VARIANT",
+                        help="variants to run (default: all); see --list")
+    parser.add_argument("--list", action="store_true", help="list the variants and exit")
+    parser.add_argument("--out", type=Path, default=_common.RESULTS)
+    args = parser.parse_args(argv)
+    names = [*VARIANTS, DIAGNOSTIC]
+    if args.list:
+        print("\n".join(names))
+        return
+    unknown = sorted(set(args.variants) - set(names))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; see --list")
+    torch.set_num_threads(2)
+    prepare(args.out)
+    for name, kw in VARIANTS.items():
+        if not args.variants or name in args.variants:
+            run(name, **kw)
+    if not args.variants or DIAGNOSTIC in args.variants:
+        mean_norm_auroc()
+
+
+if __name__ == "__main__":
+    main()

@@ -18,13 +18,13 @@ training image (191), all 583 test images; ``normalization`` as in
 dimensions, one Gaussian per position, so a fixed input size only), under
 the same protocol.
 
-    python benchmarks/bench_geometry.py [VARIANT ...]
+    python benchmarks/bench_geometry.py [VARIANT ...] [--smoke] [--list]
 
 Writes benchmarks/results/geometry.{json,md}. Data: Y. Huang, C. Qiu, K. Yuan,
 "Surface defect saliency of magnetic tile", The Visual Computer 36, 85-96 (2020).
 """
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -34,36 +34,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-# private, no public equivalent: the package's own image reader and plane
-# resize, so that each geometry resamples exactly as the detector does
-from skprotoad._images import load_image, _resize_plane  # noqa: E402
 from skprotoad.backbones import create_feature_extractor  # noqa: E402
 from skprotoad.clustering import learn_prototypes  # noqa: E402
 from skprotoad.datasets import load_mvtec  # noqa: E402
 from skprotoad.metrics import evaluate_maps  # noqa: E402
-from skprotoad.network import PatchEmbedding, ProtoADNetwork  # noqa: E402
+from skprotoad.network import PatchEmbedding, ProtoADNetwork, upsample  # noqa: E402
+# the detector's own reader and resize, so that each geometry resamples as it does
+from skprotoad.preprocessing import load_image, resize_and_crop  # noqa: E402
 
 from anchors import PaDiM, PixelMaps  # noqa: E402
 
-torch.set_num_threads(2)
-RESULTS = _common.RESULTS
-DATA = _common.data_dir("magnetic_tile")
 EVAL = 256  # evaluation grid
-data = load_mvtec(DATA)
-train = data.train_paths[::4]
-if "--smoke" in sys.argv:  # a quick run of the code paths, results not written
-    sys.argv.remove("--smoke")
-    keep = list(range(0, len(data.test_paths), 40))
-    data.test_paths = [data.test_paths[i] for i in keep]
-    data.test_labels = data.test_labels[keep]
-    data.test_mask_paths = [data.test_mask_paths[i] for i in keep]
-    train, RESULTS = train[:6], Path("/tmp") / "results"
-backbone = create_feature_extractor("efficientnet_lite0", (1, 2, 3))
-EMBEDDINGS = {
-    norm: PatchEmbedding(backbone, neighborhood_size=3, normalization=norm).eval()
-    for norm in ("patch", "image")
-}
-embedding = EMBEDDINGS["patch"]
 
 
 class GlobalScaleEmbedding(PatchEmbedding):
@@ -80,8 +61,28 @@ class GlobalScaleEmbedding(PatchEmbedding):
         return f / self.scale
 
 
-EMBEDDINGS["global"] = GlobalScaleEmbedding(backbone, neighborhood_size=3,
-                                            normalization="image").eval()
+def prepare(smoke, out):
+    """The data, the backbone and the embeddings the variants read (module
+    globals, as the variants below were written against them)."""
+    global RESULTS, data, train, backbone, EMBEDDINGS, embedding, MASKS
+    RESULTS = out
+    data = load_mvtec(_common.data_dir("magnetic_tile"))
+    train = data.train_paths[::4]
+    if smoke:
+        keep = list(range(0, len(data.test_paths), 40))
+        data.test_paths = [data.test_paths[i] for i in keep]
+        data.test_labels = data.test_labels[keep]
+        data.test_mask_paths = [data.test_mask_paths[i] for i in keep]
+        train = train[:6]
+    backbone = create_feature_extractor("efficientnet_lite0", (1, 2, 3))
+    EMBEDDINGS = {
+        norm: PatchEmbedding(backbone, neighborhood_size=3, normalization=norm).eval()
+        for norm in ("patch", "image")
+    }
+    EMBEDDINGS["global"] = GlobalScaleEmbedding(backbone, neighborhood_size=3,
+                                                normalization="image").eval()
+    embedding = EMBEDDINGS["patch"]
+    MASKS = masks_on_grid(data.test_mask_paths)
 
 
 class PositionEmbedding(torch.nn.Module):
@@ -106,26 +107,24 @@ class PositionEmbedding(torch.nn.Module):
         return torch.nn.functional.normalize(f, dim=1) if self.normalization == "patch" else f
 
 
-def prepare(image, geometry):
+def model_input(image, geometry):
     """Model input (3, H, W) and the box (top, left, h, w) the image occupies."""
     kind, size = geometry
     h, w = image.shape
     if kind == "squash":
-        out, box = _resize_plane(image, size, size), (0, 0, size, size)
-    elif kind == "letterbox":
+        return resize_and_crop(image, size, None), (0, 0, size, size)
+    if kind == "letterbox":
         s = size / max(h, w)
         nh, nw = max(1, round(h * s)), max(1, round(w * s))
         top, left = (size - nh) // 2, (size - nw) // 2
         out = np.full((size, size), 0.45, dtype=np.float32)  # about the ImageNet mean
-        out[top:top + nh, left:left + nw] = _resize_plane(image, nh, nw)
-        box = (top, left, nh, nw)
-    elif kind == "native":
-        # one scale for every image: texture keeps its size; multiple of 16 so
-        # the stages tile the image exactly
-        nh = max(32, int(round(h * size / 16)) * 16)
-        nw = max(32, int(round(w * size / 16)) * 16)
-        out, box = _resize_plane(image, nh, nw), (0, 0, nh, nw)
-    return torch.from_numpy(np.clip(out, 0, 1)).expand(3, -1, -1), box
+        out[top:top + nh, left:left + nw] = resize_and_crop(image, (nh, nw), None)[0].numpy()
+        return torch.from_numpy(out).expand(3, -1, -1), (top, left, nh, nw)
+    # "native": one scale for every image: texture keeps its size; multiple of
+    # 16 so the stages tile the image exactly
+    nh = max(32, int(round(h * size / 16)) * 16)
+    nw = max(32, int(round(w * size / 16)) * 16)
+    return resize_and_crop(image, (nh, nw), None), (0, 0, nh, nw)
 
 
 def features(paths, geometry, crop, embed=None):
@@ -136,7 +135,7 @@ def features(paths, geometry, crop, embed=None):
         for start in range(0, len(paths), 16):
             xs = []
             for p in paths[start:start + 16]:
-                x, _ = prepare(load_image(p), geometry)
+                x, _ = model_input(load_image(p), geometry)
                 if crop:
                     m = (x.shape[-1] - crop) // 2
                     x = x[:, m:m + crop, m:m + crop]
@@ -153,8 +152,9 @@ def eval_grid(m, box, crop_margin):
     if crop_margin:
         m = np.pad(m, crop_margin, mode="edge")
     top, left, h, w = box
-    m = m[top:top + h, left:left + w]
-    return _resize_plane(m, EVAL, EVAL)
+    m = np.ascontiguousarray(m[top:top + h, left:left + w], dtype=np.float32)
+    # bilinear in Pillow, unclipped: the maps are not images in [0, 1]
+    return np.asarray(Image.fromarray(m, mode="F").resize((EVAL, EVAL), Image.BILINEAR))
 
 
 def masks_on_grid(paths):
@@ -216,7 +216,7 @@ def input_maps(paths, geometry, crop, predict):
     out = []
     with torch.inference_mode():
         for start in range(0, len(paths), 16):
-            prepared = [prepare(load_image(p), geometry) for p in paths[start:start + 16]]
+            prepared = [model_input(load_image(p), geometry) for p in paths[start:start + 16]]
             margin = 0
             if crop:
                 margin = (prepared[0][0].shape[-1] - crop) // 2
@@ -301,8 +301,9 @@ def run(name, geometry, crop=None, normalization="patch", method="protoad", posi
                 net = networks[size]
                 unit = torch.nn.functional.normalize(net.prototypes, dim=1)
                 best = torch.einsum("nchw,kc->nkhw", features, unit).amax(dim=1, keepdim=True)
-                second = net._smooth_up(features.norm(dim=1, keepdim=True) - best,
-                                        backbone.strides[0], size)
+                second = net.smoothing(upsample(features.norm(dim=1, keepdim=True) - best,
+                                                backbone.strides[0], size,
+                                                net.embedding.alignment)[:, 0])
                 return torch.stack([maps, second], 1).numpy()
             return maps.numpy()
     t_fit = time.time() - t
@@ -356,8 +357,6 @@ def write():
     _common.write_markdown(out / "geometry.md", lines)
 
 
-MASKS = masks_on_grid(data.test_mask_paths)
-ONLY = sys.argv[1:]
 VARIANTS = {
     "squash256_crop224": (("squash", 256), 224),
     "native0.75": (("native", 0.75), None),
@@ -412,6 +411,32 @@ VARIANTS.update({
     "native0.81_image_projscore": (("native", 0.807), None, "image", "protoad", 0.0, None, 0.0,
                                    "projection"),
 })
-for name, args in VARIANTS.items():
-    if not ONLY or name in ONLY:
-        run(name, *args)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("variants", nargs="*", metavar="VARIANT",
+                        help="variants to run (default: all); see --list")
+    parser.add_argument("--list", action="store_true", help="list the variants and exit")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a quick run of the code paths on a few images; results go to "
+                             "/tmp/results unless --out says otherwise")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"results folder (default: {_common.RESULTS})")
+    args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(VARIANTS))
+        return
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; see --list")
+    torch.set_num_threads(2)
+    default_out = Path("/tmp") / "results" if args.smoke else _common.RESULTS
+    prepare(args.smoke, args.out or default_out)
+    for name, spec in VARIANTS.items():
+        if not args.variants or name in args.variants:
+            run(name, *spec)
+
+
+if __name__ == "__main__":
+    main()

@@ -24,10 +24,9 @@ import numpy as np  # noqa: E402
 from bench_suite import COMMON, _Set, find_sets  # noqa: E402
 
 from skprotoad import ProtoADDetector  # noqa: E402
-# private, no public equivalent: the package's own image reader (float in [0, 1],
-# every mode Pillow reads), so that the statistics see what the detector sees
-from skprotoad._images import load_image  # noqa: E402
 from skprotoad.metrics import image_auroc  # noqa: E402
+# the detector's own reader, so that the statistics see what the detector sees
+from skprotoad.preprocessing import load_image  # noqa: E402
 
 
 def _grey_statistics(items):

@@ -41,13 +41,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from skprotoad import ProtoADDetector  # noqa: E402
-# private, no public equivalent: the detector's own image loading, resize and crop
-from skprotoad._images import ImageSequence  # noqa: E402
 from skprotoad.backbones import create_feature_extractor  # noqa: E402
 from skprotoad.clustering import learn_prototypes  # noqa: E402
 from skprotoad.datasets import load_mvtec  # noqa: E402
 from skprotoad.metrics import image_auroc  # noqa: E402
 from skprotoad.network import GaussianSmoothing, PatchEmbedding, upsample  # noqa: E402
+from skprotoad.preprocessing import model_inputs  # noqa: E402
 
 DEFAULT_DATA = _common.data_dir("magnetic_tile")
 SIZE, CROP, STRIDE = 256, 224, 4
@@ -63,7 +62,7 @@ def embed(paths):
     ).eval()
     out = []
     with torch.inference_mode():
-        for _, batch in ImageSequence(paths).batches(16, SIZE, CROP):
+        for _, batch in model_inputs(paths, SIZE, CROP, batch_size=16):
             out.append(embedding(batch).permute(0, 2, 3, 1).numpy())
     return np.concatenate(out)
 

@@ -92,6 +92,17 @@ def generate(folder, n_images, anomaly_ratio, seed, chunk=100):
     return paths
 
 
+class _CountingPath(os.PathLike):
+    """A path that counts how often it is opened (``os.fspath``)."""
+
+    def __init__(self, path, counter):
+        self.path, self.counter = path, counter
+
+    def __fspath__(self):
+        self.counter[0] += 1
+        return self.path
+
+
 # ------------------------------------------------------------------ phases
 def phase_fit(args):
     import numpy as np
@@ -147,18 +158,12 @@ def phase_predict(args):
     import joblib
     import torch
 
-    from skprotoad import _images
-
     det = joblib.load(args.model)
     paths = sorted(str(p) for p in (Path(args.workdir) / "test").glob("*.png"))[: args.n_predict]
     loaded = [0]
-    original = _images.load_image
-
-    def counting_load(item, where="image"):
-        loaded[0] += 1
-        return original(item, where)
-
-    _images.load_image = counting_load
+    # the detector opens a path once, when it reads the image: counting the
+    # opens counts the images read so far
+    paths = [_CountingPath(p, loaded) for p in paths]
     rss_before = rss_bytes()
     sampler = Sampler(interval=0.25, progress=lambda: loaded[0])
     sampler.start()

@@ -57,20 +57,18 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from PIL import Image  # noqa: E402
-from sklearn.utils import check_random_state  # noqa: E402
 
 from anchors import PaDiM  # noqa: E402
 from bench_anchors import normalise  # noqa: E402
 
 from skprotoad import ProtoADDetector  # noqa: E402
-from skprotoad._images import ImageSequence, center_crop_box, check_size  # noqa: E402
 from skprotoad.backbones import create_feature_extractor  # noqa: E402
 from skprotoad.datasets import load_masks, load_mvtec, make_defect_dataset  # noqa: E402
-# private, no public equivalent: the preprocessing that feeds the peer exactly as
-# the detector's own (ImageSequence.batches) and the crop geometry the masks follow
-# (center_crop_box, check_size); the rule of contamination="auto" (conformal_threshold)
-from skprotoad._calibration import conformal_threshold  # noqa: E402
 from skprotoad.metrics import evaluate_maps, image_auroc  # noqa: E402
+# the peer is fed, and the masks cropped, exactly as the detector's input; its
+# thresholds follow the rule of contamination="auto", on the same held-out images
+from skprotoad.preprocessing import center_crop_box, model_inputs  # noqa: E402
+from skprotoad.thresholds import conformal_threshold, held_out_split  # noqa: E402
 
 SHARED_SETS = ("magnetic_tile", "bsdata_pitting", "tire")
 SYNTHETIC_SETS = ("synthetic_textures", "synthetic_objects")
@@ -114,8 +112,6 @@ PEERS = {
     "padim": dict(method="padim", n_features=100, **PEER_INPUT),
 }
 PEER_BATCH = 16  # images per backbone call, so that no set's stage maps are held
-HOLD_OUT = 0.2  # as ProtoADDetector's contamination="auto"
-MIN_IMAGES_FOR_HOLDOUT = 5
 
 
 def find_sets(names=None):
@@ -169,7 +165,7 @@ class _Set:
         if self._masks is None:
             return load_masks(self._mask_paths, image_size, crop_size)
         top, left, height, width = center_crop_box(image_size, crop_size)
-        size_h, size_w = check_size(image_size, "image_size")
+        size_h, size_w = center_crop_box(image_size, None)[2:]
         out = np.zeros((len(self._masks), height, width), dtype=bool)
         for i, m in enumerate(self._masks):
             resized = Image.fromarray(m.astype(np.uint8) * 255).resize((size_w, size_h),
@@ -194,7 +190,7 @@ def _whole_grid(maps, image_size, crop_size):
     that every setting is evaluated on the same pixels.
     """
     top, left, height, width = center_crop_box(image_size, crop_size)
-    size_h, size_w = check_size(image_size, "image_size")
+    size_h, size_w = center_crop_box(image_size, None)[2:]
     canvas = np.repeat(maps.reshape(len(maps), -1).min(axis=1)[:, None, None], size_h, axis=1)
     canvas = np.repeat(canvas, size_w, axis=2)
     canvas[:, top:top + height, left:left + width] = maps
@@ -258,28 +254,17 @@ def run_one(data, setting, seed, cache):
     return row
 
 
-def _peer_split(n_images, seed):
-    """(fit, held-out) training indices, the split ProtoADDetector.fit makes
-    with ``random_state=seed`` and ``contamination="auto"`` (held-out last)."""
-    rng = check_random_state(seed)
-    rng.randint(np.iinfo(np.int32).max)  # the detector draws its own seed first
-    order = rng.permutation(n_images)
-    n_held_out = 0
-    if n_images >= MIN_IMAGES_FOR_HOLDOUT:
-        n_held_out = max(1, int(round(HOLD_OUT * n_images)))
-    return order[:n_images - n_held_out], order[n_images - n_held_out:]
-
-
 def _stage_maps(images, extractor, indices, cfg):
     """Stage maps of ``images[indices]``, PEER_BATCH images at a time."""
-    for _, batch in images.batches(PEER_BATCH, cfg["image_size"], cfg["crop_size"],
-                                   indices=list(indices)):
+    for _, batch in model_inputs(images, cfg["image_size"], cfg["crop_size"], PEER_BATCH,
+                                 indices=list(indices)):
         yield normalise(batch, extractor)
 
 
 def _fit_padim(images, extractor, indices, cfg, seed):
-    model = PaDiM(extractor.strides, sum(extractor.channels),
-                  check_size(cfg["crop_size"], "crop_size"), cfg["n_features"], seed=seed)
+    crop = center_crop_box(cfg["image_size"], cfg["crop_size"])[2:]
+    model = PaDiM(extractor.strides, sum(extractor.channels), crop, cfg["n_features"],
+                  seed=seed)
     return model.fit(_stage_maps(images, extractor, indices, cfg)).eval()
 
 
@@ -305,8 +290,8 @@ def run_peer(data, setting, seed):
     if cfg["method"] != "padim":
         raise ValueError(f"unknown peer method {cfg['method']!r}")
     extractor = create_feature_extractor(cfg["backbone"], cfg["layers"])
-    train, test = ImageSequence(data.train), ImageSequence(data.test)
-    fit_part, held_out = _peer_split(len(train), seed)
+    train, test = data.train, data.test
+    fit_part, held_out = held_out_split(len(train), random_state=seed)
     start = time.perf_counter()
     with torch.inference_mode():
         if len(held_out):

@@ -66,9 +66,14 @@ def cached_patch_features(key, order, extract):
     return extract()
 
 
-def patch_features(memory, key, order, extract):
-    """``extract()``'s feature array, from ``memory``'s cache when it has it."""
+def patch_features(detector, images, order, seed, extract):
+    """``extract()``'s feature array, from the cache of ``detector.memory``
+    when it has one and has them (see :func:`feature_key` for the arguments)."""
+    memory = check_feature_memory(detector.memory)
+    if memory is None:
+        return extract()
     cached = memory.cache(cached_patch_features, ignore=["extract"])
+    key = feature_key(detector, images, seed)
     return cached(key, np.asarray(order, dtype=np.int64), extract)
 
 

@@ -10,11 +10,13 @@ images to hold any out, they are quantiles of the training images' own scores.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import NamedTuple
 
 import numpy as np
 from scipy import stats
+from sklearn.utils import check_random_state
 
 #: Share of the normal training images held out to calibrate contamination="auto".
 CALIBRATION_FRACTION = 0.2
@@ -39,11 +41,94 @@ class Calibration(NamedTuple):
     scores: np.ndarray
 
 
+def is_contamination(value):
+    """Whether ``value`` is a ``contamination``: "auto" or a float in (0, 0.5]."""
+    if isinstance(value, str):
+        return value == "auto"
+    return isinstance(value, numbers.Real) and 0 < value <= 0.5
+
+
 def n_held_out(contamination, n_images):
     """How many of ``n_images`` normal images calibration holds out (the last ones)."""
     if contamination == "auto" and n_images >= MIN_IMAGES_FOR_HOLDOUT:
         return max(1, int(round(CALIBRATION_FRACTION * n_images)))
     return 0
+
+
+def split(normal, contamination, random_state):
+    """The random draws of one fit: a seed, and the order of the training images.
+
+    Parameters
+    ----------
+    normal : ndarray of int
+        Indices of the normal training images.
+    contamination : "auto" or float
+        The detector's parameter.
+    random_state : int, RandomState or None
+        The detector's parameter.
+
+    Returns
+    -------
+    seed : int
+        Seeds the clustering and, without weights, the backbone.
+    order : ndarray of int
+        ``normal`` shuffled, the held-out images last: the patches to learn
+        from are then a prefix of the feature array, used without a copy.
+    n_held_out : int
+        From :func:`n_held_out`.
+    """
+    rng = check_random_state(random_state)
+    seed = int(rng.randint(np.iinfo(np.int32).max))
+    order = rng.permutation(normal)
+    return seed, order, n_held_out(contamination, len(order))
+
+
+def held_out_split(n_images, random_state=None):
+    """The images that ``contamination="auto"`` learns from and holds out.
+
+    The split :meth:`ProtoADDetector(random_state=random_state).fit
+    <skprotoad.ProtoADDetector.fit>` makes of ``n_images`` normal training
+    images: the thresholds are set on the held-out images' scores, by
+    :func:`conformal_threshold`, with prototypes learned from the others. So
+    another method can be fitted and thresholded on the very same images.
+
+    Parameters
+    ----------
+    n_images : int
+        Number of normal training images.
+    random_state : int, RandomState or None, default=None
+        The detector's ``random_state``.
+
+    Returns
+    -------
+    fit_indices : ndarray of int
+        The images prototypes are first learned from.
+    held_out_indices : ndarray of int
+        The images the thresholds are calibrated on; empty for fewer than 5
+        images, where the training images' own scores set them.
+
+    Examples
+    --------
+    >>> from skprotoad.thresholds import held_out_split
+    >>> fit_part, held_out = held_out_split(10, random_state=0)
+    >>> len(fit_part), len(held_out)
+    (8, 2)
+    >>> sorted([*fit_part, *held_out]) == list(range(10))
+    True
+    """
+    _, order, n_held = split(np.arange(int(n_images)), "auto", random_state)
+    return order[: len(order) - n_held], order[len(order) - n_held :]
+
+
+def stage_detail(n_held_out, n_images, prototype_seconds):
+    """What calibration is about to do, for ``fit``'s progress (``verbose``)."""
+    if not n_held_out:
+        return "the training images' own scores"
+    # the second clustering sees the patches of the other images: about that
+    # share of the first one's time
+    seconds = prototype_seconds * (1 - n_held_out / n_images)
+    return (f"{n_held_out} held-out images, a second clustering without them: "
+            f"about {seconds:.0f} s")
 
 
 def calibrate(network, n_images, n_held_out, contamination, fit_network, score):
@@ -101,8 +186,25 @@ def expected_false_alarm_rate(n_held_out, target=TARGET_FALSE_ALARM_RATE, level=
     share of new normal images above it then follows Beta(n + 1 - k, k) over
     the draws of the held-out images, with mean ``(n + 1 - k) / (n + 1)``.
 
+    Parameters
+    ----------
+    n_held_out : int
+        Number of held-out normal images the threshold is set on.
+    target : float, default=0.01
+        The ``false_alarm_rate`` asked of :func:`conformal_threshold`.
+    level : float, default=0.9
+        The quantile, over fits, of the second value returned.
+
+    Returns
+    -------
+    mean : float
+        The false-alarm rate on new normal images, on average over fits.
+    high : float
+        The rate that a share ``1 - level`` of fits exceeds.
+
     Examples
     --------
+    >>> from skprotoad.thresholds import expected_false_alarm_rate
     >>> mean, high = expected_false_alarm_rate(40)  # 200 training images, 20 % held out
     >>> round(mean, 4), round(high, 3)
     (0.0244, 0.056)
@@ -140,6 +242,27 @@ def conformal_threshold(held_out_scores, false_alarm_rate=TARGET_FALSE_ALARM_RAT
     With fewer than ``1 / rate - 1`` scores no order statistic reaches the
     target, and the largest score is used: the false-alarm rate is then at
     most ``1 / (n + 1)``.
+
+    Parameters
+    ----------
+    held_out_scores : array-like of shape (n,)
+        Anomaly scores (higher = more anomalous) of normal images that the
+        model did not learn from.
+    false_alarm_rate : float, default=0.01
+        The share of new normal images allowed above the threshold.
+
+    Returns
+    -------
+    threshold : float
+        One of ``held_out_scores``: scores above it are anomalous.
+
+    Examples
+    --------
+    >>> from skprotoad.thresholds import conformal_threshold
+    >>> conformal_threshold(range(1, 200))  # the 198th smallest of 199
+    198.0
+    >>> conformal_threshold([0.1, 0.3, 0.2])  # too few for 1 %: the largest
+    0.3
     """
     ordered = np.sort(np.asarray(held_out_scores, dtype=np.float64))
     rank = math.ceil((len(ordered) + 1) * (1.0 - false_alarm_rate))

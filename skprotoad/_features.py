@@ -1,4 +1,4 @@
-"""Patch-feature extraction and storage, and the one batch loop over images.
+"""From images to patch features to the fitted network, and the one batch loop.
 
 :class:`~skprotoad.ProtoADDetector` runs images through torch modules in two
 places: the embedding when :meth:`~skprotoad.ProtoADDetector.fit` extracts
@@ -7,6 +7,9 @@ the training features, and the whole network when it scores. Both go through
 :meth:`skprotoad._images.ImageSequence.plan`) and runs each batch without
 autograd. The training features of all images are held once, in one
 :class:`PatchFeatures` array, which clustering and calibration read from.
+
+The functions that take a ``detector`` read its parameters (never its
+fitted attributes): they build what those parameters describe.
 """
 
 from __future__ import annotations
@@ -16,7 +19,15 @@ import math
 import numpy as np
 import torch
 
-from . import _images
+from . import _images, _progress
+from .backbones import create_feature_extractor
+from .clustering import learn_prototypes
+from .network import PatchEmbedding, ProtoADNetwork, effective_image_score
+
+#: ``n_farthest=None``: this many farthest patches, at most ``MAX_FARTHEST_SHARE``
+#: of the training patches (so that a small training set is not memorised whole).
+DEFAULT_FARTHEST = 1000
+MAX_FARTHEST_SHARE = 0.1
 
 
 def size_multiple(embedding):
@@ -129,15 +140,57 @@ class PatchFeatures:
         )
 
 
-def extract_features(embedding, images, order, device, batch_size, image_size, crop_size,
-                     verbose=False):
+def patch_embedding(detector, seed, device):
+    """The patch embedding of ``detector``'s parameters, on ``device``;
+    ``seed`` initialises a backbone without weights."""
+    backbone = create_feature_extractor(
+        detector.backbone, detector.layers, detector.weights, seed=seed, verbose=detector.verbose
+    )
+    return PatchEmbedding(
+        backbone, mean=detector.mean, std=detector.std, alignment=detector.alignment,
+        neighborhood_size=detector.neighborhood_size, normalization=detector.normalization,
+    ).to(device)
+
+
+def farthest_count(n_farthest, n_patches):
+    """How many farthest-patch prototypes the detector's ``n_farthest`` asks
+    for, with ``n_patches`` training patches."""
+    if n_farthest is None:
+        return min(DEFAULT_FARTHEST, int(MAX_FARTHEST_SHARE * n_patches))
+    return int(n_farthest)
+
+
+def fit_network(detector, embedding, patches, seed, device):
+    """The network of ``detector``'s parameters, with prototypes learned from
+    ``patches`` (an (n_patches, n_channels) array), in eval mode on ``device``."""
+    prototypes = learn_prototypes(
+        patches, method=detector.clustering, n_clusters=detector.n_clusters, random_state=seed,
+        device=str(device), normalize=detector.normalization == "patch",
+        n_farthest=farthest_count(detector.n_farthest, len(patches)),
+        verbose=_progress.verbosity(detector.verbose) >= 2,
+    )
+    network = ProtoADNetwork(
+        embedding, torch.from_numpy(prototypes),
+        _images.fixed_input_size(detector.image_size, detector.crop_size), detector.sigma,
+        effective_image_score(detector.normalization, detector.image_score),
+    )
+    return network.to(device).eval()
+
+
+def extract_features(detector, embedding, images, order, device):
     """Patch features of ``images[order]``, as :class:`PatchFeatures`.
 
+    A blank crop goes through the embedding first (:func:`check_backbone_runs`).
     All patches of all images go into one preallocated float32 array, image
     ``k`` of ``order`` at rows ``offsets[k]:offsets[k + 1]``, whatever order
     the batches (grouped by input size) come in: the full feature set is
     held once.
     """
+    image_size, crop_size = detector.image_size, detector.crop_size
+    check_backbone_runs(
+        embedding, device, _images.fixed_input_size(image_size, crop_size), detector.backbone,
+        detector.layers,
+    )
     order = list(order)
     multiple = size_multiple(embedding)
     stride = embedding.backbone.strides[0]
@@ -150,8 +203,8 @@ def extract_features(embedding, images, order, device, batch_size, image_size, c
         features = PatchFeatures(sizes, grids, embedding.n_channels)
     position = {index: k for k, index in enumerate(order)}
     batches = run_batches(
-        embedding, images, device, batch_size, image_size, crop_size, multiple,
-        indices=order, sizes=sizes, verbose=verbose, desc="features",
+        embedding, images, device, detector.batch_size, image_size, crop_size, multiple,
+        indices=order, sizes=sizes, verbose=detector.verbose, desc="features",
     )
     for chunk, batch, output in batches:
         f = output.permute(0, 2, 3, 1).cpu().numpy()

@@ -152,12 +152,28 @@ def size_batches(items, sizes, batch_size):
 
 
 def center_crop_box(image_size, crop_size):
-    """(top, left, height, width) of the centre crop inside the resized image.
+    """Where the detector's centre crop lies in the resized image.
+
+    Parameters
+    ----------
+    image_size : int or (height, width)
+        Size every image is resized to (the detector's fixed ``image_size``).
+    crop_size : int, (height, width) or None
+        Size of the centre crop; ``None``: the whole resized image.
+
+    Returns
+    -------
+    box : tuple of 4 ints
+        ``(top, left, height, width)`` of the crop, in resized-image pixels;
+        an odd margin leaves its extra pixel below and to the right.
 
     Examples
     --------
+    >>> from skprotoad.preprocessing import center_crop_box
     >>> center_crop_box(256, 224)
     (16, 16, 224, 224)
+    >>> center_crop_box((300, 200), None)  # no crop: the resized size
+    (0, 0, 300, 200)
     """
     image_size = check_size(image_size, "image_size")
     crop_size = check_size(crop_size, "crop_size", allow_none=True) or image_size
@@ -297,9 +313,32 @@ class ImageSequence:
 
 
 def resize_and_crop(image, image_size, crop_size):
-    """Resize a float (H, W[, 3]) image to ``image_size``, centre-crop to ``crop_size``.
+    """One image resized and centre-cropped as the detector does it.
 
-    Returns a float32 tensor (3, crop_height, crop_width).
+    Bilinear, antialiased resizing of each channel, then the crop of
+    :func:`center_crop_box`; values clipped to [0, 1]; a grey image is
+    replicated to three channels.
+
+    Parameters
+    ----------
+    image : ndarray of shape (H, W) or (H, W, 3), float
+        In [0, 1], as :func:`load_image` returns it.
+    image_size : int or (height, width)
+        Size to resize to (aspect ratio not kept).
+    crop_size : int, (height, width) or None
+        Size of the centre crop; ``None`` keeps the whole resized image.
+
+    Returns
+    -------
+    tensor : torch.Tensor of shape (3, crop_height, crop_width), float32
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skprotoad.preprocessing import resize_and_crop
+    >>> image = np.full((40, 60), 0.5, dtype=np.float32)
+    >>> tuple(resize_and_crop(image, 32, 24).shape)
+    (3, 24, 24)
     """
     top, left, height, width = center_crop_box(image_size, crop_size)
     size_h, size_w = check_size(image_size, "image_size")
@@ -321,7 +360,37 @@ def _resize_plane(plane, height, width):
 
 
 def load_image(item, where="image"):
-    """Load one path, PIL image or array as float32 (H, W) or (H, W, 3) in [0, 1]."""
+    """One image as the detector reads it: float32 in [0, 1], grey or RGB.
+
+    Files are decoded by Pillow; palettes, CMYK, opaque alpha and the other
+    8-bit modes become RGB; 16-bit and float images, and transparent pixels,
+    are refused (their meaning is unknown). uint8 arrays are divided by 255.
+
+    Parameters
+    ----------
+    item : str, path-like, PIL.Image.Image or ndarray
+        A file, a PIL image, or a uint8 or [0, 1] float array of shape
+        (H, W), (H, W, 1) or (H, W, 3).
+    where : str, default="image"
+        How error messages name the item.
+
+    Returns
+    -------
+    image : ndarray of shape (H, W) or (H, W, 3), float32
+
+    Raises
+    ------
+    ValueError, TypeError
+        For a file that cannot be read or an image of a refused kind.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skprotoad.preprocessing import load_image
+    >>> image = load_image(np.full((2, 3, 3), 255, dtype=np.uint8))
+    >>> image.dtype, float(image.max())
+    (dtype('float32'), 1.0)
+    """
     if isinstance(item, np.ndarray):
         return _as_float(item, where)
     if _is_pil(item):
@@ -558,6 +627,15 @@ def crop_map_to_input(crop_map, original_size, image_size, crop_size):
     outside = (gy.abs() > 1)[:, None] | (gx.abs() > 1)[None, :]
     out[outside] = float("nan")
     return out.numpy()
+
+
+def maps_on_inputs(maps, images, image_size, crop_size):
+    """:func:`crop_map_to_input` of each of ``maps``, the maps of ``images``
+    (an :class:`ImageSequence`): a list of maps on the images' own pixels."""
+    return [
+        crop_map_to_input(m, images.original_size(i), image_size, crop_size)
+        for i, m in enumerate(maps)
+    ]
 
 
 def fixed_input_size(image_size, crop_size):

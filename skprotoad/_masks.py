@@ -6,7 +6,8 @@ outline a defect on an image passed as normal, or nothing on an image flagged
 as anomalous. An inspector acts on both: :func:`verdict_mask` makes them
 agree. An image passed as normal has an empty mask; an image flagged as
 anomalous has the pixels above the pixel threshold or, when there are none,
-its most anomalous region (:func:`peak_region`).
+its most anomalous region (:func:`peak_region`); :func:`predict_masks` does
+so for a batch of maps.
 """
 
 import numpy as np
@@ -81,3 +82,30 @@ def verdict_mask(anomaly_map, anomalous, threshold):
         return np.zeros(values.shape, dtype=bool)
     mask = np.nan_to_num(values, nan=-np.inf) > threshold
     return mask if mask.any() else peak_region(values)
+
+
+def predict_masks(maps, decision, pixel_threshold, threshold=None):
+    """The masks of :meth:`~skprotoad.ProtoADDetector.predict_masks`.
+
+    Parameters
+    ----------
+    maps : ndarray of shape (n_images, height, width) or list of 2-D arrays
+    decision : ndarray of shape (n_images,)
+        ``decision_function``: negative for an anomalous verdict.
+    pixel_threshold : float
+        ``pixel_threshold_``, for :func:`verdict_mask`.
+    threshold : float, default=None
+        A number: ``maps > threshold`` for every image, whatever its verdict.
+
+    Returns
+    -------
+    masks : ndarray of bool or list
+        Of the form of ``maps``.
+    """
+    if threshold is None:
+        masks = [verdict_mask(m, a, pixel_threshold) for m, a in zip(maps, decision < 0)]
+    else:
+        masks = [np.nan_to_num(m, nan=-np.inf) > threshold for m in maps]
+    if isinstance(maps, np.ndarray):
+        return np.stack(masks) if masks else np.zeros(maps.shape, dtype=bool)
+    return masks

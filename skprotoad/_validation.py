@@ -8,7 +8,9 @@ copies of those parameters with the same rules. A small equivalent of
 :mod:`sklearn.utils._param_validation` (a private module whose API moves
 between releases), whose messages name the parameter and the rule.
 
-Also the checks of the estimator's other inputs: labels, thresholds, scores.
+Also the checks of the estimator's other inputs (labels, thresholds, scores,
+the options of its scoring methods), and the record of the settings a fit
+embodies, which scoring checks that ``set_params`` has not changed since.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import numbers
 
 import numpy as np
 import torch
+
+from . import _images
 
 
 class InvalidParameterError(ValueError, TypeError):
@@ -172,6 +176,14 @@ def check_threshold(threshold):
     return float(threshold)
 
 
+def check_map_options(output, return_scores):
+    """Check :meth:`~skprotoad.ProtoADDetector.anomaly_maps`' options."""
+    if output not in ("crop", "input"):
+        raise ValueError(f"output must be 'crop' or 'input', got {output!r}.")
+    if not isinstance(return_scores, (bool, np.bool_)):
+        raise TypeError(f"return_scores must be True or False, got {return_scores!r}.")
+
+
 def check_finite_scores(scores):
     """A NaN score compares as neither anomalous nor normal: never call it normal."""
     bad = np.flatnonzero(~np.isfinite(scores))
@@ -183,13 +195,24 @@ def check_finite_scores(scores):
         )
 
 
-def embodied_settings(params):
-    """The detector parameters a fitted network embodies (and ``image_size``,
-    which scoring reads along with it), in a form that compares by value.
+def check_params(estimator):
+    """Check every parameter of ``estimator`` against its class's
+    ``_parameter_constraints``, and the combinations no single rule sees.
 
-    ``set_params`` may change them after fit, which the network cannot follow:
-    the detector compares these with the ones it was fitted with.
+    The one check of a :class:`~skprotoad.ProtoADDetector`'s parameters:
+    ``fit`` starts with it, and the command line and :mod:`skprotoad.persistence`
+    run it on a detector they build, before it has data to fit.
     """
+    params = estimator.get_params(deep=False)
+    validate(type(estimator)._parameter_constraints, params)
+    if params["n_clusters"] is None and params["clustering"] == "kmeans":
+        raise ValueError("clustering='kmeans' needs n_clusters (an int).")
+    _images.check_geometry(params["image_size"], params["crop_size"])
+
+
+def _embodied_settings(params):
+    """The detector parameters a fitted network embodies (and ``image_size``,
+    which scoring reads along with it), in a form that compares by value."""
     from .network import effective_image_score
 
     def size(value):
@@ -209,10 +232,18 @@ def embodied_settings(params):
     }
 
 
-def check_unchanged(fitted, now):
-    """Raise if the :func:`embodied_settings` ``now`` differ from the ``fitted``
-    ones: ``set_params`` changed a parameter the fitted network embodies, which
-    would keep the old value while scoring used the new one."""
+def record_fitted_settings(estimator):
+    """Note the parameters ``estimator``'s fitted network embodies, for
+    :func:`check_unchanged_since_fit`; what ``fit`` and loading a model do last."""
+    estimator._fitted_settings = _embodied_settings(estimator.get_params(deep=False))
+
+
+def check_unchanged_since_fit(estimator):
+    """Raise if ``set_params`` changed a parameter that ``estimator``'s fitted
+    network embodies: the network would keep the old value while scoring read
+    the new one."""
+    fitted = estimator._fitted_settings
+    now = _embodied_settings(estimator.get_params(deep=False))
     changed = [
         f"{name}={now[name]!r} (fitted with {fitted[name]!r})"
         for name in fitted

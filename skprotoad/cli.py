@@ -641,7 +641,7 @@ def _make_detector(args, **overrides):
     without ``--n-clusters``, an even ``--neighborhood-size``, ...) is a usage
     error, exit code 2, reported before any image is read or generated.
     """
-    from . import _images
+    from . import _images, _validation
     from .detector import ProtoADDetector
 
     params = {
@@ -660,7 +660,7 @@ def _make_detector(args, **overrides):
     try:
         # the checks fit starts with, of the parameters alone (no data, no
         # backbone): here they fail before minutes of reading images
-        detector._validate_params()
+        _validation.check_params(detector)
     except (ValueError, TypeError) as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
     return detector

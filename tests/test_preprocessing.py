@@ -1,0 +1,49 @@
+"""The public preprocessing and threshold rules are the detector's own."""
+
+import numpy as np
+import pytest
+import torch
+
+from skprotoad import ProtoADDetector
+from skprotoad.preprocessing import center_crop_box, load_image, model_inputs, resize_and_crop
+from skprotoad.thresholds import conformal_threshold, held_out_split
+
+from .conftest import TINY
+
+
+def test_model_inputs_are_what_the_network_scores(tiny_detector, synthetic):
+    X = synthetic.X_test[:12]
+    # the detector's batches: the float rounding of a convolution depends on them
+    batches = model_inputs(X, TINY["image_size"], TINY["crop_size"], TINY["batch_size"])
+    with torch.inference_mode():
+        maps = torch.cat([tiny_detector.network_(batch)[0] for _, batch in batches]).numpy()
+    np.testing.assert_array_equal(maps, tiny_detector.anomaly_maps(X))
+
+
+def test_model_inputs_batches_indices_and_checks_the_geometry(synthetic):
+    X = list(synthetic.X_test[:5])
+    batches = list(model_inputs(X, 40, (24, 32), batch_size=2, indices=[4, 0, 2]))
+    assert [chunk for chunk, _ in batches] == [[4, 0], [2]]
+    expected = resize_and_crop(load_image(X[2]), 40, (24, 32))
+    torch.testing.assert_close(batches[1][1][0], expected, rtol=0, atol=0)
+    assert center_crop_box(40, (24, 32)) == (8, 4, 24, 32)
+    with pytest.raises(ValueError, match="larger than image_size"):
+        model_inputs(X, 32, 48)
+
+
+def test_held_out_split_is_the_split_fit_makes(normal_images):
+    class OrderRecorder(ProtoADDetector):
+        def _extract_features(self, embedding, images, order, device):
+            self.order_seen_ = list(order)
+            return super()._extract_features(embedding, images, order, device)
+
+    det = OrderRecorder(**{**TINY, "random_state": 3}).fit(normal_images)
+    fit_part, held_out = held_out_split(len(normal_images), random_state=3)
+    assert len(held_out) == len(det.calibration_scores_) > 0
+    assert det.order_seen_ == [*fit_part, *held_out]
+
+
+def test_the_threshold_is_the_conformal_rule_of_the_held_out_scores(tiny_detector):
+    # TINY's image score is its map's maximum: one rule sets both thresholds
+    assert -tiny_detector.offset_ == conformal_threshold(tiny_detector.calibration_scores_)
+    assert tiny_detector.pixel_threshold_ == -tiny_detector.offset_
