@@ -113,6 +113,7 @@ def feature_key(detector, images, seed):
         "mean": tuple(float(v) for v in np.ravel(detector.mean)),
         "std": tuple(float(v) for v in np.ravel(detector.std)),
         "device": torch_device(detector.device).type,
+        "max_patches": detector.max_patches,
         "images": images.cache_token(),
     }
 

@@ -19,6 +19,7 @@ DETECTOR_DEFAULTS = MappingProxyType({
     "clustering": "finch",
     "n_clusters": None,
     "n_farthest": None,
+    "max_patches": 2_000_000,
     "sigma": 4.0,
     "alignment": "center",
     "neighborhood_size": 3,

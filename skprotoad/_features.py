@@ -92,18 +92,30 @@ class PatchFeatures:
     grids : list of (height, width)
         Patch grid of each image's features.
     n_channels : int
+    max_patches : int or None, default=None
+        Most patches held. When the images have more, each keeps the same
+        number of its patches (at least one), drawn at random.
+    seed : int, default=0
+        Seeds the draw of image ``k``'s patches, with ``k``: the same patches
+        whatever order the images are extracted in.
 
     Attributes
     ----------
     features : ndarray of shape (n_patches, n_channels), float32
-        Image ``k``'s patches, row-major over its grid, at rows
-        ``offsets[k]:offsets[k + 1]``.
+        Image ``k``'s patches (all, row-major over its grid, or its drawn
+        ones in that order) at rows ``offsets[k]:offsets[k + 1]``.
+    complete : bool
+        Whether every patch of every image is held.
     """
 
-    def __init__(self, sizes, grids, n_channels):
+    def __init__(self, sizes, grids, n_channels, max_patches=None, seed=0):
         self.sizes = [tuple(int(v) for v in s) for s in sizes]
         self.grids = [tuple(int(v) for v in g) for g in grids]
-        counts = [h * w for h, w in self.grids]
+        counts = np.array([h * w for h, w in self.grids], dtype=np.int64)
+        if max_patches is not None and counts.sum() > max_patches:
+            counts = np.minimum(counts, max(1, int(max_patches) // len(counts)))
+        self.complete = all(c == h * w for c, (h, w) in zip(counts, self.grids))
+        self.seed = int(seed)
         self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self.features = np.empty((int(self.offsets[-1]), int(n_channels)), dtype=np.float32)
 
@@ -124,9 +136,12 @@ class PatchFeatures:
                 f"the backbone gave a {patches.shape[0]} x {patches.shape[1]} feature "
                 f"grid for an input of {self.sizes[k]}, expected {self.grids[k]}."
             )
-        self.features[self.offsets[k] : self.offsets[k + 1]] = patches.reshape(
-            -1, patches.shape[-1]
-        )
+        rows = patches.reshape(-1, patches.shape[-1])
+        count = self.offsets[k + 1] - self.offsets[k]
+        if count < len(rows):
+            drawn = np.random.default_rng([self.seed, k]).choice(len(rows), count, replace=False)
+            rows = rows[np.sort(drawn)]
+        self.features[self.offsets[k] : self.offsets[k + 1]] = rows
 
     def patches(self, stop=None):
         """All patches of the first ``stop`` images (all by default): a view."""
@@ -134,7 +149,9 @@ class PatchFeatures:
         return self.features[:end]
 
     def image(self, k):
-        """Image ``k``'s features, (h, w, C): a view."""
+        """Image ``k``'s features, (h, w, C): a view (only when ``complete``)."""
+        if not self.complete:
+            raise RuntimeError("only a sample of each image's patches is held.")
         return self.features[self.offsets[k] : self.offsets[k + 1]].reshape(
             *self.grids[k], -1
         )
@@ -177,14 +194,15 @@ def fit_network(detector, embedding, patches, seed, device):
     return network.to(device).eval()
 
 
-def extract_features(detector, embedding, images, order, device):
-    """Patch features of ``images[order]``, as :class:`PatchFeatures`.
+def extract_features(detector, embedding, images, order, device, seed=0):
+    """Patch features of ``images[order]``, as :class:`PatchFeatures`
+    (at most ``detector.max_patches``, drawn with ``seed``).
 
     A blank crop goes through the embedding first (:func:`check_backbone_runs`).
     All patches of all images go into one preallocated float32 array, image
     ``k`` of ``order`` at rows ``offsets[k]:offsets[k + 1]``, whatever order
     the batches (grouped by input size) come in: the full feature set is
-    held once.
+    held once, or the sample of them that ``detector.max_patches`` allows.
     """
     image_size, crop_size = detector.image_size, detector.crop_size
     check_backbone_runs(
@@ -200,7 +218,7 @@ def extract_features(detector, embedding, images, order, device):
         # known before extraction, so the array can be allocated first.
         sizes = images.input_sizes(image_size, None, multiple, order)
         grids = [(-(-h // stride), -(-w // stride)) for h, w in sizes]
-        features = PatchFeatures(sizes, grids, embedding.n_channels)
+        features = PatchFeatures(sizes, grids, embedding.n_channels, detector.max_patches, seed)
     position = {index: k for k, index in enumerate(order)}
     batches = run_batches(
         embedding, images, device, detector.batch_size, image_size, crop_size, multiple,
@@ -212,7 +230,8 @@ def extract_features(detector, embedding, images, order, device):
             # One fixed size: the grid is known from the first batch.
             size = tuple(batch.shape[-2:])
             features = PatchFeatures(
-                [size] * len(order), [f.shape[1:3]] * len(order), f.shape[-1]
+                [size] * len(order), [f.shape[1:3]] * len(order), f.shape[-1],
+                detector.max_patches, seed,
             )
         for patches, index in zip(f, chunk):
             features.put(position[index], patches)
@@ -235,6 +254,26 @@ def score_features(network, features, positions, device, batch_size):
             maps, s = network.head(f.to(device).permute(0, 3, 1, 2), sizes[part[0]])
             scores[part] = s.cpu().numpy()
             map_maxima[part] = maps.flatten(1).amax(dim=1).cpu().numpy()
+    return scores, map_maxima
+
+
+def score_images_at(network, images, indices, device, batch_size, image_size):
+    """Anomaly scores and map maxima of ``images[indices]`` by the whole network.
+
+    :func:`score_features` for images whose features are not all held
+    (:attr:`PatchFeatures.complete` false): the backbone runs again.
+    """
+    scores = np.empty(len(indices))
+    map_maxima = np.empty(len(indices))
+    position = {index: k for k, index in enumerate(indices)}
+    batches = run_batches(
+        network, images, device, batch_size, image_size, network.input_size,
+        size_multiple(network.embedding), indices=list(indices),
+    )
+    for chunk, _, (maps, batch_scores) in batches:
+        at = [position[i] for i in chunk]
+        scores[at] = batch_scores.cpu().numpy()
+        map_maxima[at] = maps.flatten(1).amax(dim=1).cpu().numpy()
     return scores, map_maxima
 
 

@@ -295,6 +295,12 @@ def _add_detector_options(parser):
         "from all prototypes so far (default: the estimator's)",
     )
     group.add_argument(
+        "--max-patches", type=_positive_int, default=default["max_patches"], metavar="N",
+        help="most patch features held while fitting; above it each image gives a "
+        "seeded random share of its patches, so memory stays bounded "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
         "--image-size", type=_image_size_arg, default=default["image_size"],
         metavar="PX|FACTOR",
         help="images are resized to PX x PX ... (default: %(default)s); or, with a "
@@ -620,6 +626,7 @@ _DETECTOR_OPTIONS = {
     "clustering": "clustering",
     "n_clusters": "n_clusters",
     "n_farthest": "n_farthest",
+    "max_patches": "max_patches",
     "sigma": "sigma",
     "alignment": "alignment",
     "neighborhood_size": "neighborhood_size",

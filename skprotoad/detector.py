@@ -55,6 +55,15 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         from all prototypes so far, so that a rare normal patch does not
         decide its image's score. ``None``: 1,000, at most a tenth of the
         training patches; 0: none (the paper). See :doc:`/user_guide/defaults`.
+    max_patches : int or None, default=2_000_000
+        Most patch features ``fit`` holds. Above it, every training image
+        gives the same number of its patches, drawn at random (seeded), so
+        that memory (``max_patches * n_channels * 4`` bytes, plus the
+        clustering's work space) no longer grows with the number of images;
+        the held-out images are then scored by a second pass through the
+        backbone. A training set under the cap is learned from whole,
+        exactly as with ``None`` (no cap). Lower it for wide backbones. See
+        :doc:`/user_guide/large_data`.
     sigma : float, default=4.0
         Standard deviation, in pixels of the model input, of the Gaussian
         smoothing of the anomaly map; 0 disables it; at most 256.
@@ -159,6 +168,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         "clustering": OneOf(CLUSTERING_METHODS),
         "n_clusters": Integer(1, allow_none=True),
         "n_farthest": Integer(0, allow_none=True),
+        "max_patches": Integer(1, allow_none=True),
         "sigma": RealInterval(0, _MAX_SIGMA, unit=" (pixels)"),
         **NETWORK_CONSTRAINTS,
         "image_size": Delegated(where="_images.check_geometry, with crop_size"),
@@ -176,7 +186,8 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
 
     def __init__(
         self, backbone="efficientnet_lite0", layers=(1, 2, 3), weights="imagenet",
-        clustering="finch", n_clusters=None, n_farthest=None, sigma=4.0, alignment="center",
+        clustering="finch", n_clusters=None, n_farthest=None,
+        max_patches=2_000_000, sigma=4.0, alignment="center",
         neighborhood_size=3, normalization="image", image_score="projection", image_size=256,
         crop_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, contamination="auto",
         batch_size=16, device="auto", random_state=None, verbose=False, n_jobs=None,
@@ -188,6 +199,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         self.clustering = clustering
         self.n_clusters = n_clusters
         self.n_farthest = n_farthest
+        self.max_patches = max_patches
         self.sigma = sigma
         self.alignment = alignment
         self.neighborhood_size = neighborhood_size
@@ -237,7 +249,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             embedding = _features.patch_embedding(self, seed, device)
             features = _cache.patch_features(
                 self, images, order, seed,
-                lambda: self._extract_features(embedding, images, order, device),
+                lambda: self._extract_features(embedding, images, order, device, seed),
             )
         _features.check_enough_patches(
             features, len(order) - n_held_out, self.n_clusters, self.n_farthest
@@ -247,7 +259,14 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             return _features.fit_network(self, embedding, features.patches(n_images), seed, device)
 
         def score(network, positions):
-            return _features.score_features(network, features, positions, device, self.batch_size)
+            if features.complete:
+                return _features.score_features(
+                    network, features, positions, device, self.batch_size
+                )
+            return _features.score_images_at(
+                network, images, [order[k] for k in positions], device, self.batch_size,
+                self.image_size,
+            )
 
         n_patches = len(features.patches())
         detail = f"{n_patches:,} patches, {self.clustering}"
@@ -423,9 +442,9 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         if network_state is not None:
             self.network_ = _pickling.restore_network(self, network_state)
 
-    def _extract_features(self, embedding, images, order, device):
+    def _extract_features(self, embedding, images, order, device, seed):
         # a method, so that tests can count the extractions (the fits that miss the cache)
-        return _features.extract_features(self, embedding, images, order, device)
+        return _features.extract_features(self, embedding, images, order, device, seed)
 
     def _forward(self, X, keep_maps):
         """``X`` checked, as an ImageSequence; its maps (see

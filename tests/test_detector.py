@@ -644,3 +644,33 @@ def test_fit_names_its_stages_and_times_them(normal_images, capsys):
     assert set(seconds) == {"features", "prototypes", "calibration", "total"}
     assert all(v >= 0 for v in seconds.values())
     assert sum(v for k, v in seconds.items() if k != "total") <= seconds["total"]
+
+
+# ------------------------------------------------------------- max_patches
+def test_a_training_set_under_max_patches_is_learned_whole(normal_images):
+    uncapped = ProtoADDetector(**{**TINY, "max_patches": None}).fit(normal_images)
+    n_patches = len(normal_images) * 16 * 16  # TINY: 64 px at stride 4
+    at_cap = ProtoADDetector(**{**TINY, "max_patches": n_patches}).fit(normal_images)
+    np.testing.assert_array_equal(at_cap.prototypes_, uncapped.prototypes_)
+    assert at_cap.offset_ == uncapped.offset_
+    np.testing.assert_array_equal(at_cap.calibration_scores_, uncapped.calibration_scores_)
+
+
+@pytest.mark.parametrize("contamination", ["auto", 0.25])
+def test_max_patches_caps_the_patches_held(normal_images, contamination, capsys):
+    n_images = len(normal_images)
+    params = {**TINY, "contamination": contamination, "max_patches": 50 * n_images}
+    capped = ProtoADDetector(**params, verbose=True).fit(normal_images)
+    assert f"{50 * n_images:,} patches" in capsys.readouterr().err.splitlines()[-1]
+    again = ProtoADDetector(**params).fit(normal_images)  # seeded: the same sample
+    np.testing.assert_array_equal(again.prototypes_, capped.prototypes_)
+    full = ProtoADDetector(**{**params, "max_patches": None}).fit(normal_images)
+    assert not np.array_equal(full.prototypes_, capped.prototypes_)
+    if contamination == "auto":
+        # the held-out images' scores come from a second pass through the backbone
+        assert len(capped.calibration_scores_) == 2
+    else:
+        # the training images scored by the backbone again: as score_samples does
+        scores = -capped.score_samples(normal_images)
+        assert -capped.offset_ == pytest.approx(np.quantile(scores, 1 - contamination),
+                                               rel=1e-6)

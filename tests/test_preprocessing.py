@@ -33,9 +33,9 @@ def test_model_inputs_batches_indices_and_checks_the_geometry(synthetic):
 
 def test_held_out_split_is_the_split_fit_makes(normal_images):
     class OrderRecorder(ProtoADDetector):
-        def _extract_features(self, embedding, images, order, device):
+        def _extract_features(self, embedding, images, order, *args):
             self.order_seen_ = list(order)
-            return super()._extract_features(embedding, images, order, device)
+            return super()._extract_features(embedding, images, order, *args)
 
     det = OrderRecorder(**{**TINY, "random_state": 3}).fit(normal_images)
     fit_part, held_out = held_out_split(len(normal_images), random_state=3)
