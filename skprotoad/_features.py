@@ -257,12 +257,19 @@ def score_features(network, features, positions, device, batch_size):
     return scores, map_maxima
 
 
-def score_images_at(network, images, indices, device, batch_size, image_size):
-    """Anomaly scores and map maxima of ``images[indices]`` by the whole network.
+def score_training_images(network, features, images, indices, positions, device, batch_size,
+                          image_size):
+    """Anomaly scores and map maxima of the training images ``images[indices]``,
+    held at ``positions`` of ``features``: by the network's head on the held
+    features when they are all there, else by the whole network (the
+    backbone runs again)."""
+    if features.complete:
+        return score_features(network, features, positions, device, batch_size)
+    return score_images_at(network, images, indices, device, batch_size, image_size)
 
-    :func:`score_features` for images whose features are not all held
-    (:attr:`PatchFeatures.complete` false): the backbone runs again.
-    """
+
+def score_images_at(network, images, indices, device, batch_size, image_size):
+    """Anomaly scores and map maxima of ``images[indices]`` by the whole network."""
     scores = np.empty(len(indices))
     map_maxima = np.empty(len(indices))
     position = {index: k for k, index in enumerate(indices)}

@@ -14,8 +14,8 @@ and files of the same pixels give the same tensor. Two geometries:
 
 Resizing runs in Pillow on float32 planes ("F" mode): the same antialiased
 bilinear filter as ``torch.nn.functional.interpolate(..., antialias=True)`` to
-float precision, single-threaded and about 40 times cheaper on one small image
-than torch, whose thread pool only adds overhead at that size. Grey images are
+float precision, single-threaded and much cheaper on one small image than
+torch, whose thread pool only adds overhead at that size. Grey images are
 resized once and replicated to three channels afterwards.
 """
 

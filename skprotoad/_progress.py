@@ -106,15 +106,37 @@ def clustering_seconds(n_samples, n_features, device="cpu", **kwargs):
     return work / (multiply_add_rate(n_features, device) * _SEARCH_EFFICIENCY)
 
 
-def clustering_estimate(n_patches, n_second, n_features, device="cpu", **kwargs):
-    """'; about ...' for a clustering of ``n_patches`` to come, and when the
-    calibration clusters ``n_second`` patches again, the time left to the end."""
-    first = clustering_seconds(n_patches, n_features, device, **kwargs)
+def clustering_estimate(detector, n_patches, n_features, held_out_share, device="cpu"):
+    """'; about ...': the first clustering of ``detector.fit`` on ``n_patches``,
+    and with a second one for the calibration (``held_out_share`` > 0), the
+    time to the end of both."""
+    from ._features import farthest_count
+
+    def seconds(n):
+        return clustering_seconds(
+            n, n_features, device, method=detector.clustering, n_clusters=detector.n_clusters,
+            n_farthest=farthest_count(detector.n_farthest, n),
+        )
+
+    first = seconds(n_patches)
     text = f"; {about(first)}"
-    if n_second:
-        rest = first + clustering_seconds(n_second, n_features, device, **kwargs)
+    if held_out_share:
+        rest = first + seconds(int(n_patches * (1 - held_out_share)))
         text += f", the whole fit in {about(rest)}"
     return text
+
+
+def fit_summary(detector, n_patches, n_held_out):
+    """The closing line of a verbose fit, from ``detector``'s fitted attributes."""
+    seconds = detector.fit_seconds_
+    stages = ", ".join(f"{name} {seconds[name]:.1f} s" for name in FIT_STAGES)
+    peak = peak_memory_bytes()
+    memory = "" if peak is None else f"; peak memory {peak / 2**30:.1f} GiB"
+    held = f" from {n_held_out} held-out images" if n_held_out else ""
+    return (f"fitted on {detector.n_train_images_} images: {n_patches:,} patches, "
+            f"{detector.prototypes_.shape[0]:,} prototypes; threshold {-detector.offset_:.4g} "
+            f"(pixels {detector.pixel_threshold_:.4g}){held}; {seconds['total']:.1f} s "
+            f"({stages}){memory}")
 
 
 def about(seconds):

@@ -259,23 +259,16 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             return _features.fit_network(self, embedding, features.patches(n_images), seed, device)
 
         def score(network, positions):
-            if features.complete:
-                return _features.score_features(
-                    network, features, positions, device, self.batch_size
-                )
-            return _features.score_images_at(
-                network, images, [order[k] for k in positions], device, self.batch_size,
-                self.image_size,
+            return _features.score_training_images(
+                network, features, images, [order[k] for k in positions], positions, device,
+                self.batch_size, self.image_size,
             )
 
         n_patches = len(features.patches())
         detail = f"{n_patches:,} patches, {self.clustering}"
         if clock.level:
-            n_second = n_patches * (len(order) - n_held_out) // len(order) if n_held_out else 0
             detail += _progress.clustering_estimate(
-                n_patches, n_second, features.shape[2], device, method=self.clustering,
-                n_clusters=self.n_clusters,
-                n_farthest=_features.farthest_count(self.n_farthest, n_patches),
+                self, n_patches, features.shape[2], n_held_out / len(order), device
             )
         with clock.stage("prototypes", detail):
             self.network_ = fit_network(len(order))
@@ -290,19 +283,8 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         self.n_train_images_ = len(order)
         self.fit_seconds_ = {**clock.seconds, "total": time.perf_counter() - start}
         if clock.level:
-            clock.say(self._fit_summary(n_patches, n_held_out))
+            clock.say(_progress.fit_summary(self, n_patches, n_held_out))
         return self
-
-    def _fit_summary(self, n_patches, n_held_out):
-        seconds = self.fit_seconds_
-        stages = ", ".join(f"{name} {seconds[name]:.1f} s" for name in _progress.FIT_STAGES)
-        peak = _progress.peak_memory_bytes()
-        memory = "" if peak is None else f"; peak memory {peak / 2**30:.1f} GiB"
-        held = f" from {n_held_out} held-out images" if n_held_out else ""
-        return (f"fitted on {self.n_train_images_} images: {n_patches:,} patches, "
-                f"{self.prototypes_.shape[0]:,} prototypes; threshold {-self.offset_:.4g} "
-                f"(pixels {self.pixel_threshold_:.4g}){held}; {seconds['total']:.1f} s "
-                f"({stages}){memory}")
 
     @with_torch_threads
     def score_samples(self, X):
