@@ -26,7 +26,7 @@ DETECTOR_DEFAULTS = MappingProxyType({
     "normalization": "image",
     "image_score": "projection",
     "image_size": 256,
-    "crop_size": 224,
+    "crop_size": None,
     "contamination": "auto",
     "batch_size": 16,
     "device": "auto",

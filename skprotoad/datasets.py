@@ -321,7 +321,7 @@ def load_folder(normal_dir, abnormal_dir=None, mask_dir=None):
 # --------------------------------------------------------------------------
 
 
-def load_masks(mask_paths, image_size=256, crop_size=224):
+def load_masks(mask_paths, image_size=256, crop_size=None):
     """Load binary masks in the model's input geometry.
 
     Each mask is read as 8-bit grayscale, resized to ``image_size`` with
@@ -334,8 +334,9 @@ def load_masks(mask_paths, image_size=256, crop_size=224):
         Mask files; None stands for an all-normal mask.
     image_size : int or (height, width), default=256
         Size the images are resized to.
-    crop_size : int or (height, width), default=224
-        Size of the centre crop taken from the resized image.
+    crop_size : int, (height, width) or None, default=None
+        Size of the centre crop taken from the resized image; ``None``: the
+        whole resized image (the detector's default).
 
     Returns
     -------

@@ -84,12 +84,15 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         own ``pixel_threshold_``) or the anomaly map. The same for all with
         ``normalization="patch"``. See :doc:`/user_guide/normalization`.
     image_size : int, (height, width) or float, default=256
-        An int or a pair: every image is resized to it, then centre-cropped
-        to ``crop_size``. A float in (0, 4]: every image is resized by this
-        factor and scored whole (``crop_size=None``). See
-        :doc:`/user_guide/geometry`.
-    crop_size : int, (height, width) or None, default=224
-        Centre crop of the resized image; ``None`` keeps it whole.
+        An int or a pair: every image is resized to it (then centre-cropped
+        to ``crop_size`` if one is given). A float in (0, 4]: every image is
+        resized by this factor, keeping its aspect ratio, and scored whole
+        (``crop_size=None``). See :doc:`/user_guide/geometry`.
+    crop_size : int, (height, width) or None, default=None
+        Centre crop of the resized image. ``None`` scores the whole image, so
+        that a defect at the border is seen; a crop (the paper's 256 / 224)
+        discards the border and scores the centre at the same resolution for
+        fewer pixels. See :doc:`/user_guide/defaults`, "Geometry".
     mean, std : tuple of 3 floats, default=ImageNet statistics
         Per-channel normalisation of the RGB input in [0, 1].
     contamination : "auto" or float in (0, 0.5], default="auto"
@@ -189,7 +192,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         clustering="finch", n_clusters=None, n_farthest=None,
         max_patches=2_000_000, sigma=4.0, alignment="center",
         neighborhood_size=3, normalization="image", image_score="projection", image_size=256,
-        crop_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, contamination="auto",
+        crop_size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, contamination="auto",
         batch_size=16, device="auto", random_state=None, verbose=False, n_jobs=None,
         memory=None,
     ):

@@ -15,7 +15,7 @@ from ._images import ImageSequence, center_crop_box, check_geometry, load_image,
 __all__ = ["model_inputs", "load_image", "resize_and_crop", "center_crop_box"]
 
 
-def model_inputs(X, image_size=256, crop_size=224, batch_size=16, *, indices=None, multiple=1):
+def model_inputs(X, image_size=256, crop_size=None, batch_size=16, *, indices=None, multiple=1):
     """Batches of model input, made from ``X`` as the detector makes them.
 
     Parameters
@@ -25,7 +25,7 @@ def model_inputs(X, image_size=256, crop_size=224, batch_size=16, *, indices=Non
         checked here, before the first batch.
     image_size : int, (height, width) or float, default=256
         The detector's ``image_size``.
-    crop_size : int, (height, width) or None, default=224
+    crop_size : int, (height, width) or None, default=None
         The detector's ``crop_size``.
     batch_size : int, default=16
         Images per batch.
