@@ -76,8 +76,8 @@ def peak_memory_bytes():
 
 # The clustering's searches run at about this share of the speed of a plain
 # matrix product of the same width (argmax, top-k and gathers around each
-# product); calibrated on FINCH and the farthest rows, docs/user_guide/prototypes.md.
-_SEARCH_EFFICIENCY = 0.45
+# product); estimated against measured fits in benchmarks/results/real_cost.md.
+_SEARCH_EFFICIENCY = 0.35
 
 
 def multiply_add_rate(n_features, device="cpu"):
