@@ -74,7 +74,8 @@ SHARED_SETS = ("magnetic_tile", "bsdata_pitting", "tire")
 SYNTHETIC_SETS = ("synthetic_textures", "synthetic_objects")
 WHOLE_GRID = 256  # the whole-image protocol's evaluation grid
 
-PAPER = dict(normalization="patch", neighborhood_size=1, alignment="paper", n_farthest=0)
+PAPER = dict(normalization="patch", neighborhood_size=1, alignment="paper", n_farthest=0,
+             image_size=256, crop_size=224)
 SETTINGS = {
     # the package's defaults, whatever they are when the suite runs
     "defaults": dict(),
@@ -99,7 +100,7 @@ SETTINGS = {
                              image_score="projection", image_size=256, crop_size=None,
                              n_farthest=1000),
     # the defaults with k-means instead of FINCH (FINCH's licence: docs/clustering.md)
-    "kmeans1000": dict(clustering="kmeans", n_clusters=1000),
+    "kmeans1000": dict(clustering="kmeans", n_clusters=1000, image_size=256, crop_size=224),
     # the paper's per-patch normalisation with centred alignment
     "patch_nbhd1": dict(neighborhood_size=1, normalization="patch", image_size=256,
                         crop_size=224, n_farthest=0),

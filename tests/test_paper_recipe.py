@@ -26,11 +26,14 @@ def _recipe():
 def test_paper_recipe_computes_the_papers_map(synthetic):
     recipe = _recipe()
     assert recipe["backbone"] == "wide_resnet50_2" and recipe["normalization"] == "patch"
+    # the paper's geometry: resize 256, centre crop 224
+    geometry = ProtoADDetector(**recipe).get_params()
+    assert (geometry["image_size"], geometry["crop_size"]) == (256, 224)
     # random weights and small images: the arithmetic is what is checked
-    det = ProtoADDetector(
-        **recipe, weights=None, image_size=72, crop_size=64, clustering="kmeans",
-        n_clusters=12, random_state=0, device="cpu",
-    ).fit(synthetic.X_train[:4])
+    det = ProtoADDetector(**{
+        **recipe, "weights": None, "image_size": 72, "crop_size": 64, "clustering": "kmeans",
+        "n_clusters": 12, "random_state": 0, "device": "cpu",
+    }).fit(synthetic.X_train[:4])
     X = synthetic.X_test[:2]
     maps = det.anomaly_maps(X)
 
