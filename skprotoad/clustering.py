@@ -37,6 +37,9 @@ __all__ = [
     "CLUSTERING_METHODS",
     "MAX_DEFAULT_PROTOTYPES",
     "EXACT_NEIGHBORS_MAX_SAMPLES",
+    "IVF_N_PROBE",
+    "first_neighbors",
+    "estimated_multiply_adds",
     "finch",
     "finch_n_clusters",
     "kmeans",
@@ -54,9 +57,11 @@ MAX_DEFAULT_PROTOTYPES = 1000
 #: many rows use the exact first-neighbour search, larger ones the IVF search.
 EXACT_NEIGHBORS_MAX_SAMPLES = 20_000
 
-# IVF search: probes per row, training rows per list and Lloyd steps of the
-# coarse quantiser (see _first_neighbors_ivf and docs/clustering.md).
-_IVF_N_PROBE = 6
+#: Lists of the inverted file each row is compared with in the approximate
+#: first-neighbour search (:func:`first_neighbors`).
+IVF_N_PROBE = 6
+# IVF search: training rows per list and Lloyd steps of the coarse quantiser
+# (see _first_neighbors_ivf and docs/clustering.md).
 _IVF_TRAIN_PER_LIST = 32
 _IVF_TRAIN_ITER = 6
 # lists batched into one padded product must fill this fraction of it
@@ -266,6 +271,48 @@ def _first_neighbors_exact(X, *, device, batch_size=None, verbose=False):
     return nn, sims
 
 
+def first_neighbors(X, *, neighbors="auto", n_probe=None, device="cpu", batch_size=None,
+                    random_state=None):
+    """Each row's first neighbour: the other row of highest cosine similarity.
+
+    The search FINCH's first level runs (:func:`finch`), for measuring it.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+    neighbors : {"auto", "exact", "approx"}, default="auto"
+        Exact search, the inverted-file search, or exact up to
+        :data:`EXACT_NEIGHBORS_MAX_SAMPLES` rows.
+    n_probe : int, default=None
+        Lists probed by the approximate search; None: :data:`IVF_N_PROBE`.
+    device : str or torch.device, default="cpu"
+    batch_size : int, default=None
+        Rows per block of the similarity computations.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the approximate search's quantiser.
+
+    Returns
+    -------
+    indices : ndarray of shape (n_samples,), int64
+    similarities : ndarray of shape (n_samples,), float32
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skprotoad.clustering import first_neighbors
+    >>> X = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]], dtype=np.float32)
+    >>> first_neighbors(X)[0].tolist()
+    [1, 0, 1]
+    """
+    X = _normalize_rows(_check_X(X, min_samples=2))
+    _check_neighbors(neighbors)
+    device = _resolve_device(device)
+    if neighbors == "approx" or (neighbors == "auto" and len(X) > EXACT_NEIGHBORS_MAX_SAMPLES):
+        return _first_neighbors_ivf(X, device=device, batch_size=batch_size,
+                                    random_state=random_state, n_probe=n_probe)
+    return _first_neighbors_exact(X, device=device, batch_size=batch_size)
+
+
 def _first_neighbors(X, *, neighbors, device, batch_size, random_state, verbose):
     n = X.shape[0]
     use_exact = neighbors == "exact" or (
@@ -301,7 +348,7 @@ def _first_neighbors_ivf(
     """
     n = X.shape[0]
     rng = check_random_state(random_state)
-    n_probe = _IVF_N_PROBE if n_probe is None else int(n_probe)
+    n_probe = IVF_N_PROBE if n_probe is None else int(n_probe)
     if n_lists is None:
         n_lists = int(round(math.sqrt(n_probe * n)))
     n_lists = max(1, min(int(n_lists), n // 2))
@@ -930,9 +977,9 @@ def estimated_multiply_adds(n_samples, n_features, *, method="finch", n_clusters
     def first_neighbours(rows):
         if rows <= EXACT_NEIGHBORS_MAX_SAMPLES:
             return rows * rows * d
-        n_lists = math.sqrt(_IVF_N_PROBE * rows)
+        n_lists = math.sqrt(IVF_N_PROBE * rows)
         quantiser = min(rows, _IVF_TRAIN_PER_LIST * n_lists) * n_lists * _IVF_TRAIN_ITER
-        search = rows * (n_lists + _IVF_N_PROBE * rows / n_lists)
+        search = rows * (n_lists + IVF_N_PROBE * rows / n_lists)
         return (quantiser + search) * d
 
     work, rows = 0.0, float(n)
