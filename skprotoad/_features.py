@@ -30,6 +30,15 @@ DEFAULT_FARTHEST = 1000
 MAX_FARTHEST_SHARE = 0.1
 
 
+def draw_rows(rows, count, seed, k):
+    """``count`` of the ``rows`` of image ``k``, drawn at random (all if as many),
+    in their order: the draw depends on ``seed`` and ``k`` alone."""
+    if count >= len(rows):
+        return rows
+    drawn = np.random.default_rng([seed, k]).choice(len(rows), count, replace=False)
+    return rows[np.sort(drawn)]
+
+
 def size_multiple(embedding):
     """Multiple of which scale-mode input sides are: every stride divides it."""
     return math.lcm(*embedding.backbone.strides)
@@ -136,12 +145,13 @@ class PatchFeatures:
                 f"the backbone gave a {patches.shape[0]} x {patches.shape[1]} feature "
                 f"grid for an input of {self.sizes[k]}, expected {self.grids[k]}."
             )
-        rows = patches.reshape(-1, patches.shape[-1])
-        count = self.offsets[k + 1] - self.offsets[k]
-        if count < len(rows):
-            drawn = np.random.default_rng([self.seed, k]).choice(len(rows), count, replace=False)
-            rows = rows[np.sort(drawn)]
-        self.features[self.offsets[k] : self.offsets[k + 1]] = rows
+        self.features[self.offsets[k] : self.offsets[k + 1]] = draw_rows(
+            patches.reshape(-1, patches.shape[-1]), self.count(k), self.seed, k
+        )
+
+    def count(self, k):
+        """How many of image ``k``'s patches are held."""
+        return int(self.offsets[k + 1] - self.offsets[k])
 
     def patches(self, stop=None):
         """All patches of the first ``stop`` images (all by default): a view."""
@@ -205,11 +215,17 @@ def extract_features(detector, embedding, images, order, device, seed=0):
     held once, or the sample of them that ``detector.max_patches`` allows.
     """
     image_size, crop_size = detector.image_size, detector.crop_size
-    check_backbone_runs(
-        embedding, device, _images.fixed_input_size(image_size, crop_size), detector.backbone,
-        detector.layers,
+    crop = _images.fixed_input_size(image_size, crop_size)
+    channels, *grid = check_backbone_runs(
+        embedding, device, crop, detector.backbone, detector.layers
     )
     order = list(order)
+    shard = SHARD_BATCHES * int(detector.batch_size)
+    if crop is not None and len(order) > shard and on_dask():
+        features = PatchFeatures([crop] * len(order), [grid] * len(order), channels,
+                                 detector.max_patches, seed)
+        _extract_on_dask(detector, images, order, features, shard, seed)
+        return features
     multiple = size_multiple(embedding)
     stride = embedding.backbone.strides[0]
     features = sizes = None
@@ -236,6 +252,55 @@ def extract_features(detector, embedding, images, order, device, seed=0):
         for patches, index in zip(f, chunk):
             features.put(position[index], patches)
     return features
+
+
+#: Images per task when fit's feature extraction runs on Dask, in batches:
+#: whole batches, so that the tasks run the batches a single process runs.
+SHARD_BATCHES = 16
+
+
+def on_dask():
+    """Whether joblib's active backend is Dask's (``joblib.parallel_config(backend="dask")``)."""
+    from joblib.parallel import get_active_backend
+
+    return type(get_active_backend()[0]).__name__ == "DaskDistributedBackend"
+
+
+def _extract_on_dask(detector, images, order, features, shard, seed):
+    """Fill ``features`` by joblib tasks of ``shard`` images each: every task
+    builds the embedding on its worker and returns only the drawn patches."""
+    from joblib import Parallel, delayed
+
+    starts = range(0, len(order), shard)
+    parts = Parallel(n_jobs=-1)(
+        delayed(_shard_features)(
+            detector, seed, images.take(order[s:s + shard]), list(range(s, s + shard)),
+            [features.count(k) for k in range(s, min(s + shard, len(order)))],
+        )
+        for s in starts
+    )
+    for s, rows in zip(starts, parts):
+        for k, patches in enumerate(rows, start=s):
+            features.features[features.offsets[k] : features.offsets[k + 1]] = patches
+
+
+def _shard_features(detector, seed, items, positions, counts):
+    """One task of :func:`_extract_on_dask`: the drawn patches of ``items``."""
+    from ._validation import torch_device
+
+    device = torch_device(detector.device)
+    embedding = patch_embedding(detector, seed, device)
+    sequence = _images.ImageSequence(items)
+    drawn = [None] * len(items)
+    batches = run_batches(
+        embedding, sequence, device, detector.batch_size, detector.image_size,
+        detector.crop_size, size_multiple(embedding),
+    )
+    for chunk, _, output in batches:
+        for i, patches in zip(chunk, output.permute(0, 2, 3, 1).cpu().numpy()):
+            drawn[i] = draw_rows(patches.reshape(-1, patches.shape[-1]), counts[i], seed,
+                                 positions[i])
+    return drawn
 
 
 def score_features(network, features, positions, device, batch_size):
@@ -285,7 +350,8 @@ def score_images_at(network, images, indices, device, batch_size, image_size):
 
 
 def check_backbone_runs(embedding, device, crop, name, layers):
-    """Run one blank crop through the embedding before the real images.
+    """Run one blank crop through the embedding before the real images;
+    return the (channels, height, width) of its features.
 
     A backbone that cannot take this input (a vision transformer built for
     another size, say) then fails with a ValueError naming the backbone
@@ -296,7 +362,7 @@ def check_backbone_runs(embedding, device, crop, name, layers):
     crop = crop or (64, 64)
     try:
         with torch.inference_mode():
-            embedding(torch.zeros(1, 3, *crop, device=device))
+            return tuple(embedding(torch.zeros(1, 3, *crop, device=device)).shape[1:])
     except (RuntimeError, AssertionError, ValueError, IndexError, TypeError) as exc:
         if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
             raise

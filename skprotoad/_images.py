@@ -238,6 +238,13 @@ class ImageSequence:
             return _as_float(self._array[index], f"{self.name}[{index}]", checked=True)
         return load_image(self._items[index], f"{self.name}[{index}]")
 
+    def take(self, indices):
+        """The input items at ``indices``, as given (an array or a list)."""
+        indices = list(indices)
+        if self._array is not None:
+            return self._array[indices]
+        return [self._items[i] for i in indices]
+
     def cache_token(self):
         """What identifies these images' content, for :func:`joblib.hash`.
 

@@ -181,3 +181,24 @@ def test_cli_predict_on_a_scheduler_writes_what_a_local_predict_writes(
                  "--scheduler", "nonsense://nowhere"])
     assert code == 2 and "cannot reach the Dask scheduler" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+# ---------------------------------------------------------------- fit
+def test_fit_extracts_features_on_the_cluster_under_joblibs_dask_backend(
+    synthetic, client, monkeypatch
+):
+    from skprotoad import _features
+
+    # 2 images a task: 12 training images make 6 tasks
+    monkeypatch.setattr(_features, "SHARD_BATCHES", 1)
+    params = {**TINY, "batch_size": 2, "max_patches": 12 * 100}  # a sample of each image
+    X = synthetic.X_train[:12]
+    local = ProtoADDetector(**params).fit(X)
+    with distributed.get_task_stream(client) as tasks, joblib.parallel_config(backend="dask"):
+        spread = ProtoADDetector(**params).fit(X)
+    names = [task["key"] if isinstance(task["key"], str) else str(task["key"])
+             for task in tasks.data]
+    assert sum("shard_features" in name for name in names) >= 2  # joblib may batch calls
+    np.testing.assert_array_equal(spread.prototypes_, local.prototypes_)
+    assert spread.offset_ == local.offset_
+    np.testing.assert_array_equal(spread.calibration_scores_, local.calibration_scores_)
