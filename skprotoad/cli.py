@@ -403,6 +403,12 @@ def build_parser():
     fit.add_argument("-o", "--output", required=True, metavar="MODEL",
                      help="model file to write: NAME.joblib, or NAME.safetensors (safe format)")
     fit.add_argument("--force", action="store_true", help="overwrite MODEL if it exists")
+    fit.add_argument(
+        "--scheduler", default=None, metavar="ADDRESS",
+        help="extract the training features on the Dask cluster of this scheduler; "
+        "its workers read the images, so TRAIN must be paths they reach (needs pip "
+        "install 'skprotoad[dask]')",
+    )
     _add_common(fit)
     _add_max_pixels(fit)
     _add_detector_options(fit)
@@ -694,10 +700,18 @@ def _fit(args, detector, train):
 def _cmd_fit(args):
     check_file_free(args.output, args.force, "model file")
     detector = _make_detector(args)
+    if args.scheduler:
+        _require_extra("--scheduler", "dask", "dask", "distributed")
     paths, skipped = collect_images(args.train, max_pixels=args.max_pixels)
     _report_skipped(skipped)
     require_images(paths, args.train)
-    _fit(args, detector, paths)
+    if args.scheduler:
+        import joblib
+
+        with _dask_client(args.scheduler), joblib.parallel_config(backend="dask"):
+            _fit(args, detector, paths)
+    else:
+        _fit(args, detector, paths)
     save_model(detector, args.output)
     print(f"saved model to {args.output} (fitted on {len(paths)} images)")
 

@@ -202,3 +202,25 @@ def test_fit_extracts_features_on_the_cluster_under_joblibs_dask_backend(
     np.testing.assert_array_equal(spread.prototypes_, local.prototypes_)
     assert spread.offset_ == local.offset_
     np.testing.assert_array_equal(spread.calibration_scores_, local.calibration_scores_)
+
+
+def test_cli_fit_on_a_scheduler_saves_the_model_a_local_fit_saves(
+    image_files, tmp_path, client, monkeypatch
+):
+    from skprotoad import _features
+    from skprotoad.cli import main
+
+    monkeypatch.setattr(_features, "SHARD_BATCHES", 1)
+    train = [p for p in image_files if not p.endswith("img05.png")]  # the readable ones
+    options = ["-q", "--backbone", "resnet18", "--weights", "none", "--layers", "1", "2",
+               "--image-size", "64", "--clustering", "kmeans", "--n-clusters", "8",
+               "--n-farthest", "0", "--batch-size", "4", "--seed", "0",
+               "--normalization", "patch"]
+    assert main(["fit", *train, "-o", str(tmp_path / "local.joblib"), *options]) == 0
+    with distributed.get_task_stream(client) as tasks:
+        assert main(["fit", *train, "-o", str(tmp_path / "dask.joblib"), *options,
+                     "--scheduler", client.scheduler.address]) == 0
+    assert any("shard_features" in str(task["key"]) for task in tasks.data)
+    local, spread = (joblib.load(tmp_path / f) for f in ("local.joblib", "dask.joblib"))
+    np.testing.assert_array_equal(spread.prototypes_, local.prototypes_)
+    assert spread.offset_ == local.offset_
