@@ -99,6 +99,10 @@ SETTINGS = {
     "far1000_whole256": dict(neighborhood_size=3, normalization="image",
                              image_score="projection", image_size=256, crop_size=None,
                              n_farthest=1000),
+    # the same, the image mirrored past its border for the backbone (padding="reflect")
+    "whole256_reflect": dict(neighborhood_size=3, normalization="image",
+                             image_score="projection", image_size=256, crop_size=None,
+                             n_farthest=1000, padding="reflect"),
     # the defaults with k-means instead of FINCH (FINCH's licence: docs/clustering.md)
     "kmeans1000": dict(clustering="kmeans", n_clusters=1000, image_size=256, crop_size=224),
     # the paper's per-patch normalisation with centred alignment

@@ -106,6 +106,7 @@ def feature_key(detector, images, seed):
         "weights": _weights_token(detector.weights),
         "seed": int(seed) if detector.weights is None else None,
         "alignment": detector.alignment,
+        "padding": detector.padding,
         "neighborhood_size": int(detector.neighborhood_size),
         "normalization": detector.normalization,
         "image_size": image_size,

@@ -11,5 +11,7 @@ CLUSTERING_METHODS = ("finch", "kmeans")
 ALIGNMENTS = ("center", "paper")
 #: How patch features are scaled (``normalization``).
 NORMALIZATIONS = ("image", "patch")
+#: What the backbone sees past the image border (``padding``).
+PADDINGS = ("zeros", "reflect")
 #: How an image's anomaly score is read out (``image_score``).
 IMAGE_SCORES = ("projection", "cosine", "map")

@@ -27,6 +27,7 @@ DETECTOR_DEFAULTS = MappingProxyType({
     "image_score": "projection",
     "image_size": 256,
     "crop_size": None,
+    "padding": "zeros",
     "contamination": "auto",
     "batch_size": 16,
     "device": "auto",

@@ -175,6 +175,7 @@ def patch_embedding(detector, seed, device):
     )
     return PatchEmbedding(
         backbone, mean=detector.mean, std=detector.std, alignment=detector.alignment,
+        padding=detector.padding,
         neighborhood_size=detector.neighborhood_size, normalization=detector.normalization,
     ).to(device)
 

@@ -220,7 +220,8 @@ def _embodied_settings(params):
             return (int(value), int(value))
         return _plain(value)
 
-    names = ("backbone", "layers", "sigma", "alignment", "neighborhood_size", "normalization")
+    names = ("backbone", "layers", "sigma", "alignment", "neighborhood_size", "normalization",
+             "padding")
     return {
         **{name: _plain(params[name]) for name in names},
         # with normalization="patch" every image_score is the same network

@@ -24,7 +24,7 @@ from pathlib import Path
 # Only light modules here: `skprotoad --help` must not wait for torch (about
 # 1.5 s). torch, numpy and the modules that import them (the detector, images,
 # scoring, plotting, data sets) are imported by the commands that use them.
-from ._choices import ALIGNMENTS, CLUSTERING_METHODS, IMAGE_SCORES, NORMALIZATIONS
+from ._choices import ALIGNMENTS, CLUSTERING_METHODS, IMAGE_SCORES, NORMALIZATIONS, PADDINGS
 from ._defaults import DETECTOR_DEFAULTS
 from ._version import __version__
 from .cli_files import (
@@ -312,6 +312,12 @@ def _add_detector_options(parser):
         "--crop-size", type=_crop_arg, default=_CROP_UNSET, metavar="PX",
         help=f"... and centre-cropped to PX x PX, or 'none' (default: "
         f"{default['crop_size']}; none with a scale factor)",
+    )
+    group.add_argument(
+        "--padding", choices=PADDINGS, default=default["padding"],
+        help="what the backbone sees past the image border: its zero padding, or the "
+        "image mirrored (reflect) so that border patches look like the interior "
+        "(default: %(default)s)",
     )
     group.add_argument(
         "--sigma", type=_finite_float, default=default["sigma"],
@@ -640,6 +646,7 @@ _DETECTOR_OPTIONS = {
     "image_score": "image_score",
     "image_size": "image_size",
     "crop_size": "crop_size",
+    "padding": "padding",
     "contamination": "contamination",
     "batch_size": "batch_size",
     "device": "device",

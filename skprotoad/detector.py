@@ -93,6 +93,12 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         that a defect at the border is seen; a crop (the paper's 256 / 224)
         discards the border and scores the centre at the same resolution for
         fewer pixels. See :doc:`/user_guide/defaults`, "Geometry".
+    padding : {"zeros", "reflect"}, default="zeros"
+        What the backbone sees past the image border: its own zero padding,
+        or (``"reflect"``) the image mirrored by the coarsest stride, so that
+        patches along the border look like the interior instead of raising
+        normal images' scores; for images scored whole. See
+        :doc:`/user_guide/defaults`, "Geometry".
     mean, std : tuple of 3 floats, default=ImageNet statistics
         Per-channel normalisation of the RGB input in [0, 1].
     contamination : "auto" or float in (0, 0.5], default="auto"
@@ -192,7 +198,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         clustering="finch", n_clusters=None, n_farthest=None,
         max_patches=2_000_000, sigma=4.0, alignment="center",
         neighborhood_size=3, normalization="image", image_score="projection", image_size=256,
-        crop_size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, contamination="auto",
+        crop_size=None, padding="zeros", mean=IMAGENET_MEAN, std=IMAGENET_STD, contamination="auto",
         batch_size=16, device="auto", random_state=None, verbose=False, n_jobs=None,
         memory=None,
     ):
@@ -210,6 +216,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         self.image_score = image_score
         self.image_size = image_size
         self.crop_size = crop_size
+        self.padding = padding
         self.mean = mean
         self.std = std
         self.contamination = contamination

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._choices import ALIGNMENTS, IMAGE_SCORES, NORMALIZATIONS
+from ._choices import ALIGNMENTS, IMAGE_SCORES, NORMALIZATIONS, PADDINGS
 from ._validation import Integer, OneOf, validate
 from ._version import __version__
 from .backbones import FeatureExtractor, create_feature_extractor
@@ -133,6 +133,7 @@ NETWORK_CONSTRAINTS = {
     "alignment": OneOf(ALIGNMENTS),
     "neighborhood_size": Integer(1, odd=True),
     "normalization": OneOf(NORMALIZATIONS),
+    "padding": OneOf(PADDINGS),
     "image_score": OneOf(IMAGE_SCORES),
 }
 
@@ -169,6 +170,14 @@ class PatchEmbedding(nn.Module):
         ``"image"``: every image's features divided by their mean L2 norm, so
         that the image's overall contrast goes but the relative magnitude of
         its patches stays.
+    padding : {"zeros", "reflect"}, default="zeros"
+        What the backbone sees past the image border. ``"zeros"``: its
+        convolutions' own zero padding, so that border patches see a dark
+        frame that no image has. ``"reflect"``: the image is mirrored by the
+        coarsest stride used (16 pixels for stages up to 3) on each side
+        before the backbone, and the features are cut back to the image,
+        so that border patches look like the interior; it costs that much
+        more input.
 
     Examples
     --------
@@ -193,17 +202,19 @@ class PatchEmbedding(nn.Module):
         alignment="center",
         neighborhood_size=1,
         normalization="patch",
+        padding="zeros",
     ):
         super().__init__()
         validate(
             NETWORK_CONSTRAINTS,
             {"alignment": alignment, "neighborhood_size": neighborhood_size,
-             "normalization": normalization},
+             "normalization": normalization, "padding": padding},
         )
         self.backbone = backbone
         self.alignment = alignment
         self.neighborhood_size = int(neighborhood_size)
         self.normalization = normalization
+        self.padding = padding
         self.n_channels = sum(backbone.channels)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
@@ -221,14 +232,21 @@ class PatchEmbedding(nn.Module):
         # channels-last: oneDNN's CPU convolutions run faster on it; results
         # differ from NCHW only by float rounding (which can still move FINCH's
         # clusters: docs/user_guide/normalization.md)
-        x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        maps = self.backbone(x)
+        x = (images - self.mean) / self.std
+        margin = self.backbone.strides[-1] if self.padding == "reflect" else 0
+        if margin:
+            x = F.pad(x, (margin, margin, margin, margin), mode="reflect")
+        maps = self.backbone(x.contiguous(memory_format=torch.channels_last))
         if self.neighborhood_size > 1:
             k = self.neighborhood_size
             maps = [
                 F.avg_pool2d(m, k, stride=1, padding=k // 2, count_include_pad=False)
                 for m in maps
             ]
+        if margin:
+            # cut back to the image, after the aggregation saw the mirrored context
+            cuts = [margin // s for s in self.backbone.strides]
+            maps = [m[..., c : m.shape[-2] - c, c : m.shape[-1] - c] for m, c in zip(maps, cuts)]
         size = tuple(maps[0].shape[-2:])
         finest = self.backbone.strides[0]
         joined = [maps[0]]
@@ -419,6 +437,7 @@ class ProtoADNetwork(nn.Module):
             "alignment": embedding.alignment,
             "neighborhood_size": embedding.neighborhood_size,
             "normalization": embedding.normalization,
+            "padding": embedding.padding,
             "image_score": self.image_score,
             "input_size": self.input_size,
             "sigma": self.smoothing.sigma,
@@ -455,6 +474,7 @@ class ProtoADNetwork(nn.Module):
             alignment=description["alignment"],
             neighborhood_size=description["neighborhood_size"],
             normalization=description["normalization"],
+            padding=description["padding"],
         )
         network = cls(
             embedding,

@@ -475,7 +475,7 @@ def _check_network(network, saved_by):
     where = "network "
     required = {
         "backbone", "layers", "mean", "std", "alignment", "neighborhood_size", "normalization",
-        "image_score", "input_size", "sigma", "n_prototypes",
+        "padding", "image_score", "input_size", "sigma", "n_prototypes",
     }
     if not required <= set(network):
         raise _Invalid(_PRE_RELEASE.format(saved_by))
@@ -513,6 +513,7 @@ def _check_consistency(config, layout):
         "alignment": model.alignment,
         "neighborhood_size": model.neighborhood_size,
         "normalization": model.normalization,
+        "padding": model.padding,
         "image_score": effective_image_score(model.normalization, model.image_score),
         "input_size": fixed_input_size(model.image_size, model.crop_size),
         "sigma": float(model.sigma),

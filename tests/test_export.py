@@ -281,3 +281,18 @@ def test_pipeline_needs_the_dynamo_exporter(crop_detector, tmp_path, kwargs, mat
     with pytest.raises((ValueError, TypeError), match=match):
         export.to_onnx(crop_detector, tmp_path / "p.onnx", **{"pipeline": True, **kwargs})
     assert not list(tmp_path.iterdir())
+
+
+def test_reflect_padding_exports_to_torchscript_and_onnx(normal_images, synthetic, tmp_path):
+    params = {**TINY, "image_size": 64, "crop_size": None, "padding": "reflect",
+              "contamination": 0.1}
+    model = ProtoADDetector(**params).fit(normal_images[:6])
+    X = synthetic.X_test[:3]
+    x = export.preprocess(model, X)
+    module = _jit_load(export.to_torchscript(model, tmp_path / "m.pt"))
+    with torch.inference_mode():
+        maps, scores = module(torch.from_numpy(x))
+    _assert_matches(model, X, maps.numpy(), scores.numpy())
+    if all(_importable(m) for m in ("onnx", "onnxscript", "onnxruntime")):
+        maps, scores = _run_onnx(export.to_onnx(model, tmp_path / "m.onnx"), x)
+        _assert_matches(model, X, maps, scores)

@@ -139,3 +139,34 @@ def test_neighborhood_averages_each_stage_before_the_join(embedding):
 def test_bad_neighborhood_size_is_named(embedding, size):
     with pytest.raises(ValueError, match="neighborhood_size"):
         PatchEmbedding(embedding.backbone, neighborhood_size=size)
+
+
+def test_reflect_padding_is_the_zero_padded_embedding_of_the_mirrored_image():
+    import torch.nn.functional as F
+
+    from skprotoad.backbones import create_feature_extractor
+    from skprotoad.network import PatchEmbedding
+
+    torch.manual_seed(0)
+    backbone = create_feature_extractor("resnet18", (1, 2, 3), weights=None).eval()
+    images = torch.rand(2, 3, 64, 96)
+    common = dict(neighborhood_size=3, normalization="patch")
+    reflect = PatchEmbedding(backbone, padding="reflect", **common)
+    zeros = PatchEmbedding(backbone, **common)
+    with torch.inference_mode():
+        got = reflect.join(images)
+        # the image mirrored by the coarsest stride (16), then the features cut
+        # back: each stage by 16 / its stride, before the stages are joined
+        mean, std = zeros.mean, zeros.std
+        mirrored = F.pad((images - mean) / std, (16, 16, 16, 16), mode="reflect") * std + mean
+        stages = backbone(((mirrored - mean) / std).contiguous(memory_format=torch.channels_last))
+        stages = [F.avg_pool2d(m, 3, stride=1, padding=1, count_include_pad=False) for m in stages]
+        cut = [m[..., 16 // s: m.shape[-2] - 16 // s, 16 // s: m.shape[-1] - 16 // s]
+               for m, s in zip(stages, backbone.strides)]
+    assert got.shape == zeros.join(images).shape == (2, sum(backbone.channels), 16, 24)
+    expected = torch.cat([cut[0]] + [
+        upsample(m, s // 4, (16, 24), "center") for m, s in zip(cut[1:], backbone.strides[1:])
+    ], dim=1)
+    torch.testing.assert_close(got, expected)
+    # and the border patches see something else than zeros
+    assert (got - zeros.join(images))[..., 0, :].abs().max() > 1e-3

@@ -508,3 +508,19 @@ def test_memory_is_not_saved_and_loading_touches_no_folder(tiny_detector, saved,
     assert not (tmp_path / "other_machine").exists()
     joblib.dump(model, tmp_path / "m.joblib")  # pickle keeps the Memory as it is
     assert str(joblib.load(tmp_path / "m.joblib").memory.location) == str(tmp_path / "cache")
+
+
+def test_reflect_padding_round_trips_and_is_checked(normal_images, tmp_path, X):
+    model = ProtoADDetector(**{**TINY, "padding": "reflect"}).fit(normal_images)
+    scores = model.score_samples(X)
+    assert not np.array_equal(scores, ProtoADDetector(**TINY).fit(normal_images).score_samples(X))
+    path = persistence.save(model, tmp_path / "m.safetensors")
+    joblib.dump(model, tmp_path / "m.joblib")
+    for loaded in (persistence.load(path), joblib.load(tmp_path / "m.joblib")):
+        assert loaded.padding == "reflect" == loaded.network_.embedding.padding
+        np.testing.assert_array_equal(loaded.score_samples(X), scores)
+    # the network in the file must be the one the parameters describe
+    bad = _rewrite(path, tmp_path / "bad.safetensors",
+                   config=lambda c: c["network"].update({"padding": "zeros"}))
+    with pytest.raises(ValueError, match="padding"):
+        persistence.load(bad)
