@@ -99,6 +99,10 @@ SETTINGS = {
     "far1000_whole256": dict(neighborhood_size=3, normalization="image",
                              image_score="projection", image_size=256, crop_size=None,
                              n_farthest=1000),
+    # the default whole image without the patch cap (max_patches=None)
+    "whole256_nocap": dict(neighborhood_size=3, normalization="image",
+                           image_score="projection", image_size=256, crop_size=None,
+                           n_farthest=1000, max_patches=None),
     # the same, the image mirrored past its border for the backbone (padding="reflect")
     "whole256_reflect": dict(neighborhood_size=3, normalization="image",
                              image_score="projection", image_size=256, crop_size=None,
