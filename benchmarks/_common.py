@@ -147,3 +147,15 @@ def markdown_table(header, rows):
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
     return lines
+
+
+def chosen_variants(parser, args, names):
+    """The variants ``args.variants`` asks for (all when none), after ``--list``
+    (prints ``names``, returns None) and a usage error for unknown ones."""
+    if args.list:
+        print("\n".join(names))
+        return None
+    unknown = sorted(set(args.variants) - set(names))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; see --list")
+    return list(args.variants or names)

@@ -287,19 +287,15 @@ def main(argv=None):
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     parser.add_argument("--out", type=Path, default=_common.RESULTS)
     args = parser.parse_args(argv)
-    names = [*VARIANTS, DIAGNOSTIC]
-    if args.list:
-        print("\n".join(names))
+    chosen = _common.chosen_variants(parser, args, [*VARIANTS, DIAGNOSTIC])
+    if chosen is None:
         return
-    unknown = sorted(set(args.variants) - set(names))
-    if unknown:
-        parser.error(f"unknown variants {unknown}; see --list")
     torch.set_num_threads(2)
     prepare(args.out)
     for name, kw in VARIANTS.items():
-        if not args.variants or name in args.variants:
+        if name in chosen:
             run(name, **kw)
-    if not args.variants or DIAGNOSTIC in args.variants:
+    if DIAGNOSTIC in chosen:
         mean_norm_auroc()
 
 

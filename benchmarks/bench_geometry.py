@@ -424,17 +424,14 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=None,
                         help=f"results folder (default: {_common.RESULTS})")
     args = parser.parse_args(argv)
-    if args.list:
-        print("\n".join(VARIANTS))
+    chosen = _common.chosen_variants(parser, args, list(VARIANTS))
+    if chosen is None:
         return
-    unknown = sorted(set(args.variants) - set(VARIANTS))
-    if unknown:
-        parser.error(f"unknown variants {unknown}; see --list")
     torch.set_num_threads(2)
     default_out = Path("/tmp") / "results" if args.smoke else _common.RESULTS
     prepare(args.smoke, args.out or default_out)
     for name, spec in VARIANTS.items():
-        if not args.variants or name in args.variants:
+        if name in chosen:
             run(name, *spec)
 
 

@@ -221,36 +221,30 @@ def extract_features(detector, embedding, images, order, device, seed=0):
         embedding, device, crop, detector.backbone, detector.layers
     )
     order = list(order)
-    shard = SHARD_BATCHES * int(detector.batch_size)
-    if crop is not None and len(order) > shard and on_dask():
-        features = PatchFeatures([crop] * len(order), [grid] * len(order), channels,
-                                 detector.max_patches, seed)
-        _extract_on_dask(detector, images, order, features, shard, seed)
-        return features
     multiple = size_multiple(embedding)
-    stride = embedding.backbone.strides[0]
-    features = sizes = None
-    if _images.is_scale(image_size):
+    sizes = None
+    if crop is None:
         # Sizes are multiples of every stride, so each grid is size / stride;
         # known before extraction, so the array can be allocated first.
+        stride = embedding.backbone.strides[0]
         sizes = images.input_sizes(image_size, None, multiple, order)
         grids = [(-(-h // stride), -(-w // stride)) for h, w in sizes]
-        features = PatchFeatures(sizes, grids, embedding.n_channels, detector.max_patches, seed)
+        features = PatchFeatures(sizes, grids, channels, detector.max_patches, seed)
+    else:
+        # one fixed size: the probe's grid is every image's
+        features = PatchFeatures([crop] * len(order), [grid] * len(order), channels,
+                                 detector.max_patches, seed)
+        shard = SHARD_BATCHES * int(detector.batch_size)
+        if len(order) > shard and on_dask():
+            _extract_on_dask(detector, images, order, features, shard, seed)
+            return features
     position = {index: k for k, index in enumerate(order)}
     batches = run_batches(
         embedding, images, device, detector.batch_size, image_size, crop_size, multiple,
         indices=order, sizes=sizes, verbose=detector.verbose, desc="features",
     )
-    for chunk, batch, output in batches:
-        f = output.permute(0, 2, 3, 1).cpu().numpy()
-        if features is None:
-            # One fixed size: the grid is known from the first batch.
-            size = tuple(batch.shape[-2:])
-            features = PatchFeatures(
-                [size] * len(order), [f.shape[1:3]] * len(order), f.shape[-1],
-                detector.max_patches, seed,
-            )
-        for patches, index in zip(f, chunk):
+    for chunk, _, output in batches:
+        for patches, index in zip(output.permute(0, 2, 3, 1).cpu().numpy(), chunk):
             features.put(position[index], patches)
     return features
 

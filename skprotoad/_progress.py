@@ -99,11 +99,12 @@ def multiply_add_rate(n_features, device="cpu"):
     return a.shape[0] * b.shape[1] * a.shape[1] / max(best, 1e-9)
 
 
-def clustering_seconds(n_samples, n_features, device="cpu", **kwargs):
+def clustering_seconds(n_samples, n_features, rate, **kwargs):
     """A rough estimate of the seconds :func:`~skprotoad.clustering.learn_prototypes`
-    takes (``kwargs``: its ``method``, ``n_clusters``, ``n_farthest``)."""
+    takes at ``rate`` (:func:`multiply_add_rate`); ``kwargs``: its ``method``,
+    ``n_clusters``, ``n_farthest``."""
     work = estimated_multiply_adds(n_samples, n_features, **kwargs)
-    return work / (multiply_add_rate(n_features, device) * _SEARCH_EFFICIENCY)
+    return work / (rate * _SEARCH_EFFICIENCY)
 
 
 def clustering_estimate(detector, n_patches, n_features, held_out_share, device="cpu"):
@@ -112,9 +113,11 @@ def clustering_estimate(detector, n_patches, n_features, held_out_share, device=
     time to the end of both."""
     from ._features import farthest_count
 
+    rate = multiply_add_rate(n_features, device)  # measured once for both estimates
+
     def seconds(n):
         return clustering_seconds(
-            n, n_features, device, method=detector.clustering, n_clusters=detector.n_clusters,
+            n, n_features, rate, method=detector.clustering, n_clusters=detector.n_clusters,
             n_farthest=farthest_count(detector.n_farthest, n),
         )
 

@@ -306,14 +306,13 @@ def first_neighbors(X, *, neighbors="auto", n_probe=None, device="cpu", batch_si
     """
     X = _normalize_rows(_check_X(X, min_samples=2))
     _check_neighbors(neighbors)
-    device = _resolve_device(device)
-    if neighbors == "approx" or (neighbors == "auto" and len(X) > EXACT_NEIGHBORS_MAX_SAMPLES):
-        return _first_neighbors_ivf(X, device=device, batch_size=batch_size,
-                                    random_state=random_state, n_probe=n_probe)
-    return _first_neighbors_exact(X, device=device, batch_size=batch_size)
+    return _first_neighbors(
+        X, neighbors=neighbors, device=_resolve_device(device), batch_size=batch_size,
+        random_state=random_state, verbose=False, n_probe=n_probe,
+    )
 
 
-def _first_neighbors(X, *, neighbors, device, batch_size, random_state, verbose):
+def _first_neighbors(X, *, neighbors, device, batch_size, random_state, verbose, n_probe=None):
     n = X.shape[0]
     use_exact = neighbors == "exact" or (
         neighbors == "auto" and n <= EXACT_NEIGHBORS_MAX_SAMPLES
@@ -327,6 +326,7 @@ def _first_neighbors(X, *, neighbors, device, batch_size, random_state, verbose)
         device=device,
         batch_size=batch_size,
         random_state=random_state,
+        n_probe=n_probe,
         verbose=verbose,
     )
 

@@ -57,8 +57,6 @@ def test_the_check_finds_private_imports(tmp_path):
 
 # ------------------------------------------------------------- benchmarks
 BENCHMARKS = PACKAGE.parent / "benchmarks"
-# Benchmarks that may read private names, each with the reason: none.
-BENCHMARK_EXEMPT = set()
 
 
 def _is_package(module):
@@ -119,7 +117,6 @@ def test_benchmarks_use_only_public_names_and_leave_the_estimator_alone():
     offenders = [
         f"{path.name}:{line}: {what}"
         for path in sorted(BENCHMARKS.glob("*.py"))
-        if path.name not in BENCHMARK_EXEMPT
         for line, what in _benchmark_offences(path)
     ]
     assert not offenders, "benchmarks reach into skprotoad:\n" + "\n".join(offenders)
