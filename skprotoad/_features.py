@@ -317,14 +317,15 @@ def score_features(network, features, positions, device, batch_size):
     return scores, map_maxima
 
 
-def score_training_images(network, features, images, indices, positions, device, batch_size,
+def score_training_images(network, features, images, order, positions, device, batch_size,
                           image_size):
-    """Anomaly scores and map maxima of the training images ``images[indices]``,
-    held at ``positions`` of ``features``: by the network's head on the held
-    features when they are all there, else by the whole network (the
-    backbone runs again)."""
+    """Anomaly scores and map maxima of the training images ``images[order[k]]``
+    for k in ``positions``, held at those positions of ``features``: by the
+    network's head on the held features when they are all there, else by the
+    whole network (the backbone runs again)."""
     if features.complete:
         return score_features(network, features, positions, device, batch_size)
+    indices = [order[k] for k in positions]
     return score_images_at(network, images, indices, device, batch_size, image_size)
 
 

@@ -1,4 +1,5 @@
-"""How a :class:`~skprotoad.ProtoADDetector` pickles (joblib, ``copy``, clones).
+"""How a :class:`~skprotoad.ProtoADDetector` pickles (joblib, ``copy``, clones):
+:class:`NetworkPickling`, a mixin.
 
 The fitted network is pickled as :meth:`ProtoADNetwork.to_state
 <skprotoad.network.ProtoADNetwork.to_state>` (plain values and CPU tensors),
@@ -56,3 +57,17 @@ def restore_network(detector, network_state):
             + "): the file is damaged or was edited; refit the model."
         )
     return network
+
+
+class NetworkPickling:
+    """Mixin: pickles ``network_`` as plain values (:func:`pickled_state`) and
+    checks it when read back; before ``BaseEstimator`` in the bases."""
+
+    def __getstate__(self):
+        return pickled_state(super().__getstate__())
+
+    def __setstate__(self, state):
+        state, network_state = split_state(state, self._get_param_names())
+        super().__setstate__(state)
+        if network_state is not None:
+            self.network_ = restore_network(self, network_state)

