@@ -10,6 +10,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,6 +41,7 @@ def test_every_example_is_tested():
         "persistence.py",
         "real_data_magnetic_tile.py",
         "station_onnxruntime.py",
+        "large_data_dask.py",
     }
     assert set(ALL_SCRIPTS) == tested, "add a test for each new example"
 
@@ -66,6 +68,22 @@ def test_persistence(run_example, tmp_path, capsys):
     run_example("persistence.py")
     assert (tmp_path / "detector.joblib").is_file()
     assert "round trip OK" in capsys.readouterr().out
+
+
+def test_large_data_on_a_dask_cluster(run_example, tmp_path, capsys):
+    pytest.importorskip("distributed")
+    ns = run_example("large_data_dask.py", "out")
+    det, result, same, test_paths = ns["det"], ns["result"], ns["same"], ns["test_paths"]
+    assert same, "the fit on the cluster learned other prototypes than a local fit"
+    assert det.n_train_images_ == 24
+    assert sorted(result["index"]) == list(range(8))
+    overlays = sorted(p.name for p in (tmp_path / "out" / "scored" / "overlays").glob("*.png"))
+    assert overlays == [f"{i:03d}.png" for i in range(8)]
+    np.testing.assert_array_equal(result["anomaly"], det.predict(test_paths) == -1)
+    out = capsys.readouterr().out
+    assert "== fit in this process: True" in out
+    auroc = float(out.split("image AUROC on 8 test images: ")[1].split()[0])
+    assert auroc > 0.5, "the cluster-fitted model ranks defective images below normal ones"
 
 
 def test_real_data_skips_without_data(run_example, tmp_path, capsys):
