@@ -30,13 +30,49 @@ DEFAULT_FARTHEST = 1000
 MAX_FARTHEST_SHARE = 0.1
 
 
+#: Of the ``count`` patches an image keeps under ``max_patches``, at most this
+#: many (and at most an eighth) are not drawn at random but chosen to cover
+#: those left out: a patch unlike the rest of its image, which the
+#: farthest-patch prototypes exist for, is rarely drawn.
+MAX_COVERING_ROWS = 16
+#: The left-out rows' distances are measured to at most this many of the drawn
+#: ones (a random subset: they are drawn in random order), which bounds the cost.
+COVERING_REFERENCE_ROWS = 512
+
+
 def draw_rows(rows, count, seed, k):
-    """``count`` of the ``rows`` of image ``k``, drawn at random (all if as many),
-    in their order: the draw depends on ``seed`` and ``k`` alone."""
+    """``count`` of the ``rows`` of image ``k`` (all if as many), in their order.
+
+    Most are drawn at random, with a generator seeded by ``seed`` and ``k``
+    alone; the last ``min(MAX_COVERING_ROWS, count // 8)`` are the rows left
+    out that are farthest (Euclidean) from those drawn (from the first
+    :data:`COVERING_REFERENCE_ROWS` of them), chosen greedily so that each is
+    also far from the ones chosen before it.
+    """
     if count >= len(rows):
         return rows
-    drawn = np.random.default_rng([seed, k]).choice(len(rows), count, replace=False)
+    n_cover = min(MAX_COVERING_ROWS, count // 8)
+    drawn = np.random.default_rng([seed, k]).choice(len(rows), count - n_cover, replace=False)
+    if n_cover:
+        left = np.setdiff1d(np.arange(len(rows)), drawn)
+        reference = rows[drawn[:COVERING_REFERENCE_ROWS]]
+        drawn = np.concatenate([drawn, left[_farthest_from(rows[left], reference, n_cover)]])
     return rows[np.sort(drawn)]
+
+
+def _farthest_from(candidates, kept, n):
+    """Positions of ``n`` rows of ``candidates``, each the farthest from
+    ``kept`` and from the rows chosen before it (greedy k-center)."""
+    c_sq = np.einsum("ij,ij->i", candidates, candidates)
+    k_sq = np.einsum("ij,ij->i", kept, kept)
+    nearest = (c_sq[:, None] - 2.0 * candidates @ kept.T + k_sq).min(axis=1)
+    chosen = []
+    for _ in range(n):
+        i = int(np.argmax(nearest))
+        chosen.append(i)
+        gap = candidates - candidates[i]
+        nearest = np.minimum(nearest, np.einsum("ij,ij->i", gap, gap))
+    return np.array(chosen, dtype=np.int64)
 
 
 def size_multiple(embedding):

@@ -656,6 +656,23 @@ def test_a_training_set_under_max_patches_is_learned_whole(normal_images):
     np.testing.assert_array_equal(at_cap.calibration_scores_, uncapped.calibration_scores_)
 
 
+def test_the_capped_draw_keeps_the_patches_unlike_the_rest_of_their_image():
+    from skprotoad._features import draw_rows
+
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(400, 8)).astype(np.float32)
+    rare = [3, 150, 333]  # far from everything: a random 50 of 400 would miss them
+    rows[rare] += 40 * np.eye(8, dtype=np.float32)[:3]
+    for k in range(5):
+        kept = draw_rows(rows, 50, seed=1, k=k)
+        positions = [int(np.flatnonzero((rows == r).all(axis=1))[0]) for r in kept]
+        assert positions == sorted(set(positions)) and len(positions) == 50
+        assert set(rare) <= set(positions)
+        np.testing.assert_array_equal(draw_rows(rows, 50, seed=1, k=k), kept)  # seeded
+    assert len(draw_rows(rows, 7, seed=1, k=0)) == 7  # too few to cover: all drawn
+    np.testing.assert_array_equal(draw_rows(rows, 400, seed=1, k=0), rows)
+
+
 @pytest.mark.parametrize("contamination", ["auto", 0.25])
 def test_max_patches_caps_the_patches_held(normal_images, contamination, capsys):
     n_images = len(normal_images)
