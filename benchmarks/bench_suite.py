@@ -99,6 +99,9 @@ SETTINGS = {
     "far1000_whole256": dict(neighborhood_size=3, normalization="image",
                              image_score="projection", image_size=256, crop_size=None,
                              n_farthest=1000),
+    # (rows named "nov30_cap_random" in the results: the defaults before commit
+    # "Capped fit: each image keeps ... farthest from the drawn ones", when the
+    # cap's sample was a plain random draw; no parameter reproduces it now)
     # the default whole image without the patch cap (max_patches=None)
     "whole256_nocap": dict(neighborhood_size=3, normalization="image",
                            image_score="projection", image_size=256, crop_size=None,

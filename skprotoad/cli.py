@@ -296,8 +296,8 @@ def _add_detector_options(parser):
     )
     group.add_argument(
         "--max-patches", type=_positive_int, default=default["max_patches"], metavar="N",
-        help="most patch features held while fitting; above it each image gives a "
-        "seeded random share of its patches, so memory stays bounded "
+        help="most patch features held while fitting; above it each image gives an "
+        "equal share of its patches (mostly a seeded random draw), so memory stays bounded "
         "(default: %(default)s)",
     )
     group.add_argument(

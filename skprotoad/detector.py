@@ -54,9 +54,9 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         0: none (the paper). See :doc:`/user_guide/defaults`.
     max_patches : int or None, default=2_000_000
         Most patch features ``fit`` holds. Above it, each training image gives
-        the same number of its patches, drawn at random (seeded), so that memory
-        stops growing with the number of images. Under the cap: all patches, as
-        with ``None``. Lower it for wide backbones. See :doc:`/user_guide/large_data`.
+        the same number of its patches, mostly drawn at random (seeded), so that
+        memory stops growing with the number of images. Under the cap: all
+        patches, as with ``None``. Lower it for wide backbones. See :doc:`/user_guide/large_data`.
     sigma : float, default=4.0
         Standard deviation, in pixels of the model input, of the Gaussian
         smoothing of the anomaly map; 0 disables it; at most 256.
