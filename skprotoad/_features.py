@@ -21,7 +21,7 @@ import torch
 
 from . import _images, _progress
 from .backbones import create_feature_extractor
-from .clustering import learn_prototypes
+from .clustering import add_farthest_rows, learn_prototypes
 from .network import PatchEmbedding, ProtoADNetwork, effective_image_score
 
 #: ``n_farthest=None``: this many farthest patches, at most ``MAX_FARTHEST_SHARE``
@@ -47,7 +47,8 @@ def draw_rows(rows, count, seed, k):
     alone; the last ``min(MAX_COVERING_ROWS, count // 8)`` are the rows left
     out that are farthest (Euclidean) from those drawn (from the first
     :data:`COVERING_REFERENCE_ROWS` of them), chosen greedily so that each is
-    also far from the ones chosen before it.
+    also far from the ones chosen before it
+    (:func:`~skprotoad.clustering.add_farthest_rows`).
     """
     if count >= len(rows):
         return rows
@@ -56,23 +57,9 @@ def draw_rows(rows, count, seed, k):
     if n_cover:
         left = np.setdiff1d(np.arange(len(rows)), drawn)
         reference = rows[drawn[:COVERING_REFERENCE_ROWS]]
-        drawn = np.concatenate([drawn, left[_farthest_from(rows[left], reference, n_cover)]])
+        chosen = add_farthest_rows(rows[left], reference, n_cover, return_indices=True)
+        drawn = np.concatenate([drawn, left[chosen]])
     return rows[np.sort(drawn)]
-
-
-def _farthest_from(candidates, kept, n):
-    """Positions of ``n`` rows of ``candidates``, each the farthest from
-    ``kept`` and from the rows chosen before it (greedy k-center)."""
-    c_sq = np.einsum("ij,ij->i", candidates, candidates)
-    k_sq = np.einsum("ij,ij->i", kept, kept)
-    nearest = (c_sq[:, None] - 2.0 * candidates @ kept.T + k_sq).min(axis=1)
-    chosen = []
-    for _ in range(n):
-        i = int(np.argmax(nearest))
-        chosen.append(i)
-        gap = candidates - candidates[i]
-        nearest = np.minimum(nearest, np.einsum("ij,ij->i", gap, gap))
-    return np.array(chosen, dtype=np.int64)
 
 
 def size_multiple(embedding):

@@ -991,7 +991,8 @@ def estimated_multiply_adds(n_samples, n_features, *, method="finch", n_clusters
     return work + n * (n_prototypes + int(n_farthest)) * d * (n_farthest > 0)
 
 
-def add_farthest_rows(X, prototypes, n_rows, *, device="cpu", batch_size=None, verbose=False):
+def add_farthest_rows(X, prototypes, n_rows, *, device="cpu", batch_size=None, verbose=False,
+                      return_indices=False):
     """Greedy k-center completion: append the rows of ``X`` farthest from the prototypes.
 
     ``n_rows`` times, the row of ``X`` with the largest Euclidean distance to
@@ -1013,12 +1014,15 @@ def add_farthest_rows(X, prototypes, n_rows, *, device="cpu", batch_size=None, v
         Rows of ``X`` per block when measuring the first distances.
     verbose : bool, default=False
         Show progress.
+    return_indices : bool, default=False
+        Return the positions in ``X`` of the chosen rows instead.
 
     Returns
     -------
     prototypes : ndarray of shape (n_prototypes + n_rows, n_features), float32
         The given prototypes, then the appended rows in the order they were
-        chosen.
+        chosen; with ``return_indices``, their positions in ``X``, an int64
+        array of shape (n_rows,).
 
     Examples
     --------
@@ -1039,7 +1043,7 @@ def add_farthest_rows(X, prototypes, n_rows, *, device="cpu", batch_size=None, v
     ):
         raise ValueError(f"n_rows must be an int in [0, {X.shape[0]}], got {n_rows!r}.")
     if n_rows == 0:
-        return P.copy()
+        return np.empty(0, dtype=np.int64) if return_indices else P.copy()
     device = _resolve_device(device)
     Xt = _as_tensor(X, device)
     Pt = torch.from_numpy(P).to(device)
@@ -1089,6 +1093,8 @@ def add_farthest_rows(X, prototypes, n_rows, *, device="cpu", batch_size=None, v
                 pool_d, (pool_sq - 2.0 * (pool_x @ Xt[i]) + x_sq[i]).clamp_min(0.0)
             )
     steps.close()
+    if return_indices:
+        return np.array(chosen, dtype=np.int64)
     return np.concatenate([P, X[chosen].astype(np.float32)])
 
 

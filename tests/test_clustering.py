@@ -442,6 +442,10 @@ def test_add_farthest_rows_is_greedy_k_center(n_prototypes):
     if n_prototypes:
         # with prototypes in the bulk, the rare rows are taken first
         assert {tuple(r) for r in ours[3:8]} == {tuple(r) for r in X[:5]}
+    chosen = add_farthest_rows(X, P, 12, batch_size=64, return_indices=True)
+    assert chosen.dtype == np.int64
+    np.testing.assert_array_equal(X[chosen], ours[n_prototypes:])
+    assert len(add_farthest_rows(X, P, 0, return_indices=True)) == 0
 
 
 def test_learn_prototypes_appends_farthest_unit_rows():
