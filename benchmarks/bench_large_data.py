@@ -70,11 +70,15 @@ def make_images(workdir, n):
     folder = _common.SHARED_DATA / "magnetic_tile"
     if _common.is_mvtec_set(folder):
         sources = load_mvtec(folder).train_paths
-        source = lambda i: np.asarray(Image.open(sources[i % len(sources)]).convert("RGB"))  # noqa: E731
+
+        def source(i):
+            return np.asarray(Image.open(sources[i % len(sources)]).convert("RGB"))
     else:
         images, _, _ = make_defect_images(200, image_size=SIDE, anomaly_ratio=0.0,
                                           random_state=0)
-        source = lambda i: images[i % len(images)]  # noqa: E731
+
+        def source(i):
+            return images[i % len(images)]
     rng = np.random.default_rng(0)
     for i, path in enumerate(paths):
         image = _augmented(source(i), rng)  # drawn for every i: a file's content
@@ -166,10 +170,12 @@ def write(results, command):
                   "Augmented Magnetic Tile training tiles, 256 px PNG files passed as "
                   "paths; one fresh process per row (peak RSS = its VmHWM).", ""]
         lines += _common.markdown_table(cols, [[r.get(c, "") for c in cols] for r in fits])
+        def per_1000(a, b, key):
+            return (b[key] - a[key]) / (b["n_images"] - a["n_images"]) * 1000
+
         slopes = [
-            f"{a['n_images']:,} -> {b['n_images']:,}: "
-            f"{(b['fit_s'] - a['fit_s']) / (b['n_images'] - a['n_images']) * 1000:.1f} s "
-            f"per 1,000 images (features {(b['features_s'] - a['features_s']) / (b['n_images'] - a['n_images']) * 1000:.1f})"
+            f"{a['n_images']:,} -> {b['n_images']:,}: {per_1000(a, b, 'fit_s'):.1f} s "
+            f"per 1,000 images (features {per_1000(a, b, 'features_s'):.1f})"
             for a, b in zip(fits, fits[1:])
         ]
         if slopes:

@@ -63,4 +63,5 @@ def main(out_dir):
 
 
 if __name__ == "__main__":  # Dask's worker processes import this script again
-    det, result, same, test_paths = main(Path(sys.argv[1] if len(sys.argv) > 1 else "large_data_out"))
+    out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "large_data_out")
+    det, result, same, test_paths = main(out_dir)
