@@ -158,9 +158,14 @@ def run_case(args, part, n):
 
 
 def write(results, command):
+    # rows of earlier runs stay: list every command that made one
+    commands = results.setdefault("commands", [])
+    if command not in commands:
+        commands.append(command)
     _common.write_json(_common.RESULTS / f"{OUT}.json", results)
     lines = ["# Large training sets under the patch cap, and Dask's overhead", "",
-             f"Command: `{command}`", "", f"Machine: {_common.machine()}.", ""]
+             "Commands:", "", *[f"- `{c}`" for c in commands], "",
+             f"Machine: {_common.machine()}.", ""]
     fits = sorted(results.get("fit", []), key=lambda r: r["n_images"])
     if fits:
         cols = ["n_images", "fit_s", "features_s", "prototypes_s", "calibration_s",

@@ -154,31 +154,66 @@ def _resolve_device(device):
     return device
 
 
-def _normalize_rows(X):
-    """Return ``X`` with unit rows; zero rows stay zero (cosine 0 to all).
-
-    Already unit float32 rows are returned as they are: a copy of a
-    2.4-million-row input would cost 1.7 GB. The norms are computed block by
-    block, since ``np.linalg.norm`` squares its whole input into a temporary
-    of the same size (the same numbers, row by row).
-    """
+def _row_norms(X):
+    """L2 norms of the rows of ``X`` as a (n, 1) array, block by block, since
+    ``np.linalg.norm`` squares its whole input into a temporary of the same
+    size (the same numbers, row by row); ``None`` when they are all 1."""
     norms = np.empty((len(X), 1), dtype=np.result_type(X.dtype, np.float32))
     for rows in _row_blocks(X):
         norms[rows] = np.linalg.norm(X[rows], axis=1, keepdims=True)
     if X.dtype == np.float32 and np.all(np.abs(norms - 1.0) <= 1e-5):
-        return X
+        return None
     norms[norms == 0] = 1.0
+    return norms
+
+
+def _normalize_rows(X):
+    """Return ``X`` with unit rows; zero rows stay zero (cosine 0 to all).
+
+    Already unit float32 rows are returned as they are: a copy of a
+    2.4-million-row input would cost 1.7 GB.
+    """
+    norms = _row_norms(X)
+    if norms is None:
+        return X
     return (X / norms).astype(np.float32, copy=False)
 
 
+class _UnitRows:
+    """The rows of a float32 array divided by their norms, on each read.
+
+    FINCH reads unit rows, but only block by block, while the detector's
+    means need the raw rows: this view spares a unit copy of millions of
+    patches.  Division is correctly rounded, so every read equals the same
+    rows of :func:`_normalize_rows`' copy bit for bit.  Indexing returns a
+    tensor on the view's device, as indexing that copy's tensor would.
+    """
+
+    def __init__(self, X, device):
+        norms = _row_norms(X)
+        self._rows = _as_tensor(X, device)
+        self._norms = None if norms is None else torch.from_numpy(norms).to(device)
+        self.shape, self.dtype, self.device = self._rows.shape, self._rows.dtype, self._rows.device
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        rows = self._rows[index]
+        return rows if self._norms is None else rows / self._norms[index]
+
+
 def _cluster_sums(X, labels, n_clusters):
-    """Per-cluster sums of the rows of ``X`` (float32, deterministic)."""
-    n = X.shape[0]
-    member = sp.csr_matrix(
-        (np.ones(n, dtype=np.float32), (labels, np.arange(n))),
-        shape=(n_clusters, n),
-    )
-    return np.asarray(member @ X, dtype=np.float32)
+    """Per-cluster sums of the rows of ``X`` (an array or :class:`_UnitRows`),
+    float32; the CPU scatter-add accumulates in row order, so the sums are
+    reproducible and the same whatever the blocks."""
+    sums = torch.zeros((n_clusters, X.shape[1]), dtype=torch.float32)
+    labels = torch.as_tensor(labels)
+    for rows in _row_blocks(X):
+        block = X[rows]
+        block = _as_tensor(block, "cpu") if isinstance(block, np.ndarray) else block.cpu()
+        sums.index_add_(0, labels[rows], block)
+    return sums.numpy()
 
 
 def _as_tensor(X, device):
@@ -186,8 +221,11 @@ def _as_tensor(X, device):
 
     Nothing here writes to it, so a read-only array (the detector's
     memory-mapped feature cache) is shared as it is; torch warns about every
-    non-writable array, hence the filter.
+    non-writable array, hence the filter.  A :class:`_UnitRows` is returned
+    as it is.
     """
+    if isinstance(X, _UnitRows):
+        return X
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message="The given NumPy array is not writable", category=UserWarning
@@ -589,8 +627,15 @@ def finch(
     X = _check_X(X)
     _check_neighbors(neighbors)
     device = _resolve_device(device)
+    return _finch(
+        _UnitRows(X, device), neighbors=neighbors, device=device, batch_size=batch_size,
+        random_state=random_state, verbose=verbose,
+    )
+
+
+def _finch(X, *, neighbors, device, batch_size, random_state, verbose):
+    """:func:`finch` of the checked unit rows ``X`` (a :class:`_UnitRows`)."""
     rng = check_random_state(random_state)
-    X = _normalize_rows(X)
     n = X.shape[0]
     if n == 1:
         return [np.zeros(1, dtype=np.int64)]
@@ -760,9 +805,19 @@ def finch_n_clusters(
     X = _check_X(X)
     n_clusters = _check_n_clusters(n_clusters, X.shape[0])
     device = _resolve_device(device)
-    X = _normalize_rows(X)
+    return _finch_n_clusters(
+        _UnitRows(X, device), n_clusters, neighbors=neighbors, device=device,
+        batch_size=batch_size, random_state=random_state, partitions=partitions,
+        verbose=verbose,
+    )
+
+
+def _finch_n_clusters(
+    X, n_clusters, *, neighbors, device, batch_size, random_state, partitions, verbose
+):
+    """:func:`finch_n_clusters` of the checked unit rows ``X`` (a :class:`_UnitRows`)."""
     if partitions is None:
-        partitions = finch(
+        partitions = _finch(
             X,
             neighbors=neighbors,
             device=device,
@@ -1139,8 +1194,7 @@ def learn_prototypes(
         Return the L2-normalised means of the unit rows (cosine prototypes,
         the paper's). ``False`` returns the plain means of the rows of ``X``
         in each cluster, keeping their magnitude, for Euclidean distances
-        (``ProtoADDetector(normalization="image")``); this holds a unit-row
-        copy of ``X`` while clustering.
+        (``ProtoADDetector(normalization="image")``).
     n_farthest : int, default=0
         Rows of ``X`` appended to the cluster means by
         :func:`add_farthest_rows` (unit rows unless ``normalize=False``), so
@@ -1177,28 +1231,27 @@ def learn_prototypes(
         0 <= n_farthest <= X.shape[0]
     ):
         raise ValueError(f"n_farthest must be an int in [0, {X.shape[0]}], got {n_farthest!r}.")
-    unit = _normalize_rows(X)
     prototypes = _cluster_means_of(
-        X, unit, method, n_clusters, neighbors, random_state, device, batch_size, normalize,
-        verbose,
+        X, method, n_clusters, neighbors, random_state, device, batch_size, normalize, verbose,
     )
     if not n_farthest:
         return prototypes
     return add_farthest_rows(
-        unit if normalize else X, prototypes, int(n_farthest), device=device,
+        _normalize_rows(X) if normalize else X, prototypes, int(n_farthest), device=device,
         batch_size=batch_size, verbose=verbose,
     )
 
 
 def _cluster_means_of(
-    raw, X, method, n_clusters, neighbors, random_state, device, batch_size, normalize, verbose
+    raw, method, n_clusters, neighbors, random_state, device, batch_size, normalize, verbose
 ):
     """The prototypes of :func:`learn_prototypes` before any farthest rows:
-    clusters found on the unit rows ``X``, means of ``X`` or of ``raw``."""
+    clusters found on the unit rows of ``raw``, means of those or of ``raw``."""
 
     if method == "kmeans":
         if n_clusters is None:
             raise ValueError("method='kmeans' requires an int n_clusters, got None.")
+        X = _normalize_rows(raw)
         centers = kmeans(
             X,
             n_clusters,
@@ -1215,6 +1268,8 @@ def _cluster_means_of(
         )[0].cpu().numpy()
         return _cluster_means(raw, labels, n_clusters)
 
+    device = _resolve_device(device)
+    X = _UnitRows(raw, device)
     kwargs = dict(
         neighbors=neighbors,
         device=device,
@@ -1223,15 +1278,15 @@ def _cluster_means_of(
         verbose=verbose,
     )
     if n_clusters is None:
-        partitions = finch(X, **kwargs)
+        partitions = _finch(X, **kwargs)
         if int(partitions[0].max()) + 1 <= MAX_DEFAULT_PROTOTYPES:
             labels = partitions[0]
         else:
-            labels = finch_n_clusters(
+            labels = _finch_n_clusters(
                 X, MAX_DEFAULT_PROTOTYPES, partitions=partitions, **kwargs
             )
     else:
-        labels = finch_n_clusters(X, n_clusters, **kwargs)
+        labels = _finch_n_clusters(X, n_clusters, partitions=None, **kwargs)
     k = int(labels.max()) + 1
     if not normalize:
         return _cluster_means(raw, labels, k)

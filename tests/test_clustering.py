@@ -418,6 +418,54 @@ def test_input_passes_need_no_copy_of_the_input(monkeypatch):
     assert peak < 0.2 * X.nbytes, peak
 
 
+def test_unit_row_view_reads_the_normalised_rows_bit_for_bit():
+    """FINCH reads unit rows through a view that divides on each read; every
+    kind of index it uses must give the rows of the unit copy exactly."""
+    import torch
+
+    from skprotoad.clustering import _cluster_sums, _normalize_rows, _UnitRows
+
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(500, 12)) * rng.uniform(0.1, 9.0, size=(500, 1))).astype(np.float32)
+    X[7] = 0.0
+    unit, view = _normalize_rows(X), _UnitRows(X, "cpu")
+    rows = torch.from_numpy(rng.integers(0, 500, size=40))
+    grid = torch.from_numpy(rng.integers(0, 500, size=(3, 5)))
+    for index, expected in [
+        (slice(5, 60), unit[5:60]), (rows, unit[rows.numpy()]), (grid, unit[grid.numpy()]),
+        (7, unit[7]), ([3, 1, 3], unit[[3, 1, 3]]),
+    ]:
+        assert np.array_equal(view[index].numpy(), expected)
+    labels = rng.integers(0, 9, size=500)
+    expected = np.zeros((9, 12), dtype=np.float32)
+    np.add.at(expected, labels, unit)  # row-order float32 accumulation
+    assert np.array_equal(_cluster_sums(view, labels, 9), expected)
+    # already unit rows are read as stored, as _normalize_rows returns them
+    stored = unit[8:]
+    assert _normalize_rows(stored) is stored
+    assert np.array_equal(_UnitRows(stored, "cpu")[10:90].numpy(), stored[10:90])
+
+
+def test_learn_prototypes_holds_no_unit_copy(monkeypatch):
+    """The plain means need the raw rows and FINCH the unit ones: a unit copy
+    of millions of patches would double a fit's memory, so none is made."""
+    import tracemalloc
+
+    monkeypatch.setattr(clustering, "_PASS_ENTRIES", 2**18)
+    monkeypatch.setattr(clustering, "_MERGE_MATRIX_ENTRIES", 0)  # its own, smaller matrix
+    rng = np.random.default_rng(0)
+    n = clustering.EXACT_NEIGHBORS_MAX_SAMPLES + 4000  # the first level uses the IVF search
+    X = rng.standard_normal((n, 256), dtype=np.float32)
+    X *= rng.uniform(0.5, 2.0, size=(n, 1)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        learn_prototypes(X, normalize=False, n_farthest=20, random_state=0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.5 * X.nbytes, peak / X.nbytes
+
+
 # ------------------------------------------------------------ farthest rows
 
 
