@@ -122,6 +122,9 @@ PEER_INPUT = dict(backbone="efficientnet_lite0", layers=(1, 2, 3), image_size=25
                   crop_size=224)
 PEERS = {
     "padim": dict(method="padim", n_features=100, **PEER_INPUT),
+    # the same on the whole image, the detector's default geometry
+    "padim_whole256": dict(method="padim", n_features=100,
+                           **{**PEER_INPUT, "crop_size": None}),
 }
 PEER_BATCH = 16  # images per backbone call, so that no set's stage maps are held
 
