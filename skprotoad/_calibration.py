@@ -1,9 +1,11 @@
 """How :meth:`skprotoad.ProtoADDetector.fit` sets its two thresholds.
 
 With ``contamination="auto"`` a random share of the normal training images is
-held out, prototypes are learned once more without them, and the thresholds
-are split-conformal order statistics of the held-out images' scores (see
-:doc:`/user_guide/thresholds`). With a float ``contamination``, or too few
+held out: the cluster means are learned without them, and the thresholds are
+split-conformal order statistics of their scores by those means and the
+farthest patches of the other images (see :doc:`/user_guide/thresholds`). The
+fitted network adds the farthest patches of all images to the same means, so
+that a fit clusters once. With a float ``contamination``, or too few
 images to hold any out, they are quantiles of the training images' own scores.
 """
 
@@ -120,15 +122,11 @@ def held_out_split(n_images, random_state=None):
     return order[: len(order) - n_held], order[len(order) - n_held :]
 
 
-def stage_detail(n_held_out, n_images, prototype_seconds):
+def stage_detail(n_held_out):
     """What calibration is about to do, for ``fit``'s progress (``verbose``)."""
     if not n_held_out:
         return "the training images' own scores"
-    # the second clustering sees the patches of the other images: about that
-    # share of the first one's time
-    seconds = prototype_seconds * (1 - n_held_out / n_images)
-    return (f"{n_held_out} held-out images, a second clustering without them: "
-            f"about {seconds:.0f} s")
+    return f"{n_held_out} held-out images, scored by prototypes learned without them"
 
 
 def calibrate(network, n_images, n_held_out, contamination, fit_network, score):

@@ -211,13 +211,23 @@ def farthest_count(n_farthest, n_patches):
     return int(n_farthest)
 
 
-def fit_network(detector, embedding, patches, seed, device):
-    """The network of ``detector``'s parameters, with prototypes learned from
-    ``patches`` (an (n_patches, n_channels) array), in eval mode on ``device``."""
-    prototypes = learn_prototypes(
+def cluster_means(detector, patches, seed, device):
+    """The cluster means of ``patches`` (an (n_patches, n_channels) array) that
+    ``detector``'s parameters ask for: its prototypes before the farthest patches."""
+    return learn_prototypes(
         patches, method=detector.clustering, n_clusters=detector.n_clusters, random_state=seed,
         device=str(device), normalize=detector.normalization == "patch",
-        n_farthest=farthest_count(detector.n_farthest, len(patches)),
+        verbose=_progress.verbosity(detector.verbose) >= 2,
+    )
+
+
+def fit_network(detector, embedding, means, patches, device):
+    """The network of ``detector``'s parameters in eval mode on ``device``: the
+    cluster ``means`` and the farthest of ``patches`` are its prototypes."""
+    # features of normalization="patch" are unit rows already, as
+    # learn_prototypes' farthest rows would be
+    prototypes = add_farthest_rows(
+        patches, means, farthest_count(detector.n_farthest, len(patches)), device=str(device),
         verbose=_progress.verbosity(detector.verbose) >= 2,
     )
     network = ProtoADNetwork(

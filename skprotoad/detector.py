@@ -91,7 +91,7 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         Per-channel normalisation of the RGB input in [0, 1].
     contamination : "auto" or float in (0, 0.5], default="auto"
         ``"auto"``: ``offset_`` set on a random 20 % of the normal images, held
-        out of a second clustering, so that a new normal image is flagged with
+        out of the clustering, so that a new normal image is flagged with
         probability at most 1 %. A float: the share of training images taken to
         be anomalous, as in IsolationForest. See :doc:`/user_guide/thresholds`.
     batch_size : int, default=16
@@ -246,8 +246,8 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
             features, len(order) - n_held_out, self.n_clusters, self.n_farthest
         )
 
-        def fit_network(n_images):
-            return _features.fit_network(self, embedding, features.patches(n_images), seed, device)
+        def fit_network(means, n_images):
+            return _features.fit_network(self, embedding, means, features.patches(n_images), device)
 
         def score(network, positions):
             return _features.score_training_images(
@@ -255,16 +255,19 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
                 self.image_size,
             )
 
-        n_patches = len(features.patches())
+        n_patches, n_fit = len(features.patches()), len(order) - n_held_out
         detail = _progress.prototypes_detail(
-            self, n_patches, features.shape[2], n_held_out / len(order), device, clock.level
+            self, n_patches, len(features.patches(n_fit)), features.shape[2], device, clock.level
         )
         with clock.stage("prototypes", detail):
-            self.network_ = fit_network(len(order))
-        detail = _calibration.stage_detail(n_held_out, len(order), clock.seconds["prototypes"])
-        with clock.stage("calibration", detail):
+            # one clustering, of the images the calibration learns from; the
+            # held-out ones add their farthest patches only (see _calibration)
+            means = _features.cluster_means(self, features.patches(n_fit), seed, device)
+            self.network_ = fit_network(means, len(order))
+        with clock.stage("calibration", _calibration.stage_detail(n_held_out)):
             self.offset_, self.pixel_threshold_, self.calibration_scores_ = _calibration.calibrate(
-                self.network_, len(order), n_held_out, self.contamination, fit_network, score
+                self.network_, len(order), n_held_out, self.contamination,
+                lambda n_images: fit_network(means, n_images), score,
             )
         _validation.record_fitted_settings(self)
         fixed = self.network_.input_size is not None
