@@ -102,6 +102,9 @@ SETTINGS = {
     # (rows named "nov30_cap_random" in the results: the defaults before commit
     # "Capped fit: each image keeps ... farthest from the drawn ones", when the
     # cap's sample was a plain random draw; no parameter reproduces it now)
+    # (rows named "nov30_two_clusterings": the defaults before commit
+    # "contamination='auto' clusters once", whose final model was clustered
+    # again on all images; no parameter reproduces it now)
     # the default whole image without the patch cap (max_patches=None)
     "whole256_nocap": dict(neighborhood_size=3, normalization="image",
                            image_score="projection", image_size=256, crop_size=None,
