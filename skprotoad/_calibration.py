@@ -1,11 +1,10 @@
 """How :meth:`skprotoad.ProtoADDetector.fit` sets its two thresholds.
 
 With ``contamination="auto"`` a random share of the normal training images is
-held out: the cluster means are learned without them, and the thresholds are
-split-conformal order statistics of their scores by those means and the
-farthest patches of the other images (see :doc:`/user_guide/thresholds`). The
-fitted network adds the farthest patches of all images to the same means, so
-that a fit clusters once. With a float ``contamination``, or too few
+held out, and the thresholds are split-conformal order statistics of their
+scores by prototypes that hold none of their patches: in each cluster of the
+fit's one clustering, the mean of the other images' patches, and the farthest
+of those patches (see :doc:`/user_guide/thresholds`). With a float ``contamination``, or too few
 images to hold any out, they are quantiles of the training images' own scores.
 """
 
@@ -126,7 +125,7 @@ def stage_detail(n_held_out):
     """What calibration is about to do, for ``fit``'s progress (``verbose``)."""
     if not n_held_out:
         return "the training images' own scores"
-    return f"{n_held_out} held-out images, scored by prototypes learned without them"
+    return f"{n_held_out} held-out images, scored by prototypes without their patches"
 
 
 def calibrate(network, n_images, n_held_out, contamination, fit_network, score):

@@ -21,7 +21,7 @@ import torch
 
 from . import _images, _progress
 from .backbones import create_feature_extractor
-from .clustering import add_farthest_rows, learn_prototypes
+from .clustering import add_farthest_rows, learn_prototypes, partition_means
 from .network import PatchEmbedding, ProtoADNetwork, effective_image_score
 
 #: ``n_farthest=None``: this many farthest patches, at most ``MAX_FARTHEST_SHARE``
@@ -213,11 +213,20 @@ def farthest_count(n_farthest, n_patches):
 
 def cluster_means(detector, patches, seed, device):
     """The cluster means of ``patches`` (an (n_patches, n_channels) array) that
-    ``detector``'s parameters ask for: its prototypes before the farthest patches."""
+    ``detector``'s parameters ask for (its prototypes before the farthest
+    patches), and the cluster of each patch."""
     return learn_prototypes(
         patches, method=detector.clustering, n_clusters=detector.n_clusters, random_state=seed,
-        device=str(device), normalize=detector.normalization == "patch",
+        device=str(device), normalize=detector.normalization == "patch", return_labels=True,
         verbose=_progress.verbosity(detector.verbose) >= 2,
+    )
+
+
+def part_means(detector, patches, labels):
+    """The means of ``patches``, the first rows of those clustered, in their
+    clusters (``labels``): cluster means learned without the other rows."""
+    return partition_means(
+        patches, labels[: len(patches)], normalize=detector.normalization == "patch"
     )
 
 

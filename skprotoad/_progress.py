@@ -107,18 +107,16 @@ def clustering_seconds(n_samples, n_features, rate, **kwargs):
     return work / (rate * _SEARCH_EFFICIENCY)
 
 
-def prototypes_detail(detector, n_patches, n_clustered, n_features, device, estimate):
+def prototypes_detail(detector, n_patches, n_features, device, estimate):
     """'N patches, method' and, when ``estimate``, '; about ...': the prototypes
-    stage of ``detector.fit``, which clusters ``n_clustered`` of the
-    ``n_patches`` (those of the images not held out) and draws the farthest
-    of all."""
+    stage of ``detector.fit``, which clusters ``n_patches`` once."""
     from ._features import farthest_count
 
     text = f"{n_patches:,} patches, {detector.clustering}"
     if not estimate:
         return text
     seconds = clustering_seconds(
-        n_clustered, n_features, multiply_add_rate(n_features, device),
+        n_patches, n_features, multiply_add_rate(n_features, device),
         method=detector.clustering, n_clusters=detector.n_clusters,
         n_farthest=farthest_count(detector.n_farthest, n_patches),
     )

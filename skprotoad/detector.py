@@ -90,8 +90,8 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
     mean, std : tuple of 3 floats, default=ImageNet statistics
         Per-channel normalisation of the RGB input in [0, 1].
     contamination : "auto" or float in (0, 0.5], default="auto"
-        ``"auto"``: ``offset_`` set on a random 20 % of the normal images, held
-        out of the clustering, so that a new normal image is flagged with
+        ``"auto"``: ``offset_`` set on a random 20 % of the normal images, scored
+        by prototypes that hold none of their patches, so that a new normal image is flagged with
         probability at most 1 %. A float: the share of training images taken to
         be anomalous, as in IsolationForest. See :doc:`/user_guide/thresholds`.
     batch_size : int, default=16
@@ -255,19 +255,23 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
                 self.image_size,
             )
 
-        n_patches, n_fit = len(features.patches()), len(order) - n_held_out
+        n_patches = len(features.patches())
         detail = _progress.prototypes_detail(
-            self, n_patches, len(features.patches(n_fit)), features.shape[2], device, clock.level
+            self, n_patches, features.shape[2], device, clock.level
         )
         with clock.stage("prototypes", detail):
-            # one clustering, of the images the calibration learns from; the
-            # held-out ones add their farthest patches only (see _calibration)
-            means = _features.cluster_means(self, features.patches(n_fit), seed, device)
+            means, labels = _features.cluster_means(self, features.patches(), seed, device)
             self.network_ = fit_network(means, len(order))
+
+        def fit_part_network(n_images):
+            # the one clustering's means of these images' patches alone (see _calibration)
+            patches = features.patches(n_images)
+            return fit_network(_features.part_means(self, patches, labels), n_images)
+
         with clock.stage("calibration", _calibration.stage_detail(n_held_out)):
             self.offset_, self.pixel_threshold_, self.calibration_scores_ = _calibration.calibrate(
-                self.network_, len(order), n_held_out, self.contamination,
-                lambda n_images: fit_network(means, n_images), score,
+                self.network_, len(order), n_held_out, self.contamination, fit_part_network,
+                score,
             )
         _validation.record_fitted_settings(self)
         fixed = self.network_.input_size is not None

@@ -620,9 +620,9 @@ def test_too_few_held_out_images_warn_with_the_expected_false_alarm_rate(normal_
 
 
 def test_auto_clusters_once_and_the_held_out_images_stay_unseen(normal_images, monkeypatch):
-    """contamination="auto" clusters the images it does not hold out, once;
-    the held-out ones are scored by those means and the others' farthest
-    patches, and the fitted network adds the farthest patches of all."""
+    """contamination="auto" clusters all patches once; the held-out images are
+    scored by prototypes that hold none of their patches (the other images'
+    means in each cluster and their farthest patches)."""
     from skprotoad import _features
     from skprotoad.thresholds import held_out_split
 
@@ -639,9 +639,9 @@ def test_auto_clusters_once_and_the_held_out_images_stay_unseen(normal_images, m
     odd = held_out[0]  # calibration_scores_ follow the held-out order
     images[odd] = 255 - images[odd]  # unlike every other image
     det = ProtoADDetector(**{**TINY, "n_farthest": 64}).fit(images)
-    assert clustered == [len(fit_part) * 16 * 16]  # TINY: 64 px at stride 4
+    assert clustered == [len(images) * 16 * 16]  # TINY: 64 px at stride 4
     assert det.calibration_scores_[0] == det.calibration_scores_.max()
-    # learned by the fitted network only: its farthest patches are prototypes
+    # learned by the fitted network only
     assert -det.score_samples(images[[odd]])[0] < 0.8 * det.calibration_scores_[0]
 
 
@@ -654,7 +654,7 @@ def test_fit_names_its_stages_and_times_them(normal_images, capsys):
     assert "extracting" in lines[0] and "prototypes" in lines[1] and "calibrating" in lines[2]
     assert "2 held-out images" in lines[2]
     # the clustering's duration, estimated before it starts; the only one
-    assert "; about " in lines[1] and "learned without them" in lines[2]
+    assert "; about " in lines[1] and "held-out images, scored by" in lines[2]
     n_patches = 12 * 16 * 16  # TINY: 64 px at stride 4
     assert lines[3].startswith(f"skprotoad: fitted on 12 images: {n_patches:,} patches, "
                                f"{det.prototypes_.shape[0]} prototypes")
