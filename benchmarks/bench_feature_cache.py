@@ -197,7 +197,7 @@ def _markdown(result):
         f"`GridSearchCV`, {c['folds']} stratified folds, `scoring='roc_auc'`, "
         f"{c['n_images']} generated {c['size']} px images ({c['n_normal']} normal), "
         f"{c['backbone']} (bundled weights), crop {c['size']}, `random_state=0`, "
-        f"`contamination='auto'`; 6 candidates x "
+        f"`contamination='auto'` (two clusterings per fit); 6 candidates x "
         f"{c['folds']} folds + refit = {6 * c['folds'] + 1} fits per search. The three "
         f"runs of a grid follow each other in one process. CPU s is this process's "
         f"CPU time, less sensitive than wall time to the other jobs on the machine.",

@@ -3,11 +3,10 @@
 magnetic_tile, efficientnet_lite0 package defaults, 100 / 209 / 761 training
 images, FINCH (default, 1,000 prototypes) and k-means (K = 1,000). Each case
 runs in its own process, so that its peak RSS is its own; the time of feature
-extraction and of clustering is read from ``fit_seconds_``; the clustering
-column is its prototypes and calibration stages together (the latter includes
-scoring the held-out images). Runs before 2026-11-30 clustered twice with
-``contamination="auto"`` (80 % of the images for calibration, then all); it
-now clusters the 80 % once.
+extraction and of clustering is read from ``fit_seconds_``. ``contamination="auto"``
+(the default) clusters twice (80 % of the images for calibration, then all);
+the clustering column is the sum of both (the calibration stage includes
+scoring the held-out images).
 
     python benchmarks/bench_fit_scaling.py [--sizes 100 209 761] [--methods finch kmeans]
 

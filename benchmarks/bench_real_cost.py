@@ -80,7 +80,7 @@ def main(argv=None):
              f"| reading + features / prototypes / calibration (s) | {f['features']} / "
              f"{f['prototypes']} / {f['calibration']} |",
              f"| prototypes | {row['n_prototypes']} |",
-             f"| announced before clustering: the prototypes stage | "
+             f"| announced before clustering: prototypes / the rest of the fit | "
              f"{' / '.join(row['announced'])} |",
              f"| peak memory of the process after fit (GiB) | {row['peak_memory_after_fit_gib']} |",
              f"| scoring, images already in memory (img/s) | {r['in_memory']} |",
@@ -91,7 +91,7 @@ def main(argv=None):
 
 
 def _announced(text):
-    """The duration fit's verbose output estimated before clustering."""
+    """The durations fit's verbose output estimated before the first clustering."""
     line = next(li for li in text.splitlines() if "[2/3]" in li)
     return re.findall(r"about [0-9.]+ (?:s|min|h)", line)
 

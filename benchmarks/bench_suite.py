@@ -102,9 +102,12 @@ SETTINGS = {
     # (rows named "nov30_cap_random" in the results: the defaults before commit
     # "Capped fit: each image keeps ... farthest from the drawn ones", when the
     # cap's sample was a plain random draw; no parameter reproduces it now)
-    # (rows named "nov30_two_clusterings": the defaults before commit
-    # "contamination='auto' clusters once", whose final model was clustered
-    # again on all images; no parameter reproduces it now)
+    # (rows named "nov30_once_fitpart" and "nov30_once_partition": two trials,
+    # reverted, of fitting with one clustering under contamination="auto":
+    # commit d88572c clustered the fit part only and gave the final model
+    # those means plus all images' farthest patches; commit 4d9889b clustered
+    # all patches and gave the calibration model the fit part's means in the
+    # same clusters. See the note of issue #20.)
     # the default whole image without the patch cap (max_patches=None)
     "whole256_nocap": dict(neighborhood_size=3, normalization="image",
                            image_score="projection", image_size=256, crop_size=None,

@@ -1,10 +1,9 @@
 """How :meth:`skprotoad.ProtoADDetector.fit` sets its two thresholds.
 
 With ``contamination="auto"`` a random share of the normal training images is
-held out, and the thresholds are split-conformal order statistics of their
-scores by prototypes that hold none of their patches: in each cluster of the
-fit's one clustering, the mean of the other images' patches, and the farthest
-of those patches (see :doc:`/user_guide/thresholds`). With a float ``contamination``, or too few
+held out, prototypes are learned once more without them, and the thresholds
+are split-conformal order statistics of the held-out images' scores (see
+:doc:`/user_guide/thresholds`). With a float ``contamination``, or too few
 images to hold any out, they are quantiles of the training images' own scores.
 """
 
@@ -121,11 +120,15 @@ def held_out_split(n_images, random_state=None):
     return order[: len(order) - n_held], order[len(order) - n_held :]
 
 
-def stage_detail(n_held_out):
+def stage_detail(n_held_out, n_images, prototype_seconds):
     """What calibration is about to do, for ``fit``'s progress (``verbose``)."""
     if not n_held_out:
         return "the training images' own scores"
-    return f"{n_held_out} held-out images, scored by prototypes without their patches"
+    # the second clustering sees the patches of the other images: about that
+    # share of the first one's time
+    seconds = prototype_seconds * (1 - n_held_out / n_images)
+    return (f"{n_held_out} held-out images, a second clustering without them: "
+            f"about {seconds:.0f} s")
 
 
 def calibrate(network, n_images, n_held_out, contamination, fit_network, score):

@@ -21,7 +21,7 @@ import torch
 
 from . import _images, _progress
 from .backbones import create_feature_extractor
-from .clustering import add_farthest_rows, learn_prototypes, partition_means
+from .clustering import add_farthest_rows, learn_prototypes
 from .network import PatchEmbedding, ProtoADNetwork, effective_image_score
 
 #: ``n_farthest=None``: this many farthest patches, at most ``MAX_FARTHEST_SHARE``
@@ -211,32 +211,13 @@ def farthest_count(n_farthest, n_patches):
     return int(n_farthest)
 
 
-def cluster_means(detector, patches, seed, device):
-    """The cluster means of ``patches`` (an (n_patches, n_channels) array) that
-    ``detector``'s parameters ask for (its prototypes before the farthest
-    patches), and the cluster of each patch."""
-    return learn_prototypes(
+def fit_network(detector, embedding, patches, seed, device):
+    """The network of ``detector``'s parameters, with prototypes learned from
+    ``patches`` (an (n_patches, n_channels) array), in eval mode on ``device``."""
+    prototypes = learn_prototypes(
         patches, method=detector.clustering, n_clusters=detector.n_clusters, random_state=seed,
-        device=str(device), normalize=detector.normalization == "patch", return_labels=True,
-        verbose=_progress.verbosity(detector.verbose) >= 2,
-    )
-
-
-def part_means(detector, patches, labels):
-    """The means of ``patches``, the first rows of those clustered, in their
-    clusters (``labels``): cluster means learned without the other rows."""
-    return partition_means(
-        patches, labels[: len(patches)], normalize=detector.normalization == "patch"
-    )
-
-
-def fit_network(detector, embedding, means, patches, device):
-    """The network of ``detector``'s parameters in eval mode on ``device``: the
-    cluster ``means`` and the farthest of ``patches`` are its prototypes."""
-    # features of normalization="patch" are unit rows already, as
-    # learn_prototypes' farthest rows would be
-    prototypes = add_farthest_rows(
-        patches, means, farthest_count(detector.n_farthest, len(patches)), device=str(device),
+        device=str(device), normalize=detector.normalization == "patch",
+        n_farthest=farthest_count(detector.n_farthest, len(patches)),
         verbose=_progress.verbosity(detector.verbose) >= 2,
     )
     network = ProtoADNetwork(

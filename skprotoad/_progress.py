@@ -107,20 +107,29 @@ def clustering_seconds(n_samples, n_features, rate, **kwargs):
     return work / (rate * _SEARCH_EFFICIENCY)
 
 
-def prototypes_detail(detector, n_patches, n_features, device, estimate):
-    """'N patches, method' and, when ``estimate``, '; about ...': the prototypes
-    stage of ``detector.fit``, which clusters ``n_patches`` once."""
+def prototypes_detail(detector, n_patches, n_features, held_out_share, device, estimate):
+    """'N patches, method' and, when ``estimate``, '; about ...': the first
+    clustering of ``detector.fit`` on ``n_patches`` and, with a second one for
+    the calibration (``held_out_share`` > 0), the time to the end of both."""
     from ._features import farthest_count
 
     text = f"{n_patches:,} patches, {detector.clustering}"
     if not estimate:
         return text
-    seconds = clustering_seconds(
-        n_patches, n_features, multiply_add_rate(n_features, device),
-        method=detector.clustering, n_clusters=detector.n_clusters,
-        n_farthest=farthest_count(detector.n_farthest, n_patches),
-    )
-    return f"{text}; {about(seconds)}"
+    rate = multiply_add_rate(n_features, device)  # measured once for both estimates
+
+    def seconds(n):
+        return clustering_seconds(
+            n, n_features, rate, method=detector.clustering, n_clusters=detector.n_clusters,
+            n_farthest=farthest_count(detector.n_farthest, n),
+        )
+
+    first = seconds(n_patches)
+    text += f"; {about(first)}"
+    if held_out_share:
+        rest = first + seconds(int(n_patches * (1 - held_out_share)))
+        text += f", the whole fit in {about(rest)}"
+    return text
 
 
 def fit_summary(detector, n_patches, n_held_out):

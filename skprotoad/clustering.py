@@ -44,7 +44,6 @@ __all__ = [
     "finch_n_clusters",
     "kmeans",
     "learn_prototypes",
-    "partition_means",
     "add_farthest_rows",
 ]
 
@@ -1165,7 +1164,6 @@ def learn_prototypes(
     batch_size=None,
     normalize=True,
     n_farthest=0,
-    return_labels=False,
     verbose=False,
 ):
     """Learn ProtoAD prototypes: L2-normalised cluster means of ``X``.
@@ -1201,9 +1199,6 @@ def learn_prototypes(
         Rows of ``X`` appended to the cluster means by
         :func:`add_farthest_rows` (unit rows unless ``normalize=False``), so
         that rare rows have a prototype near them too.
-    return_labels : bool, default=False
-        Also return the cluster of every row: with :func:`partition_means`,
-        the means of a subset of the rows in the same clusters.
     verbose : bool, default=False
         Show progress.
 
@@ -1212,9 +1207,6 @@ def learn_prototypes(
     prototypes : ndarray of shape (n_prototypes, n_features), dtype float32
         Cluster means, unit-norm unless ``normalize=False``, then the
         ``n_farthest`` appended rows.
-    labels : ndarray of shape (n_samples,), dtype int64
-        Only with ``return_labels``: the row of ``prototypes`` that is the
-        mean of each row's cluster.
 
     Examples
     --------
@@ -1239,66 +1231,22 @@ def learn_prototypes(
         0 <= n_farthest <= X.shape[0]
     ):
         raise ValueError(f"n_farthest must be an int in [0, {X.shape[0]}], got {n_farthest!r}.")
-    prototypes, labels = _cluster_means_of(
+    prototypes = _cluster_means_of(
         X, method, n_clusters, neighbors, random_state, device, batch_size, normalize, verbose,
     )
-    if n_farthest:
-        prototypes = add_farthest_rows(
-            _normalize_rows(X) if normalize else X, prototypes, int(n_farthest), device=device,
-            batch_size=batch_size, verbose=verbose,
-        )
-    return (prototypes, labels) if return_labels else prototypes
-
-
-def partition_means(X, labels, *, normalize=True):
-    """The cluster means :func:`learn_prototypes` makes of a given partition.
-
-    Used to learn prototypes from a subset of the rows that were clustered:
-    ``partition_means(X[subset], labels[subset])`` has the means of the
-    subset's rows in each cluster and no trace of the other rows but the
-    partition itself.
-
-    Parameters
-    ----------
-    X : array-like of shape (n_samples, n_features)
-    labels : array-like of int of shape (n_samples,)
-        Cluster of each row, e.g. from ``learn_prototypes(return_labels=True)``.
-    normalize : bool, default=True
-        As in :func:`learn_prototypes`: the L2-normalised means of the unit
-        rows, or, with ``False``, the plain means of the rows.
-
-    Returns
-    -------
-    means : ndarray of shape (n_nonempty, n_features), dtype float32
-        One mean per cluster that holds a row, in the order of the labels.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from skprotoad.clustering import partition_means
-    >>> X = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]], dtype=np.float32)
-    >>> partition_means(X, [4, 4, 1], normalize=False).tolist()
-    [[0.0, 2.0], [2.0, 0.0]]
-    """
-    X = _check_X(X)
-    labels = np.asarray(labels)
-    if labels.shape != (X.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be {X.shape[0]} ints, one per row of X, got "
-                         f"{labels.dtype} of shape {labels.shape}.")
-    if len(labels) and labels.min() < 0:
-        raise ValueError("labels must not be negative.")
-    kept, labels = np.unique(labels, return_inverse=True)
-    if not normalize:
-        return _cluster_means(X, labels, len(kept))
-    return _normalize_rows(_cluster_sums(_UnitRows(X, "cpu"), labels, len(kept)))
+    if not n_farthest:
+        return prototypes
+    return add_farthest_rows(
+        _normalize_rows(X) if normalize else X, prototypes, int(n_farthest), device=device,
+        batch_size=batch_size, verbose=verbose,
+    )
 
 
 def _cluster_means_of(
     raw, method, n_clusters, neighbors, random_state, device, batch_size, normalize, verbose
 ):
-    """The prototypes of :func:`learn_prototypes` before any farthest rows
-    and the cluster of each row: clusters found on the unit rows of ``raw``,
-    means of those or of ``raw``."""
+    """The prototypes of :func:`learn_prototypes` before any farthest rows:
+    clusters found on the unit rows of ``raw``, means of those or of ``raw``."""
 
     if method == "kmeans":
         if n_clusters is None:
@@ -1312,13 +1260,13 @@ def _cluster_means_of(
             batch_size=batch_size,
             verbose=verbose,
         )
+        if normalize:
+            return centers
         device = _resolve_device(device)
         labels = _assign(
             _as_tensor(X, device), torch.from_numpy(centers).to(device), batch_size
         )[0].cpu().numpy()
-        if normalize:
-            return centers, labels
-        return _cluster_means(raw, labels, n_clusters), labels
+        return _cluster_means(raw, labels, n_clusters)
 
     device = _resolve_device(device)
     X = _UnitRows(raw, device)
@@ -1341,5 +1289,5 @@ def _cluster_means_of(
         labels = _finch_n_clusters(X, n_clusters, partitions=None, **kwargs)
     k = int(labels.max()) + 1
     if not normalize:
-        return _cluster_means(raw, labels, k), labels
-    return _normalize_rows(_cluster_sums(X, labels, k)), labels
+        return _cluster_means(raw, labels, k)
+    return _normalize_rows(_cluster_sums(X, labels, k))

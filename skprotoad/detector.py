@@ -90,8 +90,8 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
     mean, std : tuple of 3 floats, default=ImageNet statistics
         Per-channel normalisation of the RGB input in [0, 1].
     contamination : "auto" or float in (0, 0.5], default="auto"
-        ``"auto"``: ``offset_`` set on a random 20 % of the normal images, scored
-        by prototypes that hold none of their patches, so that a new normal image is flagged with
+        ``"auto"``: ``offset_`` set on a random 20 % of the normal images, held
+        out of a second clustering, so that a new normal image is flagged with
         probability at most 1 %. A float: the share of training images taken to
         be anomalous, as in IsolationForest. See :doc:`/user_guide/thresholds`.
     batch_size : int, default=16
@@ -246,8 +246,8 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
             features, len(order) - n_held_out, self.n_clusters, self.n_farthest
         )
 
-        def fit_network(means, n_images):
-            return _features.fit_network(self, embedding, means, features.patches(n_images), device)
+        def fit_network(n_images):
+            return _features.fit_network(self, embedding, features.patches(n_images), seed, device)
 
         def score(network, positions):
             return _features.score_training_images(
@@ -257,21 +257,14 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
 
         n_patches = len(features.patches())
         detail = _progress.prototypes_detail(
-            self, n_patches, features.shape[2], device, clock.level
+            self, n_patches, features.shape[2], n_held_out / len(order), device, clock.level
         )
         with clock.stage("prototypes", detail):
-            means, labels = _features.cluster_means(self, features.patches(), seed, device)
-            self.network_ = fit_network(means, len(order))
-
-        def fit_part_network(n_images):
-            # the one clustering's means of these images' patches alone (see _calibration)
-            patches = features.patches(n_images)
-            return fit_network(_features.part_means(self, patches, labels), n_images)
-
-        with clock.stage("calibration", _calibration.stage_detail(n_held_out)):
+            self.network_ = fit_network(len(order))
+        detail = _calibration.stage_detail(n_held_out, len(order), clock.seconds["prototypes"])
+        with clock.stage("calibration", detail):
             self.offset_, self.pixel_threshold_, self.calibration_scores_ = _calibration.calibrate(
-                self.network_, len(order), n_held_out, self.contamination, fit_part_network,
-                score,
+                self.network_, len(order), n_held_out, self.contamination, fit_network, score
             )
         _validation.record_fitted_settings(self)
         fixed = self.network_.input_size is not None

@@ -12,7 +12,6 @@ from skprotoad.clustering import (
     finch_n_clusters,
     kmeans,
     learn_prototypes,
-    partition_means,
 )
 
 
@@ -417,39 +416,6 @@ def test_input_passes_need_no_copy_of_the_input(monkeypatch):
     finally:
         tracemalloc.stop()
     assert peak < 0.2 * X.nbytes, peak
-
-
-@pytest.mark.parametrize("method", ["finch", "kmeans"])
-@pytest.mark.parametrize("normalize", [True, False])
-def test_partition_means_of_the_returned_labels(method, normalize):
-    rng = np.random.default_rng(0)
-    X = (_blobs(600, 8, 5, 0.3, seed=1)[0] * rng.uniform(0.5, 2.0, size=(600, 1))).astype(
-        np.float32
-    )
-    P, labels = learn_prototypes(X, method=method, n_clusters=12, normalize=normalize,
-                                 random_state=0, return_labels=True)
-    assert labels.shape == (600,) and set(labels) == set(range(12))
-    if method == "finch" or not normalize:  # k-means returns its centres
-        np.testing.assert_array_equal(partition_means(X, labels, normalize=normalize), P)
-    # a subset's means: its own rows only, clusters it does not reach dropped
-    part = np.flatnonzero(labels != labels[0])
-    means = partition_means(X[part], labels[part], normalize=False)
-    expected = [X[part][labels[part] == k].mean(axis=0) for k in np.unique(labels[part])]
-    np.testing.assert_allclose(means, expected, rtol=1e-5, atol=1e-6)
-    assert len(means) == 11
-    P_far = learn_prototypes(X, method=method, n_clusters=12, normalize=normalize,
-                             random_state=0, n_farthest=4)
-    np.testing.assert_array_equal(P_far[:12], P)  # labels or not, the same prototypes
-
-
-@pytest.mark.parametrize("labels, match", [
-    (np.zeros(5, dtype=np.int64), "one per row"),
-    (np.zeros(6), "one per row"),
-    (np.full(6, -1), "negative"),
-])
-def test_partition_means_bad_labels(labels, match):
-    with pytest.raises(ValueError, match=match):
-        partition_means(np.ones((6, 2), dtype=np.float32), labels)
 
 
 def test_unit_row_view_reads_the_normalised_rows_bit_for_bit():

@@ -619,32 +619,6 @@ def test_too_few_held_out_images_warn_with_the_expected_false_alarm_rate(normal_
     assert np.quantile(rates, 0.9) == pytest.approx(high40, abs=0.01)
 
 
-def test_auto_clusters_once_and_the_held_out_images_stay_unseen(normal_images, monkeypatch):
-    """contamination="auto" clusters all patches once; the held-out images are
-    scored by prototypes that hold none of their patches (the other images'
-    means in each cluster and their farthest patches)."""
-    from skprotoad import _features
-    from skprotoad.thresholds import held_out_split
-
-    clustered = []
-
-    def counting(patches, **kwargs):
-        clustered.append(len(patches))
-        return learn_prototypes(patches, **kwargs)
-
-    learn_prototypes = _features.learn_prototypes
-    monkeypatch.setattr(_features, "learn_prototypes", counting)
-    fit_part, held_out = held_out_split(len(normal_images), random_state=0)
-    images = normal_images.copy()
-    odd = held_out[0]  # calibration_scores_ follow the held-out order
-    images[odd] = 255 - images[odd]  # unlike every other image
-    det = ProtoADDetector(**{**TINY, "n_farthest": 64}).fit(images)
-    assert clustered == [len(images) * 16 * 16]  # TINY: 64 px at stride 4
-    assert det.calibration_scores_[0] == det.calibration_scores_.max()
-    # learned by the fitted network only
-    assert -det.score_samples(images[[odd]])[0] < 0.8 * det.calibration_scores_[0]
-
-
 def test_fit_names_its_stages_and_times_them(normal_images, capsys):
     params = {**TINY, "clustering": "finch", "n_clusters": 8}
     det = ProtoADDetector(**params, verbose=True).fit(normal_images)
@@ -653,8 +627,8 @@ def test_fit_names_its_stages_and_times_them(normal_images, capsys):
     assert [line[11:16] for line in lines[:3]] == ["[1/3]", "[2/3]", "[3/3]"]
     assert "extracting" in lines[0] and "prototypes" in lines[1] and "calibrating" in lines[2]
     assert "2 held-out images" in lines[2]
-    # the clustering's duration, estimated before it starts; the only one
-    assert "; about " in lines[1] and "held-out images, scored by" in lines[2]
+    # the first clustering's duration and the fit's, estimated before they start
+    assert "; about " in lines[1] and "the whole fit in about " in lines[1]
     n_patches = 12 * 16 * 16  # TINY: 64 px at stride 4
     assert lines[3].startswith(f"skprotoad: fitted on 12 images: {n_patches:,} patches, "
                                f"{det.prototypes_.shape[0]} prototypes")
