@@ -107,7 +107,10 @@ SETTINGS = {
     # commit d88572c clustered the fit part only and gave the final model
     # those means plus all images' farthest patches; commit 4d9889b clustered
     # all patches and gave the calibration model the fit part's means in the
-    # same clusters. See the note of issue #20.)
+    # same clusters. Rows "nov30_once_assign": branch once-assign, commit
+    # aeacbed, not merged: the fit part clustered once, the held-out patches
+    # added to their most similar cluster for the final means; calibration
+    # identical to the defaults'. See the note of issue #20.)
     # the default whole image without the patch cap (max_patches=None)
     "whole256_nocap": dict(neighborhood_size=3, normalization="image",
                            image_score="projection", image_size=256, crop_size=None,
