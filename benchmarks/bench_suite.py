@@ -79,6 +79,11 @@ PAPER = dict(normalization="patch", neighborhood_size=1, alignment="paper", n_fa
 SETTINGS = {
     # the package's defaults, whatever they are when the suite runs
     "defaults": dict(),
+    # far1000_whole256 with the image score read against the held-out images'
+    # mean score map (position_baseline=True, the default since 2026-11-30)
+    "whole256_baseline": dict(neighborhood_size=3, normalization="image",
+                              image_score="projection", image_size=256, crop_size=None,
+                              n_farthest=1000, position_baseline=True),
     # the paper's recipe with the offline backbone and the default geometry
     "paper": PAPER,
     # the defaults of 2026-11-29 (before the suite), named explicitly
@@ -125,6 +130,11 @@ SETTINGS = {
     "patch_nbhd1": dict(neighborhood_size=1, normalization="patch", image_size=256,
                         crop_size=224, n_farthest=0),
 }
+# The settings above but "defaults" and "whole256_baseline" were measured
+# before position_baseline existed: their image score is the plain maximum
+# of the score map.
+for _name in set(SETTINGS) - {"defaults", "whole256_baseline"}:
+    SETTINGS[_name] = {"position_baseline": False, **SETTINGS[_name]}
 COMMON = dict(backbone="efficientnet_lite0")
 # peers: other methods on the same backbone, crop, data and metrics (run_peer)
 PEER_INPUT = dict(backbone="efficientnet_lite0", layers=(1, 2, 3), image_size=256,

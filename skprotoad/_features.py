@@ -322,30 +322,29 @@ def _shard_features(detector, seed, items, positions, counts):
 
 
 def score_features(network, features, positions, device, batch_size):
-    """Anomaly scores and map maxima of the images at ``positions`` of ``features``.
+    """Anomaly scores, map maxima, image-score patch maps and input sizes of
+    the images at ``positions`` of ``features`` (see :func:`score_images_at`).
 
     Images of one input size are scored together, in batches, by the
     network's head alone (the features are already extracted).
     """
     positions = list(positions)
-    scores = np.empty(len(positions))
-    map_maxima = np.empty(len(positions))
+    outputs = _ScoreOutputs(len(positions))
     sizes = [features.sizes[k] for k in positions]
     with torch.inference_mode():
         for part in _images.size_batches(range(len(positions)), sizes, batch_size):
             f = torch.from_numpy(np.stack([features.image(positions[j]) for j in part]))
-            maps, s = network.head(f.to(device).permute(0, 3, 1, 2), sizes[part[0]])
-            scores[part] = s.cpu().numpy()
-            map_maxima[part] = maps.flatten(1).amax(dim=1).cpu().numpy()
-    return scores, map_maxima
+            outputs.add(part, *_head_parts(network, f.to(device).permute(0, 3, 1, 2),
+                                           sizes[part[0]]))
+    return outputs.result(sizes)
 
 
 def score_training_images(network, features, images, order, positions, device, batch_size,
                           image_size):
-    """Anomaly scores and map maxima of the training images ``images[order[k]]``
-    for k in ``positions``, held at those positions of ``features``: by the
-    network's head on the held features when they are all there, else by the
-    whole network (the backbone runs again)."""
+    """What :func:`score_images_at` returns, of the training images
+    ``images[order[k]]`` for k in ``positions``, held at those positions of
+    ``features``: by the network's head on the held features when they are
+    all there, else by the whole network (the backbone runs again)."""
     if features.complete:
         return score_features(network, features, positions, device, batch_size)
     indices = [order[k] for k in positions]
@@ -353,19 +352,57 @@ def score_training_images(network, features, images, order, positions, device, b
 
 
 def score_images_at(network, images, indices, device, batch_size, image_size):
-    """Anomaly scores and map maxima of ``images[indices]`` by the whole network."""
-    scores = np.empty(len(indices))
-    map_maxima = np.empty(len(indices))
+    """Scores of ``images[indices]`` by the whole network, for calibration.
+
+    Returns
+    -------
+    scores, map_maxima : ndarray of shape (n,)
+    score_patches : list of torch.Tensor of shape (h, w)
+        The image-score maps at the patches' resolution, on the CPU.
+    sizes : list of (height, width)
+        The images' input sizes.
+    """
+    outputs = _ScoreOutputs(len(indices))
+    sizes = [None] * len(indices)
     position = {index: k for k, index in enumerate(indices)}
+
+    def parts(batch):
+        return _head_parts(network, network.embedding(batch), tuple(batch.shape[-2:]))
+
     batches = run_batches(
-        network, images, device, batch_size, image_size, network.input_size,
+        parts, images, device, batch_size, image_size, network.input_size,
         size_multiple(network.embedding), indices=list(indices),
     )
-    for chunk, _, (maps, batch_scores) in batches:
+    for chunk, batch, result in batches:
         at = [position[i] for i in chunk]
-        scores[at] = batch_scores.cpu().numpy()
-        map_maxima[at] = maps.flatten(1).amax(dim=1).cpu().numpy()
-    return scores, map_maxima
+        outputs.add(at, *result)
+        for k in at:
+            sizes[k] = tuple(batch.shape[-2:])
+    return outputs.result(sizes)
+
+
+def _head_parts(network, features, size):
+    """The network's maps' maxima and scores, and its image-score patch maps."""
+    map_patches, score_patches = network.patch_scores(features)
+    maps, scores = network.readout(map_patches, score_patches, size)
+    return maps.flatten(1).amax(dim=1), scores, score_patches
+
+
+class _ScoreOutputs:
+    """Collects :func:`_head_parts` of batches in the images' order."""
+
+    def __init__(self, n):
+        self.scores, self.map_maxima = np.empty(n), np.empty(n)
+        self.score_patches = [None] * n
+
+    def add(self, at, map_maxima, scores, score_patches):
+        self.scores[at] = scores.cpu().numpy()
+        self.map_maxima[at] = map_maxima.cpu().numpy()
+        for k, patches in zip(at, score_patches.cpu()):
+            self.score_patches[k] = patches[0]
+
+    def result(self, sizes):
+        return self.scores, self.map_maxima, self.score_patches, list(sizes)
 
 
 def check_backbone_runs(embedding, device, crop, name, layers):

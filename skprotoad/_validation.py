@@ -221,7 +221,7 @@ def _embodied_settings(params):
         return _plain(value)
 
     names = ("backbone", "layers", "sigma", "alignment", "neighborhood_size", "normalization",
-             "padding")
+             "padding", "position_baseline")
     return {
         **{name: _plain(params[name]) for name in names},
         # with normalization="patch" every image_score is the same network

@@ -348,6 +348,14 @@ def _add_detector_options(parser):
         "maximum (map) (default: %(default)s)",
     )
     group.add_argument(
+        "--position-baseline", action=argparse.BooleanOptionalAction,
+        default=default["position_baseline"],
+        help="read the image score against the normal images' mean score map, position "
+        "by position, so that what every normal image shows at a place (the border "
+        "frame, a part's edges) does not set it; --no-position-baseline: the map's "
+        "maximum, as in the paper (default: %(default)s)",
+    )
+    group.add_argument(
         "--contamination", type=_contamination_arg, default=default["contamination"],
         help="'auto' (threshold from held-out normal images) or the share of "
         "training images taken as anomalous (default: %(default)s)",
@@ -644,6 +652,7 @@ _DETECTOR_OPTIONS = {
     "neighborhood_size": "neighborhood_size",
     "normalization": "normalization",
     "image_score": "image_score",
+    "position_baseline": "position_baseline",
     "image_size": "image_size",
     "crop_size": "crop_size",
     "padding": "padding",

@@ -75,6 +75,16 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         With ``normalization="image"``, the map whose maximum is the image score:
         ``|x| (1 - max cosine)``, ``1 - max cosine`` or the anomaly map; all the
         same with ``"patch"``. See :doc:`/user_guide/normalization`.
+    position_baseline : bool, default=True
+        Subtract, position by position, the mean image-score map of normal
+        images (the held-out calibration images, else the training images)
+        from each image's score map before its maximum is taken: what every
+        normal image shows at a place (the frame the backbone's padding leaves
+        along the border, an aligned part's own edges) then no longer sets the
+        score, while the anomaly maps stay as they are. ``False``: the score is
+        the map's maximum, as in the paper; pick it for inputs whose layout
+        varies between images. With a single training image there is no
+        baseline. See :doc:`/user_guide/thresholds`.
     image_size : int, (height, width) or float, default=256
         An int or a pair: every image is resized to it (then centre-cropped to
         ``crop_size``). A float in (0, 4]: every image is resized by this factor,
@@ -167,6 +177,7 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         "crop_size": Delegated(where="_images.check_geometry, with image_size"),
         "mean": RGB(),
         "std": RGB(positive=True),
+        "position_baseline": Satisfies(lambda v: isinstance(v, bool), "True or False"),
         "contamination": Satisfies(_calibration.is_contamination, "'auto' or a float in (0, 0.5]"),
         "batch_size": Integer(1),
         "device": Delegated(_validation.torch_device),
@@ -180,7 +191,8 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         self, backbone="efficientnet_lite0", layers=(1, 2, 3), weights="imagenet",
         clustering="finch", n_clusters=None, n_farthest=None,
         max_patches=2_000_000, sigma=4.0, alignment="center",
-        neighborhood_size=3, normalization="image", image_score="projection", image_size=256,
+        neighborhood_size=3, normalization="image", image_score="projection",
+        position_baseline=True, image_size=256,
         crop_size=None, padding="zeros", mean=IMAGENET_MEAN, std=IMAGENET_STD, contamination="auto",
         batch_size=16, device="auto", random_state=None, verbose=False, n_jobs=None,
         memory=None,
@@ -197,6 +209,7 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         self.neighborhood_size = neighborhood_size
         self.normalization = normalization
         self.image_score = image_score
+        self.position_baseline = position_baseline
         self.image_size = image_size
         self.crop_size = crop_size
         self.padding = padding
@@ -264,7 +277,8 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         detail = _calibration.stage_detail(n_held_out, len(order), clock.seconds["prototypes"])
         with clock.stage("calibration", detail):
             self.offset_, self.pixel_threshold_, self.calibration_scores_ = _calibration.calibrate(
-                self.network_, len(order), n_held_out, self.contamination, fit_network, score
+                self.network_, len(order), n_held_out, self.contamination, fit_network, score,
+                self.position_baseline,
             )
         _validation.record_fitted_settings(self)
         fixed = self.network_.input_size is not None

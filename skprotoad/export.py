@@ -479,7 +479,9 @@ def _metadata(model, pipeline=False):
             "maps": f"float32 (N, crop_h, crop_w), {_MAP_MEANING[network.embedding.normalization]}, "
             "higher = more anomalous",
             "scores": "float32 (N,), "
-            + _SCORE_MEANING["map" if network.score_is_map_max else network.image_score]
+            + _SCORE_MEANING["map" if network.reads_score_from_map else network.image_score]
+            + (" less the normal images' mean of it at each position"
+               if network.score_baseline.numel() else "")
             + " = -score_samples",
         },
         "image_score": network.image_score,

@@ -293,6 +293,11 @@ class ProtoADNetwork(nn.Module):
         (the part of a patch's norm that no prototype direction explains,
         ``|x| (1 - max cosine)``); ``"cosine"``, of ``1 - max cosine``. With
         ``normalization="patch"`` (unit ``x``) all three are the same.
+    score_baseline : torch.Tensor of shape (h, w) or None, default=None
+        The normal level of the image-score map at each patch position,
+        subtracted from it before its maximum is taken (see
+        :meth:`image_scores`); set by the detector's ``position_baseline``.
+        None: the score is the map's maximum, as in the paper.
 
     Notes
     -----
@@ -322,6 +327,7 @@ class ProtoADNetwork(nn.Module):
         input_size: tuple[int, int] | None,
         sigma: float = 4.0,
         image_score: str = "map",
+        score_baseline: torch.Tensor | None = None,
     ):
         super().__init__()
         validate(NETWORK_CONSTRAINTS, {"image_score": image_score})
@@ -343,12 +349,22 @@ class ProtoADNetwork(nn.Module):
         self.prototype_conv.weight.data.copy_(prototypes[:, :, None, None])
         self.prototype_conv.requires_grad_(False)
         self.smoothing = GaussianSmoothing(sigma, self.input_size)
+        # always registered, empty when absent, so that every network's state
+        # dict names the same tensors
+        baseline = torch.zeros(0, 0) if score_baseline is None else score_baseline
+        self.register_buffer("score_baseline", torch.as_tensor(baseline, dtype=torch.float32))
+
+    @property
+    def reads_score_from_map(self) -> bool:
+        """Whether the image-score map is the anomaly map itself (not so only
+        for ``normalization="image"`` with ``image_score`` other than ``"map"``)."""
+        return self.image_score == "map" or self.embedding.normalization == "patch"
 
     @property
     def score_is_map_max(self) -> bool:
-        """Whether an image's score is the maximum of its map (not so only for
-        ``normalization="image"`` with ``image_score`` other than ``"map"``)."""
-        return self.image_score == "map" or self.embedding.normalization == "patch"
+        """Whether an image's score is the maximum of its anomaly map: the
+        score map is the anomaly map and no baseline is subtracted."""
+        return self.reads_score_from_map and self.score_baseline.numel() == 0
 
     @property
     def prototypes(self) -> torch.Tensor:
@@ -363,18 +379,46 @@ class ProtoADNetwork(nn.Module):
         ``size`` is the (height, width) of the images the features come from,
         needed when ``input_size`` is None; otherwise ``input_size`` is used.
         """
+        map_patches, score_patches = self.patch_scores(features)
+        return self.readout(map_patches, score_patches, size)
+
+    def readout(
+        self, map_patches: torch.Tensor, score_patches: torch.Tensor,
+        size: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomaly maps and scores from :meth:`patch_scores`' output; ``size``
+        as in :meth:`head`."""
+        size = self._output_size(size)
+        maps = self._smooth_up(map_patches, self.embedding.backbone.strides[0], size)
+        if self.score_is_map_max:
+            return maps, maps.flatten(1).amax(dim=1)
+        baseline: torch.Tensor | None = None
+        if self.score_baseline.numel() > 0:
+            baseline = self.score_baseline
+        return maps, self.image_scores(score_patches, size, baseline)
+
+    def _output_size(self, size: tuple[int, int] | None) -> tuple[int, int]:
         if self.input_size is not None:
-            size = self.input_size
-        elif size is None:
+            return self.input_size
+        if size is None:
             raise ValueError("this network has no fixed input_size: pass the images' size.")
-        stride = self.embedding.backbone.strides[0]
+        return size
+
+    def patch_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-patch values of the anomaly map and of the image-score map.
+
+        Returns
+        -------
+        map_patches, score_patches : torch.Tensor of shape (N, 1, h, w)
+            At the features' resolution, before upsampling and smoothing;
+            the same tensor when the score is read from the map.
+        """
         # channels-last makes the 1x1 conv a plain matrix product for oneDNN
         # (faster on CPU than on NCHW) and its max over prototypes contiguous
         features = features.contiguous(memory_format=torch.channels_last)
         if self.embedding.normalization == "patch":
-            similarity = self.prototype_conv(features)
-            maps = self._smooth_up(1.0 - similarity.amax(dim=1, keepdim=True), stride, size)
-            return maps, maps.flatten(1).amax(dim=1)
+            patches = 1.0 - self.prototype_conv(features).amax(dim=1, keepdim=True)
+            return patches, patches
         # |x - p|^2 = |x|^2 - 2 (x.p - |p|^2 / 2): the same 1x1 conv with a bias
         # of -|p|^2 / 2, derived here, not stored, so that the state dict is the
         # same in every mode
@@ -383,9 +427,9 @@ class ProtoADNetwork(nn.Module):
         biased = F.conv2d(features, weight, -half_sq)
         best = biased.amax(dim=1, keepdim=True)
         feature_sq = (features * features).sum(dim=1, keepdim=True)
-        maps = self._smooth_up((feature_sq - 2.0 * best).clamp_min(0.0).sqrt(), stride, size)
+        distances = (feature_sq - 2.0 * best).clamp_min(0.0).sqrt()
         if self.image_score == "map":
-            return maps, maps.flatten(1).amax(dim=1)
+            return distances, distances
         # the same conv's output read as projections onto the prototype
         # directions, x.p / |p|: one more max. In place, since the (N, K, h, w)
         # output is the largest tensor here and each extra copy of it costs as
@@ -394,14 +438,43 @@ class ProtoADNetwork(nn.Module):
         projection = biased.add_(half_sq[None, :, None, None]).mul_(inverse_norms[None, :, None, None])
         projection = projection.amax(dim=1, keepdim=True)
         if self.image_score == "cosine":
-            patch_scores = 1.0 - projection * feature_sq.clamp_min(1e-24).rsqrt()
-        else:
-            # |x| (1 - cos): the cosine distance weighted by the patch's norm
-            # relative to its image's, so that weak patches (flat texture,
-            # whose direction is mostly noise) count less than strong ones
-            patch_scores = feature_sq.sqrt() - projection
-        score_maps = self._smooth_up(patch_scores, stride, size)
-        return maps, score_maps.flatten(1).amax(dim=1)
+            return distances, 1.0 - projection * feature_sq.clamp_min(1e-24).rsqrt()
+        # |x| (1 - cos): the cosine distance weighted by the patch's norm
+        # relative to its image's, so that weak patches (flat texture,
+        # whose direction is mostly noise) count less than strong ones
+        return distances, feature_sq.sqrt() - projection
+
+    def image_scores(
+        self, score_patches: torch.Tensor, size: tuple[int, int],
+        baseline: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Each image's score: the maximum of its smoothed score map.
+
+        Parameters
+        ----------
+        score_patches : torch.Tensor of shape (N, 1, h, w)
+            From :meth:`patch_scores`.
+        size : tuple of int
+            (height, width) of the images.
+        baseline : torch.Tensor of shape (h', w') or None, default=None
+            Subtracted from every map at the patches' resolution (resampled
+            bilinearly when its grid is another), that is, its smoothed and
+            upsampled version from the smoothed map, as both are linear.
+
+        Returns
+        -------
+        scores : torch.Tensor of shape (N,)
+        """
+        if baseline is not None:
+            grid = score_patches.shape[-2:]
+            if baseline.shape[-2:] != grid:
+                baseline = F.interpolate(
+                    baseline[None, None], size=(int(grid[0]), int(grid[1])), mode="bilinear",
+                    align_corners=False,
+                )[0, 0]
+            score_patches = score_patches - baseline
+        stride = self.embedding.backbone.strides[0]
+        return self._smooth_up(score_patches, stride, size).flatten(1).amax(dim=1)
 
     def _smooth_up(self, patch_scores, stride: int, size: tuple[int, int]) -> torch.Tensor:
         """(N, 1, h, w) patch scores -> smoothed (N, H, W) maps at ``size``."""
@@ -439,6 +512,7 @@ class ProtoADNetwork(nn.Module):
             "normalization": embedding.normalization,
             "padding": embedding.padding,
             "image_score": self.image_score,
+            "score_baseline_shape": list(self.score_baseline.shape),
             "input_size": self.input_size,
             "sigma": self.smoothing.sigma,
             "n_prototypes": int(self.prototype_conv.out_channels),
@@ -482,6 +556,7 @@ class ProtoADNetwork(nn.Module):
             description["input_size"],
             description["sigma"],
             image_score=description["image_score"],
+            score_baseline=torch.zeros(description["score_baseline_shape"]),
         )
         if state_dict is not None:
             network.load_state_dict(state_dict, strict=True)

@@ -66,6 +66,8 @@ _JOBLIB_HINT = (
 )
 # Longest backbone name accepted (timm's are under 60 characters).
 _MAX_NAME_LENGTH = 200
+# the largest score-baseline grid a file may declare (a 16k-pixel side at stride 4)
+_MAX_GRID = 4096
 # safetensors' names of the dtypes a detector holds.
 _DTYPE_NAMES = {
     torch.float32: "F32",
@@ -475,7 +477,7 @@ def _check_network(network, saved_by):
     where = "network "
     required = {
         "backbone", "layers", "mean", "std", "alignment", "neighborhood_size", "normalization",
-        "padding", "image_score", "input_size", "sigma", "n_prototypes",
+        "padding", "image_score", "score_baseline_shape", "input_size", "sigma", "n_prototypes",
     }
     if not required <= set(network):
         raise _Invalid(_PRE_RELEASE.format(saved_by))
@@ -496,6 +498,9 @@ def _check_network(network, saved_by):
         raise _Invalid("network 'sigma' must be >= 0")
     if _require(network, "n_prototypes", int, where) < 1:
         raise _Invalid("network 'n_prototypes' must be at least 1")
+    baseline = _require_list(network, "score_baseline_shape", int, 2, where)
+    if min(baseline) < 0 or max(baseline) > _MAX_GRID or (0 in baseline and max(baseline)):
+        raise _Invalid(f"network 'score_baseline_shape' {baseline} is not a patch grid")
 
 
 def _check_consistency(config, layout):
@@ -549,11 +554,23 @@ def _check_consistency(config, layout):
             f"fitted 'feature_shape_' {fitted['feature_shape_']} does not match the "
             f"network's input size {network['input_size']}"
         )
-    score_is_map_max = expected["image_score"] == "map" or expected["normalization"] == "patch"
+    baseline = network["score_baseline_shape"]
+    if baseline != [0, 0]:
+        if not model.position_baseline:
+            raise _Invalid("the network has a score baseline, its parameters position_baseline=False")
+        grid = fitted["feature_shape_"][:2]
+        if grid[0] is not None and baseline != grid:
+            raise _Invalid(
+                f"network 'score_baseline_shape' {baseline} is not the patch grid {grid}"
+            )
+    score_is_map_max = baseline == [0, 0] and (
+        expected["image_score"] == "map" or expected["normalization"] == "patch"
+    )
     if (fitted.get("pixel_threshold_") is None) != score_is_map_max:
         raise _Invalid(
             "fitted 'pixel_threshold_' must be set exactly when the image score is not "
-            "the map's maximum (normalization='image', image_score other than 'map')"
+            "the map's maximum (normalization='image' with an image_score other than "
+            "'map', or a score baseline)"
         )
 
 

@@ -15,9 +15,10 @@ MAGNETIC_TILE = DATA_ROOT / "magnetic_tile"
 
 # A backbone whose weights do not matter: random resnet18, two stages, 64 px.
 # A random backbone on 64 px images, with the paper's per-patch normalisation:
-# its image score is its map's maximum, which many tests rely on; the default
-# normalization="image" (and its projection image score) is tested with real
-# features through LITE0 and in test_normalization.py. No farthest-patch
+# its image score is its map's maximum (no position baseline), which many
+# tests rely on; the default normalization="image" (and its projection image
+# score) is tested with real features through LITE0 and in
+# test_normalization.py, the baseline in test_position_baseline.py. No farthest-patch
 # prototypes: exactly the 16 k-means prototypes (n_farthest has its own tests).
 # On the CPU even where a GPU is seen: tests compare its scores bit for bit and
 # call its network with CPU tensors (tests/test_gpu.py covers device="cuda").
@@ -32,6 +33,7 @@ TINY = dict(
     clustering="kmeans",
     n_clusters=16,
     n_farthest=0,
+    position_baseline=False,
     batch_size=8,
     random_state=0,
 )

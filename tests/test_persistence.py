@@ -260,6 +260,12 @@ def _setter(dotted, value):
     return edit
 
 
+def _flip_pixel_threshold(config):
+    # set exactly when the image score is not the map's maximum: either way is wrong
+    fitted = config["fitted"]
+    fitted["pixel_threshold_"] = 0.5 if fitted.get("pixel_threshold_") is None else None
+
+
 _TAMPERED_JSON = {
     "more prototypes than tensors": (
         _setter("network.n_prototypes", 17), "n_prototypes' is 17, the file holds 16"),
@@ -283,8 +289,16 @@ _TAMPERED_JSON = {
     "unknown image score": (_setter("network.image_score", "mean"), "image_score"),
     "image score differs from network": (
         _setter("network.image_score", "cosine"), "image_score 'cosine' is not the 'map'"),
-    "pixel threshold without a split score": (
-        _setter("fitted.pixel_threshold_", 0.5), "pixel_threshold_' must be set exactly"),
+    "pixel threshold against the score's kind": (
+        _flip_pixel_threshold, "pixel_threshold_' must be set exactly"),
+    "baseline its parameters rule out": (
+        _setter("network.score_baseline_shape", [16, 16]), "position_baseline=False"),
+    "baseline off the patch grid": (
+        lambda c: (_setter("params.position_baseline", True)(c),
+                   _setter("network.score_baseline_shape", [3, 5])(c)),
+        "is not the patch grid"),
+    "baseline not a grid": (
+        _setter("network.score_baseline_shape", [0, 5]), "is not a patch grid"),
     "feature channels": (_setter("fitted.feature_shape_", [16, 16, 5]), "channels"),
     "foreign format": (_setter("format", "something-else"), "format is"),
     "extra key": (_setter("code", "import os"), "unexpected metadata keys"),
