@@ -132,9 +132,9 @@ def stage_detail(n_held_out, n_images, prototype_seconds):
 
 
 def calibrate(network, n_images, n_held_out, contamination, fit_network, score,
-              position_baseline=False):
+              baseline=None):
     """The detector's thresholds and calibration scores; sets ``network``'s
-    score baseline when ``position_baseline``.
+    score baseline when ``baseline`` is given.
 
     Parameters
     ----------
@@ -154,8 +154,10 @@ def calibrate(network, n_images, n_held_out, contamination, fit_network, score,
         image-score patch maps (a list of (h, w) tensors, see
         :meth:`ProtoADNetwork.patch_scores`) and input sizes of the training
         images at ``positions``.
-    position_baseline : bool, default=False
-        The detector's parameter.
+    baseline : callable or None, default=None
+        ``baseline(network, score_patches, sizes)``: the score baseline and
+        the images' scores against it (see
+        :func:`skprotoad._features.baseline_and_scores`); None: no baseline.
 
     Returns
     -------
@@ -168,9 +170,8 @@ def calibrate(network, n_images, n_held_out, contamination, fit_network, score,
     else:
         scorer, positions = network, range(n_images)
     scores, map_maxima, score_patches, sizes = score(scorer, positions)
-    if position_baseline and len(score_patches) >= 2:
-        baseline, scores = baseline_and_scores(scorer, score_patches, sizes)
-        network.score_baseline = baseline
+    if baseline is not None and len(score_patches) >= 2:
+        network.score_baseline, scores = baseline(scorer, score_patches, sizes)
     if n_held_out:
         calibration_scores = scores
         threshold = conformal_threshold
@@ -187,53 +188,6 @@ def calibrate(network, n_images, n_held_out, contamination, fit_network, score,
     # the map's own threshold only when the image score is read elsewhere
     pixel_threshold = -offset if network.score_is_map_max else threshold(map_maxima)
     return Calibration(offset, pixel_threshold, calibration_scores)
-
-
-def baseline_and_scores(network, score_patches, sizes):
-    """The mean of normal images' image-score patch maps, and their scores
-    against it, each left out of its own baseline.
-
-    Parameters
-    ----------
-    network : ProtoADNetwork
-        The network that scored the images (it smooths and upsamples here).
-    score_patches : list of torch.Tensor of shape (h, w)
-        At least two images' image-score maps at the patches' resolution.
-    sizes : list of (height, width)
-        The images' input sizes.
-
-    Returns
-    -------
-    baseline : torch.Tensor of shape (h, w)
-        The mean map, on the median grid when the images' grids differ.
-    scores : ndarray of shape (n_images,)
-        Each image's score against the mean of the *other* images' maps, as
-        an unseen normal image is scored against the mean of all of them: an
-        image in its own baseline would score lower than it should, and the
-        threshold set on it too low.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    grids = np.array([tuple(p.shape) for p in score_patches])
-    grid = tuple(int(v) for v in np.median(grids, axis=0).round())
-
-    def on_grid(patches):
-        if tuple(patches.shape) == grid:
-            return patches.double()
-        return F.interpolate(patches[None, None].double(), size=grid, mode="bilinear",
-                             align_corners=False)[0, 0]
-
-    device = network.prototypes.device
-    n = len(score_patches)
-    total = sum(on_grid(p.cpu()) for p in score_patches)
-    scores = np.empty(n)
-    with torch.inference_mode():
-        for i, (patches, size) in enumerate(zip(score_patches, sizes)):
-            others = ((total - on_grid(patches.cpu())) / (n - 1)).float().to(device)
-            score = network.image_scores(patches.to(device)[None, None], tuple(size), others)
-            scores[i] = float(score[0])
-    return (total / n).float().to(device), scores
 
 
 def expected_false_alarm_rate(n_held_out, target=TARGET_FALSE_ALARM_RATE, level=0.9):

@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import _images, _progress
 from .backbones import create_feature_extractor
@@ -403,6 +404,50 @@ class _ScoreOutputs:
 
     def result(self, sizes):
         return self.scores, self.map_maxima, self.score_patches, list(sizes)
+
+
+def baseline_and_scores(network, score_patches, sizes):
+    """The mean of normal images' image-score patch maps, and their scores
+    against it, each left out of its own baseline.
+
+    Parameters
+    ----------
+    network : ProtoADNetwork
+        The network that scored the images (it smooths and upsamples here).
+    score_patches : list of torch.Tensor of shape (h, w)
+        At least two images' image-score maps at the patches' resolution.
+    sizes : list of (height, width)
+        The images' input sizes.
+
+    Returns
+    -------
+    baseline : torch.Tensor of shape (h, w)
+        The mean map, on the median grid when the images' grids differ.
+    scores : ndarray of shape (n_images,)
+        Each image's score against the mean of the *other* images' maps, as
+        an unseen normal image is scored against the mean of all of them: an
+        image in its own baseline would score lower than it should, and the
+        threshold set on it too low.
+    """
+    grids = np.array([tuple(p.shape) for p in score_patches])
+    grid = tuple(int(v) for v in np.median(grids, axis=0).round())
+
+    def on_grid(patches):
+        if tuple(patches.shape) == grid:
+            return patches.double()
+        return F.interpolate(patches[None, None].double(), size=grid, mode="bilinear",
+                             align_corners=False)[0, 0]
+
+    device = network.prototypes.device
+    n = len(score_patches)
+    total = sum(on_grid(p.cpu()) for p in score_patches)
+    scores = np.empty(n)
+    with torch.inference_mode():
+        for i, (patches, size) in enumerate(zip(score_patches, sizes)):
+            others = ((total - on_grid(patches.cpu())) / (n - 1)).float().to(device)
+            score = network.image_scores(patches.to(device)[None, None], tuple(size), others)
+            scores[i] = float(score[0])
+    return (total / n).float().to(device), scores
 
 
 def check_backbone_runs(embedding, device, crop, name, layers):

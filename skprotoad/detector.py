@@ -278,7 +278,7 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         with clock.stage("calibration", detail):
             self.offset_, self.pixel_threshold_, self.calibration_scores_ = _calibration.calibrate(
                 self.network_, len(order), n_held_out, self.contamination, fit_network, score,
-                self.position_baseline,
+                _features.baseline_and_scores if self.position_baseline else None,
             )
         _validation.record_fitted_settings(self)
         fixed = self.network_.input_size is not None

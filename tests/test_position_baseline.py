@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from skprotoad import ProtoADDetector
-from skprotoad import _calibration, persistence
+from skprotoad import _features, persistence
 from skprotoad.preprocessing import model_inputs
 
 from .conftest import LITE0
@@ -65,7 +65,7 @@ def test_calibration_scores_leave_each_image_out_of_its_baseline(tiny_detector):
     network = tiny_detector.network_
     rng = np.random.default_rng(0)
     patches = [torch.from_numpy(rng.uniform(0, 1, (16, 16)).astype(np.float32)) for _ in range(7)]
-    baseline, scores = _calibration.baseline_and_scores(network, patches, [(64, 64)] * 7)
+    baseline, scores = _features.baseline_and_scores(network, patches, [(64, 64)] * 7)
     np.testing.assert_allclose(baseline.numpy(), torch.stack(patches).double().mean(0).numpy(),
                                rtol=1e-6)
     # with its own map in the baseline, an image's map less the baseline is
