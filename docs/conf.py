@@ -129,6 +129,10 @@ BENCHMARKS = {
         "FLOPs and CPU speed of the network vs number of prototypes.",
         "python benchmarks/bench_prototype_speed.py",
     ),
+    "speed": (
+        "The defaults against the backbone, PaDiM and PatchCore, one process, interleaved.",
+        "python benchmarks/bench_speed.py",
+    ),
     "head_precision": (
         "The prototype head searched in bfloat16 and rescored in float32, against float32.",
         "python benchmarks/bench_head_precision.py",

@@ -1,0 +1,167 @@
+"""Speed of the defaults against the bare backbone, PaDiM and PatchCore, side by side.
+
+Everything in one process, on the same backbone (efficientnet_lite0, stages
+1-3, bundled weights), the same images and the defaults' geometry (the whole
+image at 256 x 256):
+
+- ``backbone``: the bare backbone (its stage maps, no join), as PaDiM and
+  PatchCore receive it;
+- ``backbone + join``: the defaults' patch embedding (3 x 3 aggregation,
+  join at stride 4, per-image normalisation): the physical limit of ProtoAD;
+- ``defaults``: the fitted ``ProtoADDetector()`` network, and the same
+  network with K random prototypes (250 to 4,000; speed only);
+- ``PaDiM`` (100 random dimensions) and ``PatchCore`` (1 % coreset) from
+  ``benchmarks/anchors.py``, fitted on the same training images.
+
+Inference: the test images are decoded and resized up front; each method runs
+them at batch 1 and 16, the methods alternating within each round, and the
+fastest round is kept. Fit: seconds of ``ProtoADDetector().fit`` (features,
+both clusterings, calibration) and of PaDiM's and PatchCore's fits including
+their backbone pass, on the same images.
+
+    python benchmarks/bench_speed.py [--n-train 60] [--rounds 3] [--out DIR]
+
+Writes DIR/speed.{json,md} (default benchmarks/results). Run it alone on the
+machine: it measures time.
+"""
+import argparse
+import time
+from pathlib import Path
+
+import _common  # first: this checkout's skprotoad
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from anchors import PaDiM, PatchCore  # noqa: E402
+from bench_anchors import normalise  # noqa: E402
+
+from skprotoad import ProtoADDetector  # noqa: E402
+from skprotoad.backbones import create_feature_extractor  # noqa: E402
+from skprotoad.datasets import load_mvtec, make_defect_dataset  # noqa: E402
+from skprotoad.network import ProtoADNetwork  # noqa: E402
+from skprotoad.preprocessing import model_inputs  # noqa: E402
+
+SIZE = 256
+N_TEST = 32
+KS = (250, 1000, 2000, 4000)
+
+
+def _data(n_train):
+    folder = _common.data_dir("magnetic_tile")
+    if _common.is_mvtec_set(folder):
+        data = load_mvtec(folder)
+        train = list(data.train_paths)
+        test = list(data.test_paths)
+        pick = np.linspace(0, len(train) - 1, n_train).round().astype(int)
+        tpick = np.linspace(0, len(test) - 1, N_TEST).round().astype(int)
+        return "magnetic_tile", [train[i] for i in pick], [test[i] for i in tpick]
+    data = make_defect_dataset(n_train=n_train, n_test=N_TEST, image_size=SIZE, random_state=0)
+    return "synthetic_textures", data.X_train, data.X_test
+
+
+def _tensors(images):
+    return torch.cat([batch for _, batch in model_inputs(images, SIZE, None, 16)])
+
+
+def _fit_peers(extractor, train):
+    """PaDiM and PatchCore fitted on ``train``, and their fit seconds."""
+    channels = sum(extractor.channels)
+    seconds = {}
+    with torch.inference_mode():
+        start = time.perf_counter()
+        maps = [normalise(b, extractor) for _, b in model_inputs(train, SIZE, None, 16)]
+        features_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        padim = PaDiM(extractor.strides, channels, (SIZE, SIZE), 100).fit(maps).eval()
+        seconds["PaDiM"] = features_seconds + time.perf_counter() - start
+        start = time.perf_counter()
+        patchcore = PatchCore(extractor.strides, (SIZE, SIZE))
+        rows = torch.cat([patchcore.patch_features(m).reshape(-1, channels) for m in maps])
+        patchcore = patchcore.fit(rows).eval()
+        seconds["PatchCore 1 %"] = features_seconds + time.perf_counter() - start
+    return padim, patchcore, seconds
+
+
+def _time(methods, images, rounds):
+    """Images per second of each method at batch 1 and 16 (fastest round)."""
+    best = {name: {1: float("inf"), 16: float("inf")} for name in methods}
+    with torch.inference_mode():
+        for fn in methods.values():  # warm-up
+            fn(images[:16])
+        for _ in range(rounds):
+            for bs in (1, 16):
+                for name, fn in methods.items():  # alternating: load hits all alike
+                    start = time.perf_counter()
+                    for s in range(0, len(images), bs):
+                        fn(images[s:s + bs])
+                    best[name][bs] = min(best[name][bs], time.perf_counter() - start)
+    return {name: {bs: len(images) / t for bs, t in b.items()} for name, b in best.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-train", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=_common.RESULTS)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    name, train, test = _data(args.n_train)
+    fit_seconds = {}
+    start = time.perf_counter()
+    det = ProtoADDetector(random_state=0).fit(train)
+    fit_seconds["defaults"] = time.perf_counter() - start
+    extractor = create_feature_extractor("efficientnet_lite0", (1, 2, 3)).eval()
+    padim, patchcore, peer_seconds = _fit_peers(extractor, train)
+    fit_seconds.update(peer_seconds)
+    network = det.network_.eval()
+    embedding = network.embedding
+    baseline = network.score_baseline if network.score_baseline.numel() else None
+    methods = {
+        "backbone": lambda x: normalise(x, extractor),
+        "backbone + join": embedding,
+        f"defaults ({network.prototypes.shape[0]} prototypes)": network,
+    }
+    for k in KS:
+        methods[f"defaults, {k} random prototypes"] = ProtoADNetwork(
+            embedding, torch.randn(k, embedding.n_channels), (SIZE, SIZE),
+            image_score=network.image_score, score_baseline=baseline).eval()
+    methods["PaDiM"] = lambda x: padim(normalise(x, extractor))
+    methods["PatchCore 1 %"] = lambda x: patchcore(normalise(x, extractor))
+    speed = _time(methods, _tensors(test), args.rounds)
+    command = (f"python benchmarks/bench_speed.py --n-train {args.n_train} "
+               f"--rounds {args.rounds}")
+    result = {"command": command, "machine": _common.machine(), "data": name,
+              "n_train": len(train), "n_test": N_TEST, "threads": torch.get_num_threads(),
+              "images_per_second": speed, "fit_seconds": fit_seconds,
+              "patchcore_bank": int(patchcore.memory_bank.shape[0])}
+    _common.write_json(args.out / "speed.json", result)
+    limit = speed["backbone + join"]
+    padim_speed = speed["PaDiM"]
+    rows = [[m, f"{s[1]:.1f}", f"{s[16]:.1f}", f"{limit[1] / s[1]:.2f}x",
+             f"{limit[16] / s[16]:.2f}x", f"{s[1] / padim_speed[1]:.2f}x",
+             f"{s[16] / padim_speed[16]:.2f}x"] for m, s in speed.items()]
+    lines = [
+        "# Speed: the defaults, the backbone, PaDiM and PatchCore", "",
+        f"Command: `{command}`", "",
+        f"Machine: {result['machine']}, {result['threads']} threads. {len(train)} {name} "
+        f"training images, {N_TEST} test images, whole image at {SIZE} x {SIZE}, "
+        "efficientnet_lite0 stages 1-3; images decoded and resized beforehand; fastest of "
+        f"{args.rounds} rounds, methods alternating. Cost: the time per image over "
+        "`backbone + join`'s (the limit of a ProtoAD network); speed: images/s over PaDiM's.",
+        "",
+        *_common.markdown_table(
+            ["method", "img/s batch 1", "img/s batch 16", "cost b1", "cost b16",
+             "speed vs PaDiM b1", "speed vs PaDiM b16"], rows),
+        "",
+        "Fit seconds on the same images (features included): "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in fit_seconds.items())
+        + f" (defaults / PaDiM: {fit_seconds['defaults'] / fit_seconds['PaDiM']:.1f}x; "
+        f"PatchCore's bank: {result['patchcore_bank']} patches).",
+    ]
+    _common.write_markdown(args.out / "speed.md", lines)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
