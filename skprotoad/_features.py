@@ -18,12 +18,11 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import _images, _progress
 from .backbones import create_feature_extractor
 from .clustering import add_farthest_rows, learn_prototypes
-from .network import PatchEmbedding, ProtoADNetwork, effective_image_score
+from .network import PatchEmbedding, ProtoADNetwork, effective_image_score, on_grid
 
 #: ``n_farthest=None``: this many farthest patches, at most ``MAX_FARTHEST_SHARE``
 #: of the training patches (so that a small training set is not memorised whole).
@@ -430,21 +429,18 @@ def baseline_and_scores(network, score_patches, sizes):
         threshold set on it too low.
     """
     grids = np.array([tuple(p.shape) for p in score_patches])
-    grid = tuple(int(v) for v in np.median(grids, axis=0).round())
+    height, width = (int(v) for v in np.median(grids, axis=0).round())
 
-    def on_grid(patches):
-        if tuple(patches.shape) == grid:
-            return patches.double()
-        return F.interpolate(patches[None, None].double(), size=grid, mode="bilinear",
-                             align_corners=False)[0, 0]
+    def on_median_grid(patches):
+        return on_grid(patches.cpu().double(), height, width)
 
     device = network.prototypes.device
     n = len(score_patches)
-    total = sum(on_grid(p.cpu()) for p in score_patches)
+    total = sum(on_median_grid(p) for p in score_patches)
     scores = np.empty(n)
     with torch.inference_mode():
         for i, (patches, size) in enumerate(zip(score_patches, sizes)):
-            others = ((total - on_grid(patches.cpu())) / (n - 1)).float().to(device)
+            others = ((total - on_median_grid(patches)) / (n - 1)).float().to(device)
             score = network.image_scores(patches.to(device)[None, None], tuple(size), others)
             scores[i] = float(score[0])
     return (total / n).float().to(device), scores

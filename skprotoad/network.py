@@ -122,6 +122,15 @@ def upsample(x: torch.Tensor, factor: int, size, alignment: str) -> torch.Tensor
     return x[..., : size[0], : size[1]]
 
 
+def on_grid(values: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A 2-D map of patch values resampled (bilinearly, over the same image
+    extent) to a patch grid of ``height`` x ``width``; itself if it is one."""
+    if values.shape[-2] == height and values.shape[-1] == width:
+        return values
+    return F.interpolate(values[None, None], size=(height, width), mode="bilinear",
+                         align_corners=False)[0, 0]
+
+
 def _symmetric_index(n: int, radius: int) -> torch.Tensor:
     idx = torch.arange(-radius, n + radius) % (2 * n)
     return torch.where(idx >= n, 2 * n - 1 - idx, idx)
@@ -466,13 +475,8 @@ class ProtoADNetwork(nn.Module):
         scores : torch.Tensor of shape (N,)
         """
         if baseline is not None:
-            grid = score_patches.shape[-2:]
-            if baseline.shape[-2:] != grid:
-                baseline = F.interpolate(
-                    baseline[None, None], size=(int(grid[0]), int(grid[1])), mode="bilinear",
-                    align_corners=False,
-                )[0, 0]
-            score_patches = score_patches - baseline
+            height, width = score_patches.shape[-2:]
+            score_patches = score_patches - on_grid(baseline, int(height), int(width))
         stride = self.embedding.backbone.strides[0]
         return self._smooth_up(score_patches, stride, size).flatten(1).amax(dim=1)
 
