@@ -18,7 +18,7 @@ prototypes are nearly tied. Against the float32 head it reports:
 The detector is the package's defaults fitted on a subset of Magnetic Tile
 (or the generated textures without the shared data).
 
-    python benchmarks/bench_head_precision.py [--max-train 100] [--out DIR]
+    python benchmarks/bench_head_precision.py [--max-train 100] [--rounds 3] [--out DIR]
 
 Writes DIR/head_precision.{json,md} (default benchmarks/results). Not in the
 package: on this machine's CPU and torch the bfloat16 head measured slower
@@ -26,21 +26,20 @@ than the float32 one (the passes over the bfloat16 product and its two
 maxima cost more than the product saves), see the results file.
 """
 import argparse
-import time
 from pathlib import Path
 
 import _common  # first: this checkout's skprotoad
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+
+from bench_speed import load_data, throughput  # noqa: E402
 
 from skprotoad import ProtoADDetector  # noqa: E402
-from skprotoad.datasets import load_mvtec, make_defect_dataset  # noqa: E402
 from skprotoad.metrics import image_auroc  # noqa: E402
 from skprotoad.preprocessing import model_inputs  # noqa: E402
 
-ROUNDS = 5
+N_TEST = 64
 
 
 def bf16_patch_scores(network, features):
@@ -58,41 +57,17 @@ def bf16_patch_scores(network, features):
     along = dots.mul_(inverse_norms.bfloat16()).max(dim=1).indices
     distances = (x - prototypes[nearest]).norm(dim=1)
     projection = (x * prototypes[along]).sum(dim=1) * inverse_norms[along]
-    def grid(v):
-        return v.reshape(n, 1, h, w)
-
-    return grid(distances), grid(x.norm(dim=1) - projection)
-
-
-def _data(max_train):
-    folder = _common.data_dir("magnetic_tile")
-    if _common.is_mvtec_set(folder):
-        data = load_mvtec(folder)
-        train = list(data.train_paths)
-        keep = np.sort(np.random.default_rng(0).permutation(len(train))[:max_train])
-        test = np.asarray(data.test_paths)
-        labels = np.asarray(data.test_labels)
-        pick = np.sort(np.random.default_rng(0).permutation(len(test))[:64])
-        return "magnetic_tile", [train[i] for i in keep], list(test[pick]), labels[pick]
-    data = make_defect_dataset(n_train=max_train, n_test=64, image_size=256, random_state=0)
-    return "synthetic_textures", data.X_train, data.X_test, np.asarray(data.y_test)
-
-
-def _fastest(fn, x):
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        fn(x)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return (distances.reshape(n, 1, h, w),
+            (x.norm(dim=1) - projection).reshape(n, 1, h, w))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-train", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=_common.RESULTS)
     args = parser.parse_args(argv)
-    name, train, test, labels = _data(args.max_train)
+    name, train, test, labels = load_data(args.max_train, N_TEST)
     det = ProtoADDetector(random_state=0).fit(train)
     network = det.network_
     with torch.inference_mode():
@@ -117,20 +92,19 @@ def main(argv=None):
         "image_score_std": float(scores["float32"].std()),
         "image_auroc": {k: float(image_auroc(labels, v)) for k, v in scores.items()},
     }
-    timings = {}
-    with torch.inference_mode():
-        for n in (1, 16):
-            f, x = features[:n], torch.cat(batches)[:n]
-            runs = {"backbone + join": (network.embedding, x),
-                    "head float32": (network.patch_scores, f),
-                    "head bfloat16 search": (lambda t: bf16_patch_scores(network, t), f)}
-            best = {k: float("inf") for k in runs}
-            for _ in range(ROUNDS):
-                for k, (fn, arg) in runs.items():
-                    best[k] = min(best[k], _fastest(fn, arg))
-            timings[n] = {k: v / n for k, v in best.items()}
+    # the methods take a range of image positions: the backbone reads those
+    # images, the heads those images' features (views, no copies)
+    images = torch.cat(batches)
+    methods = {
+        "backbone + join": lambda r: network.embedding(images[r.start:r.stop]),
+        "head float32": lambda r: network.patch_scores(features[r.start:r.stop]),
+        "head bfloat16 search": lambda r: bf16_patch_scores(network,
+                                                            features[r.start:r.stop]),
+    }
+    speed = throughput(methods, range(len(images)), args.rounds)
+    timings = {bs: {k: 1.0 / speed[k][bs] for k in methods} for bs in (1, 16)}
     result = {"command": "python benchmarks/bench_head_precision.py "
-                         f"--max-train {args.max_train}",
+                         f"--max-train {args.max_train} --rounds {args.rounds}",
               "machine": _common.machine(), "data": name, "n_train": len(train),
               "n_prototypes": int(network.prototypes.shape[0]), "agreement": agreement,
               "seconds_per_image": timings}
@@ -143,8 +117,9 @@ def main(argv=None):
         "# Prototype head: bfloat16 search, float32 rescoring", "",
         f"Command: `{result['command']}`", "",
         f"Machine: {result['machine']}. Defaults fitted on {len(train)} {name} training "
-        f"images ({result['n_prototypes']} prototypes); 64 test images, 256 x 256.", "",
-        "Milliseconds per image (fastest of the rounds, interleaved):", "",
+        f"images ({result['n_prototypes']} prototypes); {N_TEST} test images, 256 x 256.", "",
+        f"Milliseconds per image over the {N_TEST} test images (fastest of "
+        f"{args.rounds} rounds, methods alternating):", "",
         *_common.markdown_table(["batch", "backbone + join", "head float32",
                                  "head bfloat16 search", "head speed-up"], rows),
         "",
@@ -154,7 +129,7 @@ def main(argv=None):
         f"the projection's choice for {a['score_patch_share_changed']:.2%} (largest change "
         f"{a['score_patch_max_abs_diff']:.4f}). Image scores: largest change "
         f"{a['image_score_max_abs_diff']:.5f} (their spread: std {a['image_score_std']:.4f}); "
-        "image AUROC on the 64 images: "
+        f"image AUROC on the {N_TEST} images: "
         + ", ".join(f"{k} {v:.4f}" for k, v in a["image_auroc"].items()) + ".",
     ]
     _common.write_markdown(args.out / "head_precision.md", lines)

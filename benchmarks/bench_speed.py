@@ -47,17 +47,18 @@ N_TEST = 32
 KS = (250, 1000, 2000, 4000)
 
 
-def _data(n_train):
+def load_data(n_train, n_test=N_TEST):
+    """(name, training images, test images, test labels): evenly spaced ones
+    of Magnetic Tile, or generated textures without the shared data."""
     folder = _common.data_dir("magnetic_tile")
     if _common.is_mvtec_set(folder):
         data = load_mvtec(folder)
-        train = list(data.train_paths)
-        test = list(data.test_paths)
-        pick = np.linspace(0, len(train) - 1, n_train).round().astype(int)
-        tpick = np.linspace(0, len(test) - 1, N_TEST).round().astype(int)
-        return "magnetic_tile", [train[i] for i in pick], [test[i] for i in tpick]
-    data = make_defect_dataset(n_train=n_train, n_test=N_TEST, image_size=SIZE, random_state=0)
-    return "synthetic_textures", data.X_train, data.X_test
+        pick = np.linspace(0, len(data.train_paths) - 1, n_train).round().astype(int)
+        tpick = np.linspace(0, len(data.test_paths) - 1, n_test).round().astype(int)
+        return ("magnetic_tile", [data.train_paths[i] for i in pick],
+                [data.test_paths[i] for i in tpick], np.asarray(data.test_labels)[tpick])
+    data = make_defect_dataset(n_train=n_train, n_test=n_test, image_size=SIZE, random_state=0)
+    return "synthetic_textures", data.X_train, data.X_test, np.asarray(data.y_test)
 
 
 def _tensors(images):
@@ -83,15 +84,19 @@ def _fit_peers(extractor, train):
     return padim, patchcore, seconds
 
 
-def _time(methods, images, rounds):
-    """Images per second of each method at batch 1 and 16 (fastest round)."""
+def throughput(methods, images, rounds):
+    """Images per second of each method at batch 1 and 16 (fastest round).
+
+    Each method is called on ``images[s:s + batch]``; the methods alternate
+    within each round, so that a change of load hits them all alike.
+    """
     best = {name: {1: float("inf"), 16: float("inf")} for name in methods}
     with torch.inference_mode():
         for fn in methods.values():  # warm-up
             fn(images[:16])
         for _ in range(rounds):
             for bs in (1, 16):
-                for name, fn in methods.items():  # alternating: load hits all alike
+                for name, fn in methods.items():
                     start = time.perf_counter()
                     for s in range(0, len(images), bs):
                         fn(images[s:s + bs])
@@ -106,7 +111,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=_common.RESULTS)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    name, train, test = _data(args.n_train)
+    name, train, test, _ = load_data(args.n_train)
     fit_seconds = {}
     start = time.perf_counter()
     det = ProtoADDetector(random_state=0).fit(train)
@@ -128,7 +133,7 @@ def main(argv=None):
             image_score=network.image_score, score_baseline=baseline).eval()
     methods["PaDiM"] = lambda x: padim(normalise(x, extractor))
     methods["PatchCore 1 %"] = lambda x: patchcore(normalise(x, extractor))
-    speed = _time(methods, _tensors(test), args.rounds)
+    speed = throughput(methods, _tensors(test), args.rounds)
     command = (f"python benchmarks/bench_speed.py --n-train {args.n_train} "
                f"--rounds {args.rounds}")
     result = {"command": command, "machine": _common.machine(), "data": name,
