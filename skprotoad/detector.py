@@ -161,6 +161,8 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
     (2, 64, 64)
     >>> det.prototypes_.shape[0]  # 8 cluster means + the farthest tenth of 2,048 patches
     212
+    >>> tuple(det.network_.score_baseline.shape)  # held-out images' mean score map
+    (16, 16)
     """
 
     _parameter_constraints = {
