@@ -8,8 +8,9 @@ image at 256 x 256):
   PatchCore receive it;
 - ``backbone + join``: the defaults' patch embedding (3 x 3 aggregation,
   join at stride 4, per-image normalisation): the physical limit of ProtoAD;
-- ``defaults``: the fitted ``ProtoADDetector()`` network, and the same
-  network with K random prototypes (250 to 4,000; speed only);
+- ``defaults``: the fitted ``ProtoADDetector()`` network; the same with its
+  head in one piece (as exports run it) instead of in bands of patches; and
+  the same network with K random prototypes (250 to 4,000; speed only);
 - ``PaDiM`` (100 random dimensions) and ``PatchCore`` (1 % coreset) from
   ``benchmarks/anchors.py``, fitted on the same training images.
 
@@ -126,6 +127,10 @@ def main(argv=None):
         "backbone": lambda x: normalise(x, extractor),
         "backbone + join": embedding,
         f"defaults ({network.prototypes.shape[0]} prototypes)": network,
+        # the head as exports run it (and as it ran before the bands): one
+        # conv over all patches of the batch
+        "defaults, head in one piece": lambda x: network.readout(*network._patch_scores(
+            embedding(x).contiguous(memory_format=torch.channels_last))),
     }
     for k in KS:
         methods[f"defaults, {k} random prototypes"] = ProtoADNetwork(

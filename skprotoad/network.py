@@ -131,6 +131,22 @@ def on_grid(values: torch.Tensor, height: int, width: int) -> torch.Tensor:
                          align_corners=False)[0, 0]
 
 
+#: Patches per band of :meth:`ProtoADNetwork.patch_scores` on the CPU: small
+#: enough for a band's conv output (patches x prototypes floats) to stay in
+#: the cache at the defaults' prototype counts, large enough for the conv to
+#: run at full speed (docs/benchmarks.md, "Speed").
+BAND_PATCHES = 512
+
+
+def _tracing() -> bool:
+    """Whether the network is being traced or exported (TorchScript, ONNX,
+    torch.export), where a loop over bands would fix the batch size."""
+    return (
+        torch.jit.is_scripting() or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+    )
+
+
 def _symmetric_index(n: int, radius: int) -> torch.Tensor:
     idx = torch.arange(-radius, n + radius) % (2 * n)
     return torch.where(idx >= n, 2 * n - 1 - idx, idx)
@@ -416,6 +432,12 @@ class ProtoADNetwork(nn.Module):
     def patch_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-patch values of the anomaly map and of the image-score map.
 
+        On the CPU the patches go through the head in bands of about
+        :data:`BAND_PATCHES`, so that the conv's (patches x prototypes) output
+        stays in the cache between the passes that read it; on other devices,
+        and while the network is traced or exported, in one piece (one graph
+        for any batch size). Both give the same values.
+
         Returns
         -------
         map_patches, score_patches : torch.Tensor of shape (N, 1, h, w)
@@ -425,6 +447,23 @@ class ProtoADNetwork(nn.Module):
         # channels-last makes the 1x1 conv a plain matrix product for oneDNN
         # (faster on CPU than on NCHW) and its max over prototypes contiguous
         features = features.contiguous(memory_format=torch.channels_last)
+        if features.device.type != "cpu" or _tracing():
+            return self._patch_scores(features)
+        n, channels, height, width = features.shape
+        # channels-last memory is (N, h, w, C): the images' rows stacked into
+        # one tall map is a view, and a band of its rows one block of memory
+        rows = features.permute(0, 2, 3, 1).reshape(1, n * height, width, channels)
+        rows = rows.permute(0, 3, 1, 2)
+        step = max(1, BAND_PATCHES // width)
+        bands = [self._patch_scores(rows[:, :, r : r + step]) for r in range(0, n * height, step)]
+        map_patches = torch.cat([band[0] for band in bands], dim=2).view(n, 1, height, width)
+        if bands[0][0] is bands[0][1]:
+            return map_patches, map_patches
+        score_patches = torch.cat([band[1] for band in bands], dim=2).view(n, 1, height, width)
+        return map_patches, score_patches
+
+    def _patch_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`patch_scores` of channels-last ``features`` in one piece."""
         if self.embedding.normalization == "patch":
             patches = 1.0 - self.prototype_conv(features).amax(dim=1, keepdim=True)
             return patches, patches

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from skprotoad.backbones import create_feature_extractor
+from skprotoad import network
 from skprotoad.network import GaussianSmoothing, PatchEmbedding, ProtoADNetwork, upsample
 
 
@@ -104,6 +105,35 @@ def test_results_do_not_depend_on_the_batch(embedding):
     together = net(x)[0]
     alone = torch.cat([net(x[i : i + 1])[0] for i in range(4)])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "normalization, image_score",
+    [("patch", "map"), ("image", "map"), ("image", "projection"), ("image", "cosine")],
+)
+def test_head_in_bands_equals_the_head_in_one_piece(embedding, monkeypatch, normalization,
+                                                    image_score):
+    # bands of 5 rows of a 16-patch-wide grid: they cut images mid-way and
+    # the last one is short. Traced, the head runs in one piece, as exports do.
+    monkeypatch.setattr(network, "BAND_PATCHES", 80)
+    calls = []
+    one_piece = ProtoADNetwork._patch_scores
+    monkeypatch.setattr(ProtoADNetwork, "_patch_scores",
+                        lambda self, f: calls.append(f.shape) or one_piece(self, f))
+    emb = PatchEmbedding(embedding.backbone, normalization=normalization)
+    torch.manual_seed(0)
+    net = ProtoADNetwork(emb, torch.randn(7, 192), (64, 64), image_score=image_score).eval()
+    x = torch.rand(3, 3, 64, 64)
+    with torch.inference_mode():
+        maps, scores = net(x)
+    assert [shape[2] for shape in calls] == [5] * 9 + [3]
+    traced = torch.jit.trace(net, x[:1], check_trace=False)
+    calls.clear()
+    with torch.inference_mode():
+        traced_maps, traced_scores = traced(x)
+    assert not calls
+    torch.testing.assert_close(maps, traced_maps, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(scores, traced_scores, atol=1e-6, rtol=1e-6)
 
 
 def test_prototypes_are_stored_unit_norm(embedding):
