@@ -68,7 +68,7 @@ from skprotoad.metrics import evaluate_maps, image_auroc  # noqa: E402
 # the peer is fed, and the masks cropped, exactly as the detector's input; its
 # thresholds follow the rule of contamination="auto", on the same held-out images
 from skprotoad.preprocessing import center_crop_box, model_inputs  # noqa: E402
-from skprotoad.thresholds import conformal_threshold, held_out_split  # noqa: E402
+from skprotoad.thresholds import calibration_folds, conformal_threshold  # noqa: E402
 
 SHARED_SETS = ("magnetic_tile", "bsdata_pitting", "tire")
 SYNTHETIC_SETS = ("synthetic_textures", "synthetic_objects")
@@ -315,28 +315,33 @@ def _peer_scores(model, images, extractor, indices, cfg):
 def run_peer(data, setting, seed):
     """A peer method (PEERS) on the suite's data, protocol and metrics.
 
-    Threshold as ProtoADDetector's ``contamination="auto"``: fit on the
-    training images less the held-out 20 %, the split-conformal order statistic
-    of the held-out images' scores (image threshold) and map maxima (pixel
-    threshold), then refit on every training image for the test scores.
+    Threshold as ProtoADDetector's ``contamination="auto"``: for each of its
+    calibration folds, fit on the training images less the fold and score
+    the fold; the conformal order statistic of all folds' scores (image
+    threshold) and map maxima (pixel threshold); then refit on every training
+    image for the test scores.
     """
     cfg = PEERS[setting]
     if cfg["method"] != "padim":
         raise ValueError(f"unknown peer method {cfg['method']!r}")
     extractor = create_feature_extractor(cfg["backbone"], cfg["layers"])
     train, test = data.train, data.test
-    fit_part, held_out = held_out_split(len(train), random_state=seed)
+    folds = calibration_folds(len(train), random_state=seed)
     start = time.perf_counter()
     with torch.inference_mode():
-        if len(held_out):
-            model = _fit_padim(train, extractor, fit_part, cfg, seed)
-            held_maps, calibration = _peer_scores(model, train, extractor, held_out, cfg)
-            map_maxima = held_maps.reshape(len(held_maps), -1).max(axis=1)
-            del held_maps, model
+        if folds:
+            calibration, map_maxima = [], []
+            for fit_part, held_out in folds:
+                model = _fit_padim(train, extractor, fit_part, cfg, seed)
+                held_maps, held_scores = _peer_scores(model, train, extractor, held_out, cfg)
+                map_maxima.append(held_maps.reshape(len(held_maps), -1).max(axis=1))
+                calibration.append(held_scores)
+                del held_maps, model
+            calibration, map_maxima = np.concatenate(calibration), np.concatenate(map_maxima)
             threshold = conformal_threshold(calibration)
             pixel_threshold = conformal_threshold(map_maxima)
         model = _fit_padim(train, extractor, range(len(train)), cfg, seed)
-        if not len(held_out):
+        if not folds:
             # as the detector with too few images to hold any out: the worst
             # training image
             train_maps, train_scores = _peer_scores(model, train, extractor,

@@ -1,9 +1,9 @@
 """How :meth:`skprotoad.ProtoADDetector.fit` sets its two thresholds.
 
-With ``contamination="auto"`` a random share of the normal training images is
-held out, prototypes are learned once more without them, and the thresholds
-are split-conformal order statistics of the held-out images' scores (see
-:doc:`/user_guide/thresholds`). With a float ``contamination``, or too few
+With ``contamination="auto"`` random folds of the normal training images are
+held out in turn (as many as the 1 % target needs, at most five), prototypes
+are learned once more without each, and the thresholds are conformal order
+statistics of the held-out images' scores (see :doc:`/user_guide/thresholds`). With a float ``contamination``, or too few
 images to hold any out, they are quantiles of the training images' own scores.
 """
 
@@ -18,10 +18,16 @@ import numpy as np
 from scipy import stats
 from sklearn.utils import check_random_state
 
-#: Share of the normal training images held out to calibrate contamination="auto".
+#: Share of the normal training images in each fold held out to calibrate
+#: contamination="auto".
 CALIBRATION_FRACTION = 0.2
 #: False-alarm rate on unseen normal images that the "auto" threshold aims at.
 TARGET_FALSE_ALARM_RATE = 0.01
+#: Held-out scores the target needs: the conformal rank ceil((n + 1) (1 - rate))
+#: is at most n only from this many on.
+CALIBRATION_IMAGES_NEEDED = math.ceil(1 / TARGET_FALSE_ALARM_RATE - 1)
+#: Most folds held out in turn: five disjoint folds of a fifth hold out every image once.
+MAX_FOLDS = round(1 / CALIBRATION_FRACTION)
 #: Fewer normal images than this: none is held out (too few to learn from).
 MIN_IMAGES_FOR_HOLDOUT = 5
 
@@ -49,10 +55,33 @@ def is_contamination(value):
 
 
 def n_held_out(contamination, n_images):
-    """How many of ``n_images`` normal images calibration holds out (the last ones)."""
+    """How many of ``n_images`` normal images each calibration fold holds out."""
     if contamination == "auto" and n_images >= MIN_IMAGES_FOR_HOLDOUT:
         return max(1, int(round(CALIBRATION_FRACTION * n_images)))
     return 0
+
+
+def folds(contamination, n_images):
+    """The calibration folds of ``n_images`` training positions, the last first.
+
+    Each fold is held out in turn from a clustering of the other images, so
+    that every image of a fold is scored unseen. Folds are added, up to
+    :data:`MAX_FOLDS`, until they hold :data:`CALIBRATION_IMAGES_NEEDED`
+    images: with fewer held-out scores the threshold cannot reach the 1 %
+    target, and extra clusterings cost little on the small sets that need
+    them. From 495 images on, one fold suffices.
+
+    Returns
+    -------
+    folds : list of range
+        Disjoint ranges of positions, ``folds[0]`` the last ones; empty when
+        nothing is held out.
+    """
+    size = n_held_out(contamination, n_images)
+    if not size:
+        return []
+    count = min(MAX_FOLDS, -(-CALIBRATION_IMAGES_NEEDED // size), n_images // size)
+    return [range(n_images - (j + 1) * size, n_images - j * size) for j in range(count)]
 
 
 def split(normal, contamination, random_state):
@@ -72,25 +101,26 @@ def split(normal, contamination, random_state):
     seed : int
         Seeds the clustering and, without weights, the backbone.
     order : ndarray of int
-        ``normal`` shuffled, the held-out images last: the patches to learn
-        from are then a prefix of the feature array, used without a copy.
-    n_held_out : int
-        From :func:`n_held_out`.
+        ``normal`` shuffled, the held-out folds last.
+    folds : list of range
+        From :func:`folds`: positions in ``order``.
     """
     rng = check_random_state(random_state)
     seed = int(rng.randint(np.iinfo(np.int32).max))
     order = rng.permutation(normal)
-    return seed, order, n_held_out(contamination, len(order))
+    return seed, order, folds(contamination, len(order))
 
 
-def held_out_split(n_images, random_state=None):
-    """The images that ``contamination="auto"`` learns from and holds out.
+def calibration_folds(n_images, random_state=None):
+    """The folds that ``contamination="auto"`` holds out, and what each is
+    held out from.
 
     The split :meth:`ProtoADDetector(random_state=random_state).fit
     <skprotoad.ProtoADDetector.fit>` makes of ``n_images`` normal training
-    images: the thresholds are set on the held-out images' scores, by
-    :func:`conformal_threshold`, with prototypes learned from the others. So
-    another method can be fitted and thresholded on the very same images.
+    images: for each fold, prototypes are learned from the other images and
+    the fold's images are scored with them; the thresholds are set on all
+    folds' scores together, by :func:`conformal_threshold`. So another method
+    can be fitted and thresholded on the very same images.
 
     Parameters
     ----------
@@ -101,38 +131,44 @@ def held_out_split(n_images, random_state=None):
 
     Returns
     -------
-    fit_indices : ndarray of int
-        The images prototypes are first learned from.
-    held_out_indices : ndarray of int
-        The images the thresholds are calibrated on; empty for fewer than 5
-        images, where the training images' own scores set them.
+    folds : list of (fit_indices, held_out_indices)
+        Index arrays into the training images, as scikit-learn's
+        cross-validation splitters give them; one fold from 495 images on,
+        up to five below; empty for fewer than 5 images, where the training
+        images' own scores set the thresholds.
 
     Examples
     --------
-    >>> from skprotoad.thresholds import held_out_split
-    >>> fit_part, held_out = held_out_split(10, random_state=0)
-    >>> len(fit_part), len(held_out)
-    (8, 2)
-    >>> sorted([*fit_part, *held_out]) == list(range(10))
+    >>> from skprotoad.thresholds import calibration_folds
+    >>> folds = calibration_folds(10, random_state=0)
+    >>> [(len(fit), len(held_out)) for fit, held_out in folds]
+    [(8, 2), (8, 2), (8, 2), (8, 2), (8, 2)]
+    >>> sorted(i for _, held_out in folds for i in held_out) == list(range(10))
     True
+    >>> len(calibration_folds(1000, random_state=0))
+    1
     """
-    _, order, n_held = split(np.arange(int(n_images)), "auto", random_state)
-    return order[: len(order) - n_held], order[len(order) - n_held :]
+    _, order, positions = split(np.arange(int(n_images)), "auto", random_state)
+    return [
+        (np.delete(order, np.arange(fold.start, fold.stop)), order[fold.start : fold.stop])
+        for fold in positions
+    ]
 
 
-def stage_detail(n_held_out, n_images, prototype_seconds):
+def stage_detail(folds, n_images, prototype_seconds):
     """What calibration is about to do, for ``fit``'s progress (``verbose``)."""
-    if not n_held_out:
+    if not folds:
         return "the training images' own scores"
-    # the second clustering sees the patches of the other images: about that
-    # share of the first one's time
-    seconds = prototype_seconds * (1 - n_held_out / n_images)
-    return (f"{n_held_out} held-out images, a second clustering without them: "
+    # each clustering without a fold sees the other images' patches: about
+    # that share of the first one's time
+    size = len(folds[0])
+    seconds = len(folds) * prototype_seconds * (1 - size / n_images)
+    what = "a fold of" if len(folds) == 1 else f"{len(folds)} folds of"
+    return (f"{what} {size} held-out images, prototypes learned again without each: "
             f"about {seconds:.0f} s")
 
 
-def calibrate(network, n_images, n_held_out, contamination, fit_network, score,
-              baseline=None):
+def calibrate(network, n_images, folds, contamination, score_held_out, score, baseline=None):
     """The detector's thresholds and calibration scores; sets ``network``'s
     score baseline when ``baseline`` is given.
 
@@ -141,14 +177,14 @@ def calibrate(network, n_images, n_held_out, contamination, fit_network, score,
     network : ProtoADNetwork
         The network learned from all ``n_images`` training images.
     n_images : int
-        Number of training images; the last ``n_held_out`` of them are the
-        held-out ones.
-    n_held_out : int
-        From :func:`n_held_out`.
+        Number of training images.
+    folds : list of range
+        From :func:`folds`: the positions held out in turn; empty: none.
     contamination : "auto" or float
         The detector's parameter.
-    fit_network : callable
-        ``fit_network(n)``: a network learned from the first ``n`` images only.
+    score_held_out : callable
+        ``score_held_out(fold)``: what ``score`` returns, of the images at the
+        positions ``fold``, by a network learned from the other images only.
     score : callable
         ``score(network, positions)``: the anomaly scores, anomaly-map maxima,
         image-score patch maps (a list of (h, w) tensors, see
@@ -163,16 +199,18 @@ def calibrate(network, n_images, n_held_out, contamination, fit_network, score,
     -------
     calibration : Calibration
     """
-    if n_held_out:
-        scorer = fit_network(n_images - n_held_out)
-        positions = range(n_images - n_held_out, n_images)
-        _warn_if_too_few(n_held_out, n_images)
+    if folds:
+        _warn_if_too_few(sum(map(len, folds)), n_images)
+        parts = [score_held_out(fold) for fold in folds]
+        scores, map_maxima = (np.concatenate([part[i] for part in parts]) for i in (0, 1))
+        score_patches = [p for part in parts for p in part[2]]
+        sizes = [size for part in parts for size in part[3]]
     else:
-        scorer, positions = network, range(n_images)
-    scores, map_maxima, score_patches, sizes = score(scorer, positions)
+        scores, map_maxima, score_patches, sizes = score(network, range(n_images))
     if baseline is not None and len(score_patches) >= 2:
-        network.score_baseline, scores = baseline(scorer, score_patches, sizes)
-    if n_held_out:
+        # the network only smooths and upsamples there: any of them would do
+        network.score_baseline, scores = baseline(network, score_patches, sizes)
+    if folds:
         calibration_scores = scores
         threshold = conformal_threshold
     else:
@@ -218,10 +256,10 @@ def expected_false_alarm_rate(n_held_out, target=TARGET_FALSE_ALARM_RATE, level=
     Examples
     --------
     >>> from skprotoad.thresholds import expected_false_alarm_rate
-    >>> mean, high = expected_false_alarm_rate(40)  # 200 training images, 20 % held out
+    >>> mean, high = expected_false_alarm_rate(40)  # one fold of 40 held-out images
     >>> round(mean, 4), round(high, 3)
     (0.0244, 0.056)
-    >>> expected_false_alarm_rate(99)[0]  # 495 training images: the 1 % target
+    >>> expected_false_alarm_rate(99)[0]  # 99 held-out scores: the 1 % target
     0.01
     """
     n = int(n_held_out)
@@ -233,15 +271,23 @@ def _warn_if_too_few(n_held_out, n_images):
     mean, high = expected_false_alarm_rate(n_held_out)
     if mean <= TARGET_FALSE_ALARM_RATE:
         return
-    needed = math.ceil((1 / TARGET_FALSE_ALARM_RATE - 1) / CALIBRATION_FRACTION)
     warnings.warn(
-        f"contamination='auto' held out {n_held_out} of {n_images} training images to set "
-        f"the threshold: too few for its {TARGET_FALSE_ALARM_RATE:.0%} target. Expect "
+        f"contamination='auto' scored {n_held_out} of {n_images} training images held out "
+        f"to set the threshold: too few for its {TARGET_FALSE_ALARM_RATE:.0%} target. Expect "
         f"{mean:.1%} false alarms on new normal images on average, and more than "
-        f"{high:.1%} after one fit in ten. Fit on at least {needed} images, or set "
+        f"{high:.1%} after one fit in ten. Fit on at least {images_needed()} images, or set "
         f"contamination to the rate you accept (see the user guide's Thresholds page).",
         CalibrationWarning, stacklevel=5,
     )
+
+
+def images_needed():
+    """The fewest training images whose folds hold the held-out images the
+    target needs."""
+    n = MIN_IMAGES_FOR_HOLDOUT
+    while sum(map(len, folds("auto", n))) < CALIBRATION_IMAGES_NEEDED:
+        n += 1
+    return n
 
 
 def conformal_threshold(held_out_scores, false_alarm_rate=TARGET_FALSE_ALARM_RATE):

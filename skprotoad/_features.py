@@ -14,6 +14,7 @@ fitted attributes): they build what those parameters describe.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -181,6 +182,36 @@ class PatchFeatures:
         end = self.offsets[-1 if stop is None else stop]
         return self.features[:end]
 
+    @contextlib.contextmanager
+    def images_last(self, positions):
+        """Within the block, the images at ``positions`` (a range) come last,
+        so that the others' patches are a prefix (:meth:`patches`).
+
+        Their rows are moved in place and back afterwards, holding one copy
+        of the fewer rows at a time, not a copy of the others; an array that
+        may not be written (a read-only or memory-mapped feature cache) is
+        first copied once.
+        """
+        start, stop = positions.start, positions.stop
+        if stop == len(self):
+            yield
+            return
+        if isinstance(self.features, np.memmap) or not self.features.flags.writeable:
+            self.features = np.array(self.features)
+        saved = self.offsets, self.sizes, self.grids
+        first, mid, end = (int(self.offsets[i]) for i in (start, stop, len(self)))
+        _swap_blocks(self.features, first, mid, end)
+        rest = [*range(start), *range(stop, len(self)), *range(start, stop)]
+        counts = np.diff(self.offsets)[rest]
+        self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self.sizes = [saved[1][k] for k in rest]
+        self.grids = [saved[2][k] for k in rest]
+        try:
+            yield
+        finally:
+            _swap_blocks(self.features, first, end - (mid - first), end)
+            self.offsets, self.sizes, self.grids = saved
+
     def image(self, k):
         """Image ``k``'s features, (h, w, C): a view (only when ``complete``)."""
         if not self.complete:
@@ -188,6 +219,27 @@ class PatchFeatures:
         return self.features[self.offsets[k] : self.offsets[k + 1]].reshape(
             *self.grids[k], -1
         )
+
+
+def _swap_blocks(array, first, mid, end):
+    """Rows ``[first, mid)`` and ``[mid, end)`` of ``array`` trade places, in
+    place, with a copy of the smaller block only: the larger one moves in
+    steps of the smaller's length, which never overlap their destination."""
+    step_rows = min(mid - first, end - mid)
+    if step_rows == 0:
+        return
+    if mid - first <= end - mid:
+        moved = array[first:mid].copy()
+        for start in range(mid, end, step_rows):
+            stop = min(start + step_rows, end)
+            array[start - step_rows : stop - step_rows] = array[start:stop]
+        array[end - step_rows : end] = moved
+    else:
+        moved = array[mid:end].copy()
+        for stop in range(mid, first, -step_rows):
+            start = max(stop - step_rows, first)
+            array[start + step_rows : stop + step_rows] = array[start:stop]
+        array[first : first + step_rows] = moved
 
 
 def patch_embedding(detector, seed, device):

@@ -107,10 +107,12 @@ def clustering_seconds(n_samples, n_features, rate, **kwargs):
     return work / (rate * _SEARCH_EFFICIENCY)
 
 
-def prototypes_detail(detector, n_patches, n_features, held_out_share, device, estimate):
+def prototypes_detail(detector, n_patches, n_features, held_out_share, n_folds, device,
+                      estimate):
     """'N patches, method' and, when ``estimate``, '; about ...': the first
-    clustering of ``detector.fit`` on ``n_patches`` and, with a second one for
-    the calibration (``held_out_share`` > 0), the time to the end of both."""
+    clustering of ``detector.fit`` on ``n_patches`` and, with ``n_folds``
+    more for the calibration (each without ``held_out_share`` of the
+    patches), the time to the end of all."""
     from ._features import farthest_count
 
     text = f"{n_patches:,} patches, {detector.clustering}"
@@ -126,8 +128,8 @@ def prototypes_detail(detector, n_patches, n_features, held_out_share, device, e
 
     first = seconds(n_patches)
     text += f"; {about(first)}"
-    if held_out_share:
-        rest = first + seconds(int(n_patches * (1 - held_out_share)))
+    if n_folds:
+        rest = first + n_folds * seconds(int(n_patches * (1 - held_out_share)))
         text += f", the whole fit in {about(rest)}"
     return text
 

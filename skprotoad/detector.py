@@ -249,7 +249,8 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         clock = _progress.StageClock(self.verbose)
         images = _images.ImageSequence(X)
         normal = _validation.check_labels(y, len(images))
-        seed, order, n_held_out = _calibration.split(normal, self.contamination, self.random_state)
+        seed, order, folds = _calibration.split(normal, self.contamination, self.random_state)
+        n_held_out = len(folds[0]) if folds else 0
         device = _validation.torch_device(self.device)
         with clock.stage("features", f"{len(order)} images, {self.backbone}"):
             embedding = _features.patch_embedding(self, seed, device)
@@ -270,16 +271,22 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
                 self.image_size,
             )
 
+        def score_held_out(fold):
+            with features.images_last(fold):
+                network = fit_network(len(order) - len(fold))
+            return score(network, fold)
+
         n_patches = len(features.patches())
         detail = _progress.prototypes_detail(
-            self, n_patches, features.shape[2], n_held_out / len(order), device, clock.level
+            self, n_patches, features.shape[2], n_held_out / len(order), len(folds), device,
+            clock.level,
         )
         with clock.stage("prototypes", detail):
             self.network_ = fit_network(len(order))
-        detail = _calibration.stage_detail(n_held_out, len(order), clock.seconds["prototypes"])
+        detail = _calibration.stage_detail(folds, len(order), clock.seconds["prototypes"])
         with clock.stage("calibration", detail):
             self.offset_, self.pixel_threshold_, self.calibration_scores_ = _calibration.calibrate(
-                self.network_, len(order), n_held_out, self.contamination, fit_network, score,
+                self.network_, len(order), folds, self.contamination, score_held_out, score,
                 _features.baseline_and_scores if self.position_baseline else None,
             )
         _validation.record_fitted_settings(self)
@@ -288,7 +295,7 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         self.n_train_images_ = len(order)
         self.fit_seconds_ = {**clock.seconds, "total": time.perf_counter() - start}
         if clock.level:
-            clock.say(_progress.fit_summary(self, n_patches, n_held_out))
+            clock.say(_progress.fit_summary(self, n_patches, len(self.calibration_scores_)))
         return self
 
     @with_torch_threads

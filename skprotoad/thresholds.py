@@ -7,6 +7,6 @@ see :doc:`/user_guide/thresholds`. These are the functions it does that with,
 so that another method can be split and thresholded exactly alike.
 """
 
-from ._calibration import conformal_threshold, expected_false_alarm_rate, held_out_split
+from ._calibration import calibration_folds, conformal_threshold, expected_false_alarm_rate
 
-__all__ = ["conformal_threshold", "held_out_split", "expected_false_alarm_rate"]
+__all__ = ["conformal_threshold", "calibration_folds", "expected_false_alarm_rate"]

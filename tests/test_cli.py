@@ -526,7 +526,7 @@ def test_evaluate_category_folder_and_missing_root(fake_mvtec, tmp_path, capsys)
 
 def test_demo_small(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "-o", out, "-q", "--n-train", "8", "--n-test", "6", "--size", "64",
+    argv = ["demo", "-o", out, "-q", "--n-train", "12", "--n-test", "6", "--size", "64",
             "--clustering", "kmeans", "--n-clusters", "16"]
     code, stdout, err = _run(argv, capsys)
     assert code == 0, err

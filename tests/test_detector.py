@@ -69,9 +69,10 @@ def test_fitted_attributes(tiny_detector, normal_images):
     assert tiny_detector.prototypes_.shape == (16, 64 + 128)
     np.testing.assert_allclose(np.linalg.norm(tiny_detector.prototypes_, axis=1), 1, rtol=1e-5)
     assert tiny_detector.feature_shape_ == (16, 16, 192)
-    # contamination="auto" holds out 20 % of the 12 normal images
+    # contamination="auto" holds out 2 of the 12 normal images in turn, five
+    # times, to score 10 of them unseen
     assert tiny_detector.n_train_images_ == 12
-    assert len(tiny_detector.calibration_scores_) == 2
+    assert len(tiny_detector.calibration_scores_) == 10
     assert -tiny_detector.offset_ >= np.median(tiny_detector.calibration_scores_)
 
 
@@ -86,13 +87,13 @@ def test_imagenet_features_find_synthetic_defects(lite0_detector, synthetic):
 
 
 def test_auto_threshold_flags_defects_not_normals():
-    # 40 training images, so that 8 are held out: the 99th percentile of two
-    # (the shared fixtures') is their maximum, which an unseen normal image
-    # exceeds with probability 1/3
+    # 40 training images, all scored unseen (five folds of 8): the threshold
+    # is the largest of 40 normal scores, which an unseen normal image exceeds
+    # with probability 1/41
     X_train, _, _ = make_defect_images(40, (64, 64), 0.0, random_state=1)
     X, y, _ = make_defect_images(80, (64, 64), 0.5, random_state=2)
     detector = ProtoADDetector(**LITE0).fit(X_train)
-    assert len(detector.calibration_scores_) == 8
+    assert len(detector.calibration_scores_) == 40
     pred = detector.predict(X)
     assert np.mean(pred[y == 0] == -1) <= 0.2  # false alarms on unseen normal images
     assert np.mean(pred[y == 1] == -1) >= 0.5
@@ -599,8 +600,8 @@ def test_too_few_held_out_images_warn_with_the_expected_false_alarm_rate(normal_
     from skprotoad import CalibrationWarning
     from skprotoad._calibration import _warn_if_too_few, expected_false_alarm_rate
 
-    with pytest.warns(CalibrationWarning, match=r"held out 2 of 12 .* Expect 33\.3% .* "
-                                                r"at least 495 images") as record:
+    with pytest.warns(CalibrationWarning, match=r"scored 10 of 12 .* Expect 9\.1% .* "
+                                                r"at least 100 images") as record:
         ProtoADDetector(**TINY).fit(normal_images)
     assert record[0].filename == __file__  # points at the user's call
     # a float contamination holds nothing out, and says nothing
@@ -685,7 +686,7 @@ def test_max_patches_caps_the_patches_held(normal_images, contamination, capsys)
     assert not np.array_equal(full.prototypes_, capped.prototypes_)
     if contamination == "auto":
         # the held-out images' scores come from a second pass through the backbone
-        assert len(capped.calibration_scores_) == 2
+        assert len(capped.calibration_scores_) == 10
     else:
         # the training images scored by the backbone again: as score_samples does
         scores = -capped.score_samples(normal_images)

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from skprotoad import ProtoADDetector
 from skprotoad.preprocessing import center_crop_box, load_image, model_inputs, resize_and_crop
-from skprotoad.thresholds import conformal_threshold, held_out_split
+from skprotoad.thresholds import conformal_threshold
 
 from .conftest import TINY
 
@@ -29,18 +28,6 @@ def test_model_inputs_batches_indices_and_checks_the_geometry(synthetic):
     assert center_crop_box(40, (24, 32)) == (8, 4, 24, 32)
     with pytest.raises(ValueError, match="larger than image_size"):
         model_inputs(X, 32, 48)
-
-
-def test_held_out_split_is_the_split_fit_makes(normal_images):
-    class OrderRecorder(ProtoADDetector):
-        def _extract_features(self, embedding, images, order, *args):
-            self.order_seen_ = list(order)
-            return super()._extract_features(embedding, images, order, *args)
-
-    det = OrderRecorder(**{**TINY, "random_state": 3}).fit(normal_images)
-    fit_part, held_out = held_out_split(len(normal_images), random_state=3)
-    assert len(held_out) == len(det.calibration_scores_) > 0
-    assert det.order_seen_ == [*fit_part, *held_out]
 
 
 def test_the_threshold_is_the_conformal_rule_of_the_held_out_scores(tiny_detector):

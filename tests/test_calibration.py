@@ -1,0 +1,97 @@
+"""contamination="auto": the folds held out in turn, and the in-place moves of
+the feature array that let each clustering see the other images only."""
+
+import numpy as np
+import pytest
+import torch
+
+from skprotoad import ProtoADDetector, _calibration, _features
+from skprotoad._features import PatchFeatures, _swap_blocks
+from skprotoad.preprocessing import model_inputs
+from skprotoad.thresholds import calibration_folds, expected_false_alarm_rate
+
+from .conftest import TINY
+
+
+def test_each_fold_is_scored_by_prototypes_learned_without_it(normal_images, monkeypatch):
+    fits = []
+    fit_network = _features.fit_network
+
+    def recording(detector, embedding, patches, seed, device):
+        network = fit_network(detector, embedding, patches, seed, device)
+        fits.append((patches.copy(), network))
+        return network
+
+    monkeypatch.setattr(_features, "fit_network", recording)
+    det = ProtoADDetector(**{**TINY, "random_state": 3}).fit(normal_images)
+    folds = calibration_folds(len(normal_images), random_state=3)
+    assert len(folds) > 1 and len(fits) == 1 + len(folds)
+    # the first clustering is the final one, on every image in fit's order:
+    # the first fold's images last
+    all_patches = fits[0][0]
+    per_image = len(all_patches) // len(normal_images)
+    order = [*folds[0][0], *folds[0][1]]
+    rows = {image: all_patches[k * per_image : (k + 1) * per_image] for k, image in enumerate(order)}
+    start = 0
+    for (fit_part, held_out), (patches, network) in zip(folds, fits[1:]):
+        assert not set(fit_part) & set(held_out)
+        np.testing.assert_array_equal(patches, np.concatenate([rows[i] for i in fit_part]))
+        x = torch.cat([b for _, b in model_inputs(normal_images[held_out], 64, 64, 8)])
+        with torch.inference_mode():
+            scores = network(x)[1].numpy()
+        np.testing.assert_allclose(det.calibration_scores_[start : start + len(held_out)], scores,
+                                   rtol=1e-6)
+        start += len(held_out)
+    assert start == len(det.calibration_scores_)
+
+
+@pytest.mark.parametrize("n_images", [5, 8, 10, 37, 100, 200, 494, 495, 761])
+def test_folds_are_disjoint_and_enough_for_the_target_when_possible(n_images):
+    folds = calibration_folds(n_images, random_state=0)
+    held = [i for _, held_out in folds for i in held_out]
+    assert len(held) == len(set(held))
+    for fit_part, held_out in folds:
+        assert sorted([*fit_part, *held_out]) == list(range(n_images))
+        assert len(held_out) == len(folds[0][1])
+    assert 1 <= len(folds) <= _calibration.MAX_FOLDS
+    if n_images >= _calibration.images_needed():
+        assert expected_false_alarm_rate(len(held))[0] <= _calibration.TARGET_FALSE_ALARM_RATE
+        # no more folds than the target needs: one fewer would not reach it
+        fewer = len(held) - len(folds[0][1])
+        assert len(folds) == 1 or fewer < _calibration.CALIBRATION_IMAGES_NEEDED
+    else:
+        assert len(folds) == min(_calibration.MAX_FOLDS, n_images // len(folds[0][1]))
+
+
+def test_too_few_images_for_the_target_are_named_with_the_count_needed(normal_images):
+    with pytest.warns(_calibration.CalibrationWarning,
+                      match=f"at least {_calibration.images_needed()} images"):
+        ProtoADDetector(**TINY).fit(normal_images[:6])
+
+
+@pytest.mark.parametrize("first, mid, end", [(0, 3, 10), (2, 9, 10), (1, 5, 8), (4, 4, 9),
+                                             (0, 10, 10), (3, 6, 9)])
+def test_swap_blocks_trades_the_two_blocks_in_place(first, mid, end):
+    array = np.arange(24).reshape(12, 2)
+    expected = np.concatenate([array[:first], array[mid:end], array[first:mid], array[end:]])
+    before = array.__array_interface__["data"][0]
+    _swap_blocks(array, first, mid, end)
+    np.testing.assert_array_equal(array, expected)
+    assert array.__array_interface__["data"][0] == before
+
+
+@pytest.mark.parametrize("writeable", [True, False])
+def test_images_last_puts_a_fold_last_and_restores_the_order(writeable):
+    grids = [(2, 2), (1, 3), (2, 1), (3, 1), (1, 1)]
+    features = PatchFeatures([(8, 8)] * 5, grids, n_channels=2)
+    for k, (h, w) in enumerate(grids):
+        features.put(k, np.full((h, w, 2), k, dtype=np.float32))
+    original = features.features.copy()
+    features.features.flags.writeable = writeable
+    with features.images_last(range(1, 3)):
+        # images 0, 3, 4 first, then 1, 2
+        np.testing.assert_array_equal(features.patches(3)[:, 0], [0] * 4 + [3] * 3 + [4])
+        np.testing.assert_array_equal(features.patches()[8:, 0], [1] * 3 + [2] * 2)
+        assert features.image(3).shape == (1, 3, 2)
+    np.testing.assert_array_equal(features.features, original)
+    assert features.image(1).shape == (1, 3, 2)
