@@ -116,9 +116,9 @@ def draw_figure(path):
                                                     "K = n_clusters"], "fit")
     b_proto = box(d, 640, y3, 180, h, "prototypes", ["unit cluster means", "(K x C)",
                                                       "-> conv kernels"], "fit")
-    b_thr = box(d, 850, y3, 320, h, "threshold (offset_)", ["contamination='auto': 99th pct of",
-                                                             "scores of 20 % held-out normal",
-                                                             "images; float: sklearn meaning"],
+    b_thr = box(d, 850, y3, 320, h, "threshold (offset_)", ["contamination='auto': 99 % order",
+                                                             "statistic of held-out folds' scores",
+                                                             "(unseen); float: sklearn meaning"],
                 "fit")
     for a, b in ((b_train, b_feat), (b_feat, b_clu), (b_clu, b_proto), (b_proto, b_thr)):
         arrow(d, *right(a), *left(b))
