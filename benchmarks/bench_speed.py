@@ -17,9 +17,7 @@ image at 256 x 256):
 Inference: the test images are decoded and resized up front; each method runs
 them at batch 1 and 16, the methods alternating within each round, and the
 fastest round is kept. Then ``score_samples`` of the fitted detector on the
-test image files (decoding, resizing and the detector's own work included),
-with the next batch decoded in the loader's background thread (as shipped)
-and, alternating with it, in the calling thread. Fit: seconds of ``ProtoADDetector().fit`` (features,
+test image files (decoding, resizing and the detector's own work included). Fit: seconds of ``ProtoADDetector().fit`` (features,
 both clusterings, calibration) and of PaDiM's and PatchCore's fits including
 their backbone pass, on the same images.
 
@@ -29,7 +27,6 @@ Writes DIR/speed.{json,md} (default benchmarks/results). Run it alone on the
 machine: it measures time.
 """
 import argparse
-import concurrent.futures
 import time
 from pathlib import Path
 
@@ -41,7 +38,7 @@ import torch  # noqa: E402
 from anchors import PaDiM, PatchCore  # noqa: E402
 from bench_anchors import normalise  # noqa: E402
 
-from skprotoad import ProtoADDetector, _images  # noqa: E402
+from skprotoad import ProtoADDetector  # noqa: E402
 from skprotoad.backbones import create_feature_extractor  # noqa: E402
 from skprotoad.datasets import load_mvtec, make_defect_dataset  # noqa: E402
 from skprotoad.network import ProtoADNetwork  # noqa: E402
@@ -109,50 +106,24 @@ def throughput(methods, images, rounds):
     return {name: {bs: len(images) / t for bs, t in b.items()} for name, b in best.items()}
 
 
-class _InCallingThread:
-    """A stand-in for the image loader's thread pool that runs each job at
-    once, in the calling thread: decoding without overlap."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def submit(self, fn, *args):
-        future = concurrent.futures.Future()
-        future.set_result(fn(*args))
-        return future
-
-
 def file_throughput(det, paths, rounds):
-    """Images per second of ``det.score_samples`` on image files (decoding
-    and resizing included), at batch 1 and 16, with the next batch decoded
-    in the loader's thread (as shipped) and in the calling thread; the two
-    alternate within each round."""
+    """Images per second of ``det.score_samples`` on image files (decoding,
+    resizing and the detector's own work included), at batch 1 and 16."""
     if not all(isinstance(p, (str, Path)) for p in paths):
         return {}
-    variants = {"defaults on files": _images.ThreadPoolExecutor,
-                "defaults on files, decoded in the calling thread": _InCallingThread}
-    best = {name: {1: float("inf"), 16: float("inf")} for name in variants}
+    best = {1: float("inf"), 16: float("inf")}
     batch_size = det.batch_size
     try:
         det.score_samples(paths[:16])  # warm-up
         for _ in range(rounds):
             for bs in (1, 16):
                 det.set_params(batch_size=bs)
-                for name, pool in variants.items():
-                    _images.ThreadPoolExecutor = pool
-                    start = time.perf_counter()
-                    det.score_samples(paths)
-                    best[name][bs] = min(best[name][bs], time.perf_counter() - start)
+                start = time.perf_counter()
+                det.score_samples(paths)
+                best[bs] = min(best[bs], time.perf_counter() - start)
     finally:
-        _images.ThreadPoolExecutor = variants["defaults on files"]
         det.set_params(batch_size=batch_size)
-    return {name: {bs: len(paths) / t for bs, t in b.items()} for name, b in best.items()}
+    return {"defaults on files": {bs: len(paths) / t for bs, t in best.items()}}
 
 
 def main(argv=None):

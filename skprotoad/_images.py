@@ -25,7 +25,6 @@ import math
 import numbers
 import os
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -304,18 +303,15 @@ class ImageSequence:
 
         ``multiple`` (the backbone's coarsest stride) rounds the sizes of a
         scale factor ``image_size``, see :func:`scaled_size`; ``plan`` is the
-        chunking from :meth:`plan` when the caller has it already.
-
-        The next batch is decoded and resized in a background thread while
-        the caller works on the current one (Pillow and numpy release the
-        GIL), so that scoring files does not wait on their decoding. An
-        image that cannot be read raises when its batch is asked for, as
-        without the thread.
+        chunking from :meth:`plan` when the caller has it already. Images
+        are read batch by batch, in the calling thread: decoding the next
+        batch in a background thread while the model ran measured slower
+        on two cores (docs/benchmarks.md, "Speed"), where torch's threads
+        already take both.
         """
         if plan is None:
             plan = self.plan(batch_size, image_size, crop_size, indices, multiple)
-
-        def load(chunk):
+        for chunk in plan:
             if is_scale(image_size):
                 tensors = []
                 for i in chunk:
@@ -324,19 +320,7 @@ class ImageSequence:
                     tensors.append(resize_and_crop(image, size, None))
             else:
                 tensors = [resize_and_crop(self.load(i), image_size, crop_size) for i in chunk]
-            return torch.stack(tensors)
-
-        if len(plan) < 2:
-            for chunk in plan:
-                yield chunk, load(chunk)
-            return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="skprotoad-images") as pool:
-            upcoming = pool.submit(load, plan[0])
-            for k, chunk in enumerate(plan):
-                batch = upcoming.result()
-                if k + 1 < len(plan):
-                    upcoming = pool.submit(load, plan[k + 1])
-                yield chunk, batch
+            yield chunk, torch.stack(tensors)
 
 
 def resize_and_crop(image, image_size, crop_size):

@@ -55,34 +55,13 @@ def test_batches_follow_the_given_order(rgb):
     torch.testing.assert_close(chunks[0][1][0], resize_and_crop(load_image(X[2]), 20, None))
 
 
-def test_next_batch_is_decoded_off_the_calling_thread(rgb, tmp_path, monkeypatch):
-    import threading
-
-    from skprotoad import _images
-
-    paths = []
-    for k in range(5):
-        paths.append(tmp_path / f"{k}.png")
-        Image.fromarray(np.roll(rgb, k, axis=0)).save(paths[-1])
-    threads = []
-    load = _images.load_image
-    monkeypatch.setattr(_images, "load_image", lambda item, where="image": threads.append(
-        threading.current_thread() is threading.main_thread()) or load(item, where))
-    batches = list(ImageSequence(paths).batches(2, (20, 30), None))
-    assert [chunk for chunk, _ in batches] == [[0, 1], [2, 3], [4]]
-    assert not any(threads)
-    for chunk, tensor in batches:
-        expected = [resize_and_crop(load(paths[i]), (20, 30), None) for i in chunk]
-        torch.testing.assert_close(tensor, torch.stack(expected), rtol=0, atol=0)
-
-
 def test_unreadable_file_raises_when_its_batch_is_asked_for(rgb, tmp_path):
     good = tmp_path / "good.png"
     Image.fromarray(rgb).save(good)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     batches = ImageSequence([good, good, bad]).batches(2, (20, 30), None)
-    chunk, _ = next(batches)  # the bad file is being read meanwhile
+    chunk, _ = next(batches)  # images are read batch by batch
     assert chunk == [0, 1]
     with pytest.raises(ValueError, match=r"X\[2\].*bad\.png"):
         next(batches)
