@@ -447,9 +447,9 @@ class ProtoADNetwork(nn.Module):
         # channels-last makes the 1x1 conv a plain matrix product for oneDNN
         # (faster on CPU than on NCHW) and its max over prototypes contiguous
         features = features.contiguous(memory_format=torch.channels_last)
-        if features.device.type != "cpu" or _tracing():
-            return self._patch_scores(features)
         n, channels, height, width = features.shape
+        if features.device.type != "cpu" or _tracing() or features.numel() == 0:
+            return self._patch_scores(features)
         # channels-last memory is (N, h, w, C): the images' rows stacked into
         # one tall map is a view, and a band of its rows one block of memory
         rows = features.permute(0, 2, 3, 1).reshape(1, n * height, width, channels)
