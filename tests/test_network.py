@@ -16,12 +16,22 @@ def embedding():
 
 @pytest.mark.parametrize("sigma", [0.7, 4.0, 9.0])
 @pytest.mark.parametrize("size", [(31, 64), (12, 10)])
-def test_smoothing_matches_scipy(sigma, size):
-    maps = np.random.default_rng(0).random((2, *size)).astype(np.float32)
+@pytest.mark.parametrize("n_maps", [1, 3])
+def test_smoothing_matches_scipy(sigma, size, n_maps):
+    maps = np.random.default_rng(0).random((n_maps, *size)).astype(np.float32)
     ours = GaussianSmoothing(sigma, size)(torch.from_numpy(maps)).numpy()
     for m, o in zip(maps, ours):
         ref = gaussian_filter(m.astype(np.float64), sigma=sigma, mode="reflect")
         np.testing.assert_allclose(o, ref, atol=1e-5)
+
+
+def test_traced_smoothing_takes_any_batch_size():
+    # eager CPU batches run as one depthwise conv; a trace must not fix the
+    # batch size in the conv's groups
+    smoothing = GaussianSmoothing(4.0, (20, 24))
+    traced = torch.jit.trace(smoothing, torch.rand(2, 20, 24), check_trace=False)
+    maps = torch.rand(5, 20, 24)
+    torch.testing.assert_close(traced(maps), smoothing(maps), rtol=0, atol=1e-6)
 
 
 def test_sigma_zero_is_identity():
