@@ -140,6 +140,11 @@ def on_grid(values: torch.Tensor, height: int, width: int) -> torch.Tensor:
                          align_corners=False)[0, 0]
 
 
+#: Input pixels per backbone pass of :meth:`PatchEmbedding.join` on the CPU
+#: (two 256 x 256 images): a larger batch's activations leave the cache and
+#: the backbone runs slower per image (docs/benchmarks.md, "Speed").
+CPU_CHUNK_PIXELS = 2 * 256 * 256
+
 #: Patches per band of :meth:`ProtoADNetwork.patch_scores` on the CPU: small
 #: enough for a band's conv output (patches x prototypes floats) to stay in
 #: the cache at the defaults' prototype counts, large enough for the conv to
@@ -262,7 +267,19 @@ class PatchEmbedding(nn.Module):
         return F.normalize(features, dim=1)
 
     def join(self, images: torch.Tensor) -> torch.Tensor:
-        """The stages' features joined at the finest stride, not normalised."""
+        """The stages' features joined at the finest stride, not normalised.
+
+        On the CPU a batch goes through the backbone a few images at a time
+        (about :data:`CPU_CHUNK_PIXELS` input pixels), whose activations stay
+        in the cache; elsewhere, and while traced or exported, at once.
+        """
+        n = images.shape[0]
+        chunk = max(1, CPU_CHUNK_PIXELS // max(1, images.shape[-2] * images.shape[-1]))
+        if images.device.type != "cpu" or _tracing() or n <= chunk:
+            return self._join(images)
+        return torch.cat([self._join(images[s : s + chunk]) for s in range(0, n, chunk)])
+
+    def _join(self, images: torch.Tensor) -> torch.Tensor:
         # channels-last: oneDNN's CPU convolutions run faster on it; results
         # differ from NCHW only by float rounding (which can still move FINCH's
         # clusters: docs/user_guide/normalization.md)

@@ -146,6 +146,27 @@ def test_head_in_bands_equals_the_head_in_one_piece(embedding, monkeypatch, norm
     torch.testing.assert_close(scores, traced_scores, atol=1e-6, rtol=1e-6)
 
 
+def test_backbone_in_chunks_equals_the_traced_backbone_in_one_pass(embedding, monkeypatch):
+    # two 64 x 64 images per pass on the CPU: a batch of 5 in three passes,
+    # the last one short; traced, the embedding runs the batch in one pass
+    monkeypatch.setattr(network, "CPU_CHUNK_PIXELS", 2 * 64 * 64)
+    passes = []
+    one_pass = PatchEmbedding._join
+    monkeypatch.setattr(PatchEmbedding, "_join",
+                        lambda self, x: passes.append(len(x)) or one_pass(self, x))
+    emb = PatchEmbedding(embedding.backbone, neighborhood_size=3, normalization="image").eval()
+    x = torch.rand(5, 3, 64, 64)
+    with torch.inference_mode():
+        chunked = emb(x)
+    assert passes == [2, 2, 1]
+    traced = torch.jit.trace(emb, x[:1], check_trace=False)
+    passes.clear()
+    with torch.inference_mode():
+        whole = traced(x)
+    assert not passes
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
 def test_prototypes_are_stored_unit_norm(embedding):
     net = ProtoADNetwork(embedding, 3 * torch.randn(4, 192), (64, 64))
     torch.testing.assert_close(net.prototypes.norm(dim=1), torch.ones(4))
