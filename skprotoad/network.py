@@ -93,7 +93,7 @@ class GaussianSmoothing(nn.Module):
         else:
             rows = _symmetric_index(height, self.radius).to(maps.device)
             cols = _symmetric_index(width, self.radius).to(maps.device)
-        if maps.device.type == "cpu" and maps.shape[0] > 1 and not _tracing():
+        if maps.shape[0] > 1 and _split_for_cache(maps):
             # the maps as the channels of one image, filtered by a depthwise
             # conv: oneDNN runs that many times faster on the CPU than a
             # one-channel conv over a batch (docs/benchmarks.md, "Speed").
@@ -152,10 +152,11 @@ CPU_CHUNK_PIXELS = 2 * 256 * 256
 BAND_PATCHES = 512
 
 
-def _tracing() -> bool:
-    """Whether the network is being traced or exported (TorchScript, ONNX,
-    torch.export), where a loop over bands would fix the batch size."""
-    return (
+def _split_for_cache(tensor: torch.Tensor) -> bool:
+    """Whether work on ``tensor`` may be split into cache-sized pieces: on
+    the CPU, and not while the network is traced or exported (TorchScript,
+    ONNX, torch.export), where a split would fix the batch size."""
+    return tensor.device.type == "cpu" and not (
         torch.jit.is_scripting() or torch.jit.is_tracing()
         or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
     )
@@ -275,7 +276,7 @@ class PatchEmbedding(nn.Module):
         """
         n = images.shape[0]
         chunk = max(1, CPU_CHUNK_PIXELS // max(1, images.shape[-2] * images.shape[-1]))
-        if images.device.type != "cpu" or _tracing() or n <= chunk:
+        if n <= chunk or not _split_for_cache(images):
             return self._join(images)
         return torch.cat([self._join(images[s : s + chunk]) for s in range(0, n, chunk)])
 
@@ -474,7 +475,7 @@ class ProtoADNetwork(nn.Module):
         # (faster on CPU than on NCHW) and its max over prototypes contiguous
         features = features.contiguous(memory_format=torch.channels_last)
         n, channels, height, width = features.shape
-        if features.device.type != "cpu" or _tracing() or features.numel() == 0:
+        if features.numel() == 0 or not _split_for_cache(features):
             return self._patch_scores(features)
         # channels-last memory is (N, h, w, C): the images' rows stacked into
         # one tall map is a view, and a band of its rows one block of memory
