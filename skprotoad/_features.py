@@ -22,7 +22,7 @@ import torch
 
 from . import _images, _progress
 from .backbones import create_feature_extractor
-from .clustering import add_farthest_rows, learn_prototypes
+from .clustering import add_farthest_rows, first_neighbors, learn_prototypes, neighbors_without
 from .network import PatchEmbedding, ProtoADNetwork, effective_image_score, on_grid
 
 #: ``n_farthest=None``: this many farthest patches, at most ``MAX_FARTHEST_SHARE``
@@ -212,6 +212,10 @@ class PatchFeatures:
             _swap_blocks(self.features, first, end - (mid - first), end)
             self.offsets, self.sizes, self.grids = saved
 
+    def rows(self, positions):
+        """(start, stop): the rows of the images at ``positions`` (a range)."""
+        return int(self.offsets[positions.start]), int(self.offsets[positions.stop])
+
     def image(self, k):
         """Image ``k``'s features, (h, w, C): a view (only when ``complete``)."""
         if not self.complete:
@@ -263,14 +267,15 @@ def farthest_count(n_farthest, n_patches):
     return int(n_farthest)
 
 
-def fit_network(detector, embedding, patches, seed, device):
+def fit_network(detector, embedding, patches, seed, device, first_neighbors=None):
     """The network of ``detector``'s parameters, with prototypes learned from
-    ``patches`` (an (n_patches, n_channels) array), in eval mode on ``device``."""
+    ``patches`` (an (n_patches, n_channels) array), in eval mode on ``device``;
+    ``first_neighbors`` as :func:`~skprotoad.clustering.learn_prototypes` takes them."""
     prototypes = learn_prototypes(
         patches, method=detector.clustering, n_clusters=detector.n_clusters, random_state=seed,
         device=str(device), normalize=detector.normalization == "patch",
         n_farthest=farthest_count(detector.n_farthest, len(patches)),
-        verbose=_progress.verbosity(detector.verbose) >= 2,
+        first_neighbors=first_neighbors, verbose=_progress.verbosity(detector.verbose) >= 2,
     )
     network = ProtoADNetwork(
         embedding, torch.from_numpy(prototypes),
@@ -278,6 +283,20 @@ def fit_network(detector, embedding, patches, seed, device):
         effective_image_score(detector.normalization, detector.image_score),
     )
     return network.to(device).eval()
+
+
+def shared_first_neighbors(detector, patches, folds, seed, device):
+    """First neighbours of all ``patches`` when the clusterings without each
+    fold can start from them (FINCH with folds to hold out), else None.
+
+    A patch's nearest neighbour nearly always lies in its own image, so each
+    clustering without a fold keeps all but a few of them
+    (:func:`~skprotoad.clustering.neighbors_without`) instead of searching
+    again: one search serves every clustering of a fit.
+    """
+    if not folds or detector.clustering != "finch":
+        return None
+    return first_neighbors(patches, device=str(device), random_state=seed)[0]
 
 
 def extract_features(detector, embedding, images, order, device, seed=0):

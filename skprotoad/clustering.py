@@ -39,6 +39,7 @@ __all__ = [
     "EXACT_NEIGHBORS_MAX_SAMPLES",
     "IVF_N_PROBE",
     "first_neighbors",
+    "neighbors_without",
     "estimated_multiply_adds",
     "finch",
     "finch_n_clusters",
@@ -248,6 +249,23 @@ def _row_block(n_cols, batch_size):
     return int(min(8192, max(64, _BLOCK_ENTRIES // max(n_cols, 1))))
 
 
+def _products(A, B, bias=None):
+    """``A @ B.T (+ bias)`` of float tensors ``A`` (n, C), ``B`` (k, C) and
+    ``bias`` (k,), as an (n, k) tensor.
+
+    On the CPU a 1 x 1 convolution of a channels-last view of ``A``: oneDNN
+    runs it several times faster than the sgemm behind ``@`` on the CPUs we
+    measured (``benchmarks/bench_clustering.py``), with the same values.
+    """
+    if A.device.type != "cpu" or not A.is_contiguous() or A.dtype != torch.float32:
+        return A @ B.T if bias is None else torch.addmm(bias, A, B.T)
+    n, c = A.shape
+    out = torch.nn.functional.conv2d(
+        A.view(1, n, 1, c).permute(0, 3, 1, 2), B.reshape(B.shape[0], c, 1, 1), bias
+    )
+    return out.permute(0, 2, 3, 1).reshape(n, B.shape[0])
+
+
 def _best_match(Q, D, *, q_ids=None, d_ids=None, self_offset=None, batch_size=None):
     """Most similar row of ``D`` for every row of ``Q`` by blocked matmuls.
 
@@ -268,7 +286,7 @@ def _best_match(Q, D, *, q_ids=None, d_ids=None, self_offset=None, batch_size=No
         Dc = D[c0 : c0 + col_block]
         dc_ids = None if d_ids is None else d_ids[c0 : c0 + col_block]
         for r0 in range(0, n_q, row_block):
-            sim = Q[r0 : r0 + row_block] @ Dc.T
+            sim = _products(Q[r0 : r0 + row_block], Dc)
             if self_offset is not None:
                 sim.diagonal(r0 + self_offset - c0).fill_(-math.inf)
             elif q_ids is not None:
@@ -342,12 +360,46 @@ def first_neighbors(X, *, neighbors="auto", n_probe=None, device="cpu", batch_si
     >>> first_neighbors(X)[0].tolist()
     [1, 0, 1]
     """
-    X = _normalize_rows(_check_X(X, min_samples=2))
+    X = _check_X(X, min_samples=2)
     _check_neighbors(neighbors)
+    device = _resolve_device(device)
     return _first_neighbors(
-        X, neighbors=neighbors, device=_resolve_device(device), batch_size=batch_size,
+        _UnitRows(X, device), neighbors=neighbors, device=device, batch_size=batch_size,
         random_state=random_state, verbose=False, n_probe=n_probe,
     )
+
+
+def neighbors_without(indices, start, stop):
+    """First neighbours of the rows outside ``start:stop``, numbered as the
+    rows of the array without that block; -1 where the neighbour lay in it.
+
+    The first neighbours of a subset are the subset's own neighbours
+    wherever they lie in the subset: no other row of it is closer. Pass the
+    result to :func:`learn_prototypes` as ``first_neighbors`` with the rows
+    outside the block, which searches only the rows marked -1.
+
+    Parameters
+    ----------
+    indices : ndarray of shape (n_samples,), int
+        First neighbours of all rows, as :func:`first_neighbors` gives them.
+    start, stop : int
+        The block of rows left out.
+
+    Returns
+    -------
+    indices : ndarray of shape (n_samples - (stop - start),), int64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skprotoad.clustering import neighbors_without
+    >>> neighbors_without(np.array([1, 0, 3, 4, 3]), 1, 2).tolist()  # without row 1
+    [-1, 2, 3, 2]
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    kept = np.r_[indices[:start], indices[stop:]]
+    # rows after the block move up by its length; rows in it become unknown
+    return np.where(kept >= stop, kept - (stop - start), np.where(kept >= start, -1, kept))
 
 
 def _first_neighbors(X, *, neighbors, device, batch_size, random_state, verbose, n_probe=None):
@@ -415,7 +467,7 @@ def _first_neighbors_ivf(
         range(0, n, block), desc="IVF assignment", disable=not verbose, leave=False
     ):
         probes[r0 : r0 + block] = torch.topk(
-            Xt[r0 : r0 + block] @ centers.T, n_probe, dim=1
+            _products(Xt[r0 : r0 + block], centers), n_probe, dim=1
         ).indices
     probes = probes.cpu().numpy()
 
@@ -633,8 +685,9 @@ def finch(
     )
 
 
-def _finch(X, *, neighbors, device, batch_size, random_state, verbose):
-    """:func:`finch` of the checked unit rows ``X`` (a :class:`_UnitRows`)."""
+def _finch(X, *, neighbors, device, batch_size, random_state, verbose, first_neighbors=None):
+    """:func:`finch` of the checked unit rows ``X`` (a :class:`_UnitRows`),
+    from the first level's neighbours when given (-1: still to search)."""
     rng = check_random_state(random_state)
     n = X.shape[0]
     if n == 1:
@@ -645,15 +698,15 @@ def _finch(X, *, neighbors, device, batch_size, random_state, verbose):
     level_data = X
     n_prev = n
     level = 0
+    search = dict(
+        neighbors=neighbors, device=device, batch_size=batch_size, random_state=rng,
+        verbose=verbose,
+    )
     while True:
-        nn, _ = _first_neighbors(
-            level_data,
-            neighbors=neighbors,
-            device=device,
-            batch_size=batch_size,
-            random_state=rng,
-            verbose=verbose,
-        )
+        if level == 0 and first_neighbors is not None:
+            nn = _complete_first_neighbors(level_data, first_neighbors, **search)
+        else:
+            nn, _ = _first_neighbors(level_data, **search)
         n_clusters, u = _components(nn)
         labels = u if labels is None else u[labels]
         if level > 0 and (n_clusters == 1 or n_clusters >= n_prev):
@@ -669,6 +722,31 @@ def _finch(X, *, neighbors, device, batch_size, random_state, verbose):
         n_prev = n_clusters
         level += 1
     return partitions
+
+
+def _complete_first_neighbors(X, nn, *, neighbors, device, batch_size, random_state, verbose):
+    """``nn`` with its -1 entries replaced by the first neighbours of those rows."""
+    missing = np.flatnonzero(nn < 0)
+    if not len(missing):
+        return nn
+    n = X.shape[0]
+    # an exact search costs n per row, the approximate one about
+    # 2 sqrt(n_probe n) per row of all n: search all again beyond that
+    approximate = neighbors == "approx" or (
+        neighbors == "auto" and n > EXACT_NEIGHBORS_MAX_SAMPLES
+    )
+    if approximate and len(missing) > 2 * math.sqrt(IVF_N_PROBE * n):
+        return _first_neighbors(
+            X, neighbors=neighbors, device=device, batch_size=batch_size,
+            random_state=random_state, verbose=verbose,
+        )[0]
+    rows = torch.from_numpy(missing).to(device)
+    _, found = _best_match(
+        X[rows], X, q_ids=rows, d_ids=torch.arange(n, device=device), batch_size=batch_size
+    )
+    nn = nn.copy()
+    nn[missing] = found.cpu().numpy()
+    return nn
 
 
 def _merge_closest_pairs(X, labels, n_clusters, *, device, verbose=False):
@@ -813,7 +891,8 @@ def finch_n_clusters(
 
 
 def _finch_n_clusters(
-    X, n_clusters, *, neighbors, device, batch_size, random_state, partitions, verbose
+    X, n_clusters, *, neighbors, device, batch_size, random_state, partitions, verbose,
+    first_neighbors=None,
 ):
     """:func:`finch_n_clusters` of the checked unit rows ``X`` (a :class:`_UnitRows`)."""
     if partitions is None:
@@ -824,6 +903,7 @@ def _finch_n_clusters(
             batch_size=batch_size,
             random_state=random_state,
             verbose=verbose,
+            first_neighbors=first_neighbors,
         )
     counts = [int(p.max()) + 1 for p in partitions]
     for p, k in zip(partitions, counts):
@@ -869,7 +949,7 @@ def _assign(Xt, centers, batch_size):
     labels = torch.empty(n, dtype=torch.int64, device=Xt.device)
     sims = torch.empty(n, dtype=Xt.dtype, device=Xt.device)
     for r0 in range(0, n, block):
-        s, i = (Xt[r0 : r0 + block] @ centers.T).max(dim=1)
+        s, i = _products(Xt[r0 : r0 + block], centers).max(dim=1)
         sims[r0 : r0 + block], labels[r0 : r0 + block] = s, i
     return labels, sims
 
@@ -1109,13 +1189,11 @@ def add_farthest_rows(X, prototypes, n_rows, *, device="cpu", batch_size=None, v
         x_sq[r0 : r0 + block] = (rows * rows).sum(dim=1)
 
     def lower_to(nearest, C):
-        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2, by blocks of rows
+        # |x - c|^2 = |x|^2 + min over c of (|c|^2 - 2 x.c), by blocks of rows
         c_sq = (C * C).sum(dim=1)
         for r0 in range(0, X.shape[0], block):
-            d = (x_sq[r0 : r0 + block, None] - 2.0 * Xt[r0 : r0 + block] @ C.T + c_sq)
-            nearest[r0 : r0 + block] = torch.minimum(
-                nearest[r0 : r0 + block], d.amin(dim=1).clamp_min(0.0)
-            )
+            d = x_sq[r0 : r0 + block] + _products(Xt[r0 : r0 + block], -2.0 * C, c_sq).amin(dim=1)
+            nearest[r0 : r0 + block] = torch.minimum(nearest[r0 : r0 + block], d.clamp_min(0.0))
 
     nearest = torch.full((X.shape[0],), math.inf, dtype=torch.float32, device=device)
     if len(P):
@@ -1164,6 +1242,7 @@ def learn_prototypes(
     batch_size=None,
     normalize=True,
     n_farthest=0,
+    first_neighbors=None,
     verbose=False,
 ):
     """Learn ProtoAD prototypes: L2-normalised cluster means of ``X``.
@@ -1199,6 +1278,12 @@ def learn_prototypes(
         Rows of ``X`` appended to the cluster means by
         :func:`add_farthest_rows` (unit rows unless ``normalize=False``), so
         that rare rows have a prototype near them too.
+    first_neighbors : array-like of shape (n_samples,), default=None
+        FINCH only: each row's first neighbour, as :func:`first_neighbors`
+        gives it, or -1 where it is still to be found; the first level of
+        FINCH, its largest search, then searches only those rows. Pass
+        :func:`neighbors_without` of all rows' neighbours to cluster the
+        rows outside a block at a fraction of the cost.
     verbose : bool, default=False
         Show progress.
 
@@ -1231,8 +1316,11 @@ def learn_prototypes(
         0 <= n_farthest <= X.shape[0]
     ):
         raise ValueError(f"n_farthest must be an int in [0, {X.shape[0]}], got {n_farthest!r}.")
+    if first_neighbors is not None:
+        first_neighbors = _check_first_neighbors(first_neighbors, method, X.shape[0])
     prototypes = _cluster_means_of(
         X, method, n_clusters, neighbors, random_state, device, batch_size, normalize, verbose,
+        first_neighbors,
     )
     if not n_farthest:
         return prototypes
@@ -1242,8 +1330,29 @@ def learn_prototypes(
     )
 
 
+def _check_first_neighbors(first_neighbors, method, n_samples):
+    if method != "finch":
+        raise ValueError(f"first_neighbors is FINCH's; method={method!r} takes None.")
+    nn = np.asarray(first_neighbors)
+    if nn.shape != (n_samples,) or not np.issubdtype(nn.dtype, np.integer):
+        raise ValueError(
+            f"first_neighbors must be {n_samples} ints, one per row of X; got an array "
+            f"of shape {nn.shape} and dtype {nn.dtype}."
+        )
+    nn = nn.astype(np.int64)
+    bad = (nn < -1) | (nn >= n_samples) | (nn == np.arange(n_samples))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"first_neighbors must index another row of X or be -1; row {row} has "
+            f"{int(nn[row])}."
+        )
+    return nn
+
+
 def _cluster_means_of(
-    raw, method, n_clusters, neighbors, random_state, device, batch_size, normalize, verbose
+    raw, method, n_clusters, neighbors, random_state, device, batch_size, normalize, verbose,
+    first_neighbors=None,
 ):
     """The prototypes of :func:`learn_prototypes` before any farthest rows:
     clusters found on the unit rows of ``raw``, means of those or of ``raw``."""
@@ -1278,7 +1387,7 @@ def _cluster_means_of(
         verbose=verbose,
     )
     if n_clusters is None:
-        partitions = _finch(X, **kwargs)
+        partitions = _finch(X, first_neighbors=first_neighbors, **kwargs)
         if int(partitions[0].max()) + 1 <= MAX_DEFAULT_PROTOTYPES:
             labels = partitions[0]
         else:
@@ -1286,7 +1395,9 @@ def _cluster_means_of(
                 X, MAX_DEFAULT_PROTOTYPES, partitions=partitions, **kwargs
             )
     else:
-        labels = _finch_n_clusters(X, n_clusters, partitions=None, **kwargs)
+        labels = _finch_n_clusters(
+            X, n_clusters, partitions=None, first_neighbors=first_neighbors, **kwargs
+        )
     k = int(labels.max()) + 1
     if not normalize:
         return _cluster_means(raw, labels, k)

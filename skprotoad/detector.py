@@ -10,6 +10,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import _cache, _calibration, _features, _images, _masks, _pickling, _progress, _validation
 from ._choices import CLUSTERING_METHODS
+from .clustering import neighbors_without
 from ._threads import effective_n_threads, with_torch_threads
 from ._validation import Delegated, Integer, OneOf, RealInterval, RGB, Satisfies
 from .network import IMAGENET_MEAN, IMAGENET_STD, NETWORK_CONSTRAINTS
@@ -262,8 +263,10 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
             features, len(order) - n_held_out, self.n_clusters, self.n_farthest
         )
 
-        def fit_network(n_images):
-            return _features.fit_network(self, embedding, features.patches(n_images), seed, device)
+        def fit_network(n_images, neighbors=None):
+            return _features.fit_network(
+                self, embedding, features.patches(n_images), seed, device, neighbors
+            )
 
         def score(network, positions):
             return _features.score_training_images(
@@ -272,8 +275,9 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
             )
 
         def score_held_out(fold):
+            kept = None if neighbors is None else neighbors_without(neighbors, *features.rows(fold))
             with features.images_last(fold):
-                network = fit_network(len(order) - len(fold))
+                network = fit_network(len(order) - len(fold), kept)
             return score(network, fold)
 
         n_patches = len(features.patches())
@@ -282,7 +286,10 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
             clock.level,
         )
         with clock.stage("prototypes", detail):
-            self.network_ = fit_network(len(order))
+            neighbors = _features.shared_first_neighbors(
+                self, features.patches(), folds, seed, device
+            )
+            self.network_ = fit_network(len(order), neighbors)
         detail = _calibration.stage_detail(folds, len(order), clock.seconds["prototypes"])
         with clock.stage("calibration", detail):
             self.offset_, self.pixel_threshold_, self.calibration_scores_ = _calibration.calibrate(

@@ -13,27 +13,44 @@ from skprotoad.thresholds import calibration_folds, expected_false_alarm_rate
 from .conftest import TINY
 
 
-def test_each_fold_is_scored_by_prototypes_learned_without_it(normal_images, monkeypatch):
+@pytest.mark.parametrize("clustering", ["finch", "kmeans"])
+def test_each_fold_is_scored_by_prototypes_learned_without_it(
+    normal_images, monkeypatch, clustering
+):
     fits = []
     fit_network = _features.fit_network
 
-    def recording(detector, embedding, patches, seed, device):
-        network = fit_network(detector, embedding, patches, seed, device)
-        fits.append((patches.copy(), network))
+    def recording(detector, embedding, patches, seed, device, first_neighbors=None):
+        network = fit_network(detector, embedding, patches, seed, device, first_neighbors)
+        # the clustering started from the first search's neighbours is the
+        # one that searching this fold's patches afresh would give
+        afresh = fit_network(detector, embedding, patches.copy(), seed, device)
+        torch.testing.assert_close(network.prototypes, afresh.prototypes, rtol=0, atol=0)
+        fits.append((patches.copy(), network, first_neighbors))
         return network
 
     monkeypatch.setattr(_features, "fit_network", recording)
-    det = ProtoADDetector(**{**TINY, "random_state": 3}).fit(normal_images)
+    det = ProtoADDetector(**{**TINY, "random_state": 3, "clustering": clustering}).fit(
+        normal_images
+    )
     folds = calibration_folds(len(normal_images), random_state=3)
     assert len(folds) > 1 and len(fits) == 1 + len(folds)
     # the first clustering is the final one, on every image in fit's order:
     # the first fold's images last
     all_patches = fits[0][0]
+    # FINCH: one search of all patches' neighbours; each fold's clustering
+    # keeps them but for the patches whose neighbour lay in the fold
+    if clustering == "finch":
+        assert all(neighbors is not None for *_, neighbors in fits)
+        searched_again = [(neighbors < 0).sum() / len(neighbors) for *_, neighbors in fits[1:]]
+        assert max(searched_again) < 0.1 and any(searched_again)
+    else:
+        assert all(neighbors is None for *_, neighbors in fits)
     per_image = len(all_patches) // len(normal_images)
     order = [*folds[0][0], *folds[0][1]]
     rows = {image: all_patches[k * per_image : (k + 1) * per_image] for k, image in enumerate(order)}
     start = 0
-    for (fit_part, held_out), (patches, network) in zip(folds, fits[1:]):
+    for (fit_part, held_out), (patches, network, _) in zip(folds, fits[1:]):
         assert not set(fit_part) & set(held_out)
         np.testing.assert_array_equal(patches, np.concatenate([rows[i] for i in fit_part]))
         x = torch.cat([b for _, b in model_inputs(normal_images[held_out], 64, 64, 8)])

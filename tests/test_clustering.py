@@ -10,8 +10,10 @@ from skprotoad.clustering import (
     add_farthest_rows,
     finch,
     finch_n_clusters,
+    first_neighbors,
     kmeans,
     learn_prototypes,
+    neighbors_without,
 )
 
 
@@ -333,6 +335,55 @@ def test_learn_prototypes_are_normalised_means():
     np.testing.assert_allclose(np.linalg.norm(P, axis=1), 1.0, atol=1e-5)
     means = _unit(np.stack([X[labels == k].mean(axis=0) for k in range(12)]))
     np.testing.assert_allclose(P, means, atol=1e-5)
+
+
+@pytest.mark.parametrize("start, stop", [(0, 60), (150, 240), (400, 500)])
+@pytest.mark.parametrize("n_clusters", [None, 20])
+def test_clustering_without_a_block_from_all_rows_neighbours_equals_it_afresh(
+    start, stop, n_clusters
+):
+    X = DATASETS["blobs_wide"]()
+    # rows stretched: the raw means differ from the unit rows' means
+    X = X * np.random.default_rng(0).uniform(0.5, 2.0, size=(len(X), 1)).astype(np.float32)
+    kept = neighbors_without(first_neighbors(X)[0], start, stop)
+    rest = np.concatenate([X[:start], X[stop:]])
+    np.testing.assert_array_equal(kept >= 0, np.isin(_dense_first_neighbors(X)[
+        np.r_[0:start, stop:len(X)]], np.r_[start:stop], invert=True))
+    known = kept >= 0
+    np.testing.assert_array_equal(kept[known], _dense_first_neighbors(rest)[known])
+    assert 0 < (~known).sum()
+    for normalize in (True, False):
+        expected = learn_prototypes(rest, n_clusters=n_clusters, normalize=normalize)
+        np.testing.assert_array_equal(
+            learn_prototypes(rest, n_clusters=n_clusters, normalize=normalize,
+                             first_neighbors=kept), expected)
+
+
+def test_many_unknown_neighbours_are_searched_as_without_any():
+    X, _ = _blobs(3000, 16, 40, 0.2, seed=3)
+    unknown = np.full(len(X), -1)
+    kwargs = dict(neighbors="approx", random_state=0)
+    np.testing.assert_array_equal(learn_prototypes(X, first_neighbors=unknown, **kwargs),
+                                  learn_prototypes(X, **kwargs))
+
+
+@pytest.mark.parametrize("neighbors, match", [
+    (np.zeros(10, dtype=int), r"300 ints.*shape \(10,\)"),
+    (np.arange(1, 301) % 300 + 0.0, "dtype float64"),
+    (np.r_[1, 1, np.arange(1, 299)], "row 1 has 1"),
+    (np.r_[np.arange(1, 300), 300], "row 299 has 300"),
+    (np.r_[np.arange(1, 300), -2], "row 299 has -2"),
+])
+def test_bad_first_neighbors(neighbors, match):
+    X = DATASETS["noise"]()
+    with pytest.raises(ValueError, match=match):
+        learn_prototypes(X, first_neighbors=neighbors)
+
+
+def test_first_neighbors_are_finchs_alone():
+    X = DATASETS["noise"]()
+    with pytest.raises(ValueError, match="FINCH"):
+        learn_prototypes(X, method="kmeans", n_clusters=3, first_neighbors=first_neighbors(X)[0])
 
 
 def test_learn_prototypes_kmeans():
