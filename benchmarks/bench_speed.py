@@ -17,9 +17,12 @@ image at 256 x 256):
 Inference: the test images are decoded and resized up front; each method runs
 them at batch 1 and 16, the methods alternating within each round, and the
 fastest round is kept. Then ``score_samples`` of the fitted detector on the
-test image files (decoding, resizing and the detector's own work included). Fit: seconds of ``ProtoADDetector().fit`` (features,
-both clusterings, calibration) and of PaDiM's and PatchCore's fits including
-their backbone pass, on the same images.
+test image files (decoding, resizing and the detector's own work included).
+Fit: seconds of ``ProtoADDetector().fit`` (features, the clusterings,
+calibration), of the same fit without two of its speed-ups in turn (one
+first-neighbour search shared by all clusterings of the fit; the
+clustering's matrix products as 1 x 1 convolutions), and of PaDiM's and
+PatchCore's fits including their backbone pass, on the same images.
 
     python benchmarks/bench_speed.py [--n-train 60] [--rounds 3] [--out DIR]
 
@@ -29,6 +32,7 @@ machine: it measures time.
 import argparse
 import time
 from pathlib import Path
+from unittest import mock
 
 import _common  # first: this checkout's skprotoad
 
@@ -38,7 +42,7 @@ import torch  # noqa: E402
 from anchors import PaDiM, PatchCore  # noqa: E402
 from bench_anchors import normalise  # noqa: E402
 
-from skprotoad import ProtoADDetector  # noqa: E402
+from skprotoad import ProtoADDetector, _features, clustering  # noqa: E402
 from skprotoad.backbones import create_feature_extractor  # noqa: E402
 from skprotoad.datasets import load_mvtec, make_defect_dataset  # noqa: E402
 from skprotoad.network import ProtoADNetwork  # noqa: E402
@@ -84,6 +88,28 @@ def _fit_peers(extractor, train):
         patchcore = patchcore.fit(rows).eval()
         seconds["PatchCore 1 %"] = features_seconds + time.perf_counter() - start
     return padim, patchcore, seconds
+
+
+def _matmul_products(A, B, bias=None):
+    return A @ B.T if bias is None else torch.addmm(bias, A, B.T)
+
+
+def _fit_variants(train):
+    """Seconds of the defaults' fit as it was before two of its speed-ups,
+    one at a time: each clustering of the fit searching its own first
+    neighbours, and the clustering's products by ``@`` (sgemm) instead of
+    a 1 x 1 convolution."""
+    variants = {
+        "defaults, a first-neighbour search per clustering":
+            mock.patch.object(_features, "shared_first_neighbors", lambda *args: None),
+        "defaults, clustering products by @": mock.patch.object(
+            clustering, "_products", _matmul_products),
+    }
+    seconds = {}
+    for name, patch in variants.items():
+        with patch:
+            seconds[name] = ProtoADDetector(random_state=0).fit(train).fit_seconds_["total"]
+    return seconds
 
 
 def throughput(methods, images, rounds):
@@ -139,6 +165,7 @@ def main(argv=None):
     det = ProtoADDetector(random_state=0).fit(train)
     fit_seconds["defaults"] = time.perf_counter() - start
     stage_seconds = dict(det.fit_seconds_)
+    fit_seconds.update(_fit_variants(train))
     extractor = create_feature_extractor("efficientnet_lite0", (1, 2, 3)).eval()
     padim, patchcore, peer_seconds = _fit_peers(extractor, train)
     fit_seconds.update(peer_seconds)

@@ -156,7 +156,9 @@ def calibration_folds(n_images, random_state=None):
 
 
 def stage_detail(folds, n_images, prototype_seconds):
-    """What calibration is about to do, for ``fit``'s progress (``verbose``)."""
+    """What calibration is about to do, for ``fit``'s progress (``verbose``);
+    ``prototype_seconds``: the clustering of all images, less any work the
+    clusterings without a fold reuse."""
     if not folds:
         return "the training images' own scores"
     # each clustering without a fold sees the other images' patches: about

@@ -101,8 +101,8 @@ def multiply_add_rate(n_features, device="cpu"):
 
 def clustering_seconds(n_samples, n_features, rate, **kwargs):
     """A rough estimate of the seconds :func:`~skprotoad.clustering.learn_prototypes`
-    takes at ``rate`` (:func:`multiply_add_rate`); ``kwargs``: its ``method``,
-    ``n_clusters``, ``n_farthest``."""
+    takes at ``rate`` (:func:`multiply_add_rate`); ``kwargs``: those of
+    :func:`~skprotoad.clustering.estimated_multiply_adds`."""
     work = estimated_multiply_adds(n_samples, n_features, **kwargs)
     return work / (rate * _SEARCH_EFFICIENCY)
 
@@ -120,16 +120,19 @@ def prototypes_detail(detector, n_patches, n_features, held_out_share, n_folds, 
         return text
     rate = multiply_add_rate(n_features, device)  # measured once for both estimates
 
-    def seconds(n):
+    def seconds(n, first_search=True):
         return clustering_seconds(
             n, n_features, rate, method=detector.clustering, n_clusters=detector.n_clusters,
-            n_farthest=farthest_count(detector.n_farthest, n),
+            n_farthest=farthest_count(detector.n_farthest, n), first_search=first_search,
         )
 
     first = seconds(n_patches)
     text += f"; {about(first)}"
     if n_folds:
-        rest = first + n_folds * seconds(int(n_patches * (1 - held_out_share)))
+        # FINCH's clusterings without a fold reuse the first one's first search
+        rest = first + n_folds * seconds(
+            int(n_patches * (1 - held_out_share)), first_search=detector.clustering != "finch"
+        )
         text += f", the whole fit in {about(rest)}"
     return text
 

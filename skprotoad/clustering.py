@@ -254,8 +254,9 @@ def _products(A, B, bias=None):
     ``bias`` (k,), as an (n, k) tensor.
 
     On the CPU a 1 x 1 convolution of a channels-last view of ``A``: oneDNN
-    runs it several times faster than the sgemm behind ``@`` on the CPUs we
-    measured (``benchmarks/bench_clustering.py``), with the same values.
+    runs it faster than the sgemm behind ``@`` on the CPUs we measured
+    (``benchmarks/bench_speed.py``, the fit without it); the values agree to
+    rounding.
     """
     if A.device.type != "cpu" or not A.is_contiguous() or A.dtype != torch.float32:
         return A @ B.T if bias is None else torch.addmm(bias, A, B.T)
@@ -1085,8 +1086,10 @@ def kmeans(
 # Prototypes
 # --------------------------------------------------------------------------
 def estimated_multiply_adds(n_samples, n_features, *, method="finch", n_clusters=None,
-                            n_farthest=0):
-    """Rough count of the multiply-adds :func:`learn_prototypes` will spend.
+                            n_farthest=0, first_search=True):
+    """Rough count of the multiply-adds :func:`learn_prototypes` will spend;
+    ``first_search=False``: FINCH's first-level neighbours are given
+    (``first_neighbors``), their search not counted.
 
     For a time estimate before the work starts: the searches are matrix
     products, so their time follows this count closely enough to tell a
@@ -1118,6 +1121,8 @@ def estimated_multiply_adds(n_samples, n_features, *, method="finch", n_clusters
         return (quantiser + search) * d
 
     work, rows = 0.0, float(n)
+    if not first_search:
+        rows /= 3
     while rows >= 2:
         work += first_neighbours(rows)
         rows /= 3

@@ -286,11 +286,15 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
             clock.level,
         )
         with clock.stage("prototypes", detail):
+            search_start = time.perf_counter()
             neighbors = _features.shared_first_neighbors(
                 self, features.patches(), folds, seed, device
             )
+            search_seconds = time.perf_counter() - search_start
             self.network_ = fit_network(len(order), neighbors)
-        detail = _calibration.stage_detail(folds, len(order), clock.seconds["prototypes"])
+        detail = _calibration.stage_detail(
+            folds, len(order), clock.seconds["prototypes"] - search_seconds
+        )
         with clock.stage("calibration", detail):
             self.offset_, self.pixel_threshold_, self.calibration_scores_ = _calibration.calibrate(
                 self.network_, len(order), folds, self.contamination, score_held_out, score,

@@ -584,21 +584,28 @@ def test_add_farthest_rows_refreshes_when_the_pool_runs_dry(monkeypatch):
     )
 
 
-@pytest.mark.parametrize("n_samples, kwargs", [
-    (6000, {}),  # exact first neighbours at every level
-    (30000, {}),  # the inverted-file search at the first level
-    (30000, {"n_farthest": 200}),
+@pytest.mark.parametrize("n_samples, spread, kwargs", [
+    (6000, 3, {}),  # exact first neighbours at every level
+    (30000, 3, {}),  # the inverted-file search at the first level
+    (30000, 3, {"n_farthest": 200}),
+    # the first level's neighbours given: the later levels dominate, whose
+    # size the estimate takes from patch features (a third per level), which
+    # plain noise follows and the blobs' levels do not
+    (30000, 0, {"first_search": False}),
 ])
-def test_estimated_multiply_adds_follow_the_counted_ones(n_samples, kwargs):
+def test_estimated_multiply_adds_follow_the_counted_ones(n_samples, spread, kwargs):
     # fit's time estimate rests on this count: it must follow the matrix
     # products the clustering really runs (torch counts them), whichever search
     from torch.utils.flop_counter import FlopCounterMode
 
     rng = np.random.default_rng(0)
-    centers = 3 * rng.normal(size=(40, 16))
+    centers = spread * rng.normal(size=(40, 16))
     X = (centers[rng.integers(0, 40, n_samples)] + rng.normal(size=(n_samples, 16)))
+    X = X.astype(np.float32)
+    given = {"first_neighbors": first_neighbors(X, random_state=0)[0]} if (
+        kwargs.get("first_search") is False) else {}
     with FlopCounterMode(display=False) as counter:
-        learn_prototypes(X.astype(np.float32), random_state=0, **kwargs)
+        learn_prototypes(X, random_state=0, n_farthest=kwargs.get("n_farthest", 0), **given)
     counted = counter.get_total_flops() / 2
     estimated = clustering.estimated_multiply_adds(n_samples, 16, **kwargs)
     assert counted / 3 < estimated < 3 * counted
