@@ -267,12 +267,14 @@ def farthest_count(n_farthest, n_patches):
     return int(n_farthest)
 
 
-def fit_network(detector, embedding, patches, seed, device, first_neighbors=None):
+def fit_network(detector, embedding, patches, random_state, device, first_neighbors=None):
     """The network of ``detector``'s parameters, with prototypes learned from
     ``patches`` (an (n_patches, n_channels) array), in eval mode on ``device``;
-    ``first_neighbors`` as :func:`~skprotoad.clustering.learn_prototypes` takes them."""
+    ``random_state`` and ``first_neighbors`` as
+    :func:`~skprotoad.clustering.learn_prototypes` takes them."""
     prototypes = learn_prototypes(
-        patches, method=detector.clustering, n_clusters=detector.n_clusters, random_state=seed,
+        patches, method=detector.clustering, n_clusters=detector.n_clusters,
+        random_state=random_state,
         device=str(device), normalize=detector.normalization == "patch",
         n_farthest=farthest_count(detector.n_farthest, len(patches)),
         first_neighbors=first_neighbors, verbose=_progress.verbosity(detector.verbose) >= 2,
@@ -285,18 +287,21 @@ def fit_network(detector, embedding, patches, seed, device, first_neighbors=None
     return network.to(device).eval()
 
 
-def shared_first_neighbors(detector, patches, folds, seed, device):
+def shared_first_neighbors(detector, patches, folds, random_state, device):
     """First neighbours of all ``patches`` when the clusterings without each
     fold can start from them (FINCH with folds to hold out), else None.
 
     A patch's nearest neighbour nearly always lies in its own image, so each
     clustering without a fold keeps all but a few of them
     (:func:`~skprotoad.clustering.neighbors_without`) instead of searching
-    again: one search serves every clustering of a fit.
+    again: one search serves every clustering of a fit. The search draws
+    from ``random_state`` (a ``RandomState``) what FINCH's first level would
+    draw, so that the clustering of all patches, passed the same
+    ``random_state`` next, learns the prototypes it would learn alone.
     """
     if not folds or detector.clustering != "finch":
         return None
-    return first_neighbors(patches, device=str(device), random_state=seed)[0]
+    return first_neighbors(patches, device=str(device), random_state=random_state)[0]
 
 
 def extract_features(detector, embedding, images, order, device, seed=0):

@@ -263,9 +263,9 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
             features, len(order) - n_held_out, self.n_clusters, self.n_farthest
         )
 
-        def fit_network(n_images, neighbors=None):
+        def fit_network(n_images, neighbors=None, random_state=seed):
             return _features.fit_network(
-                self, embedding, features.patches(n_images), seed, device, neighbors
+                self, embedding, features.patches(n_images), random_state, device, neighbors
             )
 
         def score(network, positions):
@@ -286,12 +286,15 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
             clock.level,
         )
         with clock.stage("prototypes", detail):
+            # one stream of draws for the shared search and the clustering
+            # that follows it: the prototypes of a clustering on its own
+            draws = np.random.RandomState(seed)
             search_start = time.perf_counter()
             neighbors = _features.shared_first_neighbors(
-                self, features.patches(), folds, seed, device
+                self, features.patches(), folds, draws, device
             )
             search_seconds = time.perf_counter() - search_start
-            self.network_ = fit_network(len(order), neighbors)
+            self.network_ = fit_network(len(order), neighbors, draws)
         detail = _calibration.stage_detail(
             folds, len(order), clock.seconds["prototypes"] - search_seconds
         )

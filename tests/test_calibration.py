@@ -1,11 +1,13 @@
 """contamination="auto": the folds held out in turn, and the in-place moves of
 the feature array that let each clustering see the other images only."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
-from skprotoad import ProtoADDetector, _calibration, _features
+from skprotoad import ProtoADDetector, _calibration, _features, clustering
 from skprotoad._features import PatchFeatures, _swap_blocks
 from skprotoad.preprocessing import model_inputs
 from skprotoad.thresholds import calibration_folds, expected_false_alarm_rate
@@ -20,11 +22,12 @@ def test_each_fold_is_scored_by_prototypes_learned_without_it(
     fits = []
     fit_network = _features.fit_network
 
-    def recording(detector, embedding, patches, seed, device, first_neighbors=None):
-        network = fit_network(detector, embedding, patches, seed, device, first_neighbors)
+    def recording(detector, embedding, patches, random_state, device, first_neighbors=None):
+        same_draws = copy.deepcopy(random_state)
+        network = fit_network(detector, embedding, patches, random_state, device, first_neighbors)
         # the clustering started from the first search's neighbours is the
         # one that searching this fold's patches afresh would give
-        afresh = fit_network(detector, embedding, patches.copy(), seed, device)
+        afresh = fit_network(detector, embedding, patches.copy(), same_draws, device)
         torch.testing.assert_close(network.prototypes, afresh.prototypes, rtol=0, atol=0)
         fits.append((patches.copy(), network, first_neighbors))
         return network
@@ -60,6 +63,21 @@ def test_each_fold_is_scored_by_prototypes_learned_without_it(
                                    rtol=1e-6)
         start += len(held_out)
     assert start == len(det.calibration_scores_)
+
+
+def test_the_shared_search_leaves_the_final_prototypes_as_a_search_of_their_own(
+    normal_images, monkeypatch
+):
+    # the drawn (approximate) search at every level, so that the draws count
+    monkeypatch.setattr(clustering, "EXACT_NEIGHBORS_MAX_SAMPLES", 50)
+    params = {**TINY, "clustering": "finch"}
+    shared = ProtoADDetector(**params).fit(normal_images)
+    monkeypatch.setattr(_features, "shared_first_neighbors", lambda *args: None)
+    alone = ProtoADDetector(**params).fit(normal_images)
+    torch.testing.assert_close(shared.network_.prototypes, alone.network_.prototypes,
+                               rtol=0, atol=0)
+    # the calibration clusterings did use the shared search
+    assert not np.array_equal(shared.calibration_scores_, alone.calibration_scores_)
 
 
 @pytest.mark.parametrize("n_images", [5, 8, 10, 37, 100, 200, 494, 495, 761])
