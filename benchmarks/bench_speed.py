@@ -19,10 +19,11 @@ them at batch 1 and 16, the methods alternating within each round, and the
 fastest round is kept. Then ``score_samples`` of the fitted detector on the
 test image files (decoding, resizing and the detector's own work included).
 Fit: seconds of ``ProtoADDetector().fit`` (features, the clusterings,
-calibration), of the same fit without two of its speed-ups in turn (one
-first-neighbour search shared by all clusterings of the fit; the
-clustering's matrix products as 1 x 1 convolutions), and of PaDiM's and
-PatchCore's fits including their backbone pass, on the same images.
+calibration) and of PaDiM's and PatchCore's fits including their backbone
+pass, on the same images. Then the fit's clusterings side by side with a
+first-neighbour search each and with one shared search (the fit's way),
+and the speed of the clustering's matrix products by ``@`` and as a 1 x 1
+convolution (the fit's way on the CPU).
 
     python benchmarks/bench_speed.py [--n-train 60] [--rounds 3] [--out DIR]
 
@@ -32,7 +33,6 @@ machine: it measures time.
 import argparse
 import time
 from pathlib import Path
-from unittest import mock
 
 import _common  # first: this checkout's skprotoad
 
@@ -42,11 +42,13 @@ import torch  # noqa: E402
 from anchors import PaDiM, PatchCore  # noqa: E402
 from bench_anchors import normalise  # noqa: E402
 
-from skprotoad import ProtoADDetector, _features, clustering  # noqa: E402
+from skprotoad import ProtoADDetector  # noqa: E402
 from skprotoad.backbones import create_feature_extractor  # noqa: E402
+from skprotoad.clustering import first_neighbors, learn_prototypes, neighbors_without  # noqa: E402,E501
 from skprotoad.datasets import load_mvtec, make_defect_dataset  # noqa: E402
 from skprotoad.network import ProtoADNetwork  # noqa: E402
 from skprotoad.preprocessing import model_inputs  # noqa: E402
+from skprotoad.thresholds import calibration_folds  # noqa: E402
 
 SIZE = 256
 N_TEST = 32
@@ -90,26 +92,56 @@ def _fit_peers(extractor, train):
     return padim, patchcore, seconds
 
 
-def _matmul_products(A, B, bias=None):
-    return A @ B.T if bias is None else torch.addmm(bias, A, B.T)
+def _clustering_seconds(network, train, folds):
+    """Seconds of the fit's clusterings (all training images, then without
+    each of ``folds`` trailing blocks of images) with a first-neighbour
+    search each, and with one search shared by all (the fit's way), by the
+    public clustering functions on the network's own patch features
+    (no farthest rows: the same work in both)."""
+    with torch.inference_mode():
+        maps = [network.embedding(b) for _, b in model_inputs(train, SIZE, None, 16)]
+    X = torch.cat(maps).permute(0, 2, 3, 1).reshape(-1, maps[0].shape[1]).numpy()
+    per_image = len(X) // len(train)
+    size = len(folds[0][1]) * per_image
+    blocks = [(len(X) - (j + 1) * size, len(X) - j * size) for j in range(len(folds))]
+    start = time.perf_counter()
+    learn_prototypes(X, random_state=0)
+    for a, b in blocks:
+        learn_prototypes(np.delete(X, np.s_[a:b], axis=0), random_state=0)
+    searching = time.perf_counter() - start
+    start = time.perf_counter()
+    neighbors = first_neighbors(X, random_state=0)[0]
+    learn_prototypes(X, random_state=0, first_neighbors=neighbors)
+    for a, b in blocks:
+        learn_prototypes(np.delete(X, np.s_[a:b], axis=0), random_state=0,
+                         first_neighbors=neighbors_without(neighbors, a, b))
+    shared = time.perf_counter() - start
+    return {"patches": len(X), "clusterings": 1 + len(blocks),
+            "a search each": searching, "one shared search": shared}
 
 
-def _fit_variants(train):
-    """Seconds of the defaults' fit as it was before two of its speed-ups,
-    one at a time: each clustering of the fit searching its own first
-    neighbours, and the clustering's products by ``@`` (sgemm) instead of
-    a 1 x 1 convolution."""
-    variants = {
-        "defaults, a first-neighbour search per clustering":
-            mock.patch.object(_features, "shared_first_neighbors", lambda *args: None),
-        "defaults, clustering products by @": mock.patch.object(
-            clustering, "_products", _matmul_products),
-    }
-    seconds = {}
-    for name, patch in variants.items():
-        with patch:
-            seconds[name] = ProtoADDetector(random_state=0).fit(train).fit_seconds_["total"]
-    return seconds
+def _product_speed(rounds=5):
+    """Multiply-adds per second (G) of ``A @ B.T`` for the clustering's
+    shapes (8,192 rows of 176 channels against K rows), by ``@`` (sgemm) and
+    as a 1 x 1 convolution of a channels-last view of ``A`` (oneDNN)."""
+    rng = torch.Generator().manual_seed(0)
+    speed = {}
+    for k in (1000, 2000, 8192):
+        A, B = torch.randn(8192, 176, generator=rng), torch.randn(k, 176, generator=rng)
+        ways = {
+            "@": lambda: A @ B.T,
+            "1 x 1 conv": lambda: torch.nn.functional.conv2d(
+                A.view(1, 8192, 1, 176).permute(0, 3, 1, 2), B[:, :, None, None]),
+        }
+        for way, fn in ways.items():
+            fn()
+            best = float("inf")
+            for _ in range(rounds):
+                start = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - start)
+            speed[f"K={k}, {way}"] = 8192 * k * 176 / best / 1e9
+    return speed
 
 
 def throughput(methods, images, rounds):
@@ -165,7 +197,6 @@ def main(argv=None):
     det = ProtoADDetector(random_state=0).fit(train)
     fit_seconds["defaults"] = time.perf_counter() - start
     stage_seconds = dict(det.fit_seconds_)
-    fit_seconds.update(_fit_variants(train))
     extractor = create_feature_extractor("efficientnet_lite0", (1, 2, 3)).eval()
     padim, patchcore, peer_seconds = _fit_peers(extractor, train)
     fit_seconds.update(peer_seconds)
@@ -190,12 +221,15 @@ def main(argv=None):
     methods["PatchCore 1 %"] = lambda x: patchcore(normalise(x, extractor))
     speed = throughput(methods, _tensors(test), args.rounds)
     speed.update(file_throughput(det, test, args.rounds))
+    clusterings = _clustering_seconds(network, train, calibration_folds(len(train), 0))
+    products = _product_speed()
     command = (f"python benchmarks/bench_speed.py --n-train {args.n_train} "
                f"--rounds {args.rounds}")
     result = {"command": command, "machine": _common.machine(), "data": name,
               "n_train": len(train), "n_test": N_TEST, "threads": torch.get_num_threads(),
               "images_per_second": speed, "fit_seconds": fit_seconds,
               "defaults_fit_seconds_by_stage": stage_seconds,
+              "clustering_seconds": clusterings, "products_gmacs": products,
               "patchcore_bank": int(patchcore.memory_bank.shape[0])}
     _common.write_json(args.out / "speed.json", result)
     limit = speed["backbone + join"]
@@ -230,6 +264,15 @@ def main(argv=None):
         lines += ["", "Scoring files, decoding included: "
                   f"{on_files[1] / in_memory[1]:.0%} / {on_files[16] / in_memory[16]:.0%} of the "
                   "network's images/s on decoded images at batch 1 / 16."]
+    c = clusterings
+    lines += ["", f"The fit's {c['clusterings']} clusterings of {c['patches']:,} patches (all "
+              "training images, then without each calibration fold; no farthest rows): "
+              f"{c['a search each']:.1f} s with a first-neighbour search each, "
+              f"{c['one shared search']:.1f} s with one search shared by all "
+              f"({c['a search each'] / c['one shared search']:.2f}x).",
+              "", "Products `A @ B.T` of 8,192 rows of 176 channels against K rows, "
+              "G multiply-adds/s: " + ", ".join(f"{k} {v:.0f}" for k, v in products.items())
+              + "."]
     _common.write_markdown(args.out / "speed.md", lines)
     print("\n".join(lines))
 
