@@ -22,7 +22,7 @@ import torch
 
 from . import _images, _progress
 from .backbones import create_feature_extractor
-from .clustering import add_farthest_rows, first_neighbors, learn_prototypes, neighbors_without
+from .clustering import add_farthest_rows, first_neighbors, learn_prototypes
 from .network import PatchEmbedding, ProtoADNetwork, effective_image_score, on_grid
 
 #: ``n_farthest=None``: this many farthest patches, at most ``MAX_FARTHEST_SHARE``

@@ -255,7 +255,7 @@ def _products(A, B, bias=None):
 
     On the CPU a 1 x 1 convolution of a channels-last view of ``A``: oneDNN
     runs it faster than the sgemm behind ``@`` on the CPUs we measured
-    (``benchmarks/bench_speed.py``, the fit without it); the values agree to
+    (``benchmarks/bench_speed.py`` times both); the values agree to
     rounding.
     """
     if A.device.type != "cpu" or not A.is_contiguous() or A.dtype != torch.float32:
@@ -403,12 +403,15 @@ def neighbors_without(indices, start, stop):
     return np.where(kept >= stop, kept - (stop - start), np.where(kept >= start, -1, kept))
 
 
-def _first_neighbors(X, *, neighbors, device, batch_size, random_state, verbose, n_probe=None):
-    n = X.shape[0]
-    use_exact = neighbors == "exact" or (
-        neighbors == "auto" and n <= EXACT_NEIGHBORS_MAX_SAMPLES
+def _searches_exactly(neighbors, n_samples):
+    """Whether the ``neighbors`` search of ``n_samples`` rows is the exact one."""
+    return neighbors == "exact" or (
+        neighbors == "auto" and n_samples <= EXACT_NEIGHBORS_MAX_SAMPLES
     )
-    if use_exact:
+
+
+def _first_neighbors(X, *, neighbors, device, batch_size, random_state, verbose, n_probe=None):
+    if _searches_exactly(neighbors, X.shape[0]):
         return _first_neighbors_exact(
             X, device=device, batch_size=batch_size, verbose=verbose
         )
@@ -733,10 +736,7 @@ def _complete_first_neighbors(X, nn, *, neighbors, device, batch_size, random_st
     n = X.shape[0]
     # an exact search costs n per row, the approximate one about
     # 2 sqrt(n_probe n) per row of all n: search all again beyond that
-    approximate = neighbors == "approx" or (
-        neighbors == "auto" and n > EXACT_NEIGHBORS_MAX_SAMPLES
-    )
-    if approximate and len(missing) > 2 * math.sqrt(IVF_N_PROBE * n):
+    if not _searches_exactly(neighbors, n) and len(missing) > 2 * math.sqrt(IVF_N_PROBE * n):
         return _first_neighbors(
             X, neighbors=neighbors, device=device, batch_size=batch_size,
             random_state=random_state, verbose=verbose,
