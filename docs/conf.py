@@ -146,6 +146,10 @@ BENCHMARKS = {
         "Global statistics against the image labels (acquisition-bias check).",
         "python benchmarks/bench_global_shift.py",
     ),
+    "feature_maps": (
+        "Linear maps of the patch features (whitening, PCA) on the suite: a lead, not taken.",
+        "python benchmarks/bench_feature_maps.py",
+    ),
     "real_cost": (
         "What a real-data fit and a prediction on files cost.",
         "python benchmarks/bench_real_cost.py",

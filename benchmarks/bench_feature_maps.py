@@ -1,0 +1,158 @@
+"""Linear maps of the patch features on the real-data suite (a lead, not taken).
+
+    python benchmarks/bench_feature_maps.py [--sets NAME ...] [--variants NAME ...]
+        [--seeds 0] [--max-train 200]
+
+PaDiM scores a patch by its Mahalanobis distance, which weighs the feature
+directions by how little normal patches vary along them. This runs the
+default detector with a fixed linear map of its patch features, fitted on
+each set's normal training patches, that the package does not offer:
+
+- ``whiten0.1``, ``whiten0.3``: the joined features (not centred) times
+  ``S^(-1/2)``, ``S`` their covariance shrunk towards a multiple of the
+  identity by 0.1 / 0.3, before the per-image scale (PaDiM's geometry,
+  shared by all positions);
+- ``pca96``, ``pca64``: the per-image-scaled features projected onto their
+  first 96 / 64 principal directions (uncentred second moment), as ``P^T P``
+  so that the channels stay 176 (distances as in 96 / 64 coordinates: the
+  accuracy of a head with that many channels, not its speed).
+
+The map goes into :class:`skprotoad.network.PatchEmbedding` for the run
+(``join`` or ``forward`` wrapped); ``bench_suite.run_one`` does the rest, so
+``none`` is the suite's ``defaults`` row. Results:
+``benchmarks/results/feature_maps.{json,md}``.
+"""
+
+import argparse
+import contextlib
+import json
+from pathlib import Path
+
+import _common  # first: this checkout's skprotoad
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import bench_suite  # noqa: E402
+
+from skprotoad.backbones import create_feature_extractor  # noqa: E402
+from skprotoad.network import PatchEmbedding  # noqa: E402
+from skprotoad.preprocessing import model_inputs  # noqa: E402
+
+VARIANTS = {
+    "none": None,
+    "whiten0.1": ("whiten", 0.1),
+    "whiten0.3": ("whiten", 0.3),
+    "pca96": ("pca", 96),
+    "pca64": ("pca", 64),
+}
+
+
+def _patches(data, step, after_scale):
+    """Every ``step``-th patch feature of the training images, float64
+    (joined, or after the per-image scale), as the default embedding gives them."""
+    extractor = create_feature_extractor("efficientnet_lite0", (1, 2, 3))
+    embedding = PatchEmbedding(extractor, neighborhood_size=3, normalization="image").eval()
+    rows = []
+    with torch.inference_mode():
+        for _, batch in model_inputs(data.train, 256, None, 16):
+            f = embedding(batch) if after_scale else embedding.join(batch)
+            rows.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])[::step].double())
+    return torch.cat(rows)
+
+
+def fitted_map(data, variant):
+    """(where, C x C matrix) of ``variant`` on ``data``'s training patches."""
+    kind, value = VARIANTS[variant]
+    if kind == "whiten":
+        x = _patches(data, 4, after_scale=False)
+        cov = torch.cov(x.T)
+        n = cov.shape[0]
+        shrunk = (1 - value) * cov + value * cov.trace() / n * torch.eye(n, dtype=cov.dtype)
+        values, vectors = torch.linalg.eigh(shrunk)
+        return "join", (vectors @ torch.diag(values.rsqrt()) @ vectors.T).float()
+    x = _patches(data, 1, after_scale=True)
+    _, vectors = torch.linalg.eigh(x.T @ x / len(x))
+    top = vectors[:, -value:]
+    return "forward", (top @ top.T).float()
+
+
+@contextlib.contextmanager
+def mapped_features(where, matrix):
+    """PatchEmbedding's ``where`` ("join" or "forward") followed by ``matrix``."""
+    original = getattr(PatchEmbedding, where)
+
+    def wrapped(self, images):
+        return F.conv2d(original(self, images), matrix[:, :, None, None])
+
+    setattr(PatchEmbedding, where, wrapped)
+    try:
+        yield
+    finally:
+        setattr(PatchEmbedding, where, original)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", nargs="+", default=None)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--max-train", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=_common.RESULTS)
+    args = parser.parse_args(argv)
+    command = "python benchmarks/bench_feature_maps.py " + " ".join(
+        argv if argv is not None else __import__("sys").argv[1:])
+    path = args.out / "feature_maps.json"
+    results = _common.read_json(path, {"commands": [], "runs": {}})
+    results["commands"].append(command)
+    for name, folder in bench_suite.find_sets(args.sets).items():
+        data = bench_suite._Set(name, folder, args.max_train)
+        for variant in args.variants:
+            fitted = None if VARIANTS[variant] is None else fitted_map(data, variant)
+            for seed in args.seeds:
+                with mapped_features(*fitted) if fitted else contextlib.nullcontext():
+                    row = bench_suite.run_one(data, "defaults", seed, None)
+                keep = ("crop_image_auroc", "crop_pixel_auroc", "crop_aupro", "fpr", "tpr")
+                row = {"set": name, "variant": variant, "seed": seed,
+                       "n_train": data.n_train, **{k: row[k] for k in keep}}
+                print(json.dumps(row), flush=True)
+                results["runs"][f"{name}|{variant}|{seed}|{data.n_train}"] = row
+                _common.write_json(path, results, indent=1)
+                _write_markdown(results, args.out / "feature_maps.md")
+
+
+def _write_markdown(results, path):
+    runs = list(results["runs"].values())
+    cells = {}
+    for r in runs:
+        cells.setdefault((r["set"], r["variant"]), []).append(r)
+    variants = [v for v in VARIANTS if any(v == key[1] for key in cells)]
+    rows = []
+    for name in sorted({key[0] for key in cells}):
+        row = [name]
+        for v in variants:
+            got = sorted(cells.get((name, v), []), key=lambda r: r["seed"])
+            if not got:
+                row.append("")
+                continue
+            mean = {k: sum(r[k] for r in got) / len(got)
+                    for k in ("crop_image_auroc", "crop_pixel_auroc", "crop_aupro")}
+            cell = " / ".join(f"{mean[k]:.3f}" for k in mean)
+            if len(got) > 1:
+                low, high = (f(r["crop_image_auroc"] for r in got) for f in (min, max))
+                cell += f" (image {low:.3f}-{high:.3f}, seeds {','.join(str(r['seed']) for r in got)})"
+            row.append(cell)
+        rows.append(row)
+    lines = ["# Linear maps of the patch features (a lead, not taken)", "", "Commands:", ""]
+    lines += [f"- `{c}`" for c in results["commands"]]
+    lines += ["", f"Machine: {_common.machine()}. The default detector (efficientnet_lite0, "
+              "whole image at 256 x 256) with a linear map of its patch features fitted on each "
+              "set's normal training patches (see the script's docstring); seeded training "
+              "subsets as in bench_suite. Each cell: image AUROC / pixel AUROC / AUPRO@0.3, mean "
+              "over the seeds run (seed 0 alone unless listed).", ""]
+    lines += _common.markdown_table(["set", *variants], rows)
+    _common.write_markdown(path, lines)
+
+
+if __name__ == "__main__":
+    main()
