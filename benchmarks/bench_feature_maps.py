@@ -26,6 +26,7 @@ The map goes into :class:`skprotoad.network.PatchEmbedding` for the run
 import argparse
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 import _common  # first: this checkout's skprotoad
@@ -61,18 +62,26 @@ def _patches(data, step, after_scale):
     return torch.cat(rows)
 
 
-def fitted_map(data, variant):
-    """(where, C x C matrix) of ``variant`` on ``data``'s training patches."""
-    kind, value = VARIANTS[variant]
+def training_statistic(data, kind):
+    """What ``kind``'s maps are fitted to, from ``data``'s training patches:
+    for ``"whiten"`` the covariance of the joined features (every 4th patch),
+    for ``"pca"`` the second moment of the per-image-scaled ones (all)."""
     if kind == "whiten":
-        x = _patches(data, 4, after_scale=False)
-        cov = torch.cov(x.T)
-        n = cov.shape[0]
-        shrunk = (1 - value) * cov + value * cov.trace() / n * torch.eye(n, dtype=cov.dtype)
+        return torch.cov(_patches(data, 4, after_scale=False).T)
+    x = _patches(data, 1, after_scale=True)
+    return x.T @ x / len(x)
+
+
+def fitted_map(kind, value, statistic):
+    """(where, C x C matrix) of the map ``kind`` with ``value`` (shrinkage or
+    dimensions), from :func:`training_statistic`."""
+    if kind == "whiten":
+        n = statistic.shape[0]
+        shrunk = ((1 - value) * statistic
+                  + value * statistic.trace() / n * torch.eye(n, dtype=statistic.dtype))
         values, vectors = torch.linalg.eigh(shrunk)
         return "join", (vectors @ torch.diag(values.rsqrt()) @ vectors.T).float()
-    x = _patches(data, 1, after_scale=True)
-    _, vectors = torch.linalg.eigh(x.T @ x / len(x))
+    _, vectors = torch.linalg.eigh(statistic)
     top = vectors[:, -value:]
     return "forward", (top @ top.T).float()
 
@@ -101,14 +110,20 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=_common.RESULTS)
     args = parser.parse_args(argv)
     command = "python benchmarks/bench_feature_maps.py " + " ".join(
-        argv if argv is not None else __import__("sys").argv[1:])
+        sys.argv[1:] if argv is None else argv)
     path = args.out / "feature_maps.json"
     results = _common.read_json(path, {"commands": [], "runs": {}})
     results["commands"].append(command)
     for name, folder in bench_suite.find_sets(args.sets).items():
         data = bench_suite._Set(name, folder, args.max_train)
+        statistics = {}  # one pass over the training images per kind of map
         for variant in args.variants:
-            fitted = None if VARIANTS[variant] is None else fitted_map(data, variant)
+            fitted = None
+            if VARIANTS[variant] is not None:
+                kind, value = VARIANTS[variant]
+                if kind not in statistics:
+                    statistics[kind] = training_statistic(data, kind)
+                fitted = fitted_map(kind, value, statistics[kind])
             for seed in args.seeds:
                 with mapped_features(*fitted) if fitted else contextlib.nullcontext():
                     row = bench_suite.run_one(data, "defaults", seed, None)
@@ -140,7 +155,8 @@ def _write_markdown(results, path):
             cell = " / ".join(f"{mean[k]:.3f}" for k in mean)
             if len(got) > 1:
                 low, high = (f(r["crop_image_auroc"] for r in got) for f in (min, max))
-                cell += f" (image {low:.3f}-{high:.3f}, seeds {','.join(str(r['seed']) for r in got)})"
+                seeds = ",".join(str(r["seed"]) for r in got)
+                cell += f" (image {low:.3f}-{high:.3f}, seeds {seeds})"
             row.append(cell)
         rows.append(row)
     lines = ["# Linear maps of the patch features (a lead, not taken)", "", "Commands:", ""]
