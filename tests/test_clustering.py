@@ -205,6 +205,21 @@ def test_approx_neighbors_agree_with_exact_on_blobs():
     assert ari > 0.9
 
 
+def test_approx_neighbors_same_with_own_or_batched_products(monkeypatch):
+    """On the CPU large lists get a product of their own, small ones share a
+    padded batched one: both must find the same neighbours, their own row
+    excluded, with the stored rows' candidates from the same products."""
+    X, _ = _blobs(6000, 32, 60, 0.2, seed=3)
+    device = clustering._resolve_device("cpu")
+    found = {}
+    for name, entries in [("own", 0), ("batched", 2**62)]:
+        monkeypatch.setattr(clustering, "_IVF_OWN_PRODUCT_ENTRIES", entries)
+        found[name] = clustering._first_neighbors_ivf(X, device=device, random_state=0)
+    np.testing.assert_array_equal(found["own"][0], found["batched"][0])
+    np.testing.assert_allclose(found["own"][1], found["batched"][1], atol=1e-6)
+    assert np.all(found["own"][0] != np.arange(len(X)))
+
+
 def test_approx_deterministic():
     X, _ = _blobs(3000, 16, 30, 0.2, seed=4)
     a = finch(X, neighbors="approx", random_state=7)
@@ -495,6 +510,36 @@ def test_unit_row_view_reads_the_normalised_rows_bit_for_bit():
     stored = unit[8:]
     assert _normalize_rows(stored) is stored
     assert np.array_equal(_UnitRows(stored, "cpu")[10:90].numpy(), stored[10:90])
+
+
+def test_unit_rows_sum_merged_partitions_from_the_first(monkeypatch):
+    """FINCH's upper levels, the pair merges and the prototypes only merge
+    the clusters of its first level: their sums come from that level's sums,
+    without reading the rows again, and equal the sums of the rows."""
+    from skprotoad.clustering import _normalize_rows, _UnitRows
+
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(500, 12)) * rng.uniform(0.1, 9.0, size=(500, 1))).astype(np.float32)
+    unit, view = _normalize_rows(X), _UnitRows(X, "cpu")
+
+    def summed(labels, k):
+        expected = np.zeros((k, 12), dtype=np.float64)
+        np.add.at(expected, labels, unit.astype(np.float64))
+        return expected
+
+    reads = []
+    read = _UnitRows.__getitem__
+    monkeypatch.setattr(_UnitRows, "__getitem__", lambda self, i: reads.append(i) or read(self, i))
+    first = rng.integers(0, 50, size=500)
+    np.testing.assert_allclose(view.cluster_sums(first, 50), summed(first, 50), atol=1e-5)
+    assert reads
+    reads.clear()
+    merged = rng.integers(0, 7, size=50)[first]  # every first-level cluster into one of 7
+    np.testing.assert_allclose(view.cluster_sums(merged, 7), summed(merged, 7), atol=1e-5)
+    assert not reads
+    other = rng.integers(0, 7, size=500)  # splits first-level clusters: summed from the rows
+    np.testing.assert_allclose(view.cluster_sums(other, 7), summed(other, 7), atol=1e-5)
+    assert reads
 
 
 def test_learn_prototypes_holds_no_unit_copy(monkeypatch):
