@@ -88,6 +88,10 @@ _FARTHEST_POOL_FACTOR = 8
 # Blocks of the similarity matrix hold at most this many float32 entries
 # (256 MiB), which bounds the memory of every search whatever ``n_samples``.
 _BLOCK_ENTRIES = 2**26
+# On the CPU the exact search's blocks hold at most this many (16 MiB), so
+# that a block stays in the cache between the product that writes it and the
+# max that reads it: about twice as fast as 256 MiB blocks on the CPUs measured.
+_CPU_MATCH_ENTRIES = 2**22
 
 
 # --------------------------------------------------------------------------
@@ -269,10 +273,11 @@ def _cluster_means(X, labels, n_clusters):
 # --------------------------------------------------------------------------
 # First-neighbour search
 # --------------------------------------------------------------------------
-def _row_block(n_cols, batch_size):
+def _row_block(n_cols, batch_size, entries=None):
     if batch_size is not None:
         return max(1, int(batch_size))
-    return int(min(8192, max(64, _BLOCK_ENTRIES // max(n_cols, 1))))
+    entries = _BLOCK_ENTRIES if entries is None else entries
+    return int(min(8192, max(64, entries // max(n_cols, 1))))
 
 
 def _products(A, B, bias=None):
@@ -303,10 +308,11 @@ def _best_match(Q, D, *, q_ids=None, d_ids=None, self_offset=None, batch_size=No
     lowest index, as with ``np.argmax``.
     """
     n_q, n_d = Q.shape[0], D.shape[0]
-    # columns are split only beyond ~65k rows of D so that row blocks keep
-    # at least ~1k rows, enough for efficient matrix products
-    col_block = max(1, min(n_d, _BLOCK_ENTRIES // 1024))
-    row_block = _row_block(col_block, batch_size)
+    entries = min(_BLOCK_ENTRIES, _CPU_MATCH_ENTRIES) if Q.device.type == "cpu" else _BLOCK_ENTRIES
+    # columns are split only where row blocks would otherwise fall below
+    # ~1k rows, too few for efficient matrix products
+    col_block = max(1, min(n_d, entries // 1024))
+    row_block = _row_block(col_block, batch_size, entries)
     best_sim = torch.full((n_q,), -math.inf, dtype=Q.dtype, device=Q.device)
     best_idx = torch.zeros(n_q, dtype=torch.int64, device=Q.device)
     for c0 in range(0, n_d, col_block):
