@@ -595,7 +595,10 @@ def _ivf_search(Xt, db_order, db_bounds, q_points, q_bounds, *, batch_size, verb
                 out_sim[q0:q1], out_idx[q0:q1] = s, d_ids[a]
             else:
                 sim = _products(Xt[q_ids], Xt[d_ids])
-                sim.masked_fill_(q_ids[:, None] == d_ids[None, :], -math.inf)
+                # every stored row probes its own list, and both segments list
+                # rows in increasing order: a stored row's query is found by search
+                own = torch.searchsorted(q_ids, d_ids)
+                sim[own, torch.arange(len(d_ids), device=device)] = -math.inf
                 s, a = sim.max(dim=1)
                 out_sim[q0:q1], out_idx[q0:q1] = s, d_ids[a]
                 s, a = sim.max(dim=0)
