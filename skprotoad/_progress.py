@@ -75,9 +75,11 @@ def peak_memory_bytes():
 
 
 # The clustering's searches run at about this share of the speed of a plain
-# matrix product of the same width (argmax, top-k and gathers around each
-# product); estimated against measured fits in benchmarks/results/real_cost.md.
-_SEARCH_EFFICIENCY = 0.35
+# matrix product of the same width, ``@`` as multiply_add_rate times it (on
+# the CPU they run as convolutions, faster than ``@``, with argmax, top-k and
+# gathers around each product); estimated against the fit's stages in
+# benchmarks/results/speed.md.
+_SEARCH_EFFICIENCY = 0.75
 
 
 def multiply_add_rate(n_features, device="cpu"):
