@@ -766,8 +766,11 @@ def _finch(X, *, neighbors, device, batch_size, random_state, verbose, first_nei
             tqdm.write(f"FINCH partition {level}: {n_clusters} clusters", file=sys.stderr)
         if n_clusters == 1:
             break
-        # cosine ignores scale, so unit means give the reference's neighbours
-        level_data = _normalize_rows(X.cluster_sums(labels, n_clusters))
+        # cosine ignores scale, so unit means give the reference's neighbours;
+        # read through a unit view of the sums, as the rows are: a unit copy
+        # beside the sums, which the next levels are summed from, would add
+        # their size to the fit's peak memory
+        level_data = _UnitRows(X.cluster_sums(labels, n_clusters), device)
         n_prev = n_clusters
         level += 1
     return partitions
