@@ -8,10 +8,13 @@ directions by how little normal patches vary along them. This runs the
 default detector with a fixed linear map of its patch features, fitted on
 each set's normal training patches, that the package does not offer:
 
-- ``whiten0.1``, ``whiten0.3``: the joined features (not centred) times
-  ``S^(-1/2)``, ``S`` their covariance shrunk towards a multiple of the
-  identity by 0.1 / 0.3, before the per-image scale (PaDiM's geometry,
-  shared by all positions);
+- ``whiten0.1``, ``whiten0.3``, ``whiten0.7``, ``whiten0.9``: the joined
+  features (not centred) times ``S^(-1/2)``, ``S`` their covariance shrunk
+  towards a multiple of the identity by 0.1 to 0.9, before the per-image
+  scale (PaDiM's geometry, shared by all positions; the stronger the
+  shrinkage, the closer to the features as they are); ``whiten1.0``, a
+  multiple of the identity that the per-image scale undoes, is the control:
+  the defaults' results up to rounding;
 - ``pca96``, ``pca64``: the per-image-scaled features projected onto their
   first 96 / 64 principal directions (uncentred second moment), as ``P^T P``
   so that the channels stay 176 (distances as in 96 / 64 coordinates: the
@@ -44,6 +47,9 @@ VARIANTS = {
     "none": None,
     "whiten0.1": ("whiten", 0.1),
     "whiten0.3": ("whiten", 0.3),
+    "whiten0.7": ("whiten", 0.7),
+    "whiten0.9": ("whiten", 0.9),
+    "whiten1.0": ("whiten", 1.0),
     "pca96": ("pca", 96),
     "pca64": ("pca", 64),
 }
