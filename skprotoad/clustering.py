@@ -68,8 +68,8 @@ _IVF_TRAIN_ITER = 6
 # lists batched into one padded product must fill this fraction of it
 _IVF_MIN_FILL = 0.7
 # on the CPU a list with at least this many (query, row) pairs is searched
-# by its own 1 x 1 convolution: oneDNN's runs about 3x the rate of the
-# batched product, which wins only where per-call overhead dominates
+# by its own 1 x 1 convolution: oneDNN's outruns the batched product, which
+# wins only where per-call overhead dominates
 _IVF_OWN_PRODUCT_ENTRIES = 2**18
 
 # k-means: Lloyd iterations at most, and rows its k-means++ seeding samples at least
@@ -90,7 +90,7 @@ _FARTHEST_POOL_FACTOR = 8
 _BLOCK_ENTRIES = 2**26
 # On the CPU the exact search's blocks hold at most this many (16 MiB), so
 # that a block stays in the cache between the product that writes it and the
-# max that reads it: about twice as fast as 256 MiB blocks on the CPUs measured.
+# max that reads it, which 256 MiB blocks do not.
 _CPU_MATCH_ENTRIES = 2**22
 
 
