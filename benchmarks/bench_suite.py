@@ -135,6 +135,16 @@ SETTINGS = {
 # of the score map.
 for _name in set(SETTINGS) - {"defaults", "whole256_baseline"}:
     SETTINGS[_name] = {"position_baseline": False, **SETTINGS[_name]}
+# today's defaults but for one parameter (position_baseline as in the defaults)
+SETTINGS.update({
+    "score_map": dict(image_score="map"),
+    "score_cosine": dict(image_score="cosine"),
+    "nbhd1": dict(neighborhood_size=1),
+    "nbhd5": dict(neighborhood_size=5),
+    "norm_patch": dict(normalization="patch"),
+    "clusters500": dict(n_clusters=500),
+    "clusters2000": dict(n_clusters=2000),
+})
 COMMON = dict(backbone="efficientnet_lite0")
 # peers: other methods on the same backbone, crop, data and metrics (run_peer)
 PEER_INPUT = dict(backbone="efficientnet_lite0", layers=(1, 2, 3), image_size=256,
