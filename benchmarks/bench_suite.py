@@ -455,20 +455,22 @@ def write_results(rows, out, command):
         cells = [e["set"], e["setting"], str(e["n_train"]), ",".join(map(str, e["seeds"]))]
         cells += ["" if e[c] is None else f"{e[c][0]:.3f}" for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
-    # mean over sets, for settings run on the same sets with the same seeds
-    lines += ["", "## Mean over sets (settings with every set of the table)", ""]
+    # mean over sets, per setting and training-set size, so that a set run
+    # at two sizes does not count twice
+    lines += ["", "## Mean over sets (settings with every set of the table, at one "
+              "training-set size)", ""]
     by_setting = {}
     for e in table:
-        by_setting.setdefault(e["setting"], []).append(e)
+        by_setting.setdefault((e["setting"], e["n_train"]), []).append(e)
     sets = sorted({e["set"] for e in table})
-    lines += ["| setting | sets | " + " | ".join(header[4:]) + " |",
-              "|" + "---|" * (len(header) - 2)]
-    for setting, entries in sorted(by_setting.items()):
+    lines += ["| setting | n_train | sets | " + " | ".join(header[4:]) + " |",
+              "|" + "---|" * (len(header) - 1)]
+    for (setting, n_train), entries in sorted(by_setting.items()):
         if sorted({e["set"] for e in entries}) != sets:
             continue
         means = [np.mean([e[c][0] for e in entries if e[c]] or [np.nan]) for c in cols]
-        lines.append(f"| {setting} | {len(sets)} | " + " | ".join(f"{m:.3f}" for m in means)
-                     + " |")
+        lines.append(f"| {setting} | {n_train} | {len(sets)} | "
+                     + " | ".join(f"{m:.3f}" for m in means) + " |")
     _common.write_markdown(out / "suite.md", lines)
 
 
