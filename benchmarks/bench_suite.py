@@ -144,6 +144,8 @@ SETTINGS.update({
     "norm_patch": dict(normalization="patch"),
     "clusters500": dict(n_clusters=500),
     "clusters2000": dict(n_clusters=2000),
+    "sigma2": dict(sigma=2.0),
+    "sigma8": dict(sigma=8.0),
 })
 COMMON = dict(backbone="efficientnet_lite0")
 # peers: other methods on the same backbone, crop, data and metrics (run_peer)
