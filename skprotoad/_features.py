@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from . import _images, _progress
+from . import _images, _progress, clustering
 from .backbones import create_feature_extractor
 from .clustering import add_farthest_rows, first_neighbors, learn_prototypes
 from .network import PatchEmbedding, ProtoADNetwork, effective_image_score, on_grid
@@ -270,14 +270,17 @@ def farthest_count(n_farthest, n_patches):
 def fit_network(detector, embedding, patches, random_state, device, first_neighbors=None):
     """The network of ``detector``'s parameters, with prototypes learned from
     ``patches`` (an (n_patches, n_channels) array), in eval mode on ``device``;
-    ``random_state`` and ``first_neighbors`` as
-    :func:`~skprotoad.clustering.learn_prototypes` takes them."""
+    ``random_state`` as :func:`~skprotoad.clustering.learn_prototypes` takes
+    it; ``first_neighbors``: None, or its ``first_neighbors`` and
+    ``neighbor_lists``, as :func:`shared_first_neighbors` gives them."""
+    neighbors, lists = (None, None) if first_neighbors is None else first_neighbors
     prototypes = learn_prototypes(
         patches, method=detector.clustering, n_clusters=detector.n_clusters,
         random_state=random_state,
         device=str(device), normalize=detector.normalization == "patch",
         n_farthest=farthest_count(detector.n_farthest, len(patches)),
-        first_neighbors=first_neighbors, verbose=_progress.verbosity(detector.verbose) >= 2,
+        first_neighbors=neighbors, neighbor_lists=lists,
+        verbose=_progress.verbosity(detector.verbose) >= 2,
     )
     network = ProtoADNetwork(
         embedding, torch.from_numpy(prototypes),
@@ -288,20 +291,36 @@ def fit_network(detector, embedding, patches, random_state, device, first_neighb
 
 
 def shared_first_neighbors(detector, patches, folds, random_state, device):
-    """First neighbours of all ``patches`` when the clusterings without each
-    fold can start from them (FINCH with folds to hold out), else None.
+    """First neighbours of all ``patches``, and the search's lists, when the
+    clusterings without each fold can start from them (FINCH with folds to
+    hold out), else None.
 
-    A patch's nearest neighbour nearly always lies in its own image, so each
-    clustering without a fold keeps all but a few of them
-    (:func:`~skprotoad.clustering.neighbors_without`) instead of searching
-    again: one search serves every clustering of a fit. The search draws
-    from ``random_state`` (a ``RandomState``) what FINCH's first level would
-    draw, so that the clustering of all patches, passed the same
-    ``random_state`` next, learns the prototypes it would learn alone.
+    Each clustering without a fold keeps the neighbours that lie outside it
+    (:func:`neighbors_without`) instead of searching again: one search
+    serves every clustering of a fit. Where a patch's nearest neighbour lies
+    in its own image (most patches of most parts) nearly all are kept; where
+    it lies at the same place in another image (aligned parts), a fold
+    takes a fifth of those, and they are searched again in the lists the
+    first search compared them with. The search draws from ``random_state``
+    (a ``RandomState``) what FINCH's first level would draw, so that the
+    clustering of all patches, passed the same ``random_state`` next, learns
+    the prototypes it would learn alone.
     """
     if not folds or detector.clustering != "finch":
         return None
-    return first_neighbors(patches, device=str(device), random_state=random_state)[0]
+    indices, _, lists = first_neighbors(
+        patches, device=str(device), random_state=random_state, return_lists=True
+    )
+    return indices, lists
+
+
+def neighbors_without(neighbors, start, stop):
+    """:func:`shared_first_neighbors`' result for the patches outside the rows
+    ``start:stop`` (see :func:`skprotoad.clustering.neighbors_without`)."""
+    indices, lists = neighbors
+    return clustering.neighbors_without(indices, start, stop), np.delete(
+        lists, np.s_[start:stop], axis=0
+    )
 
 
 def extract_features(detector, embedding, images, order, device, seed=0):

@@ -361,7 +361,7 @@ def _first_neighbors_exact(X, *, device, batch_size=None, verbose=False):
 
 
 def first_neighbors(X, *, neighbors="auto", n_probe=None, device="cpu", batch_size=None,
-                    random_state=None):
+                    random_state=None, return_lists=False):
     """Each row's first neighbour: the other row of highest cosine similarity.
 
     The search FINCH's first level runs (:func:`finch`), for measuring it.
@@ -379,11 +379,21 @@ def first_neighbors(X, *, neighbors="auto", n_probe=None, device="cpu", batch_si
         Rows per block of the similarity computations.
     random_state : int, RandomState instance or None, default=None
         Seeds the approximate search's quantiser.
+    return_lists : bool, default=False
+        Also return the lists of the inverted file each row was compared
+        with. Pass them, without the same rows, to :func:`learn_prototypes`
+        as ``neighbor_lists`` with :func:`neighbors_without`'s neighbours:
+        when many rows lost their neighbour, those rows are then searched in
+        their lists instead of every row searched again.
 
     Returns
     -------
     indices : ndarray of shape (n_samples,), int64
     similarities : ndarray of shape (n_samples,), float32
+    lists : ndarray of shape (n_samples, n_lists_probed), int32
+        Only with ``return_lists``: the lists each row was compared with, the
+        one it is stored in first; the exact search's are a single list (0)
+        holding every row.
 
     Examples
     --------
@@ -398,7 +408,7 @@ def first_neighbors(X, *, neighbors="auto", n_probe=None, device="cpu", batch_si
     device = _resolve_device(device)
     return _first_neighbors(
         _UnitRows(X, device), neighbors=neighbors, device=device, batch_size=batch_size,
-        random_state=random_state, verbose=False, n_probe=n_probe,
+        random_state=random_state, verbose=False, n_probe=n_probe, return_lists=return_lists,
     )
 
 
@@ -442,11 +452,12 @@ def _searches_exactly(neighbors, n_samples):
     )
 
 
-def _first_neighbors(X, *, neighbors, device, batch_size, random_state, verbose, n_probe=None):
+def _first_neighbors(X, *, neighbors, device, batch_size, random_state, verbose, n_probe=None,
+                     return_lists=False):
     if _searches_exactly(neighbors, X.shape[0]):
-        return _first_neighbors_exact(
-            X, device=device, batch_size=batch_size, verbose=verbose
-        )
+        found = _first_neighbors_exact(X, device=device, batch_size=batch_size, verbose=verbose)
+        # one list that holds every row
+        return (*found, np.zeros((X.shape[0], 1), dtype=np.int32)) if return_lists else found
     return _first_neighbors_ivf(
         X,
         device=device,
@@ -454,6 +465,7 @@ def _first_neighbors(X, *, neighbors, device, batch_size, random_state, verbose,
         random_state=random_state,
         n_probe=n_probe,
         verbose=verbose,
+        return_lists=return_lists,
     )
 
 
@@ -462,7 +474,7 @@ def _first_neighbors(X, *, neighbors, device, batch_size, random_state, verbose,
 # --------------------------------------------------------------------------
 def _first_neighbors_ivf(
     X, *, device, batch_size=None, random_state=None, n_lists=None, n_probe=None,
-    verbose=False,
+    verbose=False, return_lists=False,
 ):
     """Approximate first neighbours by an inverted file with several probes.
 
@@ -471,6 +483,8 @@ def _first_neighbors_ivf(
     exactly with the rows of the lists of its ``n_probe`` closest centres.
     The cost is about ``n * (n_lists + n_probe * n / n_lists) * C`` multiply-
     adds, lowest for ``n_lists = sqrt(n_probe * n)``, i.e. ``O(n^1.5)``.
+    With ``return_lists``, also each row's probed lists, (n, n_probe) int32,
+    its own first (:func:`_first_neighbors_in_lists` searches them again).
     """
     n = X.shape[0]
     rng = check_random_state(random_state)
@@ -507,44 +521,91 @@ def _first_neighbors_ivf(
         ).indices
     probes = probes.cpu().numpy()
 
+    best_sim, best_idx, (db_order, db_sim, db_idx) = _search_probed_lists(
+        Xt, probes, np.arange(n), batch_size=batch_size, verbose=verbose
+    )
+    # candidates found from the database side (rows that probed my list)
+    better = db_sim > best_sim[db_order]
+    best_sim[db_order[better]] = db_sim[better]
+    best_idx[db_order[better]] = db_idx[better]
+    found = _search_lonely(Xt, torch.arange(n, device=device), best_sim, best_idx)
+    if return_lists:
+        return (*found, probes.astype(np.int32))
+    return found
+
+
+def _search_probed_lists(Xt, probes, queries, *, batch_size, verbose):
+    """Best match of each of the ``queries`` (sorted row numbers) among the
+    rows stored in the lists it probes (``probes[row]``; a row is stored in
+    ``probes[row, 0]``), itself excluded.
+
+    Returns
+    -------
+    best_sim, best_idx : torch.Tensor of shape (len(queries),)
+        -inf and 0 where the probed lists stored no other row.
+    database : (order, sim, idx)
+        The stored rows in list order, and for each the best match among
+        the queries that probed its list (free extra candidates: the same
+        products, read by column).
+    """
+    device = Xt.device
+    n_lists = int(probes.max()) + 1
+    n_probe = probes.shape[1]
     # database: rows sorted by their own list; queries: (row, probed list)
-    # pairs sorted by list.  Both make each list a contiguous segment.
-    db_order = np.argsort(probes[:, 0], kind="stable")
-    db_bounds = np.searchsorted(probes[db_order, 0], np.arange(n_lists + 1))
-    q_flat = probes.ravel()
+    # pairs sorted by list.  Both make each list a contiguous segment, rows
+    # in increasing order within it.
+    own = probes[:, 0]
+    db_order = np.argsort(own, kind="stable")
+    db_bounds = np.searchsorted(own[db_order], np.arange(n_lists + 1))
+    q_flat = probes[queries].ravel()
     q_order = np.argsort(q_flat, kind="stable")
     q_bounds = np.searchsorted(q_flat[q_order], np.arange(n_lists + 1))
-    q_points = q_order // n_probe
+    q_points = np.asarray(queries)[q_order // n_probe]
+    db_order_t = torch.from_numpy(db_order).to(device)
     # best match of every (row, probed list) pair, in q_order positions
     pair_sim, pair_idx, db_sim, db_idx = _ivf_search(
         Xt,
-        torch.from_numpy(db_order).to(device),
+        db_order_t,
         db_bounds,
         torch.from_numpy(q_points).to(device),
         q_bounds,
         batch_size=batch_size,
         verbose=verbose,
     )
-    sim = torch.empty(n * n_probe, dtype=Xt.dtype, device=device)
-    idx = torch.empty(n * n_probe, dtype=torch.int64, device=device)
+    sim = torch.empty(len(q_flat), dtype=Xt.dtype, device=device)
+    idx = torch.empty(len(q_flat), dtype=torch.int64, device=device)
     q_order_t = torch.from_numpy(q_order).to(device)
     sim[q_order_t], idx[q_order_t] = pair_sim, pair_idx
     # the max over a row's probes; ties go to the closer list (first probe)
-    best_sim, which = sim.view(n, n_probe).max(dim=1)
-    best_idx = idx.view(n, n_probe).gather(1, which[:, None]).squeeze(1)
-    # candidates found from the database side (rows that probed my list)
-    db_order_t = torch.from_numpy(db_order).to(device)
-    better = db_sim > best_sim[db_order_t]
-    best_sim[db_order_t[better]] = db_sim[better]
-    best_idx[db_order_t[better]] = db_idx[better]
+    best_sim, which = sim.view(-1, n_probe).max(dim=1)
+    best_idx = idx.view(-1, n_probe).gather(1, which[:, None]).squeeze(1)
+    return best_sim, best_idx, (db_order_t, db_sim, db_idx)
 
-    # rows whose probed lists held nobody else: search them exhaustively
+
+def _search_lonely(Xt, rows, best_sim, best_idx):
+    """``(best_idx, best_sim)`` as arrays, the ``rows`` whose probed lists held
+    nobody else (similarity -inf) searched exhaustively."""
     lonely = torch.nonzero(best_sim == -math.inf).flatten()
     if len(lonely):
-        ids = torch.arange(n, device=device)
-        sim, arg = _best_match(Xt[lonely], Xt, q_ids=lonely, d_ids=ids)
+        ids = torch.arange(Xt.shape[0], device=Xt.device)
+        sim, arg = _best_match(Xt[rows[lonely]], Xt, q_ids=rows[lonely], d_ids=ids)
         best_sim[lonely], best_idx[lonely] = sim, arg
     return best_idx.cpu().numpy(), best_sim.cpu().numpy()
+
+
+def _first_neighbors_in_lists(X, rows, lists, *, batch_size, verbose):
+    """First neighbours of the sorted ``rows`` of ``X`` (a :class:`_UnitRows`) by the approximate
+    search's lists of an earlier search (``lists``, as
+    :func:`_first_neighbors_ivf` returns them, for the rows of ``X``): each
+    row is compared with the rows now stored in the lists it probed.
+
+    Clustering the rows outside a block, the rows whose neighbour lay in it
+    need a search again; with their lists that costs a fraction of a new
+    search of all rows, which trains a quantiser and assigns every row."""
+    best_sim, best_idx, _ = _search_probed_lists(
+        X, lists, rows, batch_size=batch_size, verbose=verbose
+    )
+    return _search_lonely(X, torch.from_numpy(rows).to(X.device), best_sim, best_idx)[0]
 
 
 def _ivf_search(Xt, db_order, db_bounds, q_points, q_bounds, *, batch_size, verbose):
@@ -595,10 +656,11 @@ def _ivf_search(Xt, db_order, db_bounds, q_points, q_bounds, *, batch_size, verb
                 out_sim[q0:q1], out_idx[q0:q1] = s, d_ids[a]
             else:
                 sim = _products(Xt[q_ids], Xt[d_ids])
-                # every stored row probes its own list, and both segments list
-                # rows in increasing order: a stored row's query is found by search
-                own = torch.searchsorted(q_ids, d_ids)
-                sim[own, torch.arange(len(d_ids), device=device)] = -math.inf
+                # both segments list rows in increasing order: a stored row's
+                # own query, if it is one, is found by search
+                own = torch.searchsorted(q_ids, d_ids).clamp_(max=len(q_ids) - 1)
+                hit = q_ids[own] == d_ids
+                sim[own[hit], torch.arange(len(d_ids), device=device)[hit]] = -math.inf
                 s, a = sim.max(dim=1)
                 out_sim[q0:q1], out_idx[q0:q1] = s, d_ids[a]
                 s, a = sim.max(dim=0)
@@ -734,9 +796,11 @@ def finch(
     )
 
 
-def _finch(X, *, neighbors, device, batch_size, random_state, verbose, first_neighbors=None):
+def _finch(X, *, neighbors, device, batch_size, random_state, verbose, first_neighbors=None,
+           neighbor_lists=None):
     """:func:`finch` of the checked unit rows ``X`` (a :class:`_UnitRows`),
-    from the first level's neighbours when given (-1: still to search)."""
+    from the first level's neighbours when given (-1: still to search, in
+    ``neighbor_lists`` when given, see :func:`_complete_first_neighbors`)."""
     rng = check_random_state(random_state)
     n = X.shape[0]
     if n == 1:
@@ -753,7 +817,9 @@ def _finch(X, *, neighbors, device, batch_size, random_state, verbose, first_nei
     )
     while True:
         if level == 0 and first_neighbors is not None:
-            nn = _complete_first_neighbors(level_data, first_neighbors, **search)
+            nn = _complete_first_neighbors(
+                level_data, first_neighbors, lists=neighbor_lists, **search
+            )
         else:
             nn, _ = _first_neighbors(level_data, **search)
         n_clusters, u = _components(nn)
@@ -776,24 +842,33 @@ def _finch(X, *, neighbors, device, batch_size, random_state, verbose, first_nei
     return partitions
 
 
-def _complete_first_neighbors(X, nn, *, neighbors, device, batch_size, random_state, verbose):
-    """``nn`` with its -1 entries replaced by the first neighbours of those rows."""
+def _complete_first_neighbors(X, nn, *, neighbors, device, batch_size, random_state, verbose,
+                              lists=None):
+    """``nn`` with its -1 entries replaced by the first neighbours of those
+    rows: by an exact search when they are few, else in ``lists`` (the
+    inverted-file lists an earlier search compared each row with) when
+    given, else by a search of all rows."""
     missing = np.flatnonzero(nn < 0)
     if not len(missing):
         return nn
     n = X.shape[0]
+    nn = nn.copy()
     # an exact search costs n per row, the approximate one about
-    # 2 sqrt(n_probe n) per row of all n: search all again beyond that
+    # 2 sqrt(n_probe n) per row of all n: beyond that, the approximate one
     if not _searches_exactly(neighbors, n) and len(missing) > 2 * math.sqrt(IVF_N_PROBE * n):
-        return _first_neighbors(
-            X, neighbors=neighbors, device=device, batch_size=batch_size,
-            random_state=random_state, verbose=verbose,
-        )[0]
+        if lists is None:
+            return _first_neighbors(
+                X, neighbors=neighbors, device=device, batch_size=batch_size,
+                random_state=random_state, verbose=verbose,
+            )[0]
+        nn[missing] = _first_neighbors_in_lists(
+            X, missing, lists, batch_size=batch_size, verbose=verbose
+        )
+        return nn
     rows = torch.from_numpy(missing).to(device)
     _, found = _best_match(
         X[rows], X, q_ids=rows, d_ids=torch.arange(n, device=device), batch_size=batch_size
     )
-    nn = nn.copy()
     nn[missing] = found.cpu().numpy()
     return nn
 
@@ -941,7 +1016,7 @@ def finch_n_clusters(
 
 def _finch_n_clusters(
     X, n_clusters, *, neighbors, device, batch_size, random_state, partitions, verbose,
-    first_neighbors=None,
+    first_neighbors=None, neighbor_lists=None,
 ):
     """:func:`finch_n_clusters` of the checked unit rows ``X`` (a :class:`_UnitRows`)."""
     if partitions is None:
@@ -953,6 +1028,7 @@ def _finch_n_clusters(
             random_state=random_state,
             verbose=verbose,
             first_neighbors=first_neighbors,
+            neighbor_lists=neighbor_lists,
         )
     counts = [int(p.max()) + 1 for p in partitions]
     for p, k in zip(partitions, counts):
@@ -1296,6 +1372,7 @@ def learn_prototypes(
     normalize=True,
     n_farthest=0,
     first_neighbors=None,
+    neighbor_lists=None,
     verbose=False,
 ):
     """Learn ProtoAD prototypes: L2-normalised cluster means of ``X``.
@@ -1337,6 +1414,13 @@ def learn_prototypes(
         FINCH, its largest search, then searches only those rows. Pass
         :func:`neighbors_without` of all rows' neighbours to cluster the
         rows outside a block at a fraction of the cost.
+    neighbor_lists : array-like of shape (n_samples, n_lists_probed), default=None
+        With ``first_neighbors``: the lists :func:`first_neighbors` (with
+        ``return_lists=True``) compared each row with, for the same rows.
+        When many rows are marked -1 (rows outside a block whose neighbours
+        often lay in it: aligned parts, whose patches resemble the same
+        place in other images), they are searched in their lists, at a
+        fraction of the cost of searching all rows again.
     verbose : bool, default=False
         Show progress.
 
@@ -1371,9 +1455,11 @@ def learn_prototypes(
         raise ValueError(f"n_farthest must be an int in [0, {X.shape[0]}], got {n_farthest!r}.")
     if first_neighbors is not None:
         first_neighbors = _check_first_neighbors(first_neighbors, method, X.shape[0])
+    if neighbor_lists is not None:
+        neighbor_lists = _check_neighbor_lists(neighbor_lists, first_neighbors, X.shape[0])
     prototypes = _cluster_means_of(
         X, method, n_clusters, neighbors, random_state, device, batch_size, normalize, verbose,
-        first_neighbors,
+        first_neighbors, neighbor_lists,
     )
     if not n_farthest:
         return prototypes
@@ -1403,9 +1489,25 @@ def _check_first_neighbors(first_neighbors, method, n_samples):
     return nn
 
 
+def _check_neighbor_lists(neighbor_lists, first_neighbors, n_samples):
+    if first_neighbors is None:
+        raise ValueError("neighbor_lists needs first_neighbors: the lists of their search.")
+    lists = np.asarray(neighbor_lists)
+    if lists.ndim != 2 or len(lists) != n_samples or not lists.shape[1] or not (
+        np.issubdtype(lists.dtype, np.integer)
+    ):
+        raise ValueError(
+            f"neighbor_lists must be ints of shape ({n_samples}, n_lists_probed), one row "
+            f"per row of X; got an array of shape {lists.shape} and dtype {lists.dtype}."
+        )
+    if lists.min() < 0:
+        raise ValueError("neighbor_lists must be list numbers >= 0, as first_neighbors gives them.")
+    return lists
+
+
 def _cluster_means_of(
     raw, method, n_clusters, neighbors, random_state, device, batch_size, normalize, verbose,
-    first_neighbors=None,
+    first_neighbors=None, neighbor_lists=None,
 ):
     """The prototypes of :func:`learn_prototypes` before any farthest rows:
     clusters found on the unit rows of ``raw``, means of those or of ``raw``."""
@@ -1440,7 +1542,9 @@ def _cluster_means_of(
         verbose=verbose,
     )
     if n_clusters is None:
-        partitions = _finch(X, first_neighbors=first_neighbors, **kwargs)
+        partitions = _finch(
+            X, first_neighbors=first_neighbors, neighbor_lists=neighbor_lists, **kwargs
+        )
         if int(partitions[0].max()) + 1 <= MAX_DEFAULT_PROTOTYPES:
             labels = partitions[0]
         else:
@@ -1449,7 +1553,8 @@ def _cluster_means_of(
             )
     else:
         labels = _finch_n_clusters(
-            X, n_clusters, partitions=None, first_neighbors=first_neighbors, **kwargs
+            X, n_clusters, partitions=None, first_neighbors=first_neighbors,
+            neighbor_lists=neighbor_lists, **kwargs
         )
     k = int(labels.max()) + 1
     if not normalize:

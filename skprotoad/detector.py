@@ -10,7 +10,6 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import _cache, _calibration, _features, _images, _masks, _pickling, _progress, _validation
 from ._choices import CLUSTERING_METHODS
-from .clustering import neighbors_without
 from ._threads import effective_n_threads, with_torch_threads
 from ._validation import Delegated, Integer, OneOf, RealInterval, RGB, Satisfies
 from .network import IMAGENET_MEAN, IMAGENET_STD, NETWORK_CONSTRAINTS
@@ -275,7 +274,9 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
             )
 
         def score_held_out(fold):
-            kept = None if neighbors is None else neighbors_without(neighbors, *features.rows(fold))
+            kept = None if neighbors is None else _features.neighbors_without(
+                neighbors, *features.rows(fold)
+            )
             with features.images_last(fold):
                 network = fit_network(len(order) - len(fold), kept)
             return score(network, fold)

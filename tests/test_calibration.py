@@ -45,7 +45,8 @@ def test_each_fold_is_scored_by_prototypes_learned_without_it(
     # keeps them but for the patches whose neighbour lay in the fold
     if clustering == "finch":
         assert all(neighbors is not None for *_, neighbors in fits)
-        searched_again = [(neighbors < 0).sum() / len(neighbors) for *_, neighbors in fits[1:]]
+        searched_again = [(neighbors[0] < 0).sum() / len(neighbors[0])
+                          for *_, neighbors in fits[1:]]
         assert max(searched_again) < 0.1 and any(searched_again)
     else:
         assert all(neighbors is None for *_, neighbors in fits)
@@ -78,6 +79,39 @@ def test_the_shared_search_leaves_the_final_prototypes_as_a_search_of_their_own(
                                rtol=0, atol=0)
     # the calibration clusterings did use the shared search
     assert not np.array_equal(shared.calibration_scores_, alone.calibration_scores_)
+
+
+def test_aligned_images_search_lost_neighbours_in_the_shared_lists(monkeypatch):
+    """Patches of aligned parts resemble the same place in other images, so
+    each fold takes many patches' neighbours: they are searched again in
+    the shared search's lists, never by a new search of all patches."""
+    monkeypatch.setattr(clustering, "EXACT_NEIGHBORS_MAX_SAMPLES", 50)
+    rng = np.random.default_rng(0)
+    part = rng.uniform(0, 1, size=(64, 64, 3))
+    images = np.clip(part + 0.02 * rng.standard_normal((20, 64, 64, 3)), 0, 1)
+    searched, in_lists = [], []
+    ivf, lists_search = clustering._first_neighbors_ivf, clustering._first_neighbors_in_lists
+
+    def recording_ivf(X, **kwargs):
+        searched.append(X.shape[0])
+        return ivf(X, **kwargs)
+
+    def recording_lists(X, rows, lists, **kwargs):
+        in_lists.append((X.shape[0], len(rows)))
+        return lists_search(X, rows, lists, **kwargs)
+
+    monkeypatch.setattr(clustering, "_first_neighbors_ivf", recording_ivf)
+    monkeypatch.setattr(clustering, "_first_neighbors_in_lists", recording_lists)
+    det = ProtoADDetector(**{**TINY, "clustering": "finch", "random_state": 0}).fit(images)
+    n_patches = 20 * 16 * 16
+    folds = calibration_folds(20, random_state=0)
+    fold_patches = [n_patches - len(held_out) * 16 * 16 for _, held_out in folds]
+    assert searched.count(n_patches) == 1
+    assert not set(searched) & set(fold_patches)
+    assert [n for n, _ in in_lists] == fold_patches
+    # a fifth of the patches had their neighbour in the fold
+    assert all(0.05 < missing / n < 0.5 for n, missing in in_lists)
+    assert np.isfinite(det.calibration_scores_).all() and len(det.calibration_scores_) == 20
 
 
 @pytest.mark.parametrize("n_images", [5, 8, 10, 37, 100, 200, 494, 495, 761])

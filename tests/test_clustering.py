@@ -220,6 +220,89 @@ def test_approx_neighbors_same_with_own_or_batched_products(monkeypatch):
     assert np.all(found["own"][0] != np.arange(len(X)))
 
 
+def _best_in_lists(X, rows, lists):
+    """Dense reference: each of ``rows``' most similar other row among the
+    rows stored (``lists[:, 0]``) in the lists it probes."""
+    U = _unit(X)
+    best = []
+    for i in rows:
+        candidates = np.flatnonzero(np.isin(lists[:, 0], lists[i]) & (np.arange(len(X)) != i))
+        best.append(candidates[np.argmax(U[candidates] @ U[i])])
+    return np.asarray(best)
+
+
+def test_first_neighbors_return_their_search_lists():
+    X, _ = _blobs(3000, 16, 30, 0.2, seed=4)
+    nn, sim, lists = first_neighbors(X, neighbors="approx", random_state=0, return_lists=True)
+    np.testing.assert_array_equal(nn, first_neighbors(X, neighbors="approx", random_state=0)[0])
+    assert lists.shape == (len(X), clustering.IVF_N_PROBE)
+    assert all(len(set(row)) == len(row) for row in lists)
+    # each row's neighbour is at least the best of the rows stored in its lists
+    # (rows that probed its own list offer more)
+    in_lists = _best_in_lists(X, np.arange(len(X)), lists)
+    U = _unit(X)
+    assert np.all(sim >= np.sum(U * U[in_lists], axis=1) - 1e-6)
+    exact = first_neighbors(X, neighbors="exact", return_lists=True)
+    np.testing.assert_array_equal(exact[2], np.zeros((len(X), 1)))
+
+
+def _aligned_parts(n_images, n_places, n_features, seed):
+    """Rows of images of one aligned part: row k of every image is near the
+    same place k, so a row's first neighbour lies in another image."""
+    rng = np.random.default_rng(seed)
+    places = rng.normal(size=(n_places, n_features))
+    X = places[None] + 0.3 * rng.normal(size=(n_images, n_places, n_features))
+    return _unit(X.reshape(-1, n_features)).astype(np.float32)
+
+
+@pytest.mark.parametrize("own_product", [0, 2**62])
+def test_rows_whose_neighbours_left_are_searched_in_their_lists(monkeypatch, own_product):
+    """Without a block of images, many rows of aligned parts lose their
+    neighbour: they are searched in the lists they probed, by either kind of
+    product, and no new search of all rows runs."""
+    monkeypatch.setattr(clustering, "_IVF_OWN_PRODUCT_ENTRIES", own_product)
+    X = _aligned_parts(10, 400, 16, seed=0)
+    start, stop = 3200, 4000  # the last two images
+    nn, _, lists = first_neighbors(X, neighbors="approx", random_state=0, return_lists=True)
+    kept = neighbors_without(nn, start, stop)
+    kept_lists = np.delete(lists, np.s_[start:stop], axis=0)
+    rest = np.delete(X, np.s_[start:stop], axis=0)
+    missing = np.flatnonzero(kept < 0)
+    assert len(missing) > 2 * np.sqrt(clustering.IVF_N_PROBE * len(rest))  # beyond an exact search
+    completed, searched = [], []
+    complete, ivf = clustering._complete_first_neighbors, clustering._first_neighbors_ivf
+    monkeypatch.setattr(clustering, "_complete_first_neighbors",
+                        lambda *a, **k: completed.append(complete(*a, **k)) or completed[-1])
+    monkeypatch.setattr(clustering, "_first_neighbors_ivf",
+                        lambda X, **k: searched.append(X.shape[0]) or ivf(X, **k))
+    learn_prototypes(rest, neighbors="approx", random_state=0, first_neighbors=kept,
+                     neighbor_lists=kept_lists)
+    assert len(rest) not in searched
+    found = completed[0]
+    np.testing.assert_array_equal(found[kept >= 0], kept[kept >= 0])
+    np.testing.assert_array_equal(found[missing], _best_in_lists(rest, missing, kept_lists))
+    # the lists find what an exact search of the rest finds, for nearly all
+    assert np.mean(found[missing] == _dense_first_neighbors(rest)[missing]) > 0.9
+
+
+@pytest.mark.parametrize("lists, match", [
+    (np.zeros((299, 1), dtype=int), r"shape \(300, n_lists_probed\).*\(299, 1\)"),
+    (np.zeros(300, dtype=int), r"shape \(300,\)"),
+    (np.zeros((300, 1)), "dtype float64"),
+    (np.full((300, 2), -1), ">= 0"),
+])
+def test_bad_neighbor_lists(lists, match):
+    X = DATASETS["noise"]()
+    with pytest.raises(ValueError, match=match):
+        learn_prototypes(X, first_neighbors=first_neighbors(X)[0], neighbor_lists=lists)
+
+
+def test_neighbor_lists_need_first_neighbors():
+    X = DATASETS["noise"]()
+    with pytest.raises(ValueError, match="needs first_neighbors"):
+        learn_prototypes(X, neighbor_lists=np.zeros((300, 1), dtype=int))
+
+
 def test_approx_deterministic():
     X, _ = _blobs(3000, 16, 30, 0.2, seed=4)
     a = finch(X, neighbors="approx", random_state=7)
