@@ -92,36 +92,58 @@ def _fit_peers(extractor, train):
     return padim, patchcore, seconds
 
 
-def _clustering_seconds(network, train, folds):
-    """Seconds of the fit's clusterings (all training images, then without
-    each of ``folds`` trailing blocks of images) with a first-neighbour
-    search each, and with one search shared by all (the fit's way), by the
-    public clustering functions on the network's own patch features
-    (no farthest rows: the same work in both)."""
+def _patch_rows(network, train):
+    """The network's patch features of ``train``, one row per patch."""
     with torch.inference_mode():
         maps = [network.embedding(b) for _, b in model_inputs(train, SIZE, None, 16)]
-    X = torch.cat(maps).permute(0, 2, 3, 1).reshape(-1, maps[0].shape[1]).numpy()
+    return torch.cat(maps).permute(0, 2, 3, 1).reshape(-1, maps[0].shape[1]).numpy()
+
+
+#: How the clusterings without each fold find their first neighbours:
+#: ``(shared, lists)``: start from one search of all patches; search the rows
+#: that lost their neighbour in that search's lists (else, when they are
+#: many, all rows again).
+CLUSTERING_WAYS = {
+    "a search each": (False, False),
+    "one shared search": (True, True),  # the fit's way
+    "shared, all again when many": (True, False),  # the fit's way before the lists
+}
+
+
+def _clustering_seconds(network, train, folds, ways=("a search each", "one shared search")):
+    """Seconds of the fit's clusterings (all training images, then without
+    each of ``folds`` trailing blocks of images) in each of ``ways``
+    (:data:`CLUSTERING_WAYS`), by the public clustering functions on the
+    network's own patch features (no farthest rows: the same work in all)."""
+    X = _patch_rows(network, train)
     per_image = len(X) // len(train)
     size = len(folds[0][1]) * per_image
     blocks = [(len(X) - (j + 1) * size, len(X) - j * size) for j in range(len(folds))]
-    start = time.perf_counter()
-    learn_prototypes(X, random_state=0)
-    for a, b in blocks:
-        learn_prototypes(np.delete(X, np.s_[a:b], axis=0), random_state=0)
-    searching = time.perf_counter() - start
-    start = time.perf_counter()
-    neighbors = first_neighbors(X, random_state=0)[0]
-    learn_prototypes(X, random_state=0, first_neighbors=neighbors)
-    searched_again = []
-    for a, b in blocks:
-        kept = neighbors_without(neighbors, a, b)
-        searched_again.append(float(np.mean(kept < 0)))
-        learn_prototypes(np.delete(X, np.s_[a:b], axis=0), random_state=0, first_neighbors=kept)
-    shared = time.perf_counter() - start
-    own_image = np.mean(neighbors // per_image == np.arange(len(X)) // per_image)
-    return {"patches": len(X), "clusterings": 1 + len(blocks),
-            "a search each": searching, "one shared search": shared,
-            "neighbour in own image": float(own_image), "searched again": searched_again}
+    result = {"patches": len(X), "clusterings": 1 + len(blocks)}
+    for way in ways:
+        shared, with_lists = CLUSTERING_WAYS[way]
+        start = time.perf_counter()
+        if not shared:
+            learn_prototypes(X, random_state=0)
+            for a, b in blocks:
+                learn_prototypes(np.delete(X, np.s_[a:b], axis=0), random_state=0)
+            result[way] = time.perf_counter() - start
+            continue
+        neighbors, _, lists = first_neighbors(X, random_state=0, return_lists=True)
+        learn_prototypes(X, random_state=0, first_neighbors=neighbors)
+        searched_again = []
+        for a, b in blocks:
+            kept = neighbors_without(neighbors, a, b)
+            searched_again.append(float(np.mean(kept < 0)))
+            learn_prototypes(np.delete(X, np.s_[a:b], axis=0), random_state=0,
+                             first_neighbors=kept,
+                             neighbor_lists=np.delete(lists, np.s_[a:b], axis=0)
+                             if with_lists else None)
+        result[way] = time.perf_counter() - start
+        result["searched again"] = searched_again
+        result["neighbour in own image"] = float(
+            np.mean(neighbors // per_image == np.arange(len(X)) // per_image))
+    return result
 
 
 def _product_speed(rounds=5):

@@ -1,0 +1,109 @@
+"""Fit seconds of the defaults on each shared data set, by stage, and what the
+calibration clusterings' shared neighbour search saves there.
+
+For each shared set found (Magnetic Tile, BSData, tire), the same number of
+training images (evenly spaced over the set's training list):
+
+- ``ProtoADDetector(random_state=0).fit``: seconds by stage (features, the
+  clustering of all images, calibration: the clusterings without each
+  held-out fold and the held-out images' scores);
+- the fit's clusterings (all images, then without each fold; no farthest
+  rows) by the public clustering functions on the fitted network's patch
+  features, two ways side by side: one shared first-neighbour search with
+  the rows that lost their neighbour to a fold searched in the shared
+  search's lists (the fit's way), and the fit's way before those lists
+  (those rows searched exactly when few, else every row searched again);
+- the share of patches whose first neighbour lies in their own image, and
+  of each fold clustering's patches whose neighbour lay in the fold.
+
+On aligned parts (BSData's spindles, tire) a patch's most similar other
+patch often lies at the same place of another image, so a fold takes many
+patches' neighbours; on Magnetic Tile it nearly always lies in the same
+image.
+
+    python benchmarks/bench_fit.py [--n-train 160] [--sets NAME ...] [--out DIR]
+
+Writes DIR/fit.{json,md} (default benchmarks/results). Run it alone on the
+machine: it measures time.
+"""
+import argparse
+import time
+from pathlib import Path
+
+import _common  # first: this checkout's skprotoad
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench_speed import _clustering_seconds  # noqa: E402
+from skprotoad import ProtoADDetector  # noqa: E402
+from skprotoad.datasets import load_mvtec  # noqa: E402
+from skprotoad.thresholds import calibration_folds  # noqa: E402
+
+SETS = ("magnetic_tile", "bsdata_pitting", "tire")
+WAYS = ("one shared search", "shared, all again when many")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-train", type=int, default=160)
+    parser.add_argument("--sets", nargs="+", default=list(SETS))
+    parser.add_argument("--out", type=Path, default=_common.RESULTS)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    runs = {}
+    for name in args.sets:
+        folder = _common.data_dir(name)
+        if not _common.is_mvtec_set(folder):
+            print(f"{name}: not found at {folder}, skipped")
+            continue
+        paths = load_mvtec(folder).train_paths
+        pick = np.linspace(0, len(paths) - 1, min(args.n_train, len(paths))).round()
+        train = [paths[i] for i in pick.astype(int)]
+        start = time.perf_counter()
+        det = ProtoADDetector(random_state=0).fit(train)
+        fit = time.perf_counter() - start
+        clusterings = _clustering_seconds(
+            det.network_, train, calibration_folds(len(train), 0), ways=WAYS
+        )
+        runs[name] = {"n_train": len(train), "fit_seconds": fit,
+                      "by_stage": dict(det.fit_seconds_), "clusterings": clusterings}
+        print(name, runs[name], flush=True)
+    command = f"python benchmarks/bench_fit.py --n-train {args.n_train}"
+    if list(args.sets) != list(SETS):
+        command += " --sets " + " ".join(args.sets)
+    result = {"command": command, "machine": _common.machine(),
+              "threads": torch.get_num_threads(), "runs": runs}
+    _common.write_json(args.out / "fit.json", result)
+    rows = []
+    for name, run in runs.items():
+        c, stage = run["clusterings"], run["by_stage"]
+        rows.append([
+            name, str(run["n_train"]), f"{c['patches']:,}", f"{run['fit_seconds']:.1f}",
+            f"{stage['features']:.1f} / {stage['prototypes']:.1f} / {stage['calibration']:.1f}",
+            f"{c['neighbour in own image']:.2%}",
+            ", ".join(f"{v:.2%}" for v in c["searched again"]),
+            f"{c['one shared search']:.1f}", f"{c['shared, all again when many']:.1f}",
+        ])
+    lines = [
+        "# Fit seconds on each shared set", "",
+        f"Command: `{command}`", "",
+        f"Machine: {result['machine']}, {result['threads']} threads. `ProtoADDetector("
+        "random_state=0).fit` on each set's training images (evenly spaced), whole image "
+        "at 256 x 256, `contamination=\"auto\"`; then the fit's clusterings (all images, "
+        "then without each calibration fold; no farthest rows) on the fitted network's "
+        "patch features, two ways one after the other: one shared first-neighbour search, "
+        "the rows whose neighbour lay in the fold searched in the shared search's lists "
+        "(the fit's way), and the same without the lists (searched exactly when few, else "
+        "all rows searched again: the fit's way before).", "",
+        *_common.markdown_table(
+            ["set", "images", "patches", "fit s", "features / prototypes / calibration s",
+             "neighbour in own image", "lost to each fold",
+             "clusterings s: shared lists", "clusterings s: all again"], rows),
+    ]
+    _common.write_markdown(args.out / "fit.md", lines)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
