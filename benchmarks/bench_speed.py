@@ -92,10 +92,14 @@ def _fit_peers(extractor, train):
     return padim, patchcore, seconds
 
 
-def _patch_rows(network, train):
-    """The network's patch features of ``train``, one row per patch."""
+def _patch_rows(network, train, folds):
+    """The network's patch features of ``train``, one row per patch, the
+    images in the fit's order: ``folds``' held-out images last, the first
+    fold's at the end (so that each fold is a trailing block of rows)."""
+    order = [*folds[0][0], *folds[0][1]]
+    images = [train[i] for i in order]
     with torch.inference_mode():
-        maps = [network.embedding(b) for _, b in model_inputs(train, SIZE, None, 16)]
+        maps = [network.embedding(b) for _, b in model_inputs(images, SIZE, None, 16)]
     return torch.cat(maps).permute(0, 2, 3, 1).reshape(-1, maps[0].shape[1]).numpy()
 
 
@@ -110,13 +114,12 @@ CLUSTERING_WAYS = {
 }
 
 
-def _clustering_seconds(network, train, folds, ways=("a search each", "one shared search")):
+def _clustering_seconds(X, folds, ways=("a search each", "one shared search")):
     """Seconds of the fit's clusterings (all training images, then without
-    each of ``folds`` trailing blocks of images) in each of ``ways``
-    (:data:`CLUSTERING_WAYS`), by the public clustering functions on the
-    network's own patch features (no farthest rows: the same work in all)."""
-    X = _patch_rows(network, train)
-    per_image = len(X) // len(train)
+    each of ``folds``) in each of ``ways`` (:data:`CLUSTERING_WAYS`), by the
+    public clustering functions on patch features ``X`` from
+    :func:`_patch_rows` (no farthest rows: the same work in all)."""
+    per_image = len(X) // (len(folds[0][0]) + len(folds[0][1]))
     size = len(folds[0][1]) * per_image
     blocks = [(len(X) - (j + 1) * size, len(X) - j * size) for j in range(len(folds))]
     result = {"patches": len(X), "clusterings": 1 + len(blocks)}
@@ -247,7 +250,8 @@ def main(argv=None):
     methods["PatchCore 1 %"] = lambda x: patchcore(normalise(x, extractor))
     speed = throughput(methods, _tensors(test), args.rounds)
     speed.update(file_throughput(det, test, args.rounds))
-    clusterings = _clustering_seconds(network, train, calibration_folds(len(train), 0))
+    folds = calibration_folds(len(train), 0)
+    clusterings = _clustering_seconds(_patch_rows(network, train, folds), folds)
     products = _product_speed()
     command = (f"python benchmarks/bench_speed.py --n-train {args.n_train} "
                f"--rounds {args.rounds}")

@@ -133,6 +133,11 @@ BENCHMARKS = {
         "The defaults against the backbone, PaDiM and PatchCore, one process, interleaved.",
         "python benchmarks/bench_speed.py",
     ),
+    "fit": (
+        "Fit seconds by stage on each shared set, and the calibration clusterings' "
+        "shared neighbour search two ways.",
+        "python benchmarks/bench_fit.py",
+    ),
     "head_precision": (
         "The prototype head searched in bfloat16 and rescored in float32, against float32.",
         "python benchmarks/bench_head_precision.py",
