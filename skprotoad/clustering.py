@@ -594,8 +594,8 @@ def _search_lonely(Xt, rows, best_sim, best_idx):
 
 
 def _first_neighbors_in_lists(X, rows, lists, *, batch_size, verbose):
-    """First neighbours of the sorted ``rows`` of ``X`` (a :class:`_UnitRows`) by the approximate
-    search's lists of an earlier search (``lists``, as
+    """First neighbours of the sorted ``rows`` of ``X`` (a :class:`_UnitRows`)
+    in the inverted-file lists of an earlier search (``lists``, as
     :func:`_first_neighbors_ivf` returns them, for the rows of ``X``): each
     row is compared with the rows now stored in the lists it probed.
 
@@ -1501,7 +1501,9 @@ def _check_neighbor_lists(neighbor_lists, first_neighbors, n_samples):
             f"per row of X; got an array of shape {lists.shape} and dtype {lists.dtype}."
         )
     if lists.min() < 0:
-        raise ValueError("neighbor_lists must be list numbers >= 0, as first_neighbors gives them.")
+        raise ValueError(
+            "neighbor_lists must be list numbers >= 0, as first_neighbors gives them."
+        )
     return lists
 
 
