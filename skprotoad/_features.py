@@ -267,13 +267,13 @@ def farthest_count(n_farthest, n_patches):
     return int(n_farthest)
 
 
-def fit_network(detector, embedding, patches, random_state, device, first_neighbors=None):
+def fit_network(detector, embedding, patches, random_state, device, shared_neighbors=None):
     """The network of ``detector``'s parameters, with prototypes learned from
     ``patches`` (an (n_patches, n_channels) array), in eval mode on ``device``;
     ``random_state`` as :func:`~skprotoad.clustering.learn_prototypes` takes
-    it; ``first_neighbors``: None, or its ``first_neighbors`` and
+    it; ``shared_neighbors``: None, or its ``first_neighbors`` and
     ``neighbor_lists``, as :func:`shared_first_neighbors` gives them."""
-    neighbors, lists = (None, None) if first_neighbors is None else first_neighbors
+    neighbors, lists = (None, None) if shared_neighbors is None else shared_neighbors
     prototypes = learn_prototypes(
         patches, method=detector.clustering, n_clusters=detector.n_clusters,
         random_state=random_state,

@@ -402,6 +402,18 @@ def first_neighbors(X, *, neighbors="auto", n_probe=None, device="cpu", batch_si
     >>> X = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]], dtype=np.float32)
     >>> first_neighbors(X)[0].tolist()
     [1, 0, 1]
+
+    The clustering without a block of rows (e.g. held-out images), from one
+    search of all rows:
+
+    >>> from skprotoad.clustering import learn_prototypes, neighbors_without
+    >>> Y = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
+    >>> indices, _, lists = first_neighbors(Y, return_lists=True)
+    >>> kept = neighbors_without(indices, 150, 200)  # without rows 150-199
+    >>> P = learn_prototypes(Y[:150], n_clusters=5, first_neighbors=kept,
+    ...                      neighbor_lists=lists[:150])
+    >>> P.shape
+    (5, 8)
     """
     X = _check_X(X, min_samples=2)
     _check_neighbors(neighbors)

@@ -22,14 +22,14 @@ def test_each_fold_is_scored_by_prototypes_learned_without_it(
     fits = []
     fit_network = _features.fit_network
 
-    def recording(detector, embedding, patches, random_state, device, first_neighbors=None):
+    def recording(detector, embedding, patches, random_state, device, shared_neighbors=None):
         same_draws = copy.deepcopy(random_state)
-        network = fit_network(detector, embedding, patches, random_state, device, first_neighbors)
+        network = fit_network(detector, embedding, patches, random_state, device, shared_neighbors)
         # the clustering started from the first search's neighbours is the
         # one that searching this fold's patches afresh would give
         afresh = fit_network(detector, embedding, patches.copy(), same_draws, device)
         torch.testing.assert_close(network.prototypes, afresh.prototypes, rtol=0, atol=0)
-        fits.append((patches.copy(), network, first_neighbors))
+        fits.append((patches.copy(), network, shared_neighbors))
         return network
 
     monkeypatch.setattr(_features, "fit_network", recording)
