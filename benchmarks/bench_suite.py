@@ -146,6 +146,7 @@ SETTINGS.update({
     "clusters2000": dict(n_clusters=2000),
     "sigma2": dict(sigma=2.0),
     "sigma8": dict(sigma=8.0),
+    "reflect": dict(padding="reflect"),
 })
 COMMON = dict(backbone="efficientnet_lite0")
 # peers: other methods on the same backbone, crop, data and metrics (run_peer)
