@@ -22,7 +22,7 @@ import torch
 
 from . import _images, _progress, clustering
 from .backbones import create_feature_extractor
-from .clustering import add_farthest_rows, first_neighbors, learn_prototypes
+from .clustering import add_farthest_rows, first_neighbors
 from .network import PatchEmbedding, ProtoADNetwork, effective_image_score, on_grid
 
 #: ``n_farthest=None``: this many farthest patches, at most ``MAX_FARTHEST_SHARE``
@@ -267,20 +267,22 @@ def farthest_count(n_farthest, n_patches):
     return int(n_farthest)
 
 
-def fit_network(detector, embedding, patches, random_state, device, shared_neighbors=None):
+def fit_network(detector, embedding, patches, random_state, device, shared=None):
     """The network of ``detector``'s parameters, with prototypes learned from
     ``patches`` (an (n_patches, n_channels) array), in eval mode on ``device``;
     ``random_state`` as :func:`~skprotoad.clustering.learn_prototypes` takes
-    it; ``shared_neighbors``: None, or its ``first_neighbors`` and
-    ``neighbor_lists``, as :func:`shared_first_neighbors` gives them."""
-    neighbors, lists = (None, None) if shared_neighbors is None else shared_neighbors
-    prototypes = learn_prototypes(
+    it; ``shared``: None, or the :class:`SharedSearch` of these patches."""
+    search = dict(first_neighbors=None, neighbor_lists=None)
+    if shared is not None:
+        search = dict(first_neighbors=shared.indices, neighbor_lists=shared.lists,
+                      second_level=shared.second_level,
+                      record=shared.recorded if shared.second_level is None else None)
+    prototypes = clustering._learn_prototypes(
         patches, method=detector.clustering, n_clusters=detector.n_clusters,
-        random_state=random_state,
+        random_state=random_state, neighbors="auto", batch_size=None,
         device=str(device), normalize=detector.normalization == "patch",
         n_farthest=farthest_count(detector.n_farthest, len(patches)),
-        first_neighbors=neighbors, neighbor_lists=lists,
-        verbose=_progress.verbosity(detector.verbose) >= 2,
+        verbose=_progress.verbosity(detector.verbose) >= 2, **search,
     )
     network = ProtoADNetwork(
         embedding, torch.from_numpy(prototypes),
@@ -290,10 +292,34 @@ def fit_network(detector, embedding, patches, random_state, device, shared_neigh
     return network.to(device).eval()
 
 
+class SharedSearch:
+    """What the clusterings of a fit share: the first neighbours of the
+    patches (``indices``, -1 where still to find), the search's lists
+    (``lists``), and FINCH's second level (``second_level``, a
+    ``clustering._SecondLevel``), which the first clustering given this
+    search without one records (``recorded``) for those without a fold."""
+
+    def __init__(self, indices, lists, second_level=None):
+        self.indices, self.lists, self.second_level = indices, lists, second_level
+        self.recorded = []
+
+    def without(self, start, stop):
+        """The search for the patches outside the rows ``start:stop``
+        (:func:`skprotoad.clustering.neighbors_without`)."""
+        second = self.second_level
+        if second is None and self.recorded:
+            second = self.recorded[0]
+        return SharedSearch(
+            clustering.neighbors_without(self.indices, start, stop),
+            np.delete(self.lists, np.s_[start:stop], axis=0),
+            None if second is None else second.without(start, stop),
+        )
+
+
 def shared_first_neighbors(detector, patches, folds, random_state, device):
-    """First neighbours of all ``patches``, and the search's lists, when the
-    clusterings without each fold can start from them (FINCH with folds to
-    hold out), else None.
+    """The :class:`SharedSearch` of all ``patches``, when the clusterings
+    without each fold can start from it (FINCH with folds to hold out), else
+    None.
 
     Each clustering without a fold keeps the neighbours that lie outside it
     (:func:`neighbors_without`) instead of searching again: one search
@@ -311,16 +337,7 @@ def shared_first_neighbors(detector, patches, folds, random_state, device):
     indices, _, lists = first_neighbors(
         patches, device=str(device), random_state=random_state, return_lists=True
     )
-    return indices, lists
-
-
-def neighbors_without(neighbors, start, stop):
-    """:func:`shared_first_neighbors`' result for the patches outside the rows
-    ``start:stop`` (see :func:`skprotoad.clustering.neighbors_without`)."""
-    indices, lists = neighbors
-    return clustering.neighbors_without(indices, start, stop), np.delete(
-        lists, np.s_[start:stop], axis=0
-    )
+    return SharedSearch(indices, lists)
 
 
 def extract_features(detector, embedding, images, order, device, seed=0):

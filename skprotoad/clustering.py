@@ -22,6 +22,7 @@ import math
 import sys
 import numbers
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -809,10 +810,15 @@ def finch(
 
 
 def _finch(X, *, neighbors, device, batch_size, random_state, verbose, first_neighbors=None,
-           neighbor_lists=None):
+           neighbor_lists=None, second_level=None, record=None):
     """:func:`finch` of the checked unit rows ``X`` (a :class:`_UnitRows`),
     from the first level's neighbours when given (-1: still to search, in
-    ``neighbor_lists`` when given, see :func:`_complete_first_neighbors`)."""
+    ``neighbor_lists`` when given, see :func:`_complete_first_neighbors`).
+
+    ``second_level``: a :class:`_SecondLevel` of a run on more rows, restricted
+    to these, from which the second level's neighbours are derived
+    (:func:`_second_neighbors`); ``record``: a list to which this run appends
+    its own :class:`_SecondLevel`, when it has a second level."""
     rng = check_random_state(random_state)
     n = X.shape[0]
     if n == 1:
@@ -832,8 +838,12 @@ def _finch(X, *, neighbors, device, batch_size, random_state, verbose, first_nei
             nn = _complete_first_neighbors(
                 level_data, first_neighbors, lists=neighbor_lists, **search
             )
+        elif level == 1 and second_level is not None:
+            nn = _second_neighbors(level_data, labels, second_level, **search)
         else:
             nn, _ = _first_neighbors(level_data, **search)
+        if level == 1 and record is not None:
+            record.append(_SecondLevel(labels, np.bincount(labels), nn))
         n_clusters, u = _components(nn)
         labels = u if labels is None else u[labels]
         if level > 0 and (n_clusters == 1 or n_clusters >= n_prev):
@@ -882,6 +892,68 @@ def _complete_first_neighbors(X, nn, *, neighbors, device, batch_size, random_st
         X[rows], X, q_ids=rows, d_ids=torch.arange(n, device=device), batch_size=batch_size
     )
     nn[missing] = found.cpu().numpy()
+    return nn
+
+
+class _SecondLevel(NamedTuple):
+    """FINCH's first partition of a run and its clusters' first neighbours:
+    what a run on a subset of the rows needs to skip most of its second
+    level's search (:func:`_second_neighbors`)."""
+
+    labels: np.ndarray  # (n_rows,) each row's first-level cluster
+    sizes: np.ndarray  # (n_clusters,) rows per cluster
+    neighbors: np.ndarray  # (n_clusters,) each cluster's first neighbour
+
+    def without(self, start, stop):
+        """The same for the rows outside ``start:stop`` (the run's sizes and
+        neighbours: a cluster of the subset is the run's only if it lost no
+        rows)."""
+        return self._replace(labels=np.delete(self.labels, np.s_[start:stop]))
+
+
+def _second_neighbors(units, labels, previous, *, neighbors, device, batch_size, random_state,
+                      verbose):
+    """First neighbours of the first-level clusters (unit means ``units``;
+    ``labels``: each row's cluster) from ``previous``, the :class:`_SecondLevel`
+    of a run on more rows, restricted to these rows.
+
+    Without a block of images most clusters are the run's: the same rows,
+    so the same mean. Such a cluster keeps its neighbour if that one is
+    still a cluster, unless a new cluster is closer; the new clusters and
+    those whose neighbour is gone are searched exactly. Clustering without
+    a fold of images this replaces the search of all clusters; where many
+    clusters changed (more than an approximate search costs per cluster),
+    all are searched as usual."""
+    n = units.shape[0]
+    first = np.full(n, len(previous.sizes), dtype=np.int64)
+    last = np.full(n, -1, dtype=np.int64)
+    np.minimum.at(first, labels, previous.labels)
+    np.maximum.at(last, labels, previous.labels)
+    same = (first == last) & (np.bincount(labels, minlength=n) == previous.sizes[first])
+    renumbered = np.full(len(previous.sizes), -1, dtype=np.int64)
+    renumbered[first[same]] = np.flatnonzero(same)
+    nn = np.full(n, -1, dtype=np.int64)
+    nn[same] = renumbered[previous.neighbors[first[same]]]
+    new = np.flatnonzero(~same)
+    search = np.flatnonzero(nn < 0)  # the new clusters and those whose neighbour is gone
+    if len(search) > 2 * math.sqrt(IVF_N_PROBE * n) or len(search) == n:
+        return _first_neighbors(
+            units, neighbors=neighbors, device=device, batch_size=batch_size,
+            random_state=random_state, verbose=verbose,
+        )[0]
+    ids = torch.arange(n, device=device)
+    if len(new):
+        new_t = torch.from_numpy(new).to(device)
+        sim_new, best_new = _best_match(
+            units, units[new_t], q_ids=ids, d_ids=new_t, batch_size=batch_size
+        )
+        kept = torch.from_numpy(np.flatnonzero(nn >= 0)).to(device)
+        sim_kept = (units[kept] * units[torch.from_numpy(nn).to(device)[kept]]).sum(dim=1)
+        closer = (sim_new[kept] > sim_kept).cpu().numpy()
+        nn[kept.cpu().numpy()[closer]] = new[best_new[kept].cpu().numpy()[closer]]
+    rows = torch.from_numpy(search).to(device)
+    _, found = _best_match(units[rows], units, q_ids=rows, d_ids=ids, batch_size=batch_size)
+    nn[search] = found.cpu().numpy()
     return nn
 
 
@@ -1028,7 +1100,7 @@ def finch_n_clusters(
 
 def _finch_n_clusters(
     X, n_clusters, *, neighbors, device, batch_size, random_state, partitions, verbose,
-    first_neighbors=None, neighbor_lists=None,
+    first_neighbors=None, neighbor_lists=None, second_level=None, record=None,
 ):
     """:func:`finch_n_clusters` of the checked unit rows ``X`` (a :class:`_UnitRows`)."""
     if partitions is None:
@@ -1041,6 +1113,8 @@ def _finch_n_clusters(
             verbose=verbose,
             first_neighbors=first_neighbors,
             neighbor_lists=neighbor_lists,
+            second_level=second_level,
+            record=record,
         )
     counts = [int(p.max()) + 1 for p in partitions]
     for p, k in zip(partitions, counts):
@@ -1455,6 +1529,19 @@ def learn_prototypes(
     >>> bool(np.allclose(np.linalg.norm(P_raw, axis=1), 1, atol=1e-5))
     False
     """
+    return _learn_prototypes(
+        X, method=method, n_clusters=n_clusters, neighbors=neighbors,
+        random_state=random_state, device=device, batch_size=batch_size, normalize=normalize,
+        n_farthest=n_farthest, first_neighbors=first_neighbors, neighbor_lists=neighbor_lists,
+        verbose=verbose,
+    )
+
+
+def _learn_prototypes(X, *, method, n_clusters, neighbors, random_state, device, batch_size,
+                      normalize, n_farthest, first_neighbors, neighbor_lists, verbose,
+                      second_level=None, record=None):
+    """:func:`learn_prototypes`, FINCH's second level read from ``second_level``
+    and recorded to ``record`` as :func:`_finch` takes them."""
     if method not in CLUSTERING_METHODS:
         raise ValueError(f"method must be 'finch' or 'kmeans', got {method!r}.")
     X = _check_X(X)
@@ -1471,7 +1558,7 @@ def learn_prototypes(
         neighbor_lists = _check_neighbor_lists(neighbor_lists, first_neighbors, X.shape[0])
     prototypes = _cluster_means_of(
         X, method, n_clusters, neighbors, random_state, device, batch_size, normalize, verbose,
-        first_neighbors, neighbor_lists,
+        first_neighbors, neighbor_lists, second_level, record,
     )
     if not n_farthest:
         return prototypes
@@ -1521,7 +1608,7 @@ def _check_neighbor_lists(neighbor_lists, first_neighbors, n_samples):
 
 def _cluster_means_of(
     raw, method, n_clusters, neighbors, random_state, device, batch_size, normalize, verbose,
-    first_neighbors=None, neighbor_lists=None,
+    first_neighbors=None, neighbor_lists=None, second_level=None, record=None,
 ):
     """The prototypes of :func:`learn_prototypes` before any farthest rows:
     clusters found on the unit rows of ``raw``, means of those or of ``raw``."""
@@ -1557,7 +1644,8 @@ def _cluster_means_of(
     )
     if n_clusters is None:
         partitions = _finch(
-            X, first_neighbors=first_neighbors, neighbor_lists=neighbor_lists, **kwargs
+            X, first_neighbors=first_neighbors, neighbor_lists=neighbor_lists,
+            second_level=second_level, record=record, **kwargs
         )
         if int(partitions[0].max()) + 1 <= MAX_DEFAULT_PROTOTYPES:
             labels = partitions[0]
@@ -1568,7 +1656,7 @@ def _cluster_means_of(
     else:
         labels = _finch_n_clusters(
             X, n_clusters, partitions=None, first_neighbors=first_neighbors,
-            neighbor_lists=neighbor_lists, **kwargs
+            neighbor_lists=neighbor_lists, second_level=second_level, record=record, **kwargs
         )
     k = int(labels.max()) + 1
     if not normalize:

@@ -274,9 +274,7 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
             )
 
         def score_held_out(fold):
-            kept = None if neighbors is None else _features.neighbors_without(
-                neighbors, *features.rows(fold)
-            )
+            kept = None if neighbors is None else neighbors.without(*features.rows(fold))
             with features.images_last(fold):
                 network = fit_network(len(order) - len(fold), kept)
             return score(network, fold)

@@ -22,14 +22,14 @@ def test_each_fold_is_scored_by_prototypes_learned_without_it(
     fits = []
     fit_network = _features.fit_network
 
-    def recording(detector, embedding, patches, random_state, device, shared_neighbors=None):
+    def recording(detector, embedding, patches, random_state, device, shared=None):
         same_draws = copy.deepcopy(random_state)
-        network = fit_network(detector, embedding, patches, random_state, device, shared_neighbors)
+        network = fit_network(detector, embedding, patches, random_state, device, shared)
         # the clustering started from the first search's neighbours is the
         # one that searching this fold's patches afresh would give
         afresh = fit_network(detector, embedding, patches.copy(), same_draws, device)
         torch.testing.assert_close(network.prototypes, afresh.prototypes, rtol=0, atol=0)
-        fits.append((patches.copy(), network, shared_neighbors))
+        fits.append((patches.copy(), network, shared))
         return network
 
     monkeypatch.setattr(_features, "fit_network", recording)
@@ -42,12 +42,16 @@ def test_each_fold_is_scored_by_prototypes_learned_without_it(
     # the first fold's images last
     all_patches = fits[0][0]
     # FINCH: one search of all patches' neighbours; each fold's clustering
-    # keeps them but for the patches whose neighbour lay in the fold
+    # keeps them but for the patches whose neighbour lay in the fold, and
+    # starts its second level from the final clustering's (equal to a search
+    # afresh: asserted above)
     if clustering == "finch":
-        assert all(neighbors is not None for *_, neighbors in fits)
-        searched_again = [(neighbors[0] < 0).sum() / len(neighbors[0])
-                          for *_, neighbors in fits[1:]]
+        assert all(shared is not None for *_, shared in fits)
+        searched_again = [(shared.indices < 0).sum() / len(shared.indices)
+                          for *_, shared in fits[1:]]
         assert max(searched_again) < 0.1 and any(searched_again)
+        assert fits[0][2].second_level is None and len(fits[0][2].recorded) == 1
+        assert all(shared.second_level is not None for *_, shared in fits[1:])
     else:
         assert all(neighbors is None for *_, neighbors in fits)
     per_image = len(all_patches) // len(normal_images)

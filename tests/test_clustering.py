@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from scipy.sparse.csgraph import connected_components
 from sklearn.metrics import adjusted_rand_score
 
@@ -283,6 +284,91 @@ def test_rows_whose_neighbours_left_are_searched_in_their_lists(monkeypatch, own
     np.testing.assert_array_equal(found[missing], _best_in_lists(rest, missing, kept_lists))
     # the lists find what an exact search of the rest finds, for nearly all
     assert np.mean(found[missing] == _dense_first_neighbors(rest)[missing]) > 0.9
+
+
+def _image_textures(n_images, n_rows, n_features, seed):
+    """Rows of images whose textures come in pairs: a row's first neighbours
+    lie in its own image or its pair's, as on most parts (Magnetic Tile)."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(n_images // 2):
+        texture = rng.normal(size=(6, n_features))
+        images += [texture[rng.integers(0, 6, n_rows)] + 0.3 * rng.normal(size=(n_rows, n_features))
+                   for _ in range(2)]
+    return _unit(np.concatenate(images)).astype(np.float32)
+
+
+def _finch_of(X, neighbors="exact", **kwargs):
+    return clustering._finch(clustering._UnitRows(X, torch.device("cpu")), neighbors=neighbors,
+                             device=torch.device("cpu"), batch_size=None, random_state=0,
+                             verbose=False, **kwargs)
+
+
+def test_second_level_of_a_run_on_more_rows_gives_the_search_s_neighbours(monkeypatch):
+    """Without a block of images, the second level starts from the run on all
+    rows: the clusters it kept keep their neighbour unless a new cluster is
+    closer, the rest are searched; with exact searches that is the exact
+    answer, without a search of all clusters."""
+    X = _image_textures(40, 150, 24, seed=0)
+    start, stop = 19 * 150, 27 * 150  # images 19-26: the block splits two pairs
+    nn = first_neighbors(X, neighbors="exact")[0]
+    recorded = []
+    _finch_of(X, first_neighbors=nn, record=recorded)
+    rest = np.delete(X, np.s_[start:stop], axis=0)
+    kept = neighbors_without(nn, start, stop)
+    searched = []
+    search = clustering._first_neighbors
+    monkeypatch.setattr(clustering, "_first_neighbors",
+                        lambda X, **k: searched.append(X.shape[0]) or search(X, **k))
+    derived = _finch_of(rest, first_neighbors=kept, second_level=recorded[0].without(start, stop))
+    levels = [int(p.max()) + 1 for p in derived]
+    assert levels[0] not in searched  # the second level searched no cluster set in full
+    searched.clear()
+    afresh = _finch_of(rest, first_neighbors=kept)
+    assert levels[0] in searched
+    assert len(derived) == len(afresh)
+    for a, b in zip(derived, afresh):
+        np.testing.assert_array_equal(a, b)
+    # some clusters of the run lost rows to the block, not all: new clusters
+    labels = recorded[0].labels
+    assert len(np.intersect1d(labels[start:stop], np.delete(labels, np.s_[start:stop])))
+
+
+def test_a_kept_cluster_takes_a_new_cluster_that_came_closer():
+    """Rows at 0, 40 and -20 degrees, the last one's cluster shared before
+    with a row at -100 degrees: the first cluster's neighbour was the 40
+    degree one, and without the -100 degree row the -20 degree one is closer."""
+    angles = np.radians([0.0, 40.0, -20.0, -100.0])
+    X = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    previous = clustering._SecondLevel(np.array([0, 1, 2, 2]), np.array([1, 1, 2]),
+                                       np.array([1, 0, 0]))
+    units = clustering._UnitRows(X[:3], torch.device("cpu"))
+    nn = clustering._second_neighbors(
+        units, np.array([0, 1, 2]), previous.without(3, 4), neighbors="exact",
+        device=torch.device("cpu"), batch_size=None, random_state=0, verbose=False,
+    )
+    np.testing.assert_array_equal(nn, _dense_first_neighbors(X[:3]))
+    np.testing.assert_array_equal(nn, [2, 0, 0])
+
+
+def test_second_level_with_many_changed_clusters_searches_as_usual():
+    """Aligned parts: without a block of images many first-level clusters
+    change, and the second level is searched as without the earlier run's,
+    draws included: the approximate searches give the same partitions bit
+    for bit (a derived second level would not)."""
+    X = _aligned_parts(10, 400, 16, seed=0)
+    start, stop = 3200, 4000
+    nn = first_neighbors(X, neighbors="approx", random_state=0)[0]
+    recorded = []
+    _finch_of(X, "approx", first_neighbors=nn, record=recorded)
+    rest = np.delete(X, np.s_[start:stop], axis=0)
+    kept = neighbors_without(nn, start, stop)
+    second = recorded[0].without(start, stop)
+    derived = _finch_of(rest, "approx", first_neighbors=kept, second_level=second)
+    afresh = _finch_of(rest, "approx", first_neighbors=kept)
+    assert len(derived) == len(afresh)
+    for a, b in zip(derived, afresh):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("lists, match", [
