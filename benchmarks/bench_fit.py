@@ -15,19 +15,30 @@ training images (evenly spaced over the set's training list):
   search's lists (the fit's way), and the fit's way before those lists
   (those rows searched exactly when few, else every row searched again);
 - the share of patches whose first neighbour lies in their own image, and
-  of each fold clustering's patches whose neighbour lay in the fold.
+  of each fold clustering's patches whose neighbour lay in the fold;
+- with ``--against REF``: the same fit with this checkout and with the
+  package at git revision REF (a temporary worktree), each in a fresh
+  process, alternating, the fastest of ``--rounds`` rounds of each, by
+  stage: a change's effect on the fit, side by side in one run (runs on
+  different days differ by the machine's load more than by most changes).
 
 On aligned parts (BSData's spindles, tire) a patch's most similar other
 patch often lies at the same place of another image, so a fold takes many
 patches' neighbours; on Magnetic Tile it nearly always lies in the same
 image.
 
-    python benchmarks/bench_fit.py [--n-train 160] [--rounds 2] [--sets NAME ...] [--out DIR]
+    python benchmarks/bench_fit.py [--n-train 160] [--rounds 2] [--sets NAME ...]
+        [--against REF] [--out DIR]
 
 Writes DIR/fit.{json,md} (default benchmarks/results). Run it alone on the
 machine: it measures time.
 """
 import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +54,51 @@ from skprotoad.thresholds import calibration_folds  # noqa: E402
 
 SETS = ("magnetic_tile", "bsdata_pitting", "tire")
 WAYS = ("one shared search", "shared, all again when many")
+# a fit in a fresh process with the skprotoad of the checkout argv[1]
+_FIT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from skprotoad import ProtoADDetector
+det = ProtoADDetector(random_state=0).fit(json.loads(sys.stdin.read()))
+print(json.dumps({**det.fit_seconds_, "offset": float(det.offset_)}))
+"""
+
+
+@contextlib.contextmanager
+def _checkout(ref):
+    """A temporary git worktree of revision ``ref`` of this repository."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "checkout"
+        subprocess.run(["git", "-C", str(_common.REPO), "worktree", "add", "--detach", "-q",
+                        str(path), ref], check=True)
+        try:
+            yield path
+        finally:
+            subprocess.run(["git", "-C", str(_common.REPO), "worktree", "remove", "--force",
+                            str(path)], check=True)
+
+
+def _fit_at(checkout, paths):
+    """``fit_seconds_`` (and ``offset_``) of the defaults' fit on ``paths``
+    with the package in ``checkout``, in a fresh process."""
+    done = subprocess.run([sys.executable, "-c", _FIT, str(checkout)], input=json.dumps(paths),
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _against(ref, train, rounds):
+    """{"this checkout": stages, ref: stages}: the fastest of ``rounds`` fits
+    of each, alternating (each stage from the fastest fit as a whole)."""
+    paths = [str(p) for p in train]
+    best = {}
+    with _checkout(ref) as other:
+        ways = {"this checkout": _common.REPO, ref: other}
+        for r in range(rounds):
+            for name in list(ways) if r % 2 == 0 else list(ways)[::-1]:
+                fit = _fit_at(ways[name], paths)
+                if fit["total"] < best.get(name, {"total": np.inf})["total"]:
+                    best[name] = fit
+    return best
 
 
 def main(argv=None):
@@ -50,6 +106,8 @@ def main(argv=None):
     parser.add_argument("--n-train", type=int, default=160)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--sets", nargs="+", default=list(SETS))
+    parser.add_argument("--against", default=None,
+                        help="also time the fit at this git revision, side by side")
     parser.add_argument("--out", type=Path, default=_common.RESULTS)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -75,10 +133,14 @@ def main(argv=None):
                 clusterings.update(c)
         runs[name] = {"n_train": len(train), "fit_seconds": fit,
                       "by_stage": dict(det.fit_seconds_), "clusterings": clusterings}
+        if args.against:
+            runs[name]["against"] = _against(args.against, train, args.rounds)
         print(name, runs[name], flush=True)
     command = f"python benchmarks/bench_fit.py --n-train {args.n_train} --rounds {args.rounds}"
     if list(args.sets) != list(SETS):
         command += " --sets " + " ".join(args.sets)
+    if args.against:
+        command += f" --against {args.against}"
     result = {"command": command, "machine": _common.machine(),
               "threads": torch.get_num_threads(), "runs": runs}
     _common.write_json(args.out / "fit.json", result)
@@ -110,6 +172,20 @@ def main(argv=None):
              "neighbour in own image", "lost to each fold",
              "clusterings s: shared lists", "clusterings s: all again"], rows),
     ]
+    if args.against:
+        lines += [
+            "", f"## Against {args.against}", "",
+            f"The same fit with this checkout and with the package at `{args.against}`, "
+            "each in a fresh process, alternating, the fastest of "
+            f"{args.rounds} of each (stages of that fit); `offset_` equal both ways where "
+            "the change leaves the calibration as it was.", "",
+            *_common.markdown_table(
+                ["set", "way", "fit s", "features / prototypes / calibration s", "offset_"],
+                [[name, way, f"{f['total']:.1f}",
+                  f"{f['features']:.1f} / {f['prototypes']:.1f} / {f['calibration']:.1f}",
+                  f"{f['offset']:.6f}"]
+                 for name, run in runs.items() for way, f in run["against"].items()]),
+        ]
     _common.write_markdown(args.out / "fit.md", lines)
     print("\n".join(lines))
 
