@@ -22,7 +22,7 @@ import torch
 
 from . import _images, _progress, clustering
 from .backbones import create_feature_extractor
-from .clustering import add_farthest_rows, first_neighbors
+from .clustering import SharedSearch, add_farthest_rows, learn_prototypes
 from .network import PatchEmbedding, ProtoADNetwork, effective_image_score, on_grid
 
 #: ``n_farthest=None``: this many farthest patches, at most ``MAX_FARTHEST_SHARE``
@@ -271,19 +271,18 @@ def fit_network(detector, embedding, patches, random_state, device, shared=None)
     """The network of ``detector``'s parameters, with prototypes learned from
     ``patches`` (an (n_patches, n_channels) array), in eval mode on ``device``;
     ``random_state`` as :func:`~skprotoad.clustering.learn_prototypes` takes
-    it; ``shared``: None, or the :class:`SharedSearch` of these patches."""
-    search = dict(first_neighbors=None, neighbor_lists=None)
-    if shared is not None:
-        search = dict(first_neighbors=shared.indices, neighbor_lists=shared.lists,
-                      second_level=shared.second_level,
-                      record=shared.recorded if shared.second_level is None else None)
-    prototypes = clustering._learn_prototypes(
-        patches, method=detector.clustering, n_clusters=detector.n_clusters,
-        random_state=random_state, neighbors="auto", batch_size=None,
+    it; ``shared``: None, or the :class:`~skprotoad.clustering.SharedSearch`
+    of these patches."""
+    params = dict(
+        method=detector.clustering, n_clusters=detector.n_clusters, random_state=random_state,
         device=str(device), normalize=detector.normalization == "patch",
         n_farthest=farthest_count(detector.n_farthest, len(patches)),
-        verbose=_progress.verbosity(detector.verbose) >= 2, **search,
+        verbose=_progress.verbosity(detector.verbose) >= 2,
     )
+    if shared is None:
+        prototypes = learn_prototypes(patches, **params)
+    else:
+        prototypes = shared.learn_prototypes(patches, **params)
     network = ProtoADNetwork(
         embedding, torch.from_numpy(prototypes),
         _images.fixed_input_size(detector.image_size, detector.crop_size), detector.sigma,
@@ -292,37 +291,15 @@ def fit_network(detector, embedding, patches, random_state, device, shared=None)
     return network.to(device).eval()
 
 
-class SharedSearch:
-    """What the clusterings of a fit share: the first neighbours of the
-    patches (``indices``, -1 where still to find), the search's lists
-    (``lists``), and FINCH's second level (``second_level``, a
-    ``clustering._SecondLevel``), which the first clustering given this
-    search without one records (``recorded``) for those without a fold."""
-
-    def __init__(self, indices, lists, second_level=None):
-        self.indices, self.lists, self.second_level = indices, lists, second_level
-        self.recorded = []
-
-    def without(self, start, stop):
-        """The search for the patches outside the rows ``start:stop``
-        (:func:`skprotoad.clustering.neighbors_without`)."""
-        second = self.second_level
-        if second is None and self.recorded:
-            second = self.recorded[0]
-        return SharedSearch(
-            clustering.neighbors_without(self.indices, start, stop),
-            np.delete(self.lists, np.s_[start:stop], axis=0),
-            None if second is None else second.without(start, stop),
-        )
-
-
 def shared_first_neighbors(detector, patches, folds, random_state, device):
-    """The :class:`SharedSearch` of all ``patches``, when the clusterings
-    without each fold can start from it (FINCH with folds to hold out), else
-    None.
+    """The :class:`~skprotoad.clustering.SharedSearch` of all ``patches``,
+    when the clusterings without each fold can start from it (FINCH with
+    folds to hold out), else None.
 
     Each clustering without a fold keeps the neighbours that lie outside it
-    (:func:`neighbors_without`) instead of searching again: one search
+    (:func:`~skprotoad.clustering.neighbors_without`) and the final
+    clustering's second level where a fold changed it little, instead of
+    searching again: one search
     serves every clustering of a fit. Where a patch's nearest neighbour lies
     in its own image (most patches of most parts) nearly all are kept; where
     it lies at the same place in another image (aligned parts), a fold
@@ -334,10 +311,7 @@ def shared_first_neighbors(detector, patches, folds, random_state, device):
     """
     if not folds or detector.clustering != "finch":
         return None
-    indices, _, lists = first_neighbors(
-        patches, device=str(device), random_state=random_state, return_lists=True
-    )
-    return SharedSearch(indices, lists)
+    return SharedSearch.of(patches, device=str(device), random_state=random_state)
 
 
 def extract_features(detector, embedding, images, order, device, seed=0):

@@ -41,6 +41,7 @@ __all__ = [
     "IVF_N_PROBE",
     "first_neighbors",
     "neighbors_without",
+    "SharedSearch",
     "estimated_multiply_adds",
     "finch",
     "finch_n_clusters",
@@ -456,6 +457,76 @@ def neighbors_without(indices, start, stop):
     kept = np.r_[indices[:start], indices[stop:]]
     # rows after the block move up by its length; rows in it become unknown
     return np.where(kept >= stop, kept - (stop - start), np.where(kept >= start, -1, kept))
+
+
+class SharedSearch:
+    """The neighbour searches that a FINCH clustering of all rows shares
+    with the clusterings of the rows without a block (held-out images).
+
+    Most of the first level's neighbours, the largest search, and of the
+    second level's are the same in all of them (:func:`neighbors_without`);
+    this carries them from one clustering to the next.  The first
+    clustering learnt from a search without a second level records its own.
+
+    Parameters
+    ----------
+    indices : ndarray of shape (n_samples,), int
+        Each row's first neighbour, -1 where still to find.
+    lists : ndarray of shape (n_samples, n_lists_probed), int
+        The lists of the search each row was compared with
+        (:func:`first_neighbors` with ``return_lists=True``).
+    second_level : object, default=None
+        FINCH's first partition and its clusters' neighbours, as the first
+        clustering records them; set by :meth:`learn_prototypes`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skprotoad.clustering import SharedSearch
+    >>> Y = np.random.default_rng(0).normal(size=(400, 8)).astype(np.float32)
+    >>> search = SharedSearch.of(Y, random_state=0)
+    >>> P_all = search.learn_prototypes(Y, n_clusters=5)  # all rows, first
+    >>> P_rest = search.without(300, 400).learn_prototypes(Y[:300], n_clusters=5)
+    >>> P_rest.shape
+    (5, 8)
+    """
+
+    def __init__(self, indices, lists, second_level=None):
+        self.indices, self.lists, self.second_level = indices, lists, second_level
+
+    @classmethod
+    def of(cls, X, *, neighbors="auto", device="cpu", random_state=None):
+        """The search of all rows of ``X`` (:func:`first_neighbors`)."""
+        indices, _, lists = first_neighbors(
+            X, neighbors=neighbors, device=device, random_state=random_state, return_lists=True
+        )
+        return cls(indices, lists)
+
+    def without(self, start, stop):
+        """The search for the rows outside ``start:stop``, numbered as the rows
+        of the array without that block."""
+        return SharedSearch(
+            neighbors_without(self.indices, start, stop),
+            np.delete(self.lists, np.s_[start:stop], axis=0),
+            None if self.second_level is None else self.second_level.without(start, stop),
+        )
+
+    def learn_prototypes(self, X, *, method="finch", n_clusters=None, neighbors="auto",
+                         random_state=None, device="cpu", batch_size=None, normalize=True,
+                         n_farthest=0, verbose=False):
+        """:func:`learn_prototypes` of ``X``, the rows of this search, from
+        it; records FINCH's second level when the search has none."""
+        record = [] if self.second_level is None else None
+        prototypes = _learn_prototypes(
+            X, method=method, n_clusters=n_clusters, neighbors=neighbors,
+            random_state=random_state, device=device, batch_size=batch_size,
+            normalize=normalize, n_farthest=n_farthest, first_neighbors=self.indices,
+            neighbor_lists=self.lists, verbose=verbose, second_level=self.second_level,
+            record=record,
+        )
+        if record:
+            self.second_level = record[0]
+        return prototypes
 
 
 def _searches_exactly(neighbors, n_samples):
