@@ -12,7 +12,9 @@ training images (evenly spaced over the set's training list):
   features, the folds those of the fit, two ways, alternating, the fastest
   of ``--rounds`` rounds of each: one shared first-neighbour search with
   the rows that lost their neighbour to a fold searched in the shared
-  search's lists (the fit's way), and the fit's way before those lists
+  search's lists (the fit's way, but for FINCH's second level, which the
+  fit's ``clustering.SharedSearch`` also shares: ``--against`` measures
+  that), and the fit's way before those lists
   (those rows searched exactly when few, else every row searched again);
 - the share of patches whose first neighbour lies in their own image, and
   of each fold clustering's patches whose neighbour lay in the fold;

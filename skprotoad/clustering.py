@@ -516,6 +516,11 @@ class SharedSearch:
                          n_farthest=0, verbose=False):
         """:func:`learn_prototypes` of ``X``, the rows of this search, from
         it; records FINCH's second level when the search has none."""
+        if self.second_level is not None and len(self.second_level.labels) != len(X):
+            raise ValueError(
+                f"this search is of {len(self.second_level.labels)} rows; X has {len(X)}: "
+                "take .without(start, stop) for the rows outside a block."
+            )
         record = [] if self.second_level is None else None
         prototypes = _learn_prototypes(
             X, method=method, n_clusters=n_clusters, neighbors=neighbors,

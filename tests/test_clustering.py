@@ -334,6 +334,17 @@ def test_second_level_of_a_run_on_more_rows_gives_the_search_s_neighbours(monkey
     assert len(np.intersect1d(labels[start:stop], np.delete(labels, np.s_[start:stop])))
 
 
+def test_shared_search_of_other_rows_is_refused():
+    X = _image_textures(4, 100, 8, seed=0)
+    search = clustering.SharedSearch.of(X, random_state=0)
+    search.learn_prototypes(X, n_clusters=5)
+    with pytest.raises(ValueError, match=r"search is of 400 rows; X has 300.*without"):
+        search.learn_prototypes(X[:300], n_clusters=5)
+    kept = search.without(300, 400)
+    assert len(kept.indices) == 300 and len(kept.second_level.labels) == 300
+    assert kept.learn_prototypes(X[:300], n_clusters=5).shape == (5, 8)
+
+
 def test_a_kept_cluster_takes_a_new_cluster_that_came_closer():
     """Rows at 0, 40 and -20 degrees, the last one's cluster shared before
     with a row at -100 degrees: the first cluster's neighbour was the 40
