@@ -136,7 +136,12 @@ BENCHMARKS = {
     "fit": (
         "Fit seconds by stage on each shared set, and the calibration clusterings' "
         "shared neighbour search two ways.",
-        "python benchmarks/bench_fit.py",
+        "python benchmarks/bench_fit.py --against 54ab963",
+    ),
+    "image_readouts": (
+        "The maximum, top-k means and mean of the defaults' maps as image scores, on "
+        "the suite's sets.",
+        "python benchmarks/bench_image_readouts.py",
     ),
     "head_precision": (
         "The prototype head searched in bfloat16 and rescored in float32, against float32.",
