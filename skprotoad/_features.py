@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from . import _images, _progress, clustering
+from . import _images, _progress
 from .backbones import create_feature_extractor
 from .clustering import SharedSearch, add_farthest_rows, learn_prototypes
 from .network import PatchEmbedding, ProtoADNetwork, effective_image_score, on_grid
@@ -297,17 +297,16 @@ def shared_first_neighbors(detector, patches, folds, random_state, device):
     folds to hold out), else None.
 
     Each clustering without a fold keeps the neighbours that lie outside it
-    (:func:`~skprotoad.clustering.neighbors_without`) and the final
+    (:func:`~skprotoad.clustering.neighbors_without`), and the final
     clustering's second level where a fold changed it little, instead of
-    searching again: one search
-    serves every clustering of a fit. Where a patch's nearest neighbour lies
-    in its own image (most patches of most parts) nearly all are kept; where
-    it lies at the same place in another image (aligned parts), a fold
-    takes a fifth of those, and they are searched again in the lists the
-    first search compared them with. The search draws from ``random_state``
-    (a ``RandomState``) what FINCH's first level would draw, so that the
-    clustering of all patches, passed the same ``random_state`` next, learns
-    the prototypes it would learn alone.
+    searching again: one search serves every clustering of a fit. Where a
+    patch's nearest neighbour lies in its own image (most patches of most
+    parts) nearly all are kept; where it lies at the same place in another
+    image (aligned parts), a fold takes a fifth of those, and they are
+    searched again in the lists the first search compared them with. The
+    search draws from ``random_state`` (a ``RandomState``) what FINCH's first
+    level would draw, so that the clustering of all patches, passed the same
+    ``random_state`` next, learns the prototypes it would learn alone.
     """
     if not folds or detector.clustering != "finch":
         return None

@@ -1583,6 +1583,7 @@ def learn_prototypes(
         often lay in it: aligned parts, whose patches resemble the same
         place in other images), they are searched in their lists, at a
         fraction of the cost of searching all rows again.
+        :class:`SharedSearch` carries both, and FINCH's second level too.
     verbose : bool, default=False
         Show progress.
 
