@@ -50,8 +50,8 @@ def score_maps(det, images):
     with torch.inference_mode():
         for _, batch in model_inputs(images, det.image_size, det.crop_size, 8):
             size = tuple(batch.shape[-2:])
-            maps, scores = net(batch)
             map_patches, score_patches = net.patch_scores(net.embedding(batch))
+            maps, scores = net.readout(map_patches, score_patches, size)
             height, width = score_patches.shape[-2:]
             baselined = score_patches - on_grid(net.score_baseline, int(height), int(width))
             for way, patches in (("baselined", baselined), ("plain", score_patches)):

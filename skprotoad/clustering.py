@@ -940,6 +940,13 @@ def _finch(X, *, neighbors, device, batch_size, random_state, verbose, first_nei
     return partitions
 
 
+def _exact_rows_limit(n):
+    """How many of ``n`` rows an exact search handles for less than an
+    approximate search of all: it costs ``n`` per row, the approximate one
+    about ``2 sqrt(n_probe n)`` per row of all ``n``."""
+    return 2 * math.sqrt(IVF_N_PROBE * n)
+
+
 def _complete_first_neighbors(X, nn, *, neighbors, device, batch_size, random_state, verbose,
                               lists=None):
     """``nn`` with its -1 entries replaced by the first neighbours of those
@@ -951,9 +958,7 @@ def _complete_first_neighbors(X, nn, *, neighbors, device, batch_size, random_st
         return nn
     n = X.shape[0]
     nn = nn.copy()
-    # an exact search costs n per row, the approximate one about
-    # 2 sqrt(n_probe n) per row of all n: beyond that, the approximate one
-    if not _searches_exactly(neighbors, n) and len(missing) > 2 * math.sqrt(IVF_N_PROBE * n):
+    if not _searches_exactly(neighbors, n) and len(missing) > _exact_rows_limit(n):
         if lists is None:
             return _first_neighbors(
                 X, neighbors=neighbors, device=device, batch_size=batch_size,
@@ -1011,26 +1016,24 @@ def _second_neighbors(units, labels, previous, *, neighbors, device, batch_size,
     nn = np.full(n, -1, dtype=np.int64)
     nn[same] = renumbered[previous.neighbors[first[same]]]
     new = np.flatnonzero(~same)
-    search = np.flatnonzero(nn < 0)  # the new clusters and those whose neighbour is gone
-    if len(search) > 2 * math.sqrt(IVF_N_PROBE * n) or len(search) == n:
-        return _first_neighbors(
-            units, neighbors=neighbors, device=device, batch_size=batch_size,
-            random_state=random_state, verbose=verbose,
-        )[0]
-    ids = torch.arange(n, device=device)
+    search = dict(neighbors=neighbors, device=device, batch_size=batch_size,
+                  random_state=random_state, verbose=verbose)
+    # -1: the new clusters and those whose neighbour is gone
+    n_missing = int((nn < 0).sum())
+    if n_missing > _exact_rows_limit(n) or n_missing == n:
+        return _first_neighbors(units, **search)[0]
     if len(new):
         new_t = torch.from_numpy(new).to(device)
         sim_new, best_new = _best_match(
-            units, units[new_t], q_ids=ids, d_ids=new_t, batch_size=batch_size
+            units, units[new_t], q_ids=torch.arange(n, device=device), d_ids=new_t,
+            batch_size=batch_size,
         )
         kept = torch.from_numpy(np.flatnonzero(nn >= 0)).to(device)
         sim_kept = (units[kept] * units[torch.from_numpy(nn).to(device)[kept]]).sum(dim=1)
         closer = (sim_new[kept] > sim_kept).cpu().numpy()
         nn[kept.cpu().numpy()[closer]] = new[best_new[kept].cpu().numpy()[closer]]
-    rows = torch.from_numpy(search).to(device)
-    _, found = _best_match(units[rows], units, q_ids=rows, d_ids=ids, batch_size=batch_size)
-    nn[search] = found.cpu().numpy()
-    return nn
+    # as few as an exact search handles best: searched exactly
+    return _complete_first_neighbors(units, nn, **search)
 
 
 def _merge_closest_pairs(X, labels, n_clusters, *, device, verbose=False):
