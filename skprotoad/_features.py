@@ -419,8 +419,8 @@ def score_features(network, features, positions, device, batch_size):
     with torch.inference_mode():
         for part in _images.size_batches(range(len(positions)), sizes, batch_size):
             f = torch.from_numpy(np.stack([features.image(positions[j]) for j in part]))
-            outputs.add(part, *_head_parts(network, f.to(device).permute(0, 3, 1, 2),
-                                           sizes[part[0]]))
+            patch_scores = network.patch_scores(f.to(device).permute(0, 3, 1, 2))
+            outputs.add(part, *_head_parts(network, patch_scores, sizes[part[0]]))
     return outputs.result(sizes)
 
 
@@ -452,7 +452,7 @@ def score_images_at(network, images, indices, device, batch_size, image_size):
     position = {index: k for k, index in enumerate(indices)}
 
     def parts(batch):
-        return _head_parts(network, network.embedding(batch), tuple(batch.shape[-2:]))
+        return _head_parts(network, network.image_patch_scores(batch), tuple(batch.shape[-2:]))
 
     batches = run_batches(
         parts, images, device, batch_size, image_size, network.input_size,
@@ -466,9 +466,10 @@ def score_images_at(network, images, indices, device, batch_size, image_size):
     return outputs.result(sizes)
 
 
-def _head_parts(network, features, size):
-    """The network's maps' maxima and scores, and its image-score patch maps."""
-    map_patches, score_patches = network.patch_scores(features)
+def _head_parts(network, patch_scores, size):
+    """The network's maps' maxima and scores, and its image-score patch
+    maps, from its ``patch_scores``."""
+    map_patches, score_patches = patch_scores
     maps, scores = network.readout(map_patches, score_patches, size)
     return maps.flatten(1).amax(dim=1), scores, score_patches
 

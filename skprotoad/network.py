@@ -152,6 +152,14 @@ CPU_CHUNK_PIXELS = 2 * 256 * 256
 BAND_PATCHES = 512
 
 
+#: Multiply-adds per patch and prototype that taking a coarser stage's
+#: product with the prototypes at its own stride must save for
+#: :meth:`ProtoADNetwork.forward` to do so on the CPU: the product is then
+#: interpolated to the finest stride (one or two passes over patches x
+#: prototypes) instead of the stage's features (docs/benchmarks.md, "Speed").
+STAGE_PRODUCT_MIN_SAVING = 64
+
+
 def _split_for_cache(tensor: torch.Tensor) -> bool:
     """Whether work on ``tensor`` may be split into cache-sized pieces: on
     the CPU, and not while the network is traced or exported (TorchScript,
@@ -160,6 +168,67 @@ def _split_for_cache(tensor: torch.Tensor) -> bool:
         torch.jit.is_scripting() or torch.jit.is_tracing()
         or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
     )
+
+
+def _backbone_chunks(images: torch.Tensor) -> list:
+    """``images`` in the backbone passes of :meth:`PatchEmbedding.join`."""
+    n = images.shape[0]
+    chunk = max(1, CPU_CHUNK_PIXELS // max(1, images.shape[-2] * images.shape[-1]))
+    if n <= chunk or not _split_for_cache(images):
+        return [images]
+    return [images[s : s + chunk] for s in range(0, n, chunk)]
+
+
+def _extended_columns(stage: torch.Tensor, n_columns: int) -> torch.Tensor:
+    """A stage's map (C, h, w) as (h, n_columns, C), the last column repeated
+    past the edge (as :func:`upsample` repeats it)."""
+    columns = torch.arange(n_columns, device=stage.device).clamp_max(stage.shape[-1] - 1)
+    return stage.permute(1, 2, 0).index_select(1, columns)
+
+
+def _interpolated_product(stage, weight, r0, r1, factor, bias=None, workspace=None, name=""):
+    """Rows ``r0:r1`` (multiples of ``factor``) of the finest-stride grid of
+    ``stage`` (from :func:`_extended_columns`) times ``weight`` (C, K), as
+    :func:`upsample` of the product at the stage's stride: (rows x columns, K).
+
+    Bilinear through the grid points with the edges repeated: every fine
+    patch lies between two coarse ones in each direction, at a fraction
+    ``q / factor`` of the way, ``q`` its phase; the coarse rows past the edge
+    are the last one repeated, so the edges come out repeated. The result
+    and the intermediates live in ``workspace`` (a dict, reused from call to
+    call under ``name``): fresh memory of that size costs page faults on
+    every band.
+    """
+    workspace = {} if workspace is None else workspace
+    n_rows = (r1 - r0) // factor
+    rows = (torch.arange(n_rows + 1, device=stage.device) + r0 // factor).clamp_max(stage.shape[0] - 1)
+    block = stage.index_select(0, rows)
+    flat = block.reshape(-1, block.shape[-1])
+    k = weight.shape[1]
+    product = _work(workspace, name + "product", (flat.shape[0], k), weight)
+    if bias is None:
+        torch.mm(flat, weight, out=product)
+    else:
+        torch.addmm(bias, flat, weight, out=product)
+    product = product.view(n_rows + 1, block.shape[1], k)
+    n_columns = (block.shape[1] - 1) * factor
+    across = _work(workspace, name + "across", (n_rows + 1, n_columns // factor, factor, k), weight)
+    for q in range(factor):
+        torch.lerp(product[:, :-1], product[:, 1:], q / factor, out=across[:, :, q])
+    across = across.view(n_rows + 1, n_columns, k)
+    down = _work(workspace, name + "down", (n_rows, factor, n_columns, k), weight)
+    for q in range(factor):
+        torch.lerp(across[:-1], across[1:], q / factor, out=down[:, q])
+    return down.view(n_rows * factor * n_columns, k)
+
+
+def _work(workspace, name, shape, like):
+    """A tensor of ``shape`` from ``workspace[name]``, grown when too small."""
+    size = int(np.prod(shape))
+    buffer = workspace.get(name)
+    if buffer is None or buffer.numel() < size:
+        buffer = workspace[name] = like.new_empty(size)
+    return buffer[:size].view(shape)
 
 
 def _symmetric_index(n: int, radius: int) -> torch.Tensor:
@@ -263,9 +332,17 @@ class PatchEmbedding(nn.Module):
         """Features (N, C, h, w) at the finest chosen stride, normalised."""
         features = self.join(images)
         if self.normalization == "image":
-            norms = torch.linalg.vector_norm(features, dim=1, keepdim=True)
-            return features / norms.mean(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+            return features / self.divisors(features)
         return F.normalize(features, dim=1)
+
+    def divisors(self, features: torch.Tensor) -> torch.Tensor:
+        """What :meth:`forward` divides the joined ``features`` by: each
+        patch's norm (N, 1, h, w) with ``"patch"``, each image's mean patch
+        norm (N, 1, 1, 1) with ``"image"``."""
+        norms = torch.linalg.vector_norm(features, dim=1, keepdim=True)
+        if self.normalization == "image":
+            norms = norms.mean(dim=(2, 3), keepdim=True)
+        return norms.clamp_min(1e-12)
 
     def join(self, images: torch.Tensor) -> torch.Tensor:
         """The stages' features joined at the finest stride, not normalised.
@@ -274,13 +351,18 @@ class PatchEmbedding(nn.Module):
         (about :data:`CPU_CHUNK_PIXELS` input pixels), whose activations stay
         in the cache; elsewhere, and while traced or exported, at once.
         """
-        n = images.shape[0]
-        chunk = max(1, CPU_CHUNK_PIXELS // max(1, images.shape[-2] * images.shape[-1]))
-        if n <= chunk or not _split_for_cache(images):
+        chunks = _backbone_chunks(images)
+        if len(chunks) == 1:
             return self._join(images)
-        return torch.cat([self._join(images[s : s + chunk]) for s in range(0, n, chunk)])
+        return torch.cat([self._join(chunk) for chunk in chunks])
 
     def _join(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.at_finest_stride(self.stage_maps(images)), dim=1)
+
+    def stage_maps(self, images: torch.Tensor) -> list:
+        """Each stage's features (N, C_s, h_s, w_s) at its own stride, as the
+        join takes them: averaged over the neighbourhood, cut back to the
+        image; one backbone pass."""
         # channels-last: oneDNN's CPU convolutions run faster on it; results
         # differ from NCHW only by float rounding (which can still move FINCH's
         # clusters: docs/user_guide/normalization.md)
@@ -299,6 +381,11 @@ class PatchEmbedding(nn.Module):
             # cut back to the image, after the aggregation saw the mirrored context
             cuts = [margin // s for s in self.backbone.strides]
             maps = [m[..., c : m.shape[-2] - c, c : m.shape[-1] - c] for m, c in zip(maps, cuts)]
+        return list(maps)
+
+    def at_finest_stride(self, maps: list) -> list:
+        """:meth:`stage_maps` brought to the finest stride: the parts that
+        :meth:`join` concatenates."""
         size = tuple(maps[0].shape[-2:])
         finest = self.backbone.strides[0]
         joined = [maps[0]]
@@ -307,7 +394,7 @@ class PatchEmbedding(nn.Module):
                 joined.append(F.interpolate(m, size=size, mode="nearest"))
             else:
                 joined.append(upsample(m, stride // finest, size, "center"))
-        return torch.cat(joined, dim=1)
+        return joined
 
 
 def effective_image_score(normalization, image_score):
@@ -456,6 +543,23 @@ class ProtoADNetwork(nn.Module):
             raise ValueError("this network has no fixed input_size: pass the images' size.")
         return size
 
+    def image_patch_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`patch_scores` of the images' features, as :meth:`forward`
+        computes them.
+
+        On the CPU (not while traced or exported) the coarser stages that
+        :meth:`_interpolated_stages` names are multiplied by the prototypes
+        at their own stride and the products interpolated to the finest
+        stride, instead of the stages themselves: the same values to float
+        rounding (the join and the products are linear), at a fraction of
+        the multiply-adds. Elsewhere ``patch_scores(embedding(images))``.
+        """
+        if images.shape[0] and _split_for_cache(images):
+            stages = self._interpolated_stages()
+            if stages:
+                return self._patch_scores_by_stage(images, stages)
+        return self.patch_scores(self.embedding(images))
+
     def patch_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-patch values of the anomaly map and of the image-score map.
 
@@ -492,32 +596,132 @@ class ProtoADNetwork(nn.Module):
     def _patch_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`patch_scores` of channels-last ``features`` in one piece."""
         if self.embedding.normalization == "patch":
-            patches = 1.0 - self.prototype_conv(features).amax(dim=1, keepdim=True)
-            return patches, patches
+            return self._scores_of_products(self.prototype_conv(features))
         # |x - p|^2 = |x|^2 - 2 (x.p - |p|^2 / 2): the same 1x1 conv with a bias
         # of -|p|^2 / 2, derived here, not stored, so that the state dict is the
         # same in every mode
-        weight = self.prototype_conv.weight
-        half_sq = 0.5 * (self.prototypes * self.prototypes).sum(dim=1)
-        biased = F.conv2d(features, weight, -half_sq)
-        best = biased.amax(dim=1, keepdim=True)
+        half_sq = self._half_squares()
+        products = F.conv2d(features, self.prototype_conv.weight, -half_sq)
         feature_sq = (features * features).sum(dim=1, keepdim=True)
+        return self._scores_of_products(products, feature_sq, half_sq)
+
+    def _half_squares(self) -> torch.Tensor:
+        return 0.5 * (self.prototypes * self.prototypes).sum(dim=1)
+
+    def _scores_of_products(self, products, feature_sq=None, half_sq=None, scale=None):
+        """Patch scores (two (N, 1, h, w) maps) from the products of the
+        patches with the prototypes.
+
+        ``products`` (N, K, h, w), overwritten, hold ``scale`` times
+        ``x.p_k`` with ``"patch"``, ``x.p_k - |p_k|^2 / 2`` with ``"image"``,
+        for the normalised features ``x`` (``scale`` None: 1; else a tensor
+        that broadcasts to (N, 1, h, w)); ``feature_sq`` is ``|x|^2``.
+        """
+        best = products.amax(dim=1, keepdim=True)
+        if scale is not None:
+            best = best / scale
+        if self.embedding.normalization == "patch":
+            patches = 1.0 - best
+            return patches, patches
         distances = (feature_sq - 2.0 * best).clamp_min(0.0).sqrt()
         if self.image_score == "map":
             return distances, distances
-        # the same conv's output read as projections onto the prototype
+        # the same products read as projections onto the prototype
         # directions, x.p / |p|: one more max. In place, since the (N, K, h, w)
-        # output is the largest tensor here and each extra copy of it costs as
-        # much time as a tenth of the conv.
-        inverse_norms = (2.0 * half_sq).clamp_min(1e-24).rsqrt()
-        projection = biased.add_(half_sq[None, :, None, None]).mul_(inverse_norms[None, :, None, None])
-        projection = projection.amax(dim=1, keepdim=True)
+        # products are the largest tensor here and each extra copy of them
+        # costs as much time as a tenth of the conv.
+        inverse_norms = (2.0 * half_sq).clamp_min(1e-24).rsqrt()[None, :, None, None]
+        half_sq = half_sq[None, :, None, None]
+        projection = products.add_(half_sq if scale is None else half_sq * scale)
+        projection = projection.mul_(inverse_norms).amax(dim=1, keepdim=True)
+        if scale is not None:
+            projection = projection / scale
         if self.image_score == "cosine":
             return distances, 1.0 - projection * feature_sq.clamp_min(1e-24).rsqrt()
         # |x| (1 - cos): the cosine distance weighted by the patch's norm
         # relative to its image's, so that weak patches (flat texture,
         # whose direction is mostly noise) count less than strong ones
         return distances, feature_sq.sqrt() - projection
+
+    def _interpolated_stages(self) -> list:
+        """The coarser stages whose products with the prototypes
+        :meth:`forward` takes at their own stride on the CPU: (stage, factor
+        to the finest stride) for those that save at least
+        :data:`STAGE_PRODUCT_MIN_SAVING` multiply-adds per patch and prototype."""
+        if self.embedding.alignment != "center":
+            return []
+        strides, channels = self.embedding.backbone.strides, self.embedding.backbone.channels
+        chosen = []
+        for k in range(1, len(strides)):
+            factor = strides[k] // strides[0]
+            if strides[k] % strides[0] == 0 and channels[k] * (1 - factor**-2) >= STAGE_PRODUCT_MIN_SAVING:
+                chosen.append((k, factor))
+        return chosen
+
+    def _patch_scores_by_stage(self, images: torch.Tensor, stages: list):
+        """:meth:`patch_scores` of ``images``' features, with the products of
+        ``stages`` (from :meth:`_interpolated_stages`) taken at their own
+        stride and interpolated like the join (bilinearly through the
+        receptive-field centres, edges repeated), which is the same sum:
+        the join and the products are linear. In bands of about
+        :data:`BAND_PATCHES` patches of one image; CPU only."""
+        emb = self.embedding
+        offsets = np.cumsum((0,) + tuple(emb.backbone.channels))
+        weight = self.prototypes
+        columns = {k: weight[:, offsets[k] : offsets[k + 1]].T.contiguous() for k, _ in stages}
+        fine_stages = [k for k in range(len(offsets) - 1) if k not in columns]
+        fine_weight = torch.cat(
+            [weight[:, offsets[k] : offsets[k + 1]] for k in fine_stages], dim=1).T.contiguous()
+        half_sq = self._half_squares()
+        by_image = emb.normalization == "image"
+        multiple = int(np.lcm.reduce([factor for _, factor in stages]))
+        map_parts, score_parts, workspace = [], [], {}
+        for chunk in _backbone_chunks(images):
+            maps = emb.stage_maps(chunk)
+            parts = emb.at_finest_stride(maps)
+            joined = torch.cat(parts, dim=1)
+            divisors = emb.divisors(joined)
+            height, width = joined.shape[-2:]
+            pad_h, pad_w = -height % multiple, -width % multiple
+            # the grid padded to whole coarse steps; the pad's scores are cut off
+            fine = torch.cat([parts[k] for k in fine_stages], dim=1).permute(0, 2, 3, 1)
+            fine = F.pad(fine, (0, 0, 0, pad_w, 0, pad_h)).contiguous()
+            feature_sq = None
+            if by_image:
+                feature_sq = (joined * joined).sum(dim=1, keepdim=True) / divisors.square()
+                feature_sq = F.pad(feature_sq, (0, pad_w, 0, pad_h))
+            else:
+                divisors = F.pad(divisors, (0, pad_w, 0, pad_h), value=1.0)
+            rows = max(multiple, BAND_PATCHES // (width + pad_w) // multiple * multiple)
+            for i in range(len(chunk)):
+                scale = divisors[i : i + 1]
+                bias = -scale.flatten() * half_sq if by_image else None
+                coarse = [
+                    (factor, _extended_columns(maps[k][i], (width + pad_w) // factor + 1), columns[k])
+                    for k, factor in stages
+                ]
+                bands = []
+                for r0 in range(0, height + pad_h, rows):
+                    r1 = min(height + pad_h, r0 + rows)
+                    products = None
+                    for j, (factor, stage, stage_weight) in enumerate(coarse):
+                        up = _interpolated_product(stage, stage_weight, r0, r1, factor,
+                                                   bias if products is None else None,
+                                                   workspace, str(j))
+                        products = up if products is None else products.add_(up)
+                    products.addmm_(fine[i, r0:r1].reshape(-1, fine.shape[-1]), fine_weight)
+                    products = products.view(1, r1 - r0, width + pad_w, -1).permute(0, 3, 1, 2)
+                    bands.append(self._scores_of_products(
+                        products,
+                        None if feature_sq is None else feature_sq[i : i + 1, :, r0:r1],
+                        half_sq,
+                        scale if by_image else scale[:, :, r0:r1],
+                    ))
+                map_parts.append(torch.cat([b[0] for b in bands], dim=2)[..., :height, :width])
+                if bands[0][0] is not bands[0][1]:
+                    score_parts.append(torch.cat([b[1] for b in bands], dim=2)[..., :height, :width])
+        map_patches = torch.cat(map_parts)
+        return map_patches, (torch.cat(score_parts) if score_parts else map_patches)
 
     def image_scores(
         self, score_patches: torch.Tensor, size: tuple[int, int],
@@ -664,6 +868,5 @@ class ProtoADNetwork(nn.Module):
         return cls.from_description(state, state["tensors"])
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.input_size is None:
-            return self.head(self.embedding(images), tuple(images.shape[-2:]))
-        return self.head(self.embedding(images))
+        size = tuple(images.shape[-2:]) if self.input_size is None else None
+        return self.readout(*self.image_patch_scores(images), size)

@@ -64,8 +64,10 @@ def test_each_fold_is_scored_by_prototypes_learned_without_it(
         x = torch.cat([b for _, b in model_inputs(normal_images[held_out], 64, 64, 8)])
         with torch.inference_mode():
             scores = network(x)[1].numpy()
+        # the held-out features went through the joined head, the images
+        # through the network's stage-wise products: equal to float rounding
         np.testing.assert_allclose(det.calibration_scores_[start : start + len(held_out)], scores,
-                                   rtol=1e-6)
+                                   rtol=1e-5, atol=1e-6)
         start += len(held_out)
     assert start == len(det.calibration_scores_)
 

@@ -135,7 +135,7 @@ def test_head_in_bands_equals_the_head_in_one_piece(embedding, monkeypatch, norm
     net = ProtoADNetwork(emb, torch.randn(7, 192), (64, 64), image_score=image_score).eval()
     x = torch.rand(3, 3, 64, 64)
     with torch.inference_mode():
-        maps, scores = net(x)
+        maps, scores = net.head(emb(x))
     assert [shape[2] for shape in calls] == [5] * 9 + [3]
     traced = torch.jit.trace(net, x[:1], check_trace=False)
     calls.clear()
@@ -144,6 +144,55 @@ def test_head_in_bands_equals_the_head_in_one_piece(embedding, monkeypatch, norm
     assert not calls
     torch.testing.assert_close(maps, traced_maps, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(scores, traced_scores, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "normalization, image_score, padding",
+    [("patch", "map", "zeros"), ("image", "map", "reflect"), ("image", "projection", "zeros"),
+     ("image", "cosine", "zeros")],
+)
+@pytest.mark.parametrize("size", [(64, 64), (72, 52)])
+def test_products_at_each_stages_stride_equal_the_joined_head(monkeypatch, normalization,
+                                                              image_score, padding, size):
+    # On the CPU the network multiplies the coarser stages by the prototypes
+    # at their own stride and interpolates the products; traced, it joins the
+    # stages first. Stages 2 and 3 (factors 2 and 4) interpolated, in bands
+    # of 8 rows that cut images mid-way; 72 x 52 leaves a grid of 18 x 13,
+    # no multiple of 4, whose coarsest stage (5 x 4) ends before it (edges
+    # repeated), and a short last band.
+    monkeypatch.setattr(network, "BAND_PATCHES", 8 * 16)
+    backbone = create_feature_extractor("resnet18", (1, 2, 3), weights=None)
+    emb = PatchEmbedding(backbone, neighborhood_size=3, normalization=normalization,
+                         padding=padding)
+    torch.manual_seed(0)
+    net = ProtoADNetwork(emb, torch.randn(9, 448), size, image_score=image_score,
+                         score_baseline=torch.rand(4, 4)).eval()
+    assert net._interpolated_stages() == [(1, 2), (2, 4)]
+    x = torch.rand(3, 3, *size)
+    with torch.inference_mode():
+        maps, scores = net(x)
+        traced = torch.jit.trace(net, x[:1], check_trace=False)
+        traced_maps, traced_scores = traced(x)
+        one_piece = net.readout(*net._patch_scores(emb(x).contiguous(
+            memory_format=torch.channels_last)))
+    torch.testing.assert_close(maps, traced_maps, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(scores, traced_scores, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(maps, one_piece[0], atol=2e-5, rtol=1e-5)
+    assert not torch.equal(maps, traced_maps)  # the two ways really differ
+
+
+def test_stage_products_are_interpolated_only_where_they_save_work(embedding, monkeypatch):
+    backbone = create_feature_extractor("resnet18", (1, 2, 3), weights=None)
+    net = ProtoADNetwork(PatchEmbedding(backbone), torch.randn(3, 448), (64, 64))
+    # saved multiply-adds per patch and prototype: 128 * 3/4 = 96, 256 * 15/16 = 240
+    monkeypatch.setattr(network, "STAGE_PRODUCT_MIN_SAVING", 100)
+    assert net._interpolated_stages() == [(2, 4)]
+    monkeypatch.setattr(network, "STAGE_PRODUCT_MIN_SAVING", 300)
+    assert net._interpolated_stages() == []
+    paper = ProtoADNetwork(PatchEmbedding(backbone, alignment="paper"), torch.randn(3, 448),
+                           (64, 64))
+    monkeypatch.setattr(network, "STAGE_PRODUCT_MIN_SAVING", 0)
+    assert paper._interpolated_stages() == []  # its join repeats features instead
 
 
 def test_backbone_in_chunks_equals_the_traced_backbone_in_one_pass(embedding, monkeypatch):

@@ -40,13 +40,13 @@ def test_n_jobs_holds_for_the_call_only(normal_images, two_threads, monkeypatch)
     assert torch.get_num_threads() == two_threads
 
     seen = []
-    head = type(det.network_).head
+    readout = type(det.network_).readout
 
-    def recording_head(self, features):
+    def recording_readout(self, *args):
         seen.append(torch.get_num_threads())
-        return head(self, features)
+        return readout(self, *args)
 
-    monkeypatch.setattr(type(det.network_), "head", recording_head)
+    monkeypatch.setattr(type(det.network_), "readout", recording_readout)
     for method in ("score_samples", "decision_function", "predict", "anomaly_maps",
                    "predict_masks"):
         seen.clear()
