@@ -12,10 +12,11 @@ training images (evenly spaced over the set's training list):
   features, the folds those of the fit, two ways, alternating, the fastest
   of ``--rounds`` rounds of each: one shared first-neighbour search with
   the rows that lost their neighbour to a fold searched in the shared
-  search's lists (the fit's way, but for FINCH's second level, which the
-  fit's ``clustering.SharedSearch`` also shares: ``--against`` measures
-  that), and the fit's way before those lists
-  (those rows searched exactly when few, else every row searched again);
+  search's lists and FINCH's second level started from the first
+  clustering's (``clustering.SharedSearch``, the fit's way; results
+  written before this script used it leave the second level out), and the fit's way
+  before those lists (those rows searched exactly when few, else every
+  row searched again, no second level shared);
 - the share of patches whose first neighbour lies in their own image, and
   of each fold clustering's patches whose neighbour lay in the fold;
 - with ``--against REF``: the same fit with this checkout and with the

@@ -8,9 +8,11 @@ image at 256 x 256):
   PatchCore receive it;
 - ``backbone + join``: the defaults' patch embedding (3 x 3 aggregation,
   join at stride 4, per-image normalisation): the physical limit of ProtoAD;
-- ``defaults``: the fitted ``ProtoADDetector()`` network; the same with its
-  head in one piece (as exports run it) instead of in bands of patches; and
-  the same network with K random prototypes (250 to 4,000; speed only);
+- ``defaults``: the fitted ``ProtoADDetector()`` network (on the CPU: the
+  coarsest stage's products with the prototypes at its own stride); the
+  same with its head on the joined stages in bands of patches (the way
+  before); with that head in one piece (as exports run it); and the same
+  network with K random prototypes (250 to 4,000; speed only);
 - ``PaDiM`` (100 random dimensions) and ``PatchCore`` (1 % coreset) from
   ``benchmarks/anchors.py``, fitted on the same training images.
 
@@ -44,7 +46,8 @@ from bench_anchors import normalise  # noqa: E402
 
 from skprotoad import ProtoADDetector  # noqa: E402
 from skprotoad.backbones import create_feature_extractor  # noqa: E402
-from skprotoad.clustering import first_neighbors, learn_prototypes, neighbors_without  # noqa: E402,E501
+from skprotoad.clustering import (  # noqa: E402
+    SharedSearch, first_neighbors, learn_prototypes, neighbors_without)
 from skprotoad.datasets import load_mvtec, make_defect_dataset  # noqa: E402
 from skprotoad.network import ProtoADNetwork  # noqa: E402
 from skprotoad.preprocessing import model_inputs  # noqa: E402
@@ -105,8 +108,9 @@ def _patch_rows(network, train, folds):
 
 #: How the clusterings without each fold find their first neighbours:
 #: ``(shared, lists)``: start from one search of all patches; search the rows
-#: that lost their neighbour in that search's lists (else, when they are
-#: many, all rows again).
+#: that lost their neighbour in that search's lists and start FINCH's second
+#: level from the first clustering's (:class:`SharedSearch`, the fit's way),
+#: else, when they are many, search all rows again.
 CLUSTERING_WAYS = {
     "a search each": (False, False),
     "one shared search": (True, True),  # the fit's way
@@ -132,16 +136,22 @@ def _clustering_seconds(X, folds, ways=("a search each", "one shared search")):
                 learn_prototypes(np.delete(X, np.s_[a:b], axis=0), random_state=0)
             result[way] = time.perf_counter() - start
             continue
-        neighbors, _, lists = first_neighbors(X, random_state=0, return_lists=True)
-        learn_prototypes(X, random_state=0, first_neighbors=neighbors)
+        if with_lists:  # the fit's way: first and second FINCH levels shared
+            search = SharedSearch.of(X, random_state=0)
+            neighbors = search.indices
+            search.learn_prototypes(X, random_state=0)
+        else:
+            neighbors = first_neighbors(X, random_state=0)[0]
+            learn_prototypes(X, random_state=0, first_neighbors=neighbors)
         searched_again = []
         for a, b in blocks:
             kept = neighbors_without(neighbors, a, b)
             searched_again.append(float(np.mean(kept < 0)))
-            learn_prototypes(np.delete(X, np.s_[a:b], axis=0), random_state=0,
-                             first_neighbors=kept,
-                             neighbor_lists=np.delete(lists, np.s_[a:b], axis=0)
-                             if with_lists else None)
+            rest = np.delete(X, np.s_[a:b], axis=0)
+            if with_lists:
+                search.without(a, b).learn_prototypes(rest, random_state=0)
+            else:
+                learn_prototypes(rest, random_state=0, first_neighbors=kept)
         result[way] = time.perf_counter() - start
         result["searched again"] = searched_again
         result["neighbour in own image"] = float(
@@ -237,6 +247,9 @@ def main(argv=None):
         "backbone": lambda x: normalise(x, extractor),
         "backbone + join": embedding,
         network_name: network,
+        # the head on the joined stages (the CPU's way before the stage-wise
+        # products), in bands of patches
+        "defaults, joined head": lambda x: network.head(embedding(x)),
         # the head as exports run it (and as it ran before the bands): one
         # conv over all patches of the batch
         "defaults, head in one piece": lambda x: network.readout(*network._patch_scores(

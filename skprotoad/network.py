@@ -170,6 +170,20 @@ def _split_for_cache(tensor: torch.Tensor) -> bool:
     )
 
 
+def _line_operator(n_in: int, n_out: int, stride: int, alignment: str,
+                   smoothing: GaussianSmoothing) -> torch.Tensor:
+    """The (n_out, n_in) matrix of :func:`upsample` along one axis followed
+    by ``smoothing`` along it (its kernel and mirrored border); built in
+    float64, returned in float32."""
+    eye = torch.eye(n_in, dtype=torch.float64)[None, :, :, None]
+    operator = upsample(eye, stride, (n_out, 1), alignment)[0, :, :, 0].T
+    if smoothing.radius:
+        kernel = smoothing.kernel.to(torch.float64)
+        padded = operator.index_select(0, _symmetric_index(n_out, smoothing.radius))
+        operator = sum(kernel[t] * padded[t : t + n_out] for t in range(len(kernel)))
+    return operator.float()
+
+
 def _backbone_chunks(images: torch.Tensor) -> list:
     """``images`` in the backbone passes of :meth:`PatchEmbedding.join`."""
     n = images.shape[0]
@@ -487,7 +501,9 @@ class ProtoADNetwork(nn.Module):
             prototypes = F.normalize(prototypes, dim=1)
         self.prototype_conv.weight.data.copy_(prototypes[:, :, None, None])
         self.prototype_conv.requires_grad_(False)
-        self.smoothing = GaussianSmoothing(sigma, self.input_size)
+        # holds sigma and the kernel; the maps are smoothed by _smooth_up's matrices
+        self.smoothing = GaussianSmoothing(sigma, None)
+        self._line_operators = {}  # (sizes, stride, device, dtype) -> matrix
         # always registered, empty when absent, so that every network's state
         # dict names the same tensors
         baseline = torch.zeros(0, 0) if score_baseline is None else score_baseline
@@ -751,9 +767,27 @@ class ProtoADNetwork(nn.Module):
         return self._smooth_up(score_patches, stride, size).flatten(1).amax(dim=1)
 
     def _smooth_up(self, patch_scores, stride: int, size: tuple[int, int]) -> torch.Tensor:
-        """(N, 1, h, w) patch scores -> smoothed (N, H, W) maps at ``size``."""
-        maps = upsample(patch_scores, stride, size, self.embedding.alignment)[:, 0]
-        return self.smoothing(maps)
+        """(N, 1, h, w) patch scores -> smoothed (N, H, W) maps at ``size``.
+
+        The upsampling and the smoothing are both linear and act on rows and
+        columns apart, so they are one matrix per axis, ``A @ scores @ B.T``:
+        two small matrix products instead of passes over the large maps.
+        """
+        height, width = patch_scores.shape[-2:]
+        rows = self._line_operator(int(height), int(size[0]), stride, patch_scores)
+        columns = self._line_operator(int(width), int(size[1]), stride, patch_scores)
+        return rows @ patch_scores[:, 0] @ columns.T
+
+    def _line_operator(self, n_in: int, n_out: int, stride: int, like: torch.Tensor):
+        """:func:`_line_operator` for this network, cached per size."""
+        key = (n_in, n_out, stride, like.device, like.dtype)
+        operators = self._line_operators
+        if key not in operators:
+            if len(operators) >= 64:  # inputs of ever new sizes
+                operators.clear()
+            operators[key] = _line_operator(n_in, n_out, stride, self.embedding.alignment,
+                                            self.smoothing).to(like.device, like.dtype)
+        return operators[key]
 
     def non_finite_tensors(self) -> list:
         """Names of the floating-point tensors that hold a NaN or an infinity."""

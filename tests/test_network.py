@@ -98,6 +98,21 @@ def test_network_computes_one_minus_max_cosine(embedding, alignment):
     torch.testing.assert_close(scores, maps.flatten(1).amax(1))
 
 
+@pytest.mark.parametrize("alignment", ["center", "paper"])
+@pytest.mark.parametrize("sigma", [0.0, 4.0])
+@pytest.mark.parametrize("grid, size", [((16, 16), (64, 64)), ((13, 18), (50, 72))])
+def test_readout_matrices_are_the_upsampling_then_the_smoothing(embedding, alignment, sigma,
+                                                                grid, size):
+    # the maps come from one matrix per axis; the same as upsampling and
+    # then smoothing (which matches scipy: test_smoothing_matches_scipy)
+    emb = PatchEmbedding(embedding.backbone, alignment=alignment)
+    net = ProtoADNetwork(emb, torch.randn(3, 192), None, sigma=sigma)
+    patches = torch.rand(2, 1, *grid)
+    expected = GaussianSmoothing(sigma, None)(upsample(patches, 4, size, alignment)[:, 0])
+    maps, _ = net.readout(patches, patches, size)
+    torch.testing.assert_close(maps, expected, atol=1e-6, rtol=1e-5)
+
+
 def test_a_patch_equal_to_a_prototype_scores_zero(embedding):
     x = torch.rand(1, 3, 64, 64)
     feats = embedding(x)
