@@ -147,6 +147,11 @@ SETTINGS.update({
     "sigma2": dict(sigma=2.0),
     "sigma8": dict(sigma=8.0),
     "reflect": dict(padding="reflect"),
+    # BSData's 1130 x 460 images at their own aspect (about as many patches
+    # as 256 x 256), without and with mirroring: is the squash what costs
+    # mirroring there?
+    "aspect160x400": dict(image_size=(160, 400)),
+    "aspect160x400_reflect": dict(image_size=(160, 400), padding="reflect"),
 })
 COMMON = dict(backbone="efficientnet_lite0")
 # peers: other methods on the same backbone, crop, data and metrics (run_peer)

@@ -193,47 +193,57 @@ def _backbone_chunks(images: torch.Tensor) -> list:
     return [images[s : s + chunk] for s in range(0, n, chunk)]
 
 
-def _extended_columns(stage: torch.Tensor, n_columns: int) -> torch.Tensor:
-    """A stage's map (C, h, w) as (h, n_columns, C), the last column repeated
-    past the edge (as :func:`upsample` repeats it)."""
+def _coarse_product(stage, weight, n_rows, n_columns, bias=None):
+    """A stage's map (C, h, w) times ``weight`` (C, K), plus ``bias`` (K,)
+    when not None, as (n_rows, n_columns, K): the last row and column
+    repeated past the edge, as :func:`upsample` repeats them."""
+    rows = torch.arange(n_rows, device=stage.device).clamp_max(stage.shape[-2] - 1)
     columns = torch.arange(n_columns, device=stage.device).clamp_max(stage.shape[-1] - 1)
-    return stage.permute(1, 2, 0).index_select(1, columns)
+    block = stage.permute(1, 2, 0).index_select(0, rows).index_select(1, columns)
+    flat = block.reshape(n_rows * n_columns, -1)
+    product = flat @ weight if bias is None else torch.addmm(bias, flat, weight)
+    return product.view(n_rows, n_columns, -1)
 
 
-def _interpolated_product(stage, weight, r0, r1, factor, bias=None, workspace=None, name=""):
-    """Rows ``r0:r1`` (multiples of ``factor``) of the finest-stride grid of
-    ``stage`` (from :func:`_extended_columns`) times ``weight`` (C, K), as
-    :func:`upsample` of the product at the stage's stride: (rows x columns, K).
+def _band_products(fine, fine_weight, coarse, r0, workspace):
+    """The products (1, K, rows, columns), channels-last, of a band of one
+    image's patches (``fine``: its finer stages, (rows, columns, C_fine),
+    from row ``r0`` of the grid) with the prototypes: the finer stages'
+    share by one matrix product, added by the product's own accumulation to
+    the coarser stages' interpolated shares (``coarse``: ``(factor,
+    product)`` pairs, see :func:`_coarse_product`)."""
+    n_rows, n_columns = fine.shape[:2]
+    products = None
+    for j, (factor, product) in enumerate(coarse):
+        share = _interpolated(product[r0 // factor : (r0 + n_rows) // factor + 1], factor,
+                              workspace, str(j))
+        products = share if products is None else products.add_(share)
+    products.addmm_(fine.reshape(n_rows * n_columns, -1), fine_weight)
+    return products.view(1, n_rows, n_columns, -1).permute(0, 3, 1, 2)
 
-    Bilinear through the grid points with the edges repeated: every fine
-    patch lies between two coarse ones in each direction, at a fraction
-    ``q / factor`` of the way, ``q`` its phase; the coarse rows past the edge
-    are the last one repeated, so the edges come out repeated. The result
-    and the intermediates live in ``workspace`` (a dict, reused from call to
+
+def _interpolated(product, factor, workspace, name=""):
+    """Products at a coarse stride (rows + 1, columns + 1, K) brought to the
+    finest stride, ``factor`` times finer, as :func:`upsample` brings maps
+    there: (rows x factor x columns x factor, K).
+
+    Bilinear through the grid points: every fine patch lies between two
+    coarse ones in each direction, at a fraction ``q / factor`` of the way,
+    ``q`` its phase (past the edge the coarse rows and columns repeat, see
+    :func:`_coarse_product`, so the edges come out repeated). The result
+    and the intermediate live in ``workspace`` (a dict, reused from call to
     call under ``name``): fresh memory of that size costs page faults on
     every band.
     """
-    workspace = {} if workspace is None else workspace
-    n_rows = (r1 - r0) // factor
-    rows = (torch.arange(n_rows + 1, device=stage.device) + r0 // factor).clamp_max(stage.shape[0] - 1)
-    block = stage.index_select(0, rows)
-    flat = block.reshape(-1, block.shape[-1])
-    k = weight.shape[1]
-    product = _work(workspace, name + "product", (flat.shape[0], k), weight)
-    if bias is None:
-        torch.mm(flat, weight, out=product)
-    else:
-        torch.addmm(bias, flat, weight, out=product)
-    product = product.view(n_rows + 1, block.shape[1], k)
-    n_columns = (block.shape[1] - 1) * factor
-    across = _work(workspace, name + "across", (n_rows + 1, n_columns // factor, factor, k), weight)
+    n_rows, n_columns, k = product.shape[0] - 1, product.shape[1] - 1, product.shape[2]
+    across = _work(workspace, name + "across", (n_rows + 1, n_columns, factor, k), product)
     for q in range(factor):
         torch.lerp(product[:, :-1], product[:, 1:], q / factor, out=across[:, :, q])
-    across = across.view(n_rows + 1, n_columns, k)
-    down = _work(workspace, name + "down", (n_rows, factor, n_columns, k), weight)
+    across = across.view(n_rows + 1, n_columns * factor, k)
+    down = _work(workspace, name + "down", (n_rows, factor, n_columns * factor, k), product)
     for q in range(factor):
         torch.lerp(across[:-1], across[1:], q / factor, out=down[:, q])
-    return down.view(n_rows * factor * n_columns, k)
+    return down.view(n_rows * factor * n_columns * factor, k)
 
 
 def _work(workspace, name, shape, like):
@@ -683,14 +693,14 @@ class ProtoADNetwork(nn.Module):
         :data:`BAND_PATCHES` patches of one image; CPU only."""
         emb = self.embedding
         offsets = np.cumsum((0,) + tuple(emb.backbone.channels))
-        weight = self.prototypes
-        columns = {k: weight[:, offsets[k] : offsets[k + 1]].T.contiguous() for k, _ in stages}
-        fine_stages = [k for k in range(len(offsets) - 1) if k not in columns]
-        fine_weight = torch.cat(
-            [weight[:, offsets[k] : offsets[k + 1]] for k in fine_stages], dim=1).T.contiguous()
+        by_stage = [self.prototypes[:, offsets[k] : offsets[k + 1]] for k in range(len(offsets) - 1)]
+        coarse = dict(stages)
+        fine_stages = [k for k in range(len(by_stage)) if k not in coarse]
+        fine_weight = torch.cat([by_stage[k] for k in fine_stages], dim=1).T.contiguous()
+        coarse_weights = [(k, factor, by_stage[k].T.contiguous()) for k, factor in stages]
         half_sq = self._half_squares()
         by_image = emb.normalization == "image"
-        multiple = int(np.lcm.reduce([factor for _, factor in stages]))
+        multiple = int(np.lcm.reduce(list(coarse.values())))
         map_parts, score_parts, workspace = [], [], {}
         for chunk in _backbone_chunks(images):
             maps = emb.stage_maps(chunk)
@@ -698,35 +708,30 @@ class ProtoADNetwork(nn.Module):
             joined = torch.cat(parts, dim=1)
             divisors = emb.divisors(joined)
             height, width = joined.shape[-2:]
-            pad_h, pad_w = -height % multiple, -width % multiple
             # the grid padded to whole coarse steps; the pad's scores are cut off
-            fine = torch.cat([parts[k] for k in fine_stages], dim=1).permute(0, 2, 3, 1)
-            fine = F.pad(fine, (0, 0, 0, pad_w, 0, pad_h)).contiguous()
+            pad = (0, -width % multiple, 0, -height % multiple)
+            fine = F.pad(torch.cat([parts[k] for k in fine_stages], dim=1), pad)
+            fine = fine.permute(0, 2, 3, 1).contiguous()
+            grid_h, grid_w = fine.shape[1:3]
             feature_sq = None
             if by_image:
-                feature_sq = (joined * joined).sum(dim=1, keepdim=True) / divisors.square()
-                feature_sq = F.pad(feature_sq, (0, pad_w, 0, pad_h))
+                feature_sq = F.pad((joined * joined).sum(dim=1, keepdim=True) / divisors.square(), pad)
             else:
-                divisors = F.pad(divisors, (0, pad_w, 0, pad_h), value=1.0)
-            rows = max(multiple, BAND_PATCHES // (width + pad_w) // multiple * multiple)
+                divisors = F.pad(divisors, pad, value=1.0)
+            rows = max(multiple, BAND_PATCHES // grid_w // multiple * multiple)
             for i in range(len(chunk)):
                 scale = divisors[i : i + 1]
                 bias = -scale.flatten() * half_sq if by_image else None
-                coarse = [
-                    (factor, _extended_columns(maps[k][i], (width + pad_w) // factor + 1), columns[k])
-                    for k, factor in stages
-                ]
+                coarse_products = []
+                for k, factor, w in coarse_weights:
+                    coarse_products.append((factor, _coarse_product(
+                        maps[k][i], w, grid_h // factor + 1, grid_w // factor + 1,
+                        bias if not coarse_products else None)))
                 bands = []
-                for r0 in range(0, height + pad_h, rows):
-                    r1 = min(height + pad_h, r0 + rows)
-                    products = None
-                    for j, (factor, stage, stage_weight) in enumerate(coarse):
-                        up = _interpolated_product(stage, stage_weight, r0, r1, factor,
-                                                   bias if products is None else None,
-                                                   workspace, str(j))
-                        products = up if products is None else products.add_(up)
-                    products.addmm_(fine[i, r0:r1].reshape(-1, fine.shape[-1]), fine_weight)
-                    products = products.view(1, r1 - r0, width + pad_w, -1).permute(0, 3, 1, 2)
+                for r0 in range(0, grid_h, rows):
+                    r1 = min(grid_h, r0 + rows)
+                    products = _band_products(fine[i, r0:r1], fine_weight, coarse_products, r0,
+                                              workspace)
                     bands.append(self._scores_of_products(
                         products,
                         None if feature_sq is None else feature_sq[i : i + 1, :, r0:r1],
