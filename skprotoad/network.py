@@ -10,6 +10,12 @@ nearest prototype, ``sqrt(|x|^2 - max_k (2 x.p_k - |p_k|^2))``: the same 1x1
 conv and max, with a bias. With ``image_score="cosine"`` the image score is then
 read from the same conv's output as ``1 - max cosine`` (a second max), while the
 map stays the distance.
+
+On the CPU (not while traced or exported), :meth:`ProtoADNetwork.forward`
+multiplies the coarser stages by the prototypes at their own stride and
+interpolates the products instead of the features (the same sums, both being
+linear); everywhere, the upsampling and the smoothing are one matrix per axis.
+The same outputs to float rounding, for fewer operations.
 """
 
 from __future__ import annotations
@@ -170,8 +176,8 @@ def _split_for_cache(tensor: torch.Tensor) -> bool:
     )
 
 
-def _line_operator(n_in: int, n_out: int, stride: int, alignment: str,
-                   smoothing: GaussianSmoothing) -> torch.Tensor:
+def _smoothed_upsampling(n_in: int, n_out: int, stride: int, alignment: str,
+                         smoothing: GaussianSmoothing) -> torch.Tensor:
     """The (n_out, n_in) matrix of :func:`upsample` along one axis followed
     by ``smoothing`` along it (its kernel and mirrored border); built in
     float64, returned in float32."""
@@ -639,9 +645,10 @@ class ProtoADNetwork(nn.Module):
         patches with the prototypes.
 
         ``products`` (N, K, h, w), overwritten, hold ``scale`` times
-        ``x.p_k`` with ``"patch"``, ``x.p_k - |p_k|^2 / 2`` with ``"image"``,
-        for the normalised features ``x`` (``scale`` None: 1; else a tensor
-        that broadcasts to (N, 1, h, w)); ``feature_sq`` is ``|x|^2``.
+        ``x.p_k`` (``"patch"``) or ``scale`` times ``x.p_k - |p_k|^2 / 2``
+        (``"image"``), for the normalised features ``x`` (``scale`` None: 1;
+        else a tensor that broadcasts to (N, 1, h, w)); ``feature_sq`` is
+        ``|x|^2``.
         """
         best = products.amax(dim=1, keepdim=True)
         if scale is not None:
@@ -784,14 +791,15 @@ class ProtoADNetwork(nn.Module):
         return rows @ patch_scores[:, 0] @ columns.T
 
     def _line_operator(self, n_in: int, n_out: int, stride: int, like: torch.Tensor):
-        """:func:`_line_operator` for this network, cached per size."""
+        """:func:`_smoothed_upsampling` for this network, cached per size."""
         key = (n_in, n_out, stride, like.device, like.dtype)
         operators = self._line_operators
         if key not in operators:
             if len(operators) >= 64:  # inputs of ever new sizes
                 operators.clear()
-            operators[key] = _line_operator(n_in, n_out, stride, self.embedding.alignment,
-                                            self.smoothing).to(like.device, like.dtype)
+            operators[key] = _smoothed_upsampling(
+                n_in, n_out, stride, self.embedding.alignment, self.smoothing
+            ).to(like.device, like.dtype)
         return operators[key]
 
     def non_finite_tensors(self) -> list:
