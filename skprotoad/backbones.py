@@ -103,13 +103,104 @@ class FeatureExtractor(nn.Module):
         self.eval()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.model.forward_intermediates(
+        model = self.model if _traced() else self._folded_model()
+        return model.forward_intermediates(
             x, indices=list(self.layers), intermediates_only=True
         )
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         # Batch-norm statistics are part of the pre-trained model: never update them.
         return super().train(False)
+
+    def _folded_model(self) -> nn.Module:
+        """``self.model`` with its batch norms folded into the convolutions
+        they follow (:func:`_fold_batch_norms`): the same features to float
+        rounding, without a pass over every activation per batch norm.
+
+        A copy, outside the state dict (which stays the pre-trained
+        model's), rebuilt when a weight changes in place; ``self.model``
+        itself when the copy's features are not the model's (a backbone
+        whose layers are not used in the order they are declared).
+        """
+        cached = self.__dict__.get("_folded")
+        if cached is not None:
+            tensors, versions, model = cached
+            if versions == _versions(tensors):
+                return model
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        versions = _versions(tensors)
+        if versions is None:  # changes would go unseen: keep to the stored model
+            return self.model
+        model = _fold_batch_norms(self.model)
+        if not _same_features(self.model, model, self.layers, tensors[0]):
+            model = self.model
+        # outside nn.Module's registry: not a submodule, not in the state dict
+        self.__dict__["_folded"] = (tensors, versions, model)
+        return model
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .float() give the tensors new storage: fold them again
+        self.__dict__.pop("_folded", None)
+        return super()._apply(fn, recurse)
+
+
+def _versions(tensors):
+    """The tensors' counts of in-place changes; None for inference tensors
+    (made under ``torch.inference_mode``), which keep none."""
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:
+        return None
+
+
+def _traced() -> bool:
+    """Whether the call runs inside a trace or an export, which must record
+    the model as it is stored."""
+    return (torch.jit.is_scripting() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+
+
+def _fold_batch_norms(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in which every batch norm (eval statistics) that
+    follows a convolution among its parent's children is folded into the
+    convolution's weight and bias and replaced by what it applies after the
+    normalisation (nothing; timm's ``BatchNormAct2d``: its dropout and
+    activation)."""
+    import copy
+
+    from timm.layers import BatchNormAct2d
+
+    folded = copy.deepcopy(model)
+    for parent in list(folded.modules()):
+        children = list(parent.named_children())
+        for (_, conv), (name, norm) in zip(children, children[1:]):
+            if not (isinstance(conv, nn.Conv2d) and type(norm) in (nn.BatchNorm2d, BatchNormAct2d)
+                    and norm.running_var is not None and conv.out_channels == norm.num_features):
+                continue
+            with torch.no_grad():
+                scale = torch.rsqrt(norm.running_var + norm.eps)
+                if norm.weight is not None:
+                    scale = scale * norm.weight
+                bias = -norm.running_mean * scale
+                if conv.bias is not None:
+                    bias = bias + conv.bias * scale
+                if norm.bias is not None:
+                    bias = bias + norm.bias
+                conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
+                conv.bias = nn.Parameter(bias, requires_grad=False)
+            after = nn.Identity() if type(norm) is nn.BatchNorm2d else nn.Sequential(norm.drop, norm.act)
+            setattr(parent, name, after)
+    return folded.eval()
+
+
+def _same_features(model, folded, layers, like) -> bool:
+    """Whether ``folded`` gives ``model``'s features on a random image."""
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(like.device, like.dtype)
+    with torch.no_grad():
+        ours, theirs = (m.forward_intermediates(x, indices=list(layers), intermediates_only=True)
+                        for m in (folded, model))
+        return all(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()) + 1e-6)
+                   for a, b in zip(ours, theirs))
 
 
 def backbone_stages(name: str) -> list[dict]:

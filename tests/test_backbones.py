@@ -135,3 +135,89 @@ def test_bad_layers_are_named(layers, error, match):
 def test_unknown_backbone_is_named():
     with pytest.raises(ValueError, match="Unknown backbone 'resnet_nonexistent'"):
         create_feature_extractor("resnet_nonexistent", (1,), weights=None)
+
+
+def _stored_features(net, x):
+    """The features of the stored model, batch norms and all."""
+    return net.model.forward_intermediates(x, indices=list(net.layers), intermediates_only=True)
+
+
+def test_batch_norms_are_folded_for_inference_and_stay_in_the_state_dict():
+    net = create_feature_extractor("efficientnet_lite0", (1, 2, 3))
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        folded, stored = net(x), _stored_features(net, x)
+    for a, b in zip(folded, stored):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    assert not torch.equal(folded[-1], stored[-1])  # really another computation
+    inference = net._folded_model()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in inference.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.model.modules())
+    assert any(k.endswith("running_var") for k in net.state_dict())
+    assert not any(k.startswith("_folded") for k in net.state_dict())
+    # traced (as exports are): the stored model, as it is saved
+    traced = torch.jit.trace(net, x[:1], check_trace=False)
+    with torch.inference_mode():
+        assert all(torch.equal(a, b) for a, b in zip(traced(x), stored))
+
+
+def test_folding_follows_weights_changed_in_place():
+    net = create_feature_extractor("resnet18", (1,), weights=None)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.inference_mode():
+        before = net(x)[0]
+    with torch.no_grad():
+        net.model.bn1.running_var.mul_(4.0)  # in place, as load_state_dict writes
+    with torch.inference_mode():
+        after, stored = net(x)[0], _stored_features(net, x)[0]
+    torch.testing.assert_close(after, stored, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(before, after, atol=1e-3)
+
+
+class _NormalisesItsInput(torch.nn.Module):
+    """Declares a convolution, then a batch norm, but normalises its input
+    first: folding the norm into the convolution would be wrong."""
+
+    feature_info = [{"num_chs": 3, "reduction": 1}]
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        self.bn = torch.nn.BatchNorm2d(3)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+        self.eval()
+
+    def forward_intermediates(self, x, indices, intermediates_only):
+        return [self.conv(self.bn(x))]
+
+
+def test_a_fold_that_changes_the_features_is_not_used():
+    from skprotoad.backbones import FeatureExtractor
+
+    net = FeatureExtractor(_NormalisesItsInput(), (0,), "toy")
+    x = torch.rand(2, 3, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x)[0], _stored_features(net, x)[0])
+    assert net._folded_model() is net.model
+
+
+def test_folding_follows_the_extractor_to_another_dtype():
+    net = create_feature_extractor("resnet18", (1,), weights=None)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.inference_mode():
+        net(x)  # folded in float32
+    net.double()
+    with torch.inference_mode():
+        out = net(x.double())[0]
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, _stored_features(net, x.double())[0])
+    assert net._folded_model() is not net.model
+    # converted under inference_mode, the weights keep no count of changes:
+    # the stored model runs
+    with torch.inference_mode():
+        net.float()
+        out = net(x)[0]
+    assert net._folded_model() is net.model
+    torch.testing.assert_close(out, _stored_features(net, x)[0])

@@ -162,6 +162,12 @@ PRIVATE_ATTRIBUTES_ALLOWED = {
     ("_validation.py", "_parameter_constraints"),
     # the record that record_fitted_settings writes and check_unchanged_since_fit reads
     ("_validation.py", "_fitted_settings"),
+    # torch's count of a tensor's in-place changes (no public equivalent): how
+    # the folded backbone sees that a weight changed (load_state_dict writes
+    # in place)
+    ("backbones.py", "_version"),
+    # nn.Module's hook for .to() / .float(), which the extractor extends
+    ("backbones.py", "_apply"),
 }
 
 
