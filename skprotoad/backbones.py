@@ -10,6 +10,7 @@ the stem (stride 2) and 1, 2, 3, 4 are ``layer1`` .. ``layer4`` (strides 4, 8, 1
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import urllib.error
@@ -166,8 +167,6 @@ def _fold_batch_norms(model: nn.Module) -> nn.Module:
     convolution's weight and bias and replaced by what it applies after the
     normalisation (nothing; timm's ``BatchNormAct2d``: its dropout and
     activation)."""
-    import copy
-
     from timm.layers import BatchNormAct2d
 
     folded = copy.deepcopy(model)
