@@ -663,10 +663,11 @@ class ProtoADNetwork(nn.Module):
         # directions, x.p / |p|: one more max. In place, since the (N, K, h, w)
         # products are the largest tensor here and each extra copy of them
         # costs as much time as a tenth of the conv.
-        inverse_norms = (2.0 * half_sq).clamp_min(1e-24).rsqrt()[None, :, None, None]
-        half_sq = half_sq[None, :, None, None]
-        projection = products.add_(half_sq if scale is None else half_sq * scale)
-        projection = projection.mul_(inverse_norms).amax(dim=1, keepdim=True)
+        inverse_norms = (2.0 * half_sq).clamp_min(1e-24).rsqrt()
+        offsets = half_sq * inverse_norms  # (products + |p|^2 / 2) / |p|, in one pass
+        offsets = offsets[None, :, None, None] if scale is None else offsets[None, :, None, None] * scale
+        projection = torch.addcmul(offsets, products, inverse_norms[None, :, None, None], out=products)
+        projection = projection.amax(dim=1, keepdim=True)
         if scale is not None:
             projection = projection / scale
         if self.image_score == "cosine":
