@@ -133,7 +133,7 @@ class FeatureExtractor(nn.Module):
         if versions is None:  # changes would go unseen: keep to the stored model
             return self.model
         model = _fold_batch_norms(self.model)
-        if not _same_features(self.model, model, self.layers, tensors[0]):
+        if model is None or not _same_features(self.model, model, self.layers, tensors[0]):
             model = self.model
         # outside nn.Module's registry: not a submodule, not in the state dict
         self.__dict__["_folded"] = (tensors, versions, model)
@@ -166,10 +166,10 @@ def _fold_batch_norms(model: nn.Module) -> nn.Module:
     follows a convolution among its parent's children is folded into the
     convolution's weight and bias and replaced by what it applies after the
     normalisation (nothing; timm's ``BatchNormAct2d``: its dropout and
-    activation)."""
+    activation); None when it has none to fold."""
     from timm.layers import BatchNormAct2d
 
-    folded = copy.deepcopy(model)
+    folded, n_folded = copy.deepcopy(model), 0
     for parent in list(folded.modules()):
         children = list(parent.named_children())
         for (_, conv), (name, norm) in zip(children, children[1:]):
@@ -189,17 +189,22 @@ def _fold_batch_norms(model: nn.Module) -> nn.Module:
                 conv.bias = nn.Parameter(bias, requires_grad=False)
             after = nn.Identity() if type(norm) is nn.BatchNorm2d else nn.Sequential(norm.drop, norm.act)
             setattr(parent, name, after)
-    return folded.eval()
+            n_folded += 1
+    return folded.eval() if n_folded else None
 
 
 def _same_features(model, folded, layers, like) -> bool:
-    """Whether ``folded`` gives ``model``'s features on a random image."""
+    """Whether ``folded`` gives ``model``'s features on a random image
+    (False when the model cannot take it)."""
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(like.device, like.dtype)
-    with torch.no_grad():
-        ours, theirs = (m.forward_intermediates(x, indices=list(layers), intermediates_only=True)
-                        for m in (folded, model))
-        return all(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()) + 1e-6)
-                   for a, b in zip(ours, theirs))
+    try:
+        with torch.no_grad():
+            ours, theirs = (m.forward_intermediates(x, indices=list(layers), intermediates_only=True)
+                            for m in (folded, model))
+    except (RuntimeError, ValueError, AssertionError):
+        return False
+    return all(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()) + 1e-6)
+               for a, b in zip(ours, theirs))
 
 
 def backbone_stages(name: str) -> list[dict]:

@@ -221,3 +221,9 @@ def test_folding_follows_the_extractor_to_another_dtype():
         out = net(x)[0]
     assert net._folded_model() is net.model
     torch.testing.assert_close(out, _stored_features(net, x)[0])
+
+
+def test_a_backbone_without_batch_norms_runs_as_stored():
+    # nothing to fold (layer norms), and no 64 x 64 check image it could take
+    net = create_feature_extractor("vit_tiny_patch16_224", (3,), weights=None)
+    assert net._folded_model() is net.model
