@@ -185,10 +185,11 @@ def _fold_batch_norms(model: nn.Module) -> nn.Module:
                     bias = bias + conv.bias * scale
                 if norm.bias is not None:
                     bias = bias + norm.bias
-                conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
+                weight = conv.weight * scale.view(-1, 1, 1, 1)
+                conv.weight = nn.Parameter(weight, requires_grad=False)
                 conv.bias = nn.Parameter(bias, requires_grad=False)
-            after = nn.Identity() if type(norm) is nn.BatchNorm2d else nn.Sequential(norm.drop, norm.act)
-            setattr(parent, name, after)
+            plain = type(norm) is nn.BatchNorm2d
+            setattr(parent, name, nn.Identity() if plain else nn.Sequential(norm.drop, norm.act))
             n_folded += 1
     return folded.eval() if n_folded else None
 
@@ -196,11 +197,14 @@ def _fold_batch_norms(model: nn.Module) -> nn.Module:
 def _same_features(model, folded, layers, like) -> bool:
     """Whether ``folded`` gives ``model``'s features on a random image
     (False when the model cannot take it)."""
-    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(like.device, like.dtype)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x = x.to(like.device, like.dtype)
     try:
         with torch.no_grad():
-            ours, theirs = (m.forward_intermediates(x, indices=list(layers), intermediates_only=True)
-                            for m in (folded, model))
+            ours, theirs = (
+                m.forward_intermediates(x, indices=list(layers), intermediates_only=True)
+                for m in (folded, model)
+            )
     except (RuntimeError, ValueError, AssertionError):
         return False
     return all(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()) + 1e-6)

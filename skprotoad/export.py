@@ -322,7 +322,7 @@ class InspectionPipeline(nn.Module):
 
 class _CheckedInput(nn.Module):
     """Scripted guard around the traced network: a trace fixes the spatial
-    size (smoothing indices, upsampling sizes) and would misread other inputs."""
+    size (the readout's matrices, upsampling sizes) and would misread other inputs."""
 
     def __init__(self, network, height, width):
         super().__init__()

@@ -665,8 +665,11 @@ class ProtoADNetwork(nn.Module):
         # costs as much time as a tenth of the conv.
         inverse_norms = (2.0 * half_sq).clamp_min(1e-24).rsqrt()
         offsets = half_sq * inverse_norms  # (products + |p|^2 / 2) / |p|, in one pass
-        offsets = offsets[None, :, None, None] if scale is None else offsets[None, :, None, None] * scale
-        projection = torch.addcmul(offsets, products, inverse_norms[None, :, None, None], out=products)
+        offsets = offsets[None, :, None, None]
+        if scale is not None:
+            offsets = offsets * scale
+        projection = torch.addcmul(offsets, products, inverse_norms[None, :, None, None],
+                                   out=products)
         projection = projection.amax(dim=1, keepdim=True)
         if scale is not None:
             projection = projection / scale
@@ -688,7 +691,8 @@ class ProtoADNetwork(nn.Module):
         chosen = []
         for k in range(1, len(strides)):
             factor = strides[k] // strides[0]
-            if strides[k] % strides[0] == 0 and channels[k] * (1 - factor**-2) >= STAGE_PRODUCT_MIN_SAVING:
+            saving = channels[k] * (1 - factor**-2)
+            if strides[k] % strides[0] == 0 and saving >= STAGE_PRODUCT_MIN_SAVING:
                 chosen.append((k, factor))
         return chosen
 
@@ -701,7 +705,7 @@ class ProtoADNetwork(nn.Module):
         :data:`BAND_PATCHES` patches of one image; CPU only."""
         emb = self.embedding
         offsets = np.cumsum((0,) + tuple(emb.backbone.channels))
-        by_stage = [self.prototypes[:, offsets[k] : offsets[k + 1]] for k in range(len(offsets) - 1)]
+        by_stage = [self.prototypes[:, a:b] for a, b in zip(offsets[:-1], offsets[1:])]
         coarse = dict(stages)
         fine_stages = [k for k in range(len(by_stage)) if k not in coarse]
         fine_weight = torch.cat([by_stage[k] for k in fine_stages], dim=1).T.contiguous()
@@ -723,7 +727,8 @@ class ProtoADNetwork(nn.Module):
             grid_h, grid_w = fine.shape[1:3]
             feature_sq = None
             if by_image:
-                feature_sq = F.pad((joined * joined).sum(dim=1, keepdim=True) / divisors.square(), pad)
+                feature_sq = (joined * joined).sum(dim=1, keepdim=True) / divisors.square()
+                feature_sq = F.pad(feature_sq, pad)
             else:
                 divisors = F.pad(divisors, pad, value=1.0)
             rows = max(multiple, BAND_PATCHES // grid_w // multiple * multiple)
@@ -746,9 +751,10 @@ class ProtoADNetwork(nn.Module):
                         half_sq,
                         scale if by_image else scale[:, :, r0:r1],
                     ))
-                map_parts.append(torch.cat([b[0] for b in bands], dim=2)[..., :height, :width])
+                cut = (..., slice(0, height), slice(0, width))
+                map_parts.append(torch.cat([b[0] for b in bands], dim=2)[cut])
                 if bands[0][0] is not bands[0][1]:
-                    score_parts.append(torch.cat([b[1] for b in bands], dim=2)[..., :height, :width])
+                    score_parts.append(torch.cat([b[1] for b in bands], dim=2)[cut])
         map_patches = torch.cat(map_parts)
         return map_patches, (torch.cat(score_parts) if score_parts else map_patches)
 
