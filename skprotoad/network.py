@@ -168,12 +168,16 @@ STAGE_PRODUCT_MIN_SAVING = 64
 
 def _split_for_cache(tensor: torch.Tensor) -> bool:
     """Whether work on ``tensor`` may be split into cache-sized pieces: on
-    the CPU, and not while the network is traced or exported (TorchScript,
-    ONNX, torch.export), where a split would fix the batch size."""
-    return tensor.device.type == "cpu" and not (
-        torch.jit.is_scripting() or torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-    )
+    the CPU, and not while the network is traced or exported, where a split
+    would fix the batch size."""
+    return tensor.device.type == "cpu" and not _tracing()
+
+
+def _tracing() -> bool:
+    """Whether the network runs inside a trace or an export (TorchScript,
+    ONNX, torch.export)."""
+    return (torch.jit.is_scripting() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
 
 
 def _smoothed_upsampling(n_in: int, n_out: int, stride: int, alignment: str,
@@ -798,9 +802,15 @@ class ProtoADNetwork(nn.Module):
         return rows @ patch_scores[:, 0] @ columns.T
 
     def _line_operator(self, n_in: int, n_out: int, stride: int, like: torch.Tensor):
-        """:func:`_smoothed_upsampling` for this network, cached per size."""
+        """:func:`_smoothed_upsampling` for this network, cached per size
+        (not while traced or exported: there it is a constant of the graph,
+        and a module attribute written during an export draws a warning)."""
         key = (n_in, n_out, stride, like.device, like.dtype)
         operators = self._line_operators
+        if _tracing():
+            return _smoothed_upsampling(
+                n_in, n_out, stride, self.embedding.alignment, self.smoothing
+            ).to(like.device, like.dtype)
         if key not in operators:
             if len(operators) >= 64:  # inputs of ever new sizes
                 operators.clear()
