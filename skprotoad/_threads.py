@@ -1,4 +1,5 @@
-"""Torch's process-wide settings for one estimator call: threads, precision.
+"""Torch's process-wide settings for one estimator call: threads, precision;
+and whether torch is tracing or exporting (:func:`tracing`).
 
 ``ProtoADDetector(n_jobs=...)`` sets torch's intra-op threads, and every call
 turns off TF32 convolutions on CUDA, for the duration of the call only.
@@ -107,3 +108,12 @@ def with_torch_threads(method):
             return method(self, *args, **kwargs)
 
     return wrapper
+
+
+def tracing() -> bool:
+    """Whether the call runs inside a trace or an export (TorchScript, ONNX,
+    torch.export), which must record the model as it is stored and for any
+    batch size: the CPU-only shortcuts of the backbone and the head step
+    aside there."""
+    return (torch.jit.is_scripting() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())

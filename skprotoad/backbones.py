@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._threads import tracing
+
 __all__ = [
     "FeatureExtractor",
     "WeightsUnavailableError",
@@ -104,7 +106,7 @@ class FeatureExtractor(nn.Module):
         self.eval()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        model = self.model if _traced() else self._folded_model()
+        model = self.model if tracing() else self._folded_model()
         return model.forward_intermediates(
             x, indices=list(self.layers), intermediates_only=True
         )
@@ -152,13 +154,6 @@ def _versions(tensors):
         return tuple(t._version for t in tensors)
     except RuntimeError:
         return None
-
-
-def _traced() -> bool:
-    """Whether the call runs inside a trace or an export, which must record
-    the model as it is stored."""
-    return (torch.jit.is_scripting() or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
 
 
 def _fold_batch_norms(model: nn.Module) -> nn.Module:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._choices import ALIGNMENTS, IMAGE_SCORES, NORMALIZATIONS, PADDINGS
+from ._threads import tracing
 from ._validation import Integer, OneOf, validate
 from ._version import __version__
 from .backbones import FeatureExtractor, create_feature_extractor
@@ -170,14 +171,7 @@ def _split_for_cache(tensor: torch.Tensor) -> bool:
     """Whether work on ``tensor`` may be split into cache-sized pieces: on
     the CPU, and not while the network is traced or exported, where a split
     would fix the batch size."""
-    return tensor.device.type == "cpu" and not _tracing()
-
-
-def _tracing() -> bool:
-    """Whether the network runs inside a trace or an export (TorchScript,
-    ONNX, torch.export)."""
-    return (torch.jit.is_scripting() or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+    return tensor.device.type == "cpu" and not tracing()
 
 
 def _smoothed_upsampling(n_in: int, n_out: int, stride: int, alignment: str,
@@ -807,7 +801,7 @@ class ProtoADNetwork(nn.Module):
         and a module attribute written during an export draws a warning)."""
         key = (n_in, n_out, stride, like.device, like.dtype)
         operators = self._line_operators
-        if _tracing():
+        if tracing():
             return _smoothed_upsampling(
                 n_in, n_out, stride, self.embedding.alignment, self.smoothing
             ).to(like.device, like.dtype)
