@@ -329,6 +329,13 @@ class PatchEmbedding(nn.Module):
     >>> f = per_image(torch.rand(2, 3, 64, 64))
     >>> [round(float(m), 4) for m in f.norm(dim=1).mean(dim=(1, 2))]  # mean patch norm
     [1.0, 1.0]
+    >>> x = torch.rand(2, 3, 64, 64)
+    >>> maps = emb.stage_maps(x)  # each stage at its own stride
+    >>> [tuple(m.shape) for m in maps]
+    [(2, 64, 16, 16), (2, 128, 8, 8)]
+    >>> joined = torch.cat(emb.at_finest_stride(maps), dim=1)
+    >>> bool(torch.allclose(joined / emb.divisors(joined), emb(x)))
+    True
     """
 
     def __init__(
@@ -583,6 +590,19 @@ class ProtoADNetwork(nn.Module):
         stride, instead of the stages themselves: the same values to float
         rounding (the join and the products are linear), at a fraction of
         the multiply-adds. Elsewhere ``patch_scores(embedding(images))``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from skprotoad.backbones import create_feature_extractor
+        >>> from skprotoad.network import PatchEmbedding, ProtoADNetwork
+        >>> emb = PatchEmbedding(create_feature_extractor("resnet18", (1, 2), weights=None))
+        >>> net = ProtoADNetwork(emb, torch.randn(5, 192), (64, 64))
+        >>> x = torch.rand(2, 3, 64, 64)
+        >>> staged, _ = net.image_patch_scores(x)  # stage 2's products interpolated
+        >>> joined, _ = net.patch_scores(emb(x))  # the stages joined first
+        >>> tuple(staged.shape), bool(torch.allclose(staged, joined, atol=1e-5))
+        ((2, 1, 16, 16), True)
         """
         if images.shape[0] and _split_for_cache(images):
             stages = self._interpolated_stages()
