@@ -121,9 +121,11 @@ class FeatureExtractor(nn.Module):
         rounding, without a pass over every activation per batch norm.
 
         A copy, outside the state dict (which stays the pre-trained
-        model's), rebuilt when a weight changes in place; ``self.model``
-        itself when the copy's features are not the model's (a backbone
-        whose layers are not used in the order they are declared).
+        model's), rebuilt when a weight changes in place or moves (``.to()``
+        to another device or dtype; not when it is already there, as every
+        ``score_samples`` asks); ``self.model`` itself when the copy's
+        features are not the model's (a backbone whose layers are not used
+        in the order they are declared).
         """
         cached = self.__dict__.get("_folded")
         if cached is not None:
@@ -141,17 +143,15 @@ class FeatureExtractor(nn.Module):
         self.__dict__["_folded"] = (tensors, versions, model)
         return model
 
-    def _apply(self, fn, recurse=True):
-        # .to() / .float() give the tensors new storage: fold them again
-        self.__dict__.pop("_folded", None)
-        return super()._apply(fn, recurse)
 
 
 def _versions(tensors):
-    """The tensors' counts of in-place changes; None for inference tensors
-    (made under ``torch.inference_mode``), which keep none."""
+    """The tensors' counts of in-place changes and where their data lie
+    (``.to()`` to another device or dtype gives a parameter new data, not a
+    change in place); None for inference tensors (made under
+    ``torch.inference_mode``), which keep no count."""
     try:
-        return tuple(t._version for t in tensors)
+        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
     except RuntimeError:
         return None
 

@@ -223,6 +223,30 @@ def test_folding_follows_the_extractor_to_another_dtype():
     torch.testing.assert_close(out, _stored_features(net, x)[0])
 
 
+def test_a_move_to_where_the_weights_are_keeps_the_fold():
+    # the detector moves its network to its device before every scoring call:
+    # folding again each time would cost more than the network at batch 1
+    net = create_feature_extractor("resnet18", (1,), weights=None)
+    with torch.inference_mode():
+        net(torch.rand(1, 3, 32, 32))
+    folded = net._folded_model()
+    assert folded is not net.model
+    net.to("cpu").float()
+    assert net._folded_model() is folded
+
+
+def test_scoring_folds_the_backbone_once(lite0_detector, normal_images, monkeypatch):
+    import skprotoad.backbones as backbones
+
+    lite0_detector.score_samples(normal_images[:1])  # folded, if not before
+    calls = []
+    fold = backbones._fold_batch_norms
+    monkeypatch.setattr(backbones, "_fold_batch_norms", lambda m: calls.append(1) or fold(m))
+    lite0_detector.score_samples(normal_images[:2])
+    lite0_detector.anomaly_maps(normal_images[:1])
+    assert calls == []
+
+
 def test_a_backbone_without_batch_norms_runs_as_stored():
     # nothing to fold (layer norms), and no 64 x 64 check image it could take
     net = create_feature_extractor("vit_tiny_patch16_224", (3,), weights=None)

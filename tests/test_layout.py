@@ -166,8 +166,6 @@ PRIVATE_ATTRIBUTES_ALLOWED = {
     # the folded backbone sees that a weight changed (load_state_dict writes
     # in place)
     ("backbones.py", "_version"),
-    # nn.Module's hook for .to() / .float(), which the extractor extends
-    ("backbones.py", "_apply"),
 }
 
 
