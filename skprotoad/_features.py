@@ -555,6 +555,22 @@ def check_backbone_runs(embedding, device, crop, name, layers):
         ) from exc
 
 
+def on_device(network, device):
+    """``network`` on ``device``, moved only when it lies elsewhere.
+
+    ``Module.to`` visits every tensor even when none moves, a cost that a
+    station scoring one image per call would pay each time. Where the
+    network lies is read from a backbone weight and the head's tensors:
+    ``to`` moves them all together.
+    """
+    device = torch.device(device)
+    probes = (next(network.embedding.parameters()), network.prototype_conv.weight,
+              network.score_baseline)
+    if all(t.device == device for t in probes):
+        return network
+    return network.to(device)
+
+
 def score_images(network, images, device, batch_size, image_size, keep_maps, verbose=False):
     """Anomaly maps and scores of ``images`` by the whole network, one pass.
 

@@ -448,6 +448,6 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         device = _validation.torch_device(self.device)
         _validation.check_unchanged_since_fit(self)
         return images, *_features.score_images(
-            self.network_.to(device), images, device, self.batch_size, self.image_size,
+            _features.on_device(self.network_, device), images, device, self.batch_size, self.image_size,
             keep_maps, self.verbose,
         )

@@ -5,6 +5,7 @@ import pickle
 import joblib
 import numpy as np
 import pytest
+import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
@@ -692,3 +693,20 @@ def test_max_patches_caps_the_patches_held(normal_images, contamination, capsys)
         scores = -capped.score_samples(normal_images)
         assert -capped.offset_ == pytest.approx(np.quantile(scores, 1 - contamination),
                                                rel=1e-6)
+
+
+def test_scoring_moves_the_network_only_when_it_lies_elsewhere(tiny_detector, synthetic,
+                                                               monkeypatch):
+    from skprotoad._features import on_device
+
+    det = copy.deepcopy(tiny_detector)
+    expected = det.score_samples(synthetic.X_test[:2])
+
+    def no_move(*args, **kwargs):
+        raise AssertionError("moved a network that was on its device already")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.Module, "to", no_move)
+        np.testing.assert_array_equal(det.score_samples(synthetic.X_test[:2]), expected)
+    moved = on_device(det.network_, "meta")
+    assert {t.device.type for t in moved.state_dict().values()} == {"meta"}
