@@ -564,9 +564,9 @@ def on_device(network, device):
     ``to`` moves them all together.
     """
     device = torch.device(device)
-    probes = (next(network.embedding.parameters()), network.prototype_conv.weight,
+    probes = (next(network.embedding.parameters(), None), network.prototype_conv.weight,
               network.score_baseline)
-    if all(t.device == device for t in probes):
+    if all(t is None or t.device == device for t in probes):
         return network
     return network.to(device)
 
