@@ -160,6 +160,10 @@ BENCHMARKS = {
         "Linear maps of the patch features (whitening, PCA) on the suite: a lead, not taken.",
         "python benchmarks/bench_feature_maps.py",
     ),
+    "stage_aggregation": (
+        "The 3 x 3 aggregation on some backbone stages only, on the suite: a lead, not taken.",
+        "python benchmarks/bench_stage_aggregation.py",
+    ),
     "real_cost": (
         "What a real-data fit and a prediction on files cost.",
         "python benchmarks/bench_real_cost.py",
