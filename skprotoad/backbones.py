@@ -144,7 +144,6 @@ class FeatureExtractor(nn.Module):
         return model
 
 
-
 def _versions(tensors):
     """The tensors' counts of in-place changes and where their data lie
     (``.to()`` to another device or dtype gives a parameter new data, not a

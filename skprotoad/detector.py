@@ -447,7 +447,7 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         images = _images.ImageSequence(X)
         device = _validation.torch_device(self.device)
         _validation.check_unchanged_since_fit(self)
+        network = _features.on_device(self.network_, device)
         return images, *_features.score_images(
-            _features.on_device(self.network_, device), images, device, self.batch_size, self.image_size,
-            keep_maps, self.verbose,
+            network, images, device, self.batch_size, self.image_size, keep_maps, self.verbose,
         )
