@@ -19,7 +19,8 @@ image at 256 x 256):
 Inference: the test images are decoded and resized up front; each method runs
 them at batch 1 and 16, the methods alternating within each round, and the
 fastest round is kept. Then ``score_samples`` of the fitted detector on the
-test image files (decoding, resizing and the detector's own work included).
+test image files (decoding, resizing and the detector's own work included),
+at batch 1 and 16 and with one call per file (an inspection station's way).
 Fit: seconds of ``ProtoADDetector().fit`` (features, the clusterings,
 calibration) and of PaDiM's and PatchCore's fits including their backbone
 pass, on the same images. Then the fit's clusterings side by side with a
