@@ -26,11 +26,8 @@ The map goes into :class:`skprotoad.network.PatchEmbedding` for the run
 ``benchmarks/results/feature_maps.{json,md}``.
 """
 
-import argparse
 import contextlib
 import json
-import sys
-from pathlib import Path
 
 import _common  # first: this checkout's skprotoad
 
@@ -108,18 +105,7 @@ def mapped_features(where, matrix):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sets", nargs="+", default=None)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--max-train", type=int, default=200)
-    parser.add_argument("--out", type=Path, default=_common.RESULTS)
-    args = parser.parse_args(argv)
-    command = "python benchmarks/bench_feature_maps.py " + " ".join(
-        sys.argv[1:] if argv is None else argv)
-    path = args.out / "feature_maps.json"
-    results = _common.read_json(path, {"commands": [], "runs": {}})
-    results["commands"].append(command)
+    args, path, results = bench_suite.variant_run(__doc__, VARIANTS, "bench_feature_maps.py", "feature_maps", argv)
     for name, folder in bench_suite.find_sets(args.sets).items():
         data = bench_suite._Set(name, folder, args.max_train)
         statistics = {}  # one pass over the training images per kind of map

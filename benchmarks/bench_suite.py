@@ -482,6 +482,25 @@ def write_results(rows, out, command):
     _common.write_markdown(out / "suite.md", lines)
 
 
+def variant_run(doc, variants, script, results_name, argv=None):
+    """The arguments of a script that runs the defaults under named
+    ``variants`` on the suite's sets (``--sets``, ``--variants``, ``--seeds``,
+    ``--max-train``, ``--out``), the path of its JSON results and those
+    results so far, this run's command appended: ``(args, path, results)``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--sets", nargs="+", default=None)
+    parser.add_argument("--variants", nargs="+", default=list(variants), choices=list(variants))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--max-train", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=_common.RESULTS)
+    args = parser.parse_args(argv)
+    command = f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    path = args.out / f"{results_name}.json"
+    results = _common.read_json(path, {"commands": [], "runs": {}})
+    results["commands"].append(command)
+    return args, path, results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", nargs="+", default=["defaults", "paper"],
