@@ -564,6 +564,9 @@ def on_device(network, device):
     ``to`` moves them all together.
     """
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        # what .to("cuda") moves to; tensors there report "cuda:N", never "cuda"
+        device = torch.device("cuda", torch.cuda.current_device())
     probes = (next(network.embedding.parameters(), None), network.prototype_conv.weight,
               network.score_baseline)
     if all(t is None or t.device == device for t in probes):

@@ -55,3 +55,15 @@ def test_cuda_model_pickles_to_cpu(lite0_params, synthetic):
     np.testing.assert_allclose(
         restored.score_samples(synthetic.X_test), gpu.score_samples(synthetic.X_test), atol=1e-4
     )
+
+
+def test_scoring_on_cuda_moves_the_network_once(lite0_detector, synthetic, monkeypatch):
+    # device="cuda" names no index; the network's tensors report "cuda:N"
+    cuda = copy.deepcopy(lite0_detector).set_params(device="cuda")
+    expected = cuda.score_samples(synthetic.X_test[:2])
+
+    def no_move(*args, **kwargs):
+        raise AssertionError("moved a network that was on its device already")
+
+    monkeypatch.setattr(torch.nn.Module, "to", no_move)
+    np.testing.assert_array_equal(cuda.score_samples(synthetic.X_test[:2]), expected)
