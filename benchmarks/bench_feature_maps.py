@@ -15,13 +15,18 @@ each set's normal training patches, that the package does not offer:
   shrinkage, the closer to the features as they are); ``whiten1.0``, a
   multiple of the identity that the per-image scale undoes, is the control:
   the defaults' results up to rounding;
+- ``whiten_stage1``, ``whiten_stage2``, ``whiten_stage3``: as ``whiten0.1``
+  on one backbone stage's channels only (a block of the joined features),
+  the block then scaled back to the stage's own total variance, so that the
+  stages keep their weights; the other stages' channels as they are;
 - ``pca96``, ``pca64``: the per-image-scaled features projected onto their
   first 96 / 64 principal directions (uncentred second moment), as ``P^T P``
   so that the channels stay 176 (distances as in 96 / 64 coordinates: the
   accuracy of a head with that many channels, not its speed).
 
 The map goes into :class:`skprotoad.network.PatchEmbedding` for the run
-(``join`` or ``forward`` wrapped); ``bench_suite.run_one`` does the rest, so
+(``join`` or ``forward`` wrapped, and the network scoring through them);
+``bench_suite.run_one`` does the rest, so
 ``none`` is the suite's ``defaults`` row. Results:
 ``benchmarks/results/feature_maps.{json,md}``.
 """
@@ -37,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 import bench_suite  # noqa: E402
 
 from skprotoad.backbones import create_feature_extractor  # noqa: E402
-from skprotoad.network import PatchEmbedding  # noqa: E402
+from skprotoad.network import PatchEmbedding, ProtoADNetwork  # noqa: E402
 from skprotoad.preprocessing import model_inputs  # noqa: E402
 
 VARIANTS = {
@@ -47,6 +52,9 @@ VARIANTS = {
     "whiten0.7": ("whiten", 0.7),
     "whiten0.9": ("whiten", 0.9),
     "whiten1.0": ("whiten", 1.0),
+    "whiten_stage1": ("whiten", 0.1, 0),
+    "whiten_stage2": ("whiten", 0.1, 1),
+    "whiten_stage3": ("whiten", 0.1, 2),
     "pca96": ("pca", 96),
     "pca64": ("pca", 64),
 }
@@ -75,15 +83,31 @@ def training_statistic(data, kind):
     return x.T @ x / len(x)
 
 
-def fitted_map(kind, value, statistic):
+def _whitening(covariance, shrinkage):
+    n = covariance.shape[0]
+    shrunk = ((1 - shrinkage) * covariance
+              + shrinkage * covariance.trace() / n * torch.eye(n, dtype=covariance.dtype))
+    values, vectors = torch.linalg.eigh(shrunk)
+    return vectors @ torch.diag(values.rsqrt()) @ vectors.T
+
+
+def fitted_map(kind, value, statistic, stage=None):
     """(where, C x C matrix) of the map ``kind`` with ``value`` (shrinkage or
-    dimensions), from :func:`training_statistic`."""
+    dimensions), from :func:`training_statistic`; ``stage``: whiten that
+    backbone stage's block of channels only."""
+    if kind == "whiten" and stage is None:
+        return "join", _whitening(statistic, value).float()
     if kind == "whiten":
-        n = statistic.shape[0]
-        shrunk = ((1 - value) * statistic
-                  + value * statistic.trace() / n * torch.eye(n, dtype=statistic.dtype))
-        values, vectors = torch.linalg.eigh(shrunk)
-        return "join", (vectors @ torch.diag(values.rsqrt()) @ vectors.T).float()
+        channels = create_feature_extractor("efficientnet_lite0", (1, 2, 3)).channels
+        a = sum(channels[:stage])
+        b = a + channels[stage]
+        block = statistic[a:b, a:b]
+        matrix = torch.eye(statistic.shape[0], dtype=statistic.dtype)
+        # scaled so that the block's total variance stays the stage's own:
+        # only its shape changes, not its weight against the other stages
+        whitening = _whitening(block, value)
+        matrix[a:b, a:b] = whitening * (block.trace() / (whitening @ block @ whitening).trace()).sqrt()
+        return "join", matrix.float()
     _, vectors = torch.linalg.eigh(statistic)
     top = vectors[:, -value:]
     return "forward", (top @ top.T).float()
@@ -91,17 +115,26 @@ def fitted_map(kind, value, statistic):
 
 @contextlib.contextmanager
 def mapped_features(where, matrix):
-    """PatchEmbedding's ``where`` ("join" or "forward") followed by ``matrix``."""
+    """PatchEmbedding's ``where`` ("join" or "forward") followed by ``matrix``,
+    and the network's scoring through the joined features: on the CPU it
+    would otherwise take the coarser stages' products at their own stride,
+    past ``join`` and ``forward``, and score without the map."""
     original = getattr(PatchEmbedding, where)
+    original_scoring = ProtoADNetwork.image_patch_scores
 
     def wrapped(self, images):
         return F.conv2d(original(self, images), matrix[:, :, None, None])
 
+    def joined_scoring(self, images):
+        return self.patch_scores(self.embedding(images))
+
     setattr(PatchEmbedding, where, wrapped)
+    ProtoADNetwork.image_patch_scores = joined_scoring
     try:
         yield
     finally:
         setattr(PatchEmbedding, where, original)
+        ProtoADNetwork.image_patch_scores = original_scoring
 
 
 def main(argv=None):
@@ -112,10 +145,10 @@ def main(argv=None):
         for variant in args.variants:
             fitted = None
             if VARIANTS[variant] is not None:
-                kind, value = VARIANTS[variant]
+                kind, value, *stage = VARIANTS[variant]
                 if kind not in statistics:
                     statistics[kind] = training_statistic(data, kind)
-                fitted = fitted_map(kind, value, statistics[kind])
+                fitted = fitted_map(kind, value, statistics[kind], *stage)
             for seed in args.seeds:
                 with mapped_features(*fitted) if fitted else contextlib.nullcontext():
                     row = bench_suite.run_one(data, "defaults", seed, None)

@@ -432,6 +432,14 @@ class PatchEmbedding(nn.Module):
         return joined
 
 
+def _joins_as_defined(embedding) -> bool:
+    """Whether ``embedding`` makes its features as :class:`PatchEmbedding`
+    does, which the network's stage-wise products assume: a subclass that
+    changes ``forward`` or the join is scored through its own features."""
+    return all(getattr(type(embedding), name) is getattr(PatchEmbedding, name)
+               for name in ("forward", "join", "_join"))
+
+
 def effective_image_score(normalization, image_score):
     """The network's ``image_score`` for the detector's two parameters.
 
@@ -703,7 +711,7 @@ class ProtoADNetwork(nn.Module):
         :meth:`forward` takes at their own stride on the CPU: (stage, factor
         to the finest stride) for those that save at least
         :data:`STAGE_PRODUCT_MIN_SAVING` multiply-adds per patch and prototype."""
-        if self.embedding.alignment != "center":
+        if self.embedding.alignment != "center" or not _joins_as_defined(self.embedding):
             return []
         strides, channels = self.embedding.backbone.strides, self.embedding.backbone.channels
         chosen = []

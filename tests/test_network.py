@@ -210,6 +210,28 @@ def test_stage_products_are_interpolated_only_where_they_save_work(embedding, mo
     assert paper._interpolated_stages() == []  # its join repeats features instead
 
 
+def test_an_embedding_with_its_own_features_is_scored_through_them():
+    # the stage-wise products assume forward = join / divisors: a subclass
+    # that maps its features must not be scored without its map
+    class Shifted(PatchEmbedding):
+        def forward(self, images):
+            features = super().forward(images)
+            return features + torch.linspace(0, 1, features.shape[1])[:, None, None]
+
+    backbone = create_feature_extractor("resnet18", (1, 2, 3), weights=None)
+    torch.manual_seed(0)
+    prototypes = torch.randn(5, 448)
+    shifted = ProtoADNetwork(Shifted(backbone), prototypes, (64, 64)).eval()
+    plain = ProtoADNetwork(PatchEmbedding(backbone), prototypes, (64, 64)).eval()
+    assert shifted._interpolated_stages() == []
+    assert plain._interpolated_stages()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        got = shifted(x)
+        expected = shifted.readout(*shifted.patch_scores(shifted.embedding(x)))
+    torch.testing.assert_close(got, expected)
+
+
 def test_backbone_in_chunks_equals_the_traced_backbone_in_one_pass(embedding, monkeypatch):
     # two 64 x 64 images per pass on the CPU: a batch of 5 in three passes,
     # the last one short; traced, the embedding runs the batch in one pass
