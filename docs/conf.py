@@ -164,6 +164,10 @@ BENCHMARKS = {
         "The 3 x 3 aggregation on some backbone stages only, on the suite: a lead, not taken.",
         "python benchmarks/bench_stage_aggregation.py",
     ),
+    "synthetic_selection": (
+        "Synthetic anomalies on held-out normal images to choose a setting per set: a lead.",
+        "python benchmarks/bench_synthetic_selection.py",
+    ),
     "real_cost": (
         "What a real-data fit and a prediction on files cost.",
         "python benchmarks/bench_real_cost.py",
