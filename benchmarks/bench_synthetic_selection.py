@@ -16,7 +16,8 @@ held-out image (its own size-8-to-28 patch pasted elsewhere, ``cutpaste``;
 a soft ellipse of another held-out image, ``other``; a soft ellipse
 darkened or brightened by 40 %, ``shade``; a thin dark line, ``scratch``).
 Rows: the image AUROC of the held-out images against their altered copies,
-per kind and their mean, next to the same fit's image AUROC on the set's
+per kind and their mean, and the pixel AUROC of their maps with the made
+anomalies' masks, next to the same fit's image and pixel AUROC on the set's
 real test images. Variants: ``defaults``; ``reflect``
 (``padding="reflect"``); ``nbhd1`` (``neighborhood_size=1``);
 ``whiten_stage1`` (``bench_feature_maps``' map of that name). Results:
@@ -36,6 +37,7 @@ import bench_feature_maps  # noqa: E402
 import bench_suite  # noqa: E402
 
 from skprotoad import ProtoADDetector  # noqa: E402
+from skprotoad.metrics import pixel_auroc  # noqa: E402
 from skprotoad.preprocessing import load_image, resize_and_crop  # noqa: E402
 
 SIZE = 256
@@ -62,27 +64,39 @@ def _soft_ellipse(rng):
 
 
 def synthetic_anomalies(clean, rng):
-    """Each kind of anomaly made once on every image of ``clean``."""
-    made = {kind: [] for kind in KINDS}
+    """Each kind of anomaly made once on every image of ``clean``:
+    ``{kind: (images, masks)}``."""
+    made = {kind: ([], []) for kind in KINDS}
+
+    def add(kind, image, mask):
+        made[kind][0].append(image)
+        made[kind][1].append(mask)
+
     for i, image in enumerate(clean):
         h, w = rng.integers(8, 28, 2)
         y0, x0, y1, x1 = rng.integers(8, SIZE - 36, 4)
         pasted = image.copy()
         pasted[y1:y1 + h, x1:x1 + w] = image[y0:y0 + h, x0:x0 + w]
-        made["cutpaste"].append(pasted)
+        mask = np.zeros((SIZE, SIZE), bool)
+        mask[y1:y1 + h, x1:x1 + w] = True
+        add("cutpaste", pasted, mask)
         other = clean[(i + 1 + rng.integers(len(clean) - 1)) % len(clean)][::-1, ::-1]
         weight = _soft_ellipse(rng)
-        made["other"].append(image * (1 - weight) + other * weight)
+        add("other", image * (1 - weight) + other * weight, weight[..., 0] > 0.5)
         weight = _soft_ellipse(rng)
-        made["shade"].append(image * (1 - weight + weight * rng.choice([0.6, 1.4])))
+        add("shade", image * (1 - weight + weight * rng.choice([0.6, 1.4])),
+            weight[..., 0] > 0.5)
         line = image.copy()
+        mask = np.zeros((SIZE, SIZE), bool)
         y, x = rng.integers(30, SIZE - 30, 2)
         length, angle = rng.integers(15, 40), rng.uniform(0, np.pi)
         for s in np.linspace(0, length, 4 * length):
             r, c = int(y + s * np.sin(angle)), int(x + s * np.cos(angle))
             line[r:r + 2, c:c + 2] *= 0.5
-        made["scratch"].append(line)
-    return {kind: np.clip(np.stack(v), 0, 1).astype(np.float32) for kind, v in made.items()}
+            mask[r:r + 2, c:c + 2] = True
+        add("scratch", line, mask)
+    return {kind: (np.clip(np.stack(images), 0, 1).astype(np.float32), np.stack(masks))
+            for kind, (images, masks) in made.items()}
 
 
 def _variant(name, fit_images):
@@ -107,13 +121,19 @@ def run(data, variant, seed):
     with context:
         det = ProtoADDetector(**{**bench_suite.COMMON, **params, "random_state": seed})
         det.fit(fit_images)
-        clean = -det.score_samples(held_out)
+        clean_maps, clean = det.anomaly_maps(held_out, return_scores=True)
+        no_defect = np.zeros(clean_maps.shape, bool)
         row = {}
-        for kind, altered in made.items():
+        for kind, (altered, masks) in made.items():
+            maps, scores = det.anomaly_maps(altered, return_scores=True)
             labels = np.r_[np.zeros(len(clean)), np.ones(len(altered))]
-            row[kind] = float(roc_auc_score(labels, np.r_[clean, -det.score_samples(altered)]))
+            row[kind] = float(roc_auc_score(labels, -np.r_[clean, scores]))
+            row[f"{kind}_pixel"] = pixel_auroc(np.r_[no_defect, masks], np.r_[clean_maps, maps])
         row["synthetic"] = float(np.mean([row[k] for k in KINDS]))
-        row["real"] = float(roc_auc_score(data.labels, -det.score_samples(data.test)))
+        row["synthetic_pixel"] = float(np.mean([row[f"{k}_pixel"] for k in KINDS]))
+        maps, scores = det.anomaly_maps(data.test, return_scores=True)
+        row["real"] = float(roc_auc_score(data.labels, -scores))
+        row["real_pixel"] = pixel_auroc(data.masks(det.image_size, det.crop_size), maps)
     return {"set": data.name, "variant": variant, "seed": seed, "n_fit": n_fit,
             "n_held_out": len(held_out), **{k: round(v, 4) for k, v in row.items()}}
 
@@ -135,17 +155,25 @@ def main(argv=None):
 def _write_markdown(results, path):
     runs = sorted(results["runs"].values(),
                   key=lambda r: (r["set"], list(VARIANTS).index(r["variant"]), r["seed"]))
-    rows = [[r["set"], r["variant"], r["seed"], *(f"{r[k]:.3f}" for k in KINDS),
-             f"**{r['synthetic']:.3f}**", f"**{r['real']:.3f}**"] for r in runs]
+    def cell(r, key):
+        return f"{r[key]:.3f}" if key in r else ""
+
+    rows = [[r["set"], r["variant"], r["seed"], *(cell(r, k) for k in KINDS),
+             f"**{r['synthetic']:.3f}**", cell(r, "synthetic_pixel"), f"**{r['real']:.3f}**",
+             cell(r, "real_pixel")] for r in runs]
     lines = ["# Synthetic anomalies on held-out normal images (a lead)", "", "Commands:", ""]
     lines += [f"- `{c}`" for c in results["commands"]]
     lines += ["", f"Machine: {_common.machine()}. The defaults (efficientnet_lite0, whole image "
               "at 256 x 256) under each variant, fitted on 80 % of each set's seeded training "
               "subset; image AUROC of the other 20 % against their copies with one made "
               "anomaly of each kind (see the script's docstring), their mean (`synthetic`), "
-              "and the same fit's image AUROC on the set's real test images (`real`).", ""]
+              "and the same fit's image AUROC on the set's real test images (`real`); "
+              "`pixel`: pixel AUROC of the held-out images' maps with the made anomalies' "
+              "masks (the mean over the kinds), and of the real test images' (the rows "
+              "without it ran before it was measured).", ""]
     lines += _common.markdown_table(
-        ["set", "variant", "seed", *KINDS, "synthetic", "real"], rows)
+        ["set", "variant", "seed", *KINDS, "synthetic", "synthetic pixel", "real",
+         "real pixel"], rows)
     _common.write_markdown(path, lines)
 
 
