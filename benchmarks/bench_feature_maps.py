@@ -184,15 +184,13 @@ def _write_markdown(results, path):
                 cell += f" (image {low:.3f}-{high:.3f}, seeds {seeds})"
             row.append(cell)
         rows.append(row)
-    lines = ["# Linear maps of the patch features (a lead, not taken)", "", "Commands:", ""]
-    lines += [f"- `{c}`" for c in results["commands"]]
-    lines += ["", f"Machine: {_common.machine()}. The default detector (efficientnet_lite0, "
-              "whole image at 256 x 256) with a linear map of its patch features fitted on each "
-              "set's normal training patches (see the script's docstring); seeded training "
-              "subsets as in bench_suite. Each cell: image AUROC / pixel AUROC / AUPRO@0.3, mean "
-              "over the seeds run (seed 0 alone unless listed).", ""]
-    lines += _common.markdown_table(["set", *variants], rows)
-    _common.write_markdown(path, lines)
+    bench_suite.write_variant_markdown(
+        path, "Linear maps of the patch features (a lead, not taken)", results,
+        "The default detector (efficientnet_lite0, whole image at 256 x 256) with a linear map "
+        "of its patch features fitted on each set's normal training patches (see the script's "
+        "docstring); seeded training subsets as in bench_suite. Each cell: image AUROC / pixel "
+        "AUROC / AUPRO@0.3, mean over the seeds run (seed 0 alone unless listed).",
+        ["set", *variants], rows)
 
 
 if __name__ == "__main__":

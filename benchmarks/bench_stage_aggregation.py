@@ -110,16 +110,13 @@ def _write_markdown(results, path):
     rows.append([f"mean of {len(names)}"] + [
         " / ".join(f"{sum(m[i] for m in means[v]) / len(names):.3f}" for i in range(3))
         if v in complete else "" for v in variants])
-    lines = ["# The 3 x 3 aggregation on some stages only (a lead, not taken)", "",
-             "Commands:", ""]
-    lines += [f"- `{c}`" for c in results["commands"]]
-    lines += ["", f"Machine: {_common.machine()}. The default detector (efficientnet_lite0 "
-              "stages 1-3, whole image at 256 x 256) with its 3 x 3 neighbourhood average on "
-              "the listed stages only (`all`: the defaults); seeded training subsets as in "
-              "bench_suite. Each cell: image AUROC / pixel AUROC / AUPRO@0.3, mean over the "
-              "seeds run.", ""]
-    lines += _common.markdown_table(["set", *variants], rows)
-    _common.write_markdown(path, lines)
+    bench_suite.write_variant_markdown(
+        path, "The 3 x 3 aggregation on some stages only (a lead, not taken)", results,
+        "The default detector (efficientnet_lite0 stages 1-3, whole image at 256 x 256) with "
+        "its 3 x 3 neighbourhood average on the listed stages only (`all`: the defaults); "
+        "seeded training subsets as in bench_suite. Each cell: image AUROC / pixel AUROC / "
+        "AUPRO@0.3, mean over the seeds run.",
+        ["set", *variants], rows)
 
 
 if __name__ == "__main__":

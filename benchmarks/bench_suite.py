@@ -501,6 +501,16 @@ def variant_run(doc, variants, script, results_name, argv=None):
     return args, path, results
 
 
+def write_variant_markdown(path, title, results, description, header, rows):
+    """The results page of a :func:`variant_run` script: ``title``, its
+    commands, the machine and ``description``, then the table."""
+    lines = [f"# {title}", "", "Commands:", ""]
+    lines += [f"- `{c}`" for c in results["commands"]]
+    lines += ["", f"Machine: {_common.machine()}. {description}", ""]
+    lines += _common.markdown_table(header, rows)
+    _common.write_markdown(path, lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", nargs="+", default=["defaults", "paper"],

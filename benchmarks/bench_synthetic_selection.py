@@ -111,8 +111,8 @@ def _variant(name, fit_images):
         *bench_feature_maps.fitted_map(kind, value, statistic, stage))
 
 
-def run(data, variant, seed):
-    images = _read(data.train)
+def run(data, images, variant, seed):
+    """One row: ``images`` are ``data``'s training images as :func:`_read` gives them."""
     order = np.random.default_rng(seed).permutation(len(images))
     n_fit = int(round(0.8 * len(images)))
     fit_images, held_out = images[np.sort(order[:n_fit])], images[np.sort(order[n_fit:])]
@@ -143,9 +143,10 @@ def main(argv=None):
         __doc__, VARIANTS, "bench_synthetic_selection.py", "synthetic_selection", argv)
     for name, folder in bench_suite.find_sets(args.sets).items():
         data = bench_suite._Set(name, folder, args.max_train)
+        images = _read(data.train)
         for variant in args.variants:
             for seed in args.seeds:
-                row = run(data, variant, seed)
+                row = run(data, images, variant, seed)
                 print(json.dumps(row), flush=True)
                 results["runs"][f"{name}|{variant}|{seed}|{data.n_train}"] = row
                 _common.write_json(path, results, indent=1)
@@ -161,20 +162,17 @@ def _write_markdown(results, path):
     rows = [[r["set"], r["variant"], r["seed"], *(cell(r, k) for k in KINDS),
              f"**{r['synthetic']:.3f}**", cell(r, "synthetic_pixel"), f"**{r['real']:.3f}**",
              cell(r, "real_pixel")] for r in runs]
-    lines = ["# Synthetic anomalies on held-out normal images (a lead)", "", "Commands:", ""]
-    lines += [f"- `{c}`" for c in results["commands"]]
-    lines += ["", f"Machine: {_common.machine()}. The defaults (efficientnet_lite0, whole image "
-              "at 256 x 256) under each variant, fitted on 80 % of each set's seeded training "
-              "subset; image AUROC of the other 20 % against their copies with one made "
-              "anomaly of each kind (see the script's docstring), their mean (`synthetic`), "
-              "and the same fit's image AUROC on the set's real test images (`real`); "
-              "`pixel`: pixel AUROC of the held-out images' maps with the made anomalies' "
-              "masks (the mean over the kinds), and of the real test images' (the rows "
-              "without it ran before it was measured).", ""]
-    lines += _common.markdown_table(
+    bench_suite.write_variant_markdown(
+        path, "Synthetic anomalies on held-out normal images (a lead)", results,
+        "The defaults (efficientnet_lite0, whole image at 256 x 256) under each variant, "
+        "fitted on 80 % of each set's seeded training subset; image AUROC of the other 20 % "
+        "against their copies with one made anomaly of each kind (see the script's "
+        "docstring), their mean (`synthetic`), and the same fit's image AUROC on the set's "
+        "real test images (`real`); `pixel`: pixel AUROC of the held-out images' maps with "
+        "the made anomalies' masks (the mean over the kinds), and of the real test images' "
+        "(the rows without it ran before it was measured).",
         ["set", "variant", "seed", *KINDS, "synthetic", "synthetic pixel", "real",
          "real pixel"], rows)
-    _common.write_markdown(path, lines)
 
 
 if __name__ == "__main__":
