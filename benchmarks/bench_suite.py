@@ -147,6 +147,10 @@ SETTINGS.update({
     "sigma2": dict(sigma=2.0),
     "sigma8": dict(sigma=8.0),
     "reflect": dict(padding="reflect"),
+    # more of the prototypes from farthest-point rows: the same head size
+    # (2,000) with fewer cluster means, and 1,000 more farthest rows
+    "clusters500_far1500": dict(n_clusters=500, n_farthest=1500),
+    "far2000": dict(n_farthest=2000),
     # BSData's 1130 x 460 images at their own aspect (about as many patches
     # as 256 x 256), without and with mirroring: is the squash what costs
     # mirroring there?
