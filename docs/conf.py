@@ -161,7 +161,8 @@ BENCHMARKS = {
         "python benchmarks/bench_feature_maps.py",
     ),
     "stage_aggregation": (
-        "The 3 x 3 aggregation on some backbone stages only, on the suite: a lead, not taken.",
+        "The 3 x 3 aggregation on some backbone stages only, or beside the stages as they "
+        "are: leads, not taken.",
         "python benchmarks/bench_stage_aggregation.py",
     ),
     "synthetic_selection": (
