@@ -305,6 +305,10 @@ def run_one(data, setting, seed, cache):
     row["offset"] = float(det.offset_)
     row["calibration_scores"] = [round(float(v), 5) for v in det.calibration_scores_]
     row["test_scores_good"] = [round(float(v), 5) for v in scores[labels == 0]]
+    # every test image's anomaly score and label, in the set's order: paired
+    # comparisons of settings on the same images (bench_paired_auroc.py)
+    row["test_scores"] = [float(f"{v:.6g}") for v in scores]
+    row["test_labels"] = [int(v) for v in labels]
     row["fit_seconds"] = round(fit_seconds, 1)
     row["test_images_per_second"] = round(len(labels) / test_seconds, 1)
     return row
@@ -388,6 +392,10 @@ def run_peer(data, setting, seed):
     row["offset"] = -float(threshold)
     row["calibration_scores"] = [round(float(v), 5) for v in calibration]
     row["test_scores_good"] = [round(float(v), 5) for v in scores[labels == 0]]
+    # every test image's anomaly score and label, in the set's order: paired
+    # comparisons of settings on the same images (bench_paired_auroc.py)
+    row["test_scores"] = [float(f"{v:.6g}") for v in scores]
+    row["test_labels"] = [int(v) for v in labels]
     row["fit_seconds"] = round(fit_seconds, 1)
     row["test_images_per_second"] = round(len(labels) / test_seconds, 1)
     return row

@@ -152,6 +152,11 @@ BENCHMARKS = {
         "python benchmarks/bench_suite.py --settings defaults paper --seeds 0 1 2 "
         "--max-train 200",
     ),
+    "paired_auroc": (
+        "Image-AUROC differences between settings on the same test images, with "
+        "bootstrap intervals over the test images.",
+        "python benchmarks/bench_paired_auroc.py",
+    ),
     "global_shift": (
         "Global statistics against the image labels (acquisition-bias check).",
         "python benchmarks/bench_global_shift.py",
