@@ -303,7 +303,12 @@ def run_one(data, setting, seed, cache):
     row.update(_evaluate(data, maps, scores, det.image_size, det.crop_size,
                          -det.offset_, det.pixel_threshold_))
     row["offset"] = float(det.offset_)
-    row["calibration_scores"] = [round(float(v), 5) for v in det.calibration_scores_]
+    return _with_scores(row, det.calibration_scores_, scores, labels, fit_seconds, test_seconds)
+
+
+def _with_scores(row, calibration, scores, labels, fit_seconds, test_seconds):
+    """``row`` with the held-out and test images' anomaly scores and the times."""
+    row["calibration_scores"] = [round(float(v), 5) for v in calibration]
     row["test_scores_good"] = [round(float(v), 5) for v in scores[labels == 0]]
     # every test image's anomaly score and label, in the set's order: paired
     # comparisons of settings on the same images (bench_paired_auroc.py)
@@ -390,15 +395,7 @@ def run_peer(data, setting, seed):
     row.update(_evaluate(data, maps, scores.astype(np.float64), cfg["image_size"],
                          cfg["crop_size"], threshold, pixel_threshold))
     row["offset"] = -float(threshold)
-    row["calibration_scores"] = [round(float(v), 5) for v in calibration]
-    row["test_scores_good"] = [round(float(v), 5) for v in scores[labels == 0]]
-    # every test image's anomaly score and label, in the set's order: paired
-    # comparisons of settings on the same images (bench_paired_auroc.py)
-    row["test_scores"] = [float(f"{v:.6g}") for v in scores]
-    row["test_labels"] = [int(v) for v in labels]
-    row["fit_seconds"] = round(fit_seconds, 1)
-    row["test_images_per_second"] = round(len(labels) / test_seconds, 1)
-    return row
+    return _with_scores(row, calibration, scores, labels, fit_seconds, test_seconds)
 
 
 def _key(row):
