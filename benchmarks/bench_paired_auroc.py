@@ -15,9 +15,10 @@ every test image's score (``bench_suite.py`` stores them as ``test_scores``
 and ``test_labels``), this resamples the normal and the defective test
 images separately, with replacement (a stratified bootstrap), computes every
 setting's AUROC on each resample, and reports the difference to the
-``--against`` setting on the same resample: its mean over the resamples and
-the 2.5 / 97.5 % percentiles (a 95 % interval), and each setting's own
-interval. Results: ``benchmarks/results/paired_auroc.{json,md}``.
+``--against`` setting on the same resample: the difference on the test set
+as it is, the 2.5 / 97.5 % percentiles of the resampled differences (a 95 %
+interval) and the share of resamples where the setting ranks better, and
+each setting's own interval. Results: ``benchmarks/results/paired_auroc.{json,md}``.
 """
 
 import argparse
@@ -72,9 +73,10 @@ def compare(rows, against, n_resamples, random_state):
         everything = np.arange(len(labels))[None]
         observed = {setting: float(auroc_of_resamples(row["test_scores"], labels, everything)[0])
                     for setting, row in by_setting.items()}
-        base = auroc_of_resamples(by_setting[against]["test_scores"], labels, resamples)
-        for setting, row in by_setting.items():
-            own = auroc_of_resamples(row["test_scores"], labels, resamples)
+        resampled = {setting: auroc_of_resamples(row["test_scores"], labels, resamples)
+                     for setting, row in by_setting.items()}
+        for setting, own in resampled.items():
+            base = resampled[against]
             out.append({
                 "set": name, "seed": seed, "n_train": n_train, "setting": setting,
                 "against": against, "n_normal": int(len(labels) - sum(labels)),
@@ -115,19 +117,19 @@ def main(argv=None):
         "the test set as it is, and the 2.5-97.5 % percentiles of that difference over "
         "the resamples; `above`: share of resamples where the setting ranks better.",
         "",
-        "| set | seed | normal / defective | setting | image AUROC (95 % interval) "
-        f"| difference to {args.against} (95 % interval) | above |",
-        "|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for r in table:
         low, high = r["interval"]
         d_low, d_high = r["difference_interval"]
-        diff = "" if r["setting"] == args.against else (
-            f"{r['difference']:+.3f} ({d_low:+.3f} to {d_high:+.3f})")
-        above = "" if r["setting"] == args.against else f"{r['share_above']:.2f}"
-        lines.append(f"| {r['set']} | {r['seed']} | {r['n_normal']} / {r['n_defective']} | "
-                     f"{r['setting']} | {r['image_auroc']:.3f} ({low:.3f}-{high:.3f}) | "
-                     f"{diff} | {above} |")
+        is_base = r["setting"] == args.against
+        rows.append([r["set"], r["seed"], f"{r['n_normal']} / {r['n_defective']}", r["setting"],
+                     f"{r['image_auroc']:.3f} ({low:.3f}-{high:.3f})",
+                     "" if is_base else f"{r['difference']:+.3f} ({d_low:+.3f} to {d_high:+.3f})",
+                     "" if is_base else f"{r['share_above']:.2f}"])
+    lines += _common.markdown_table(
+        ["set", "seed", "normal / defective", "setting", "image AUROC (95 % interval)",
+         f"difference to {args.against} (95 % interval)", "above"], rows)
     _common.write_markdown(_common.RESULTS / "paired_auroc.md", lines)
     print("\n".join(lines))
 

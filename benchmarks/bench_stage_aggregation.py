@@ -61,20 +61,26 @@ def aggregated_stages(stages):
     original = PatchEmbedding.stage_maps
 
     def stage_maps(self, images):
-        if self.padding != "zeros":
-            raise ValueError("bench_stage_aggregation runs the defaults' zero padding only")
-        size, self.neighborhood_size = self.neighborhood_size, 1
-        try:
-            maps = original(self, images)
-        finally:
-            self.neighborhood_size = size
-        return [_average([m], size)[0] if i + 1 in stages else m for i, m in enumerate(maps)]
+        maps = _unaveraged(self, images, original)
+        return [_average([m], self.neighborhood_size)[0] if i + 1 in stages else m
+                for i, m in enumerate(maps)]
 
     PatchEmbedding.stage_maps = stage_maps
     try:
         yield
     finally:
         PatchEmbedding.stage_maps = original
+
+
+def _unaveraged(embedding, images, stage_maps):
+    """``stage_maps(embedding, images)`` with the embedding's own average off."""
+    if embedding.padding != "zeros":
+        raise ValueError("bench_stage_aggregation runs the defaults' zero padding only")
+    size, embedding.neighborhood_size = embedding.neighborhood_size, 1
+    try:
+        return stage_maps(embedding, images)
+    finally:
+        embedding.neighborhood_size = size
 
 
 def _average(maps, size):
@@ -97,13 +103,7 @@ def concatenated_sizes(sizes):
         self.n_channels = sum(self.backbone.channels) * len(sizes)
 
     def wide_join(self, images):
-        if self.padding != "zeros":
-            raise ValueError("bench_stage_aggregation runs the defaults' zero padding only")
-        size, self.neighborhood_size = self.neighborhood_size, 1
-        try:
-            maps = self.stage_maps(images)
-        finally:
-            self.neighborhood_size = size
+        maps = _unaveraged(self, images, PatchEmbedding.stage_maps)
         return torch.cat([part for s in sizes for part in self.at_finest_stride(_average(maps, s))],
                          dim=1)
 
