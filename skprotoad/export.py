@@ -398,21 +398,31 @@ def _export_target(model, pipeline):
             lambda run: _check_pipeline_outputs(module, run))
 
 
-def _raw_example(module, batch, extra=(7, 13), seed=0):
-    """Random uint8 images of a size that is not the model's, so that no size
-    coincides with a constant of the graph during export."""
+def _raw_example(module, batch, size=None, seed=0):
+    """Random uint8 images of ``size``; by default a size that is not the
+    model's, so that no size coincides with a constant of the graph during export."""
     generator = torch.Generator().manual_seed(seed)
-    height, width = (s + e for s, e in zip(module.image_size, extra))
-    return torch.randint(0, 256, (batch, height, width, 3), dtype=torch.uint8,
-                         generator=generator)
+    if size is None:
+        size = (module.image_size[0] + 7, module.image_size[1] + 13)
+    return torch.randint(0, 256, (batch, *size, 3), dtype=torch.uint8, generator=generator)
+
+
+def _check_sizes(image_size):
+    """Two image sizes to check the exported pipeline on, other than
+    ``image_size`` and the tracing example's: one shorter and wider, one taller
+    and narrower. Relative to ``image_size``, so that small models get valid
+    sizes too; at least 2 pixels a side, the ONNX graph's smallest."""
+    height, width = image_size
+    return [(max(2, height // 2), width + width // 2 + 20),
+            (height + height // 2 + 20, max(2, width // 2))]
 
 
 def _check_pipeline_outputs(module, run):
-    """The exported pipeline against the module, on two other image sizes (one
-    smaller than ``image_size``, one larger): equal within ``_TOLERANCE``, the
-    verdicts and masks equal except within it of a threshold."""
-    for extra, seed in (((-37, 21), 1), ((45, -3), 2)):
-        x = _raw_example(module, batch=_CHECK_BATCH, extra=extra, seed=seed)
+    """The exported pipeline against the module, on two other image sizes
+    (:func:`_check_sizes`): equal within ``_TOLERANCE``, the verdicts and masks
+    equal except within it of a threshold."""
+    for seed, size in enumerate(_check_sizes(module.image_size), start=1):
+        x = _raw_example(module, batch=_CHECK_BATCH, size=size, seed=seed)
         with torch.inference_mode():
             expected = module(x)
         got = run(x)

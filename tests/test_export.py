@@ -272,6 +272,21 @@ def test_pipeline_torchscript_takes_any_image_size(crop_detector, synthetic, tmp
         assert masks.dtype == torch.bool and masks.shape == maps.shape
 
 
+def test_pipeline_exports_small_models(normal_images, synthetic, tmp_path):
+    # The export check runs the pipeline on images shorter and narrower than
+    # image_size: below 38 x 4 pixels it used to ask for negative sizes.
+    params = {**TINY, "layers": (1,), "image_size": (32, 3), "crop_size": None,
+              "contamination": 0.1}
+    model = ProtoADDetector(**params).fit(normal_images[:4])
+    X = synthetic.X_test[:2]
+    module = _jit_load(export.to_torchscript(model, tmp_path / "p.pt", pipeline=True))
+    with torch.inference_mode():
+        maps = module(torch.from_numpy(X))[0]
+    np.testing.assert_allclose(maps.numpy(), model.anomaly_maps(X), atol=TOLERANCE)
+    if all(_importable(m) for m in ("onnx", "onnxscript", "onnxruntime")):
+        export.to_onnx(model, tmp_path / "p.onnx", pipeline=True)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(dynamo=False), "pipeline=True needs dynamo=True"),
     (dict(opset=17), "opset >= 18"),
