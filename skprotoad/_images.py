@@ -268,7 +268,7 @@ class ImageSequence:
         if _is_pil(item):
             return (item.height, item.width)
         with _open_image(item, f"{self.name}[{index}]") as img:
-            return (img.height, img.width)
+            return upright_size(img)
 
     def input_sizes(self, image_size, crop_size, multiple=1, indices=None):
         """Model input size (height, width) of each image of ``indices``.
@@ -373,7 +373,8 @@ def _resize_plane(plane, height, width):
 def load_image(item, where="image"):
     """One image as the detector reads it: float32 in [0, 1], grey or RGB.
 
-    Files are decoded by Pillow; palettes, CMYK, opaque alpha and the other
+    Files are decoded by Pillow and turned as their EXIF orientation says
+    (as viewers show them); palettes, CMYK, opaque alpha and the other
     8-bit modes become RGB; 16-bit and float images, and transparent pixels,
     are refused (their meaning is unknown). uint8 arrays are divided by 255.
 
@@ -410,6 +411,7 @@ def load_image(item, where="image"):
     with _open_image(path, where) as img:
         try:
             img.load()
+            upright(img)
         except (OSError, SyntaxError, ValueError) as exc:
             raise ValueError(f"{where}: cannot read image {path}: {exc}") from exc
         pixels = _pil_to_uint8(img, f"{where} ({path})")
@@ -441,6 +443,41 @@ def _open_image(path, where):
         ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"{where}: cannot read image {path}: {exc}") from exc
+
+
+# EXIF tag asking viewers to flip or turn the stored pixels: orientations 2 to
+# 8, of which 5 to 8 turn them a quarter, swapping width and height. Files are
+# read as viewers show them, so that a camera's upright JPEG is scored upright.
+_ORIENTATION = 0x0112
+
+
+def _orientation(img):
+    """EXIF orientation of an opened image (1: as stored), from its header."""
+    from PIL import Image
+
+    try:
+        # Image.getexif, not PNG's, which decodes the pixels to look for EXIF after them
+        return Image.Image.getexif(img).get(_ORIENTATION, 1)
+    except Exception:  # a corrupt EXIF block (Pillow raises several kinds): read as stored
+        return 1
+
+
+def upright(img):
+    """Turn a decoded image from a file as viewers show it, in place
+    (:func:`PIL.ImageOps.exif_transpose`); returns it."""
+    from PIL import ImageOps
+
+    if _orientation(img) != 1:
+        ImageOps.exif_transpose(img, in_place=True)
+    return img
+
+
+def upright_size(img):
+    """(height, width) an opened image has once :func:`upright`, from its header only."""
+    # Pillow turns TIFF images itself, their size included
+    if _orientation(img) in (5, 6, 7, 8) and img.format != "TIFF":
+        return (img.width, img.height)
+    return (img.height, img.width)
 
 
 def _item_token(item):

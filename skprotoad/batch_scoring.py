@@ -329,7 +329,10 @@ def _resized_image(item, size):
     height, width = size
     if isinstance(item, (str, os.PathLike)):
         with Image.open(item) as img:
-            img.draft("RGB", (width, height))  # JPEG: decode at a fraction of the size
+            # JPEG: decode at a fraction of the size, given in stored pixels
+            turned = _images.upright_size(img) != (img.height, img.width)
+            img.draft("RGB", (height, width) if turned else (width, height))
+            img = _images.upright(img)
             if img.mode == "La":  # the only mode Pillow converts to nothing (opaque here)
                 img = img.getchannel("L")
             elif img.mode not in ("L", "RGB"):

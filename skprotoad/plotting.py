@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from ._files import write_new_file
+from ._images import upright
 
 __all__ = [
     "COLORMAPS", "PREDICTION_COLOR", "TRUTH_COLOR", "apply_colormap", "overlay", "contour",
@@ -153,10 +154,11 @@ def _value_range(values, vmin, vmax):
 
 
 def as_rgb_uint8(image, where="image"):
-    """Any image form (array, PIL image, path) as an (H, W, 3) uint8 array."""
+    """Any image form (array, PIL image, path) as an (H, W, 3) uint8 array;
+    files turned as their EXIF orientation says, as the detector reads them."""
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as img:
-            return np.asarray(img.convert("RGB"))
+            return np.asarray(upright(img).convert("RGB"))
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
     arr = np.asarray(image)

@@ -219,3 +219,36 @@ def test_premultiplied_grey_alpha_is_read_or_named(rgb):
     clear = Image.merge("La", [grey, Image.new("L", grey.size, 0)])
     with pytest.raises(ValueError, match=r"X\[0\] is a La image with transparent pixels"):
         ImageSequence([clear]).load(0)
+
+
+@pytest.mark.parametrize("fmt, orientation", [("JPEG", 6), ("JPEG", 3), ("PNG", 8), ("TIFF", 6)])
+def test_exif_orientation_is_applied_everywhere(tiny_detector, tmp_path, fmt, orientation):
+    """A file with an EXIF orientation is scored, sized and drawn as viewers show
+    it: exactly like its pixels turned upright and saved without the tag."""
+    from PIL import ImageOps
+
+    from skprotoad.batch_scoring import score_and_write
+    from skprotoad.plotting import as_rgb_uint8
+
+    stored = np.random.default_rng(1).integers(0, 256, size=(40, 56, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    tagged = tmp_path / f"tagged.{fmt.lower()}"
+    Image.fromarray(stored).save(tagged, fmt, exif=exif)
+    with Image.open(tagged) as img:  # the decoded pixels, turned: no re-encoding
+        shown = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    reference = tmp_path / "reference.png"
+    Image.fromarray(shown).save(reference)
+    size = shown.shape[:2]
+    assert size == ((56, 40) if orientation == 6 or orientation == 8 else (40, 56))
+
+    np.testing.assert_array_equal(load_image(tagged), load_image(reference))
+    assert ImageSequence([tagged]).original_size(0) == size
+    np.testing.assert_array_equal(as_rgb_uint8(tagged), as_rgb_uint8(reference))
+    items = [str(tagged), str(reference)]
+    result = score_and_write(tiny_detector, items, names=["t", "r"], out_dir=tmp_path / "out")
+    assert result["size"] == [size, size]
+    assert result["score"][0] == result["score"][1]
+    overlays = [np.asarray(Image.open(tmp_path / "out" / o)) for o in result["overlay"]]
+    assert overlays[0].shape[:2] == (size[0] * 7, size[1] * 7)  # enlarged to a 256 px side
+    np.testing.assert_array_equal(*overlays)
