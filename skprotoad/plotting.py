@@ -27,7 +27,6 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from ._files import write_new_file
-from ._images import upright
 
 __all__ = [
     "COLORMAPS", "PREDICTION_COLOR", "TRUTH_COLOR", "apply_colormap", "overlay", "contour",
@@ -157,6 +156,8 @@ def as_rgb_uint8(image, where="image"):
     """Any image form (array, PIL image, path) as an (H, W, 3) uint8 array;
     files turned as their EXIF orientation says, as the detector reads them."""
     if isinstance(image, (str, os.PathLike)):
+        from ._images import upright  # here: it imports torch, which drawing does not need
+
         with Image.open(image) as img:
             return np.asarray(upright(img).convert("RGB"))
     if isinstance(image, Image.Image):
