@@ -191,8 +191,8 @@ class ImageSequence:
     ----------
     X : ndarray or sequence
         ``(N, H, W)`` or ``(N, H, W, C)`` array (C = 1 or 3) of uint8 or float in
-        [0, 1]; or a list/tuple whose items are file paths, PIL images or such
-        arrays of one image each (sizes may differ).
+        [0, 1]; or a list/tuple (or 1-D str or object array) whose items are file
+        paths, PIL images or such arrays of one image each (sizes may differ).
     """
 
     def __init__(self, X, name="X"):
@@ -202,6 +202,17 @@ class ImageSequence:
                 f"{name} must be a sequence of images; got a single path {str(X)!r}. "
                 f"Wrap it in a list, or list a folder's files first."
             )
+        if isinstance(X, np.ndarray) and X.dtype.kind in "OUS":
+            # paths (np.array(paths), a DataFrame column's values) or ragged
+            # images: the list they hold; checked before the shape, which an
+            # array of images would have
+            if X.ndim != 1:
+                raise TypeError(
+                    f"{name} is a {X.ndim}-D array of dtype {X.dtype}: pass images as a "
+                    f"uint8 or float (N, H, W[, C]) array, file paths as a list or a 1-D "
+                    f"array."
+                )
+            X = X.tolist()
         if isinstance(X, np.ndarray):
             self._array = _check_array_batch(X, name)
             self._items = None
@@ -549,8 +560,6 @@ def _check_channels(shape, where, batch):
         hint = ""
         if batch and len(shape) == 2:
             hint = f" For one grey image, pass {where}[None] or [image]."
-        elif batch and len(shape) == 1:
-            hint = " Images of different sizes go in a list, not an array."
         raise ValueError(f"{where} has shape {shape}: expected {expected}.{hint}")
     elif batch and len(shape) == 3 and shape[-1] in (1, 3) and min(shape[:2]) > 3:
         # (N, H, W) grey images 1 or 3 pixels wide: surely one image (H, W, C)

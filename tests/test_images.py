@@ -103,8 +103,9 @@ def test_resize_and_crop_keeps_a_feature_in_place():
         (np.zeros((64, 48, 3), np.uint8), ValueError, r"one RGB image .*X\[None\]"),
         (np.zeros((64, 48, 1), np.uint8), ValueError, "one grey image"),
         (np.zeros((64, 48), np.uint8), ValueError, r"one grey image, pass X\[None\]"),
-        # mixed sizes in an object array, mappings
-        (np.array([np.zeros((8, 8)), np.zeros((9, 9))], dtype=object), ValueError, "in a list"),
+        # arrays of paths other than 1-D, mappings
+        (np.array([["a.png"], ["b.png"]]), TypeError, "2-D array of dtype <U5.*paths"),
+        (np.zeros((1, 8, 8), object), TypeError, "dtype object.*uint8 or float"),
         ({"a": np.zeros((8, 8))}, TypeError, "got a dict"),
         # values and dtypes
         (np.full((1, 8, 8), np.inf, np.float32), ValueError, "NaN or infinite"),
@@ -252,3 +253,18 @@ def test_exif_orientation_is_applied_everywhere(tiny_detector, tmp_path, fmt, or
     overlays = [np.asarray(Image.open(tmp_path / "out" / o)) for o in result["overlay"]]
     assert overlays[0].shape[:2] == (size[0] * 7, size[1] * 7)  # enlarged to a 256 px side
     np.testing.assert_array_equal(*overlays)
+
+
+def test_1d_arrays_of_paths_or_images_are_their_list(tiny_detector, synthetic, tmp_path):
+    """np.array(paths), a DataFrame column's values and a ragged object array of
+    images are the lists they hold (they were refused for their shape)."""
+    images = [synthetic.X_test[0], synthetic.X_test[1][:48]]  # two sizes
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(image).save(paths[-1])
+    ragged = np.empty(2, dtype=object)
+    ragged[:] = images
+    expected = tiny_detector.score_samples(paths)
+    for X in (np.array(paths), np.array(paths, dtype=object), ragged):
+        np.testing.assert_array_equal(tiny_detector.score_samples(X), expected)
