@@ -364,11 +364,24 @@ def _score_chunk(detector, items, chunk, strict, skipped):
         if strict:
             raise
         if len(chunk) == 1:
-            skipped.append((chunk[0], describe_error(exc)))
+            skipped.append((chunk[0], _skip_reason(exc, items[chunk[0]])))
             return
     # One image of the chunk is unreadable (a truncated file, say): find it.
     for index in chunk:
         yield from _score_chunk(detector, items, [index], strict, skipped)
+
+
+def _skip_reason(exc, item):
+    """Why ``item``, scored alone, failed: the detector's message without the
+    ``X[0]`` it names the item by (its index in the one-image retry, not the
+    caller's), so that a file is named once, by its path. Arrays are checked
+    before scoring starts: only files fail here."""
+    message = describe_error(exc)
+    # the loader's forms: "X[0] (path) is ..." and "X[0]: ... path ..."
+    named = f"X[0] ({Path(item)}) " if isinstance(item, (str, os.PathLike)) else None
+    if named and message.startswith(named):
+        return f"{Path(item)} {message[len(named):]}"
+    return message.removeprefix("X[0]: ")
 
 
 def metric_maps_and_masks(detector, result, mask_paths):

@@ -268,3 +268,20 @@ def test_1d_arrays_of_paths_or_images_are_their_list(tiny_detector, synthetic, t
     expected = tiny_detector.score_samples(paths)
     for X in (np.array(paths), np.array(paths, dtype=object), ragged):
         np.testing.assert_array_equal(tiny_detector.score_samples(X), expected)
+
+
+def test_skip_reasons_name_the_file_once_without_a_chunk_index(tiny_detector, rgb, tmp_path):
+    """A chunk that fails is retried image by image; the reasons named each
+    image by its index in that retry (always X[0]) as well as by its path."""
+    from skprotoad.batch_scoring import score_and_write
+
+    good = tmp_path / "good.png"
+    Image.fromarray(rgb).save(good)
+    clear = tmp_path / "clear.png"
+    Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(clear)
+    missing = tmp_path / "missing.png"
+    result = score_and_write(tiny_detector, [str(good), str(clear), str(missing)])
+    assert list(result["index"]) == [0]
+    reasons = dict(result["skipped"])
+    assert reasons[1].startswith(f"{clear} is a RGBA image with transparent pixels")
+    assert reasons[2] == f"image file not found: {missing}"
