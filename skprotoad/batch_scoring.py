@@ -126,8 +126,9 @@ def score_and_write(
     out_dir : path, default=None
         Writes ``overlays/<name>.png`` (heatmap at the image's own size,
         enlarged by an integer factor to a shorter side of at least
-        ``MIN_OVERLAY_SIDE`` pixels; the predicted mask outlined in
-        ``PREDICTION_COLOR``, ``truth_masks`` if given in ``TRUTH_COLOR``) and
+        ``MIN_OVERLAY_SIDE`` pixels, or as far as 2048 x 2048 pixels allow;
+        the predicted mask outlined in ``PREDICTION_COLOR``, ``truth_masks``
+        if given in ``TRUTH_COLOR``) and
         ``masks/<name>.png`` (predicted mask, 0 / 255, the image's own size;
         empty exactly for images labelled normal, as
         :meth:`ProtoADDetector.predict_masks`);
@@ -238,7 +239,8 @@ def draw_overlay(detector, item, crop_map, size, anomaly, pixel_threshold, vmin,
     picture : ndarray of uint8 (H', W', 3)
         At the image's size, scaled down to ``MAX_OUTPUT_PIXELS`` (bounded
         memory: 17 GB for one 178-megapixel image at its own size) or enlarged
-        to a ``MIN_OVERLAY_SIDE`` shorter side; the prediction outlined in
+        to a ``MIN_OVERLAY_SIDE`` shorter side (within ``MAX_OUTPUT_PIXELS``);
+        the prediction outlined in
         ``PREDICTION_COLOR``.
     predicted : ndarray of bool
         The predicted mask at the image's size, scaled down like the picture.
@@ -311,12 +313,12 @@ def _output_size(size):
 
 def _overlay_size(size):
     """(height, width) of the overlay of an image of ``size``: enlarged by an
-    integer factor until its shorter side has ``MIN_OVERLAY_SIDE`` pixels."""
+    integer factor until its shorter side has ``MIN_OVERLAY_SIDE`` pixels, or
+    by the largest factor that keeps it within ``MAX_OUTPUT_PIXELS``."""
     height, width = size
-    factor = math.ceil(MIN_OVERLAY_SIDE / max(1, min(height, width)))
-    if factor <= 1 or height * width * factor**2 > MAX_OUTPUT_PIXELS:
-        return tuple(size)
-    return height * factor, width * factor
+    factor = min(math.ceil(MIN_OVERLAY_SIDE / max(1, min(height, width))),
+                 math.isqrt(MAX_OUTPUT_PIXELS // max(1, height * width)))
+    return (height * factor, width * factor) if factor > 1 else tuple(size)
 
 
 def _resized_image(item, size):

@@ -200,3 +200,17 @@ def test_grid_scales_images_of_different_sizes_into_tiles():
 def test_grid_rejects_bad_titles():
     with pytest.raises(ValueError, match="titles"):
         grid([np.zeros((4, 4))], titles=["a", "b"])
+
+
+@pytest.mark.parametrize("size, expected", [
+    ((40, 56), (280, 392)),  # enlarged 7 times to a 256 px shorter side
+    ((300, 400), (300, 400)),  # large enough already
+    ((1, 300), (118, 35400)),  # 256 times is over the 2048^2 cap: the most within it
+    ((100, 5000), (200, 10000)),  # 3 times is over the cap, twice is not
+    ((1, 2048 * 2048), (1, 2048 * 2048)),  # at the cap: as it is
+])
+def test_overlays_are_enlarged_as_far_as_the_pixel_cap_allows(size, expected):
+    from skprotoad.batch_scoring import MAX_OUTPUT_PIXELS, _overlay_size
+
+    assert _overlay_size(size) == expected
+    assert expected[0] * expected[1] <= max(MAX_OUTPUT_PIXELS, size[0] * size[1])
