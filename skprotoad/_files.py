@@ -4,6 +4,9 @@ import os
 import tempfile
 from pathlib import Path
 
+# Temporary files are named TEMP_PREFIX + 8 random characters + ".tmp".
+TEMP_PREFIX = ".skprotoad-"
+
 
 def refuse_existing(path, overwrite):
     if not overwrite and os.path.lexists(path):
@@ -22,7 +25,9 @@ def write_new_file(path, write, overwrite=False):
         raise IsADirectoryError(f"{path} is a folder; give a file name.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # A short name, not one derived from path's: a file name of up to 255
+        # bytes is legal, the same name with a prefix and suffix may not be.
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=path.parent)
     except OSError as exc:
         # name the user's file, not the temporary one
         raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}") from exc

@@ -78,16 +78,17 @@ def describe_error(exc):
 def _is_image_name(path):
     from . import _images
 
-    return path.suffix.lower() in _images.IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return path.suffix.lower() in _images.IMAGE_EXTENSIONS
 
 
 def collect_images(inputs, max_pixels=None):
     """Expand files and folders into readable image files.
 
-    Folders give their image files (sorted by name, not recursively); files
-    that are not images (by extension), whose header cannot be read, or
-    that have more than ``max_pixels`` pixels are returned as skipped, with
-    the reason.
+    Folders give their image files (sorted by name, not recursively; hidden
+    files left out); files that are not images (by extension), broken links,
+    files whose header cannot be read, or that have more than ``max_pixels``
+    pixels are returned as skipped, with the reason. A file named explicitly
+    is taken even when hidden.
 
     Parameters
     ----------
@@ -111,15 +112,19 @@ def collect_images(inputs, max_pixels=None):
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            entries = sorted(path.iterdir(), key=lambda p: p.name)
+            entries = [p for p in sorted(path.iterdir(), key=lambda p: p.name)
+                       if not p.name.startswith(".")]
             files = [p for p in entries if p.is_file()]
             candidates += [p for p in files if _is_image_name(p)]
             skipped += [
-                (str(p), "not an image file (extension)")
-                for p in files
-                if not _is_image_name(p) and not p.name.startswith(".")
+                (str(p), "not an image file (extension)") for p in files if not _is_image_name(p)
             ]
-            subdirs = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
+            # listed, not dropped silently: the user may expect them scored
+            skipped += [
+                (str(p), "not a regular file" if p.exists() else "a broken link")
+                for p in entries if not p.is_file() and not p.is_dir()
+            ]
+            subdirs = [p.name for p in entries if p.is_dir()]
             if subdirs and not any(_is_image_name(p) for p in files):
                 skipped.append(
                     (str(path), f"holds no images; its sub-folders are not searched: "
@@ -194,19 +199,22 @@ def output_names(paths):
 
     The file's stem when it is unique; otherwise the parent folder's name and
     the stem (``good_001``), then the extension, then a counter. Names are
-    compared case-insensitively, for case-insensitive file systems.
+    compared case-insensitively, for case-insensitive file systems. A
+    backslash becomes ``_`` (a folder separator on Windows, and never in a
+    name a later ``--force`` run replaces).
 
     Examples
     --------
     >>> output_names(["a/x.png", "b/x.png", "b/y.png"])
     ['a_x', 'b_x', 'y']
     """
-    stems = [Path(p).stem for p in paths]
+    stems = [Path(p).stem.replace("\\", "_") for p in paths]
     counts = Counter(s.casefold() for s in stems)
     names, used = [], set()
     for path, stem in zip(map(Path, paths), stems):
         candidates = [stem] if counts[stem.casefold()] == 1 else []
-        with_parent = f"{path.parent.name}_{stem}" if path.parent.name else stem
+        parent = path.parent.name.replace("\\", "_")
+        with_parent = f"{parent}_{stem}" if parent else stem
         candidates += [with_parent, f"{with_parent}_{path.suffix.lstrip('.').lower()}"]
         name = next((c for c in candidates if c.casefold() not in used), None)
         counter = 2
@@ -237,16 +245,19 @@ def check_file_free(path, force, what):
         Exit code 2.
     """
     path = Path(path)
-    if path.is_dir():
+    # os.path's tests, not Path's: they answer False for a name too long,
+    # which the probe below then reports
+    if os.path.isdir(path):
         raise CommandError(f"{what} {path} is a folder; give a file name.", EXIT_USAGE)
-    if path.exists() and not force:
+    if os.path.exists(path) and not force:
         raise CommandError(f"{what} {path} exists; pass --force to overwrite it.", EXIT_USAGE)
-    _check_writable(path.parent, f"{what} {path}")
+    _check_writable(path.parent, f"{what} {path}", path.name)
 
 
-def _check_writable(folder, what):
-    """Raise a CommandError naming ``what`` unless files can be created in
-    ``folder``, or in its nearest existing parent where it does not exist yet."""
+def _check_writable(folder, what, longest_name=""):
+    """Raise a CommandError naming ``what`` unless files named up to as long
+    as ``longest_name`` can be created in ``folder``, or in its nearest
+    existing parent where it does not exist yet."""
     existing = Path(os.path.abspath(folder))
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -254,8 +265,12 @@ def _check_writable(folder, what):
         raise CommandError(f"cannot write {what}: {existing} is not a folder.", EXIT_USAGE)
     try:
         # Trying is the only reliable test (os.access is wrong for root, for
-        # read-only file systems and for ACLs).
-        fd, probe = tempfile.mkstemp(prefix=".skprotoad-probe-", dir=existing)
+        # read-only file systems and for ACLs). The probe's name is as long as
+        # the longest to be written (mkstemp adds 8 characters): a name past
+        # the file system's limit (255 bytes, or fewer) fails here, not after the work.
+        prefix = ".skprotoad-probe-"
+        prefix += "x" * (len(os.fsencode(longest_name)) - len(prefix) - 8)
+        fd, probe = tempfile.mkstemp(prefix=prefix, dir=existing)
     except OSError as exc:
         raise CommandError(
             f"cannot write {what}: {exc.strerror or exc} ({existing}).", EXIT_USAGE
@@ -319,7 +334,8 @@ def prepare_out_dir(path, force, planned, inputs=(), replace_own=False):
             f"choose another output folder.",
             EXIT_USAGE,
         )
-    _check_writable(path, f"into output folder {path}")
+    longest = max((Path(p).name for p in planned), key=lambda n: len(os.fsencode(n)), default="")
+    _check_writable(path, f"into output folder {path}", longest)
     try:
         path.mkdir(parents=True, exist_ok=True)
         # listed before anything is removed or written: an interrupted run's
@@ -350,7 +366,7 @@ def _is_output_name(name):
         len(parts) == 2
         and parts[0] in OUTPUT_DIRS
         and parts[1].endswith(".png")
-        and parts[1] not in (".png", "..png")
+        and parts[1] != ".png"
         and "\\" not in parts[1]
     )
 

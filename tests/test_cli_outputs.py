@@ -1,0 +1,151 @@
+"""What the command line writes: nothing a user saved is lost or replaced
+without --force, every output checked before any work, any file name."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import joblib
+import pytest
+from PIL import Image
+
+from skprotoad import cli
+from skprotoad.cli import main
+from skprotoad.cli_files import (
+    CommandError,
+    _is_output_name,
+    check_file_free,
+    collect_images,
+    output_names,
+)
+
+# A random resnet18 (conftest.TINY's) as options: only its parameters' checks
+# run here, the fit itself is replaced by the session's fitted detector.
+OPTIONS = ["--backbone", "resnet18", "--weights", "none", "--layers", "1", "2",
+           "--image-size", "64", "--crop-size", "64", "--clustering", "kmeans",
+           "--n-clusters", "16", "-q"]
+
+
+def _run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _save(array, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, tiny_detector):
+    path = tmp_path_factory.mktemp("model") / "m.joblib"
+    joblib.dump(tiny_detector, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, synthetic):
+    """Two test images, in a folder of their own."""
+    root = tmp_path_factory.mktemp("images")
+    for i in range(2):
+        _save(synthetic.X_test[i], root / f"img_{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def mvtec(tmp_path_factory, synthetic):
+    """A one-category MVTec AD tree: 2 good training images, 2 good and 2 defect tests."""
+    cat = tmp_path_factory.mktemp("mvtec") / "widget"
+    for i in range(2):
+        _save(synthetic.X_train[i], cat / "train" / "good" / f"{i:03d}.png")
+    normal = [i for i, y in enumerate(synthetic.y_test) if y == 0][:2]
+    defect = [i for i, y in enumerate(synthetic.y_test) if y == 1][:2]
+    for k, i in enumerate(normal):
+        _save(synthetic.X_test[i], cat / "test" / "good" / f"{k:03d}.png")
+    for k, i in enumerate(defect):
+        _save(synthetic.X_test[i], cat / "test" / "scratch" / f"{k:03d}.png")
+        _save(synthetic.masks_test[i].astype("uint8") * 255,
+              cat / "ground_truth" / "scratch" / f"{k:03d}_mask.png")
+    return cat
+
+
+def _fit_creating(path, content, tiny_detector):
+    """A stand-in for cli._fit: another program writes ``path`` meanwhile."""
+
+    def fit(args, detector, train):
+        Path(path).write_bytes(content)
+        vars(detector).update(vars(tiny_detector))
+        return 0.0
+
+    return fit
+
+
+def _no_fit(*args, **kwargs):
+    raise AssertionError("the fit started")
+
+
+# ------------------------------------------------------------ file names
+
+
+def test_names_with_a_backslash_are_replaced_by_a_later_force_run(model, synthetic, tmp_path,
+                                                                  capsys):
+    """predict --force refused its own earlier overlay of a\\b.png: the
+    manifest check rejected names with a backslash that output_names gave."""
+    image = _save(synthetic.X_test[0], tmp_path / "in" / "a\\b.png")
+    out = tmp_path / "out"
+    for extra in ([], ["--force"]):
+        code, _, err = _run(["predict", model, image, "-o", out, "-q", *extra], capsys)
+        assert code == 0, err
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["a_b.png"]
+    weird = ["x/a\\b.png", "y/a\\b.png", "c\\d/e.png", "f/e.png", "..png", "g/..png"]
+    assert all(_is_output_name(f"{folder}/{name}.png")
+               for name in output_names(weird) for folder in ("overlays", "masks"))
+
+
+def test_long_file_names(model, synthetic, tiny_detector, tmp_path, capsys, monkeypatch):
+    """Names of up to 255 bytes are legal, but the temporary file
+    .NAME.XXXXXXXX.tmp was not: predict scored none of them, fit failed after
+    the fit. A name past the limit is refused before any work."""
+    long_name = "L" * 251 + ".png"  # 255 bytes
+    image = _save(synthetic.X_test[0], tmp_path / "in" / long_name)
+    out = tmp_path / "out"
+    code, _, err = _run(["predict", model, image, "-o", out, "-q"], capsys)
+    assert code == 0, err
+    assert (out / "overlays" / long_name).is_file() and (out / "masks" / long_name).is_file()
+
+    monkeypatch.setattr(cli, "_fit", _fit_creating(tmp_path / "other", b"", tiny_detector))
+    target = tmp_path / ("m" * 248 + ".joblib")  # 255 bytes
+    code, _, err = _run(["fit", image.parent, "-o", target, *OPTIONS], capsys)
+    assert code == 0, err
+    assert joblib.load(target).n_train_images_ == tiny_detector.n_train_images_
+
+    monkeypatch.setattr(cli, "_fit", _no_fit)
+    too_long = tmp_path / ("m" * 249 + ".joblib")  # 256 bytes
+    code, _, err = _run(["fit", image.parent, "-o", too_long, *OPTIONS], capsys)
+    assert code == 2 and "cannot write model file" in err and "too long" in err, err
+    with pytest.raises(CommandError, match="too long") as info:
+        check_file_free(tmp_path / "new" / ("r" * 256), False, "results file")
+    assert info.value.code == 2
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def test_broken_links_are_listed_and_named_hidden_images_scored(synthetic, tmp_path):
+    """A dangling link in a folder appeared in neither scores.csv nor
+    skipped.csv; a hidden image named explicitly was "not an image file"."""
+    folder = tmp_path / "in"
+    _save(synthetic.X_test[0], folder / "a.png")
+    hidden = _save(synthetic.X_test[1], folder / ".hidden.png")
+    os.symlink(tmp_path / "nowhere.png", folder / "broken.png")
+    paths, skipped = collect_images([folder])
+    # hidden files found in a folder stay left out, silently
+    assert paths == [str(folder / "a.png")]
+    assert skipped == [(str(folder / "broken.png"), "a broken link")]
+    paths, skipped = collect_images([hidden])
+    assert paths == [str(hidden)] and skipped == []
