@@ -32,11 +32,12 @@ from .cli_files import (
     EXIT_OK,
     EXIT_USAGE,
     OUTPUT_DIRS,
-    REPORT_FILES,
     CommandError,
+    check_distinct_outputs,
     check_file_free,
     collect_images,
     describe_error,
+    kept_if_created,
     load_model,
     output_names,
     prepare_out_dir,
@@ -728,7 +729,7 @@ def _cmd_fit(args):
             _fit(args, detector, paths)
     else:
         _fit(args, detector, paths)
-    save_model(detector, args.output)
+    save_model(detector, args.output, overwrite=args.force)
     print(f"saved model to {args.output} (fitted on {len(paths)} images)")
 
 
@@ -746,7 +747,8 @@ def _cmd_export(args):
     _info(args, f"exporting {'the network' if args.network_only else 'the whole inference path'}"
                 f" as {form} (checked against the model) ...")
     try:
-        export(detector, args.output, pipeline=not args.network_only, overwrite=args.force)
+        with kept_if_created():
+            export(detector, args.output, pipeline=not args.network_only, overwrite=args.force)
     except ValueError as exc:  # a scale-factor model, say
         raise CommandError(str(exc)) from None
     print(f"wrote {args.output} ({form}; threshold {-detector.offset_:.4g}, pixel threshold "
@@ -784,7 +786,9 @@ def _cmd_predict(args):
     planned = ["scores.csv", "skipped.csv", "run.json"]
     planned += [f"{folder}/{name}.png" for name in names for folder in OUTPUT_DIRS]
     if args.report:
-        planned += [f"report/{f}" for f in REPORT_FILES]
+        from .report import PREDICTION_FILES
+
+        planned += [f"report/{f}" for f in PREDICTION_FILES]
     # connected before anything is written: an unreachable scheduler is a usage error
     client = _dask_client(args.scheduler) if args.scheduler else contextlib.nullcontext()
     with client:
@@ -899,17 +903,22 @@ def _cmd_evaluate(args):
         score_and_write,
     )
 
-    for path, what in ((args.output, "results file"), (args.save_model, "model file")):
-        if path is not None:
-            check_file_free(path, args.force, what)
+    outputs = [("-o", args.output, "results file"), ("--save-model", args.save_model, "model file")]
     if args.report is not None:
         _require_extra("--report", "report", "matplotlib")
-        check_file_free(Path(args.report) / "index.html", args.force, "report")
+        from .report import EVALUATION_FILES
+
+        outputs += [("--report", Path(args.report) / f, "report file") for f in EVALUATION_FILES]
+    outputs = [output for output in outputs if output[1] is not None]
+    # -o X --save-model X: the results would silently replace the model
+    check_distinct_outputs([output[:2] for output in outputs], [("--report", args.report)])
+    for _, path, what in outputs:
+        check_file_free(path, args.force, what)
     detector = _make_detector(args)
     data = _load_dataset(args)
     fit_seconds = _fit(args, detector, data.train_paths)
     if args.save_model:
-        save_model(detector, args.save_model)
+        save_model(detector, args.save_model, overwrite=args.force)
         _info(args, f"saved model to {args.save_model}")
 
     _info(args, f"scoring {len(data.test_paths)} test images ...")
@@ -958,7 +967,7 @@ def _cmd_evaluate(args):
             "threshold": -detector.offset_,
             "pixel_threshold": detector.pixel_threshold_,
             "skprotoad_version": __version__,
-        })
+        }, overwrite=args.force)
         _info(args, f"wrote {args.output}")
 
 
@@ -981,13 +990,14 @@ def _write_evaluation_report(args, detector, data, result, crop_maps, maps, mask
 
     index = result["index"]
     name = args.category or Path(args.root).name
-    written = evaluation_report(
-        args.report, data.test_labels[index], result["score"], -detector.offset_,
-        defect_types=[data.test_defect_types[i] for i in index],
-        names=[f"{data.test_defect_types[i]}/{Path(data.test_paths[i]).name}" for i in index],
-        masks=masks, maps=maps,
-        draw_example=draw, title=f"skprotoad evaluation: {name}", overwrite=args.force,
-    )
+    with kept_if_created():
+        written = evaluation_report(
+            args.report, data.test_labels[index], result["score"], -detector.offset_,
+            defect_types=[data.test_defect_types[i] for i in index],
+            names=[f"{data.test_defect_types[i]}/{Path(data.test_paths[i]).name}" for i in index],
+            masks=masks, maps=maps,
+            draw_example=draw, title=f"skprotoad evaluation: {name}", overwrite=args.force,
+        )
     return written["index"]
 
 

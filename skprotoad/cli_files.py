@@ -12,6 +12,7 @@ its parser, and ``skprotoad --help`` should not wait for torch.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -27,7 +28,7 @@ __all__ = [
     "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "CommandError", "OUTPUT_DIRS",
     "describe_error", "collect_images", "require_images", "output_names",
     "check_file_free", "prepare_out_dir", "write_json", "write_scores_csv",
-    "write_skipped_csv", "save_model", "load_model",
+    "write_skipped_csv", "save_model", "load_model", "kept_if_created", "check_distinct_outputs",
 ]
 
 EXIT_OK = 0
@@ -39,9 +40,10 @@ EXIT_USAGE = 2
 # replaces only those, never anything else the folder holds.
 _OUTPUT_FILES = ("scores.csv", "skipped.csv", "run.json", "results.json", "grid.png")
 OUTPUT_DIRS = ("overlays", "masks")
-# predict --report's files, in OUT_DIR/report/
-REPORT_FILES = ("index.html", "scores.png", "contact_sheet.png")
 _MANIFEST = ".skprotoad-outputs.json"
+# The one encoding of the files written and read (not the locale's); file
+# names that are not valid in the locale's encoding are written as their bytes.
+_TEXT = dict(encoding="utf-8", errors="surrogateescape")
 # The model formats the CLI reads and writes, for messages.
 _MODEL_FORMATS = (
     "a joblib file written by 'skprotoad fit', or a .safetensors file written by "
@@ -361,7 +363,9 @@ def _is_output_name(name):
     if len(parts) == 1:
         return name in _OUTPUT_FILES
     if len(parts) == 2 and parts[0] == "report":
-        return parts[1] in REPORT_FILES
+        from .report import PREDICTION_FILES  # imported here: the module is heavy
+
+        return parts[1] in PREDICTION_FILES
     return (
         len(parts) == 2
         and parts[0] in OUTPUT_DIRS
@@ -406,7 +410,7 @@ def _foreign_files(path, own):
     return foreign
 
 
-def write_json(path, data):
+def write_json(path, data, overwrite=True):
     """Write ``data`` as indented JSON, atomically.
 
     NumPy scalars and arrays and tuples are written as numbers and lists,
@@ -416,6 +420,9 @@ def write_json(path, data):
     ----------
     path : path-like
     data : dict
+    overwrite : bool, default=True
+        Replace an existing file; without it, one (even one created while
+        the command ran) is kept and the command fails, naming ``--force``.
     """
 
     def write(tmp):
@@ -423,7 +430,8 @@ def write_json(path, data):
             json.dump(data, f, indent=2, default=_json_default)
             f.write("\n")
 
-    write_new_file(path, write, overwrite=True)
+    with kept_if_created():
+        write_new_file(path, write, overwrite=overwrite)
 
 
 def _json_default(value):
@@ -440,23 +448,69 @@ def _is_safe_format_name(path):
     return Path(path).suffix.lower() == ".safetensors"
 
 
-def save_model(detector, path):
+def save_model(detector, path, overwrite=False):
     """Save ``detector`` with joblib, or in the safe format when ``path`` ends
-    in .safetensors; atomically, replacing an existing file.
+    in .safetensors; atomically.
 
     Parameters
     ----------
     detector : ProtoADDetector
     path : path-like
+    overwrite : bool, default=False
+        Replace an existing file (``--force``); without it, one (even one
+        created while the command ran) is kept and the command fails.
     """
-    if _is_safe_format_name(path):
-        from .persistence import save
+    with kept_if_created():
+        if _is_safe_format_name(path):
+            from .persistence import save
 
-        save(detector, path, overwrite=True)
-        return
-    import joblib
+            save(detector, path, overwrite=overwrite)
+            return
+        import joblib
 
-    write_new_file(path, lambda tmp: joblib.dump(detector, tmp), overwrite=True)
+        write_new_file(path, lambda tmp: joblib.dump(detector, tmp), overwrite=overwrite)
+
+
+@contextlib.contextmanager
+def kept_if_created():
+    """Report a file that a write without ``--force`` refused: one created
+    after :func:`check_file_free` checked, while the command ran."""
+    try:
+        yield
+    except FileExistsError as exc:
+        # the library's message names overwrite=True; the option here is --force
+        raise CommandError(str(exc).replace(
+            "pass overwrite=True to replace it",
+            "it was created while this command ran and is kept, and this result was not "
+            "written (pass --force to replace it)",
+        )) from None
+
+
+def check_distinct_outputs(files, folders=()):
+    """Refuse two options that write the same file (``-o X --save-model X``),
+    or a file where another option writes a folder; before any work.
+
+    Parameters
+    ----------
+    files : list of (str, path-like)
+        (option, a file it writes); None paths are left out.
+    folders : list of (str, path-like)
+        (option, a folder it writes into).
+
+    Raises
+    ------
+    CommandError
+        Exit code 2.
+    """
+    outputs = [(option, Path(os.path.realpath(p)), p, is_file)
+               for entries, is_file in ((files, True), (folders, False))
+               for option, p in entries if p is not None]
+    for k, (option, real, given, is_file) in enumerate(outputs):
+        for other, other_real, _, other_is_file in outputs[k + 1:]:
+            if option != other and (real == other_real or (is_file and real in other_real.parents)
+                                    or (other_is_file and other_real in real.parents)):
+                raise CommandError(f"{option} and {other} both write {given}; give them "
+                                   f"different paths.", EXIT_USAGE)
 
 
 def _looks_like_safetensors(path):

@@ -24,7 +24,13 @@ from ._files import refuse_existing, write_new_file
 from .metrics import evaluate_maps, image_auroc, pro_curve
 from .plotting import grid
 
-__all__ = ["evaluation_report", "prediction_report"]
+__all__ = ["evaluation_report", "prediction_report", "EVALUATION_FILES", "PREDICTION_FILES"]
+
+# Every file each report may write into its folder (which of them it writes
+# depends on its inputs): what a caller checks before any work.
+EVALUATION_FILES = ("index.html", "scores.png", "roc.png", "pro.png", "false_alarms.png",
+                    "misses.png")
+PREDICTION_FILES = ("index.html", "scores.png", "contact_sheet.png")
 
 _NORMAL_COLOR, _DEFECT_COLOR, _THRESHOLD_COLOR = "#1f77b4", "#d62728", "#222222"
 

@@ -17,6 +17,7 @@ from skprotoad.cli import main
 from skprotoad.cli_files import (
     CommandError,
     _is_output_name,
+    check_distinct_outputs,
     check_file_free,
     collect_images,
     output_names,
@@ -149,3 +150,73 @@ def test_broken_links_are_listed_and_named_hidden_images_scored(synthetic, tmp_p
     assert skipped == [(str(folder / "broken.png"), "a broken link")]
     paths, skipped = collect_images([hidden])
     assert paths == [str(hidden)] and skipped == []
+
+
+# --------------------------------------------------------- fit, evaluate
+
+
+@pytest.mark.parametrize("name", ["m.joblib", "m.safetensors"])
+def test_fit_keeps_a_model_file_created_while_it_ran(name, images, tiny_detector, tmp_path,
+                                                     capsys, monkeypatch):
+    """MODEL was checked to be free at the start, then written with
+    overwrite=True: a file created there during the fit was replaced."""
+    target = tmp_path / name
+    monkeypatch.setattr(cli, "_fit", _fit_creating(target, b"theirs", tiny_detector))
+    code, _, err = _run(["fit", images, "-o", target, *OPTIONS], capsys)
+    assert code == 1 and "--force" in err and "overwrite=True" not in err, err
+    assert target.read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temporary file left
+    code, _, err = _run(["fit", images, "-o", target, "--force", *OPTIONS], capsys)
+    assert code == 0, err
+    assert target.read_bytes() != b"theirs"
+
+
+def test_evaluate_keeps_a_results_file_created_while_it_ran(mvtec, tiny_detector, tmp_path,
+                                                            capsys, monkeypatch):
+    target = tmp_path / "results.json"
+    monkeypatch.setattr(cli, "_fit", _fit_creating(target, b"theirs", tiny_detector))
+    code, _, err = _run(["evaluate", mvtec, "-o", target, *OPTIONS], capsys)
+    assert code == 1 and "--force" in err and "overwrite=True" not in err, err
+    assert target.read_bytes() == b"theirs"
+
+
+@pytest.mark.parametrize("outputs", [
+    ["-o", "X", "--save-model", "X"],
+    ["-o", "X", "--save-model", "sub/../X"],
+    ["-o", "R/roc.png", "--report", "R"],
+    ["-o", "R", "--report", "R"],
+    ["--save-model", "M", "--report", "M/sub"],
+])
+def test_evaluate_refuses_outputs_that_collide(outputs, mvtec, tmp_path, capsys, monkeypatch):
+    """evaluate -o X --save-model X replaced the saved model with the JSON."""
+    if "--report" in outputs:
+        pytest.importorskip("matplotlib")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.setattr(cli, "_fit", _no_fit)
+    argv = [str(tmp_path / a) if not a.startswith("-") else a for a in outputs]
+    code, _, err = _run(["evaluate", mvtec, *argv, *OPTIONS], capsys)
+    assert code == 2 and "both write" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
+
+
+def test_distinct_outputs_may_share_a_folder(tmp_path):
+    check_distinct_outputs([("-o", tmp_path / "R" / "results.json"),
+                            ("--save-model", tmp_path / "m.joblib"),
+                            ("--report", tmp_path / "R" / "index.html")],
+                           [("--report", tmp_path / "R")])
+
+
+def test_evaluate_checks_every_report_file_before_any_work(mvtec, tmp_path, capsys,
+                                                           monkeypatch):
+    """Only DIR/index.html was checked: with DIR/roc.png there, evaluate
+    failed after the whole fit (exit code 1, naming overwrite=True) and never
+    wrote its results."""
+    pytest.importorskip("matplotlib")
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "roc.png").write_bytes(b"mine")
+    monkeypatch.setattr(cli, "_fit", _no_fit)
+    code, _, err = _run(["evaluate", mvtec, "--report", report, "-o", tmp_path / "r.json",
+                         *OPTIONS], capsys)
+    assert code == 2 and "roc.png" in err and "--force" in err, err
+    assert (report / "roc.png").read_bytes() == b"mine" and not (tmp_path / "r.json").exists()

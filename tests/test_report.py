@@ -114,3 +114,20 @@ def test_prediction_report_shows_the_most_anomalous_images(tmp_path):
     assert "50.0% (3)" in page and len(_embedded_pngs(page)) == 2
     with Image.open(paths["contact_sheet"]) as sheet:
         assert sheet.width >= 3 * 40
+
+
+def test_every_file_written_is_announced(case, tmp_path):
+    """Callers check EVALUATION_FILES and PREDICTION_FILES before any work
+    (evaluate --report): a report file missing from them would be replaced
+    unchecked, or fail after the work."""
+    from skprotoad.report import EVALUATION_FILES, PREDICTION_FILES
+
+    labels, scores, masks, maps, types = case
+    scores = scores.copy()
+    scores[0], scores[-1] = 2.0, -1.0  # a normal image above and a defective one below
+    threshold = float(np.median(scores))
+    written = evaluation_report(tmp_path / "e", labels, scores, threshold, defect_types=types,
+                                masks=masks, maps=maps, draw_example=_drawer([]))
+    assert {p.name for p in written.values()} == set(EVALUATION_FILES)
+    written = prediction_report(tmp_path / "p", scores, threshold, draw_example=_drawer([]))
+    assert {p.name for p in written.values()} == set(PREDICTION_FILES)
