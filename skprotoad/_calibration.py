@@ -30,6 +30,9 @@ CALIBRATION_IMAGES_NEEDED = math.ceil(1 / TARGET_FALSE_ALARM_RATE - 1)
 MAX_FOLDS = round(1 / CALIBRATION_FRACTION)
 #: Fewer normal images than this: none is held out (too few to learn from).
 MIN_IMAGES_FOR_HOLDOUT = 5
+#: A threshold set on the training images' own scores is raised by this
+#: share of their largest magnitude (float32 rounds at about 1e-7 of it).
+_TIE_MARGIN = 1e-5
 
 
 class CalibrationWarning(UserWarning):
@@ -220,9 +223,15 @@ def calibrate(network, n_images, folds, contamination, score_held_out, score, ba
         # were learned from them); "auto" then takes the worst image
         calibration_scores = np.empty(0)
         quantile = 1.0 if contamination == "auto" else 1.0 - contamination
+        # These scores come from the head on the held features, predict's
+        # from the whole network: float32 rounds the two apart, so an image
+        # on the threshold could land on either side of it. It counts as
+        # normal (decision 0), as in IsolationForest: raise the threshold by
+        # far more than that rounding and far less than the scores' spread.
+        margin = _TIE_MARGIN * float(np.max(np.abs(np.concatenate([scores, map_maxima]))))
 
         def threshold(values):
-            return float(np.quantile(values, quantile))
+            return float(np.quantile(values, quantile)) + margin
 
     offset = -threshold(scores)
     # the map's own threshold only when the image score is read elsewhere

@@ -9,6 +9,7 @@ import torch
 
 from skprotoad import ProtoADDetector, _calibration, _features, clustering
 from skprotoad._features import PatchFeatures, _swap_blocks
+from skprotoad.datasets import make_defect_dataset
 from skprotoad.preprocessing import model_inputs
 from skprotoad.thresholds import calibration_folds, expected_false_alarm_rate
 
@@ -170,3 +171,23 @@ def test_images_last_puts_a_fold_last_and_restores_the_order(writeable):
         assert features.image(3).shape == (1, 3, 2)
     np.testing.assert_array_equal(features.features, original)
     assert features.image(1).shape == (1, 3, 2)
+
+
+def test_a_training_image_on_the_threshold_counts_as_normal():
+    # Thresholds set on the training images' own scores (a float
+    # contamination, or "auto" below five images) are one image's score;
+    # predict scores it through the whole network, which rounds differently
+    # from the head on the held features, and it must not land above.
+    X = make_defect_dataset(n_train=11, n_test=2, image_size=(40, 40), random_state=1).X_train
+    params = dict(image_size=40, n_clusters=4, n_farthest=0, random_state=0)
+    for image in X[:3]:
+        det = ProtoADDetector(**params).fit(image[None])  # "auto": the worst (only) image
+        assert det.predict(image[None]).tolist() == [1]
+    # the 0.9 quantile of 11 scores is the 10th: exactly one image above it
+    det = ProtoADDetector(
+        **{**params, "random_state": 2}, position_baseline=False, contamination=0.1
+    ).fit(X)
+    decision = det.decision_function(X)
+    assert (det.predict(X) == -1).sum() == 1
+    # and the margin is far below the scores' spread
+    assert np.sort(decision)[1] < 1e-3 * np.ptp(decision)

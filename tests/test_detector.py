@@ -690,9 +690,10 @@ def test_max_patches_caps_the_patches_held(normal_images, contamination, capsys)
         assert len(capped.calibration_scores_) == 10
     else:
         # the training images scored by the backbone again: as score_samples does
+        # (up to the margin that keeps an image on the threshold normal)
         scores = -capped.score_samples(normal_images)
         assert -capped.offset_ == pytest.approx(np.quantile(scores, 1 - contamination),
-                                               rel=1e-6)
+                                               rel=1e-4)
 
 
 def test_scoring_moves_the_network_only_when_it_lies_elsewhere(tiny_detector, synthetic,

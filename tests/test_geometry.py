@@ -510,7 +510,7 @@ def test_split_image_score_in_scale_mode(mixed):
     for a, b in zip(maps, distance.anomaly_maps(mixed)):
         np.testing.assert_allclose(a, b, atol=1e-6)
     maxima = np.array([m.max() for m in maps])
-    assert split.pixel_threshold_ == pytest.approx(np.quantile(maxima, 0.75), rel=1e-5)
+    assert split.pixel_threshold_ == pytest.approx(np.quantile(maxima, 0.75), abs=2e-5 * maxima.max())  # up to the tie margin
     assert not np.allclose(-split.score_samples(mixed), maxima)
     masks = split.predict_masks(mixed)
     assert [m.any() for m in masks] == list(maxima > split.pixel_threshold_)
