@@ -112,7 +112,8 @@ Writes into OUT_DIR:
   scores.csv         path, score, label, width, height, overlay, mask
   overlays/NAME.png  heatmap over the image (its own size, scaled down to 2048 x 2048
                      pixels at most), predicted region outlined
-  masks/NAME.png     predicted defect mask, 0 / 255, the overlay's size
+  masks/NAME.png     predicted defect mask, 0 / 255, the image's own size (scaled
+                     down to 2048 x 2048 pixels at most)
   run.json           model, threshold and colour range used
   skipped.csv        files that were not images or could not be read (if any)
 score = anomaly score (higher = more anomalous); label = "anomaly" when the
@@ -792,7 +793,7 @@ def _cmd_predict(args):
     # connected before anything is written: an unreachable scheduler is a usage error
     client = _dask_client(args.scheduler) if args.scheduler else contextlib.nullcontext()
     with client:
-        prepare_out_dir(out_dir, args.force, planned, inputs=paths)
+        prepare_out_dir(out_dir, args.force, planned, "predict", inputs=paths)
 
         done = new_result()
         try:
@@ -1030,7 +1031,7 @@ def _cmd_demo(args):
     planned = ["scores.csv", "results.json", "grid.png"]
     planned += [f"{folder}/{names[i]}.png" for i in shown for folder in OUTPUT_DIRS]
     # The demo's own folder: its earlier output is replaced without --force.
-    out_dir = prepare_out_dir(args.output, args.force, planned, replace_own=True)
+    out_dir = prepare_out_dir(args.output, args.force, planned, "demo", replace_own=True)
     _info(args, f"generated {args.n_train} normal training images and {args.n_test} test "
                 f"images ({int(data.y_test.sum())} with defects) of {args.size} x {args.size} px")
     fit_seconds = _fit(args, detector, data.X_train)

@@ -281,11 +281,12 @@ def _check_writable(folder, what, longest_name=""):
     os.unlink(probe)
 
 
-def prepare_out_dir(path, force, planned, inputs=(), replace_own=False):
+def prepare_out_dir(path, force, planned, command, inputs=(), replace_own=False):
     """Make ``path`` ready for a run that writes the files ``planned``.
 
     A folder that is not empty is refused without ``force``, except, with
-    ``replace_own``, one that holds only the output of an earlier run. Files
+    ``replace_own``, one that holds only the output of an earlier run of the
+    same ``command`` (as its manifest records). Files
     an earlier run wrote (listed in its manifest) are removed: stale overlays
     would mislead. Anything else is never removed or replaced: a planned
     output that would replace another file, or an input, is refused even with
@@ -298,10 +299,13 @@ def prepare_out_dir(path, force, planned, inputs=(), replace_own=False):
     force : bool
     planned : list of str
         Files the run may write, relative to ``path`` (``overlays/x.png``).
+    command : str
+        The command writing them ("predict"), recorded in the manifest.
     inputs : list of str
         The run's input files, which must not be among the files replaced.
     replace_own : bool
-        Replace an earlier run's output without ``force`` (the demo's folder).
+        Replace an earlier run of ``command``'s output without ``force`` (the
+        demo's folder); a manifest without a command is not ours.
 
     Returns
     -------
@@ -310,13 +314,15 @@ def prepare_out_dir(path, force, planned, inputs=(), replace_own=False):
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CommandError(f"output folder {path} is a file.", EXIT_USAGE)
-    previous = [p for p in _read_manifest(path) if (path / p).is_file() or (path / p).is_symlink()]
+    previous, previous_command = _read_manifest(path)
+    previous = [p for p in previous if (path / p).is_file() or (path / p).is_symlink()]
     if path.is_dir() and any(path.iterdir()) and not force:
         foreign = _foreign_files(path, previous)
-        if not (replace_own and not foreign):
-            listed = "" if not foreign else f" ({_some(foreign)})"
+        if not (replace_own and not foreign and previous_command == command):
+            listed = (_some(foreign) if foreign else f"the output of 'skprotoad {previous_command}'"
+                      if previous_command else "an earlier skprotoad run's output")
             raise CommandError(
-                f"output folder {path} is not empty{listed}; pass --force to write into it "
+                f"output folder {path} is not empty ({listed}); pass --force to write into it "
                 f"(only the files of an earlier skprotoad run there are replaced).",
                 EXIT_USAGE,
             )
@@ -326,6 +332,15 @@ def prepare_out_dir(path, force, planned, inputs=(), replace_own=False):
         raise CommandError(
             f"output folder {path} holds files that skprotoad did not write and this run "
             f"would replace: {_some(clashes)}. Move them, or choose another folder.",
+            EXIT_USAGE,
+        )
+    # checked now: a file named "overlays" failed the first image's write
+    folders = {p.split("/")[0] for p in planned if "/" in p}
+    not_folders = sorted(f for f in folders if os.path.lexists(path / f) and not (path / f).is_dir())
+    if not_folders:
+        raise CommandError(
+            f"output folder {path} holds files named {_some(not_folders)} where this run "
+            f"writes folders. Move them, or choose another folder.",
             EXIT_USAGE,
         )
     replaced = {os.path.realpath(path / p) for p in set(planned) | own}
@@ -341,11 +356,11 @@ def prepare_out_dir(path, force, planned, inputs=(), replace_own=False):
     try:
         path.mkdir(parents=True, exist_ok=True)
         # listed before anything is removed or written: an interrupted run's
-        # files stay known as ours
-        _write_manifest(path, sorted(own | set(planned)))
+        # files stay known as ours (as the earlier command's: they are its files)
+        _write_manifest(path, sorted(own | set(planned)), previous_command)
         for name in previous:
             (path / name).unlink(missing_ok=True)
-        _write_manifest(path, sorted(planned))
+        _write_manifest(path, sorted(planned), command)
     except OSError as exc:
         raise CommandError(f"cannot write into output folder {path}: {exc}", EXIT_USAGE) from None
     return path
@@ -376,20 +391,25 @@ def _is_output_name(name):
 
 
 def _read_manifest(path):
+    """The files an earlier run listed, and its command (None if not recorded)."""
     try:
-        with open(Path(path) / _MANIFEST) as f:
-            files = json.load(f).get("files", [])
+        with open(Path(path) / _MANIFEST, **_TEXT) as f:
+            manifest = json.load(f)
+        files, command = manifest.get("files", []), manifest.get("command")
     except (OSError, ValueError, AttributeError):
-        return []
+        return [], None
     if not isinstance(files, list):
-        return []
-    return [name for name in files if isinstance(name, str) and _is_output_name(name)]
+        return [], None
+    files = [name for name in files if isinstance(name, str) and _is_output_name(name)]
+    return files, command if isinstance(command, str) else None
 
 
-def _write_manifest(path, files):
+def _write_manifest(path, files, command):
     write_json(Path(path) / _MANIFEST, {
         "written_by": f"{__package__} {__version__}",
-        "note": "files a later 'skprotoad predict --force' or 'skprotoad demo' may replace",
+        "command": command,
+        "note": "files a later 'skprotoad predict --force', or a 'skprotoad demo' where "
+                "the command is demo, may replace",
         "files": files,
     })
 
@@ -426,7 +446,7 @@ def write_json(path, data, overwrite=True):
     """
 
     def write(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", **_TEXT) as f:
             json.dump(data, f, indent=2, default=_json_default)
             f.write("\n")
 
@@ -590,7 +610,7 @@ def _write_text(path, text):
     """Write ``path`` atomically: a reader never sees it half written."""
 
     def write(tmp):
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", **_TEXT) as f:
             f.write(text)
 
     write_new_file(path, write, overwrite=True)

@@ -62,7 +62,8 @@ def _write_all(out_dir, pngs, page, overwrite):
     """Write ``<name>.png`` for each of ``pngs`` and ``index.html``; checked
     first, so that a refusal leaves no report half replaced."""
     files = {name: (f"{name}.png", data) for name, data in pngs.items()}
-    files["index"] = ("index.html", page.encode("utf-8"))
+    # file names undecodable in the locale's encoding (surrogates) as their bytes
+    files["index"] = ("index.html", page.encode("utf-8", "surrogateescape"))
     for file_name, _ in files.values():
         refuse_existing(Path(out_dir) / file_name, overwrite)
     paths = {}

@@ -21,6 +21,7 @@ from skprotoad.cli_files import (
     check_file_free,
     collect_images,
     output_names,
+    prepare_out_dir,
 )
 
 # A random resnet18 (conftest.TINY's) as options: only its parameters' checks
@@ -90,6 +91,52 @@ def _no_fit(*args, **kwargs):
     raise AssertionError("the fit started")
 
 
+# ------------------------------------------------- demo and predict outputs
+
+
+def test_demo_does_not_replace_a_predict_runs_output(model, images, tmp_path, capsys):
+    """demo -o OUT, without --force, deleted the overlays, masks, scores.csv
+    and run.json of a predict run there: every manifest read as the demo's."""
+    out = tmp_path / "out"
+    code, _, err = _run(["predict", model, images, "-o", out, "-q"], capsys)
+    assert code == 0, err
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, _, err = _run(["demo", "-o", out, "--n-train", "6", "--n-test", "4", "--size", "32",
+                         "--weights", "none", "-q"], capsys)
+    assert code == 2 and "--force" in err and "predict" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("command, replaced", [("demo", True), ("predict", False), (None, False)])
+def test_replace_own_only_replaces_the_same_commands_output(command, replaced, tmp_path):
+    """A manifest without a command (written before it was recorded) is not the demo's."""
+    (tmp_path / "scores.csv").write_text("old")
+    manifest = {"files": ["scores.csv"]} | ({"command": command} if command else {})
+    (tmp_path / ".skprotoad-outputs.json").write_text(json.dumps(manifest))
+    if replaced:
+        prepare_out_dir(tmp_path, False, ["scores.csv"], "demo", replace_own=True)
+        assert not (tmp_path / "scores.csv").exists()
+        written = json.loads((tmp_path / ".skprotoad-outputs.json").read_text())
+        assert written["command"] == "demo"
+    else:
+        with pytest.raises(CommandError, match="not empty.*--force") as info:
+            prepare_out_dir(tmp_path, False, ["scores.csv"], "demo", replace_own=True)
+        assert info.value.code == 2 and (tmp_path / "scores.csv").read_text() == "old"
+
+
+def test_a_file_where_an_output_folder_goes_is_refused_before_any_work(model, images, tmp_path,
+                                                                      capsys):
+    """--force with a file named OUT/overlays failed at the first overlay
+    (exit code 1, [Errno 17]), after scoring started, leaving an empty scores.csv."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "overlays").write_text("mine")
+    code, _, err = _run(["predict", model, images, "-o", out, "-q", "--force"], capsys)
+    assert code == 2 and "overlays" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in out.iterdir()) == ["overlays"]
+    assert (out / "overlays").read_text() == "mine"
+
+
 # ------------------------------------------------------------ file names
 
 
@@ -132,6 +179,23 @@ def test_long_file_names(model, synthetic, tiny_detector, tmp_path, capsys, monk
     with pytest.raises(CommandError, match="too long") as info:
         check_file_free(tmp_path / "new" / ("r" * 256), False, "results file")
     assert info.value.code == 2
+
+
+def test_non_ascii_names_under_a_non_utf8_locale(model, synthetic, tmp_path):
+    """scores.csv was written in the locale's encoding: under LC_ALL=C a
+    non-ASCII name failed after scoring, and no run.json was written."""
+    name = "ünïcødé 名前.png"
+    image = _save(synthetic.X_test[0], tmp_path / "in" / name)
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    done = subprocess.run(
+        [sys.executable, "-m", "skprotoad", "predict", str(model), str(image.parent), "-o",
+         str(tmp_path / "out"), "-q"], capture_output=True, env=env, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    with open(tmp_path / "out" / "scores.csv", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["path"]).name for r in rows] == [name]
+    assert json.loads((tmp_path / "out" / "run.json").read_text("utf-8"))["complete"] is True
 
 
 # ---------------------------------------------------------------- inputs
@@ -220,3 +284,19 @@ def test_evaluate_checks_every_report_file_before_any_work(mvtec, tmp_path, caps
                          *OPTIONS], capsys)
     assert code == 2 and "roc.png" in err and "--force" in err, err
     assert (report / "roc.png").read_bytes() == b"mine" and not (tmp_path / "r.json").exists()
+
+
+# ------------------------------------------------------------------ docs
+
+
+def test_masks_are_documented_at_the_images_size(capsys):
+    """The help and docs/cli.md said masks have the overlay's size (which is
+    enlarged for small images); they have the image's."""
+    _run(["predict", "--help"], capsys)  # argparse prints, then exits
+    code = main(["predict", "--help"])
+    out = capsys.readouterr().out
+    assert code == 0 and "overlay's size" not in out
+    assert "image's own size" in out.split("masks/NAME.png")[1].split("\n")[0]
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text("utf-8")
+    row = next(line for line in docs.splitlines() if line.startswith("| `masks/NAME.png`"))
+    assert "image's own size" in row and "overlay's size" not in row

@@ -131,3 +131,11 @@ def test_every_file_written_is_announced(case, tmp_path):
     assert {p.name for p in written.values()} == set(EVALUATION_FILES)
     written = prediction_report(tmp_path / "p", scores, threshold, draw_example=_drawer([]))
     assert {p.name for p in written.values()} == set(PREDICTION_FILES)
+
+
+def test_names_undecodable_in_the_locale_are_written_as_their_bytes(case, tmp_path):
+    """Under LC_ALL=C a data set named "été" reaches the title as surrogates
+    ("\\udcc3\\udca9t\\udcc3\\udca9"): encoding the page failed after the work."""
+    labels, scores, _, _, _ = case
+    paths = evaluation_report(tmp_path, labels, scores, 0.5, title="\udcc3\udca9t\udcc3\udca9")
+    assert "<h1>été</h1>".encode() in paths["index"].read_bytes()
