@@ -143,6 +143,11 @@ BENCHMARKS = {
         "the suite's sets.",
         "python benchmarks/bench_image_readouts.py",
     ),
+    "position_spread": (
+        "The image score less each position's normal mean and divided by its spread "
+        "(PaDiM's per-position statistics): tried, not taken.",
+        "python benchmarks/bench_position_spread.py",
+    ),
     "head_precision": (
         "The prototype head searched in bfloat16 and rescored in float32, against float32.",
         "python benchmarks/bench_head_precision.py",
