@@ -292,9 +292,7 @@ def test_evaluate_checks_every_report_file_before_any_work(mvtec, tmp_path, caps
 def test_masks_are_documented_at_the_images_size(capsys):
     """The help and docs/cli.md said masks have the overlay's size (which is
     enlarged for small images); they have the image's."""
-    _run(["predict", "--help"], capsys)  # argparse prints, then exits
-    code = main(["predict", "--help"])
-    out = capsys.readouterr().out
+    code, out, _ = _run(["predict", "--help"], capsys)
     assert code == 0 and "overlay's size" not in out
     assert "image's own size" in out.split("masks/NAME.png")[1].split("\n")[0]
     docs = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text("utf-8")
