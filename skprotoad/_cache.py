@@ -66,23 +66,25 @@ def cached_patch_features(key, order, extract):
     return extract()
 
 
-def patch_features(detector, images, order, seed, extract):
+def patch_features(detector, images, order, seed, extract, may_cap=True):
     """``extract()``'s feature array, from the cache of ``detector.memory``
     when it has one and has them (see :func:`feature_key` for the arguments)."""
     memory = check_feature_memory(detector.memory)
     if memory is None:
         return extract()
     cached = memory.cache(cached_patch_features, ignore=["extract"])
-    key = feature_key(detector, images, seed)
+    key = feature_key(detector, images, seed, may_cap)
     return cached(key, np.asarray(order, dtype=np.int64), extract)
 
 
-def feature_key(detector, images, seed):
+def feature_key(detector, images, seed, may_cap=True):
     """Everything that shapes the patch features of ``detector.fit(images)``.
 
-    ``seed`` is the backbone's initialisation seed: it matters only with
-    ``weights=None``. The image order is not part of the key: it is passed to
-    :func:`cached_patch_features` as its own argument.
+    ``seed`` seeds the backbone's initialisation and the draw of the patches
+    kept under ``max_patches``: it matters with ``weights=None``, or when
+    ``may_cap`` (the cap may apply to these images). The image order is not
+    part of the key: it is passed to :func:`cached_patch_features` as its
+    own argument.
     """
     import timm
     import torch
@@ -104,7 +106,7 @@ def feature_key(detector, images, seed):
         "backbone": detector.backbone,
         "layers": tuple(int(i) for i in detector.layers),
         "weights": _weights_token(detector.weights),
-        "seed": int(seed) if detector.weights is None else None,
+        "seed": int(seed) if detector.weights is None or may_cap else None,
         "alignment": detector.alignment,
         "padding": detector.padding,
         "neighborhood_size": int(detector.neighborhood_size),

@@ -313,6 +313,20 @@ def shared_first_neighbors(detector, patches, folds, random_state, device):
     return SharedSearch.of(patches, device=str(device), random_state=random_state)
 
 
+def may_cap(detector, embedding, n_images):
+    """Whether ``detector.max_patches`` may keep fewer than all patches of
+    ``n_images`` images: known before extraction for one fixed input size;
+    with a scale factor, assumed."""
+    if detector.max_patches is None:
+        return False
+    crop = _images.fixed_input_size(detector.image_size, detector.crop_size)
+    if crop is None:
+        return True
+    stride = embedding.backbone.strides[0]
+    per_image = -(-crop[0] // stride) * -(-crop[1] // stride)
+    return n_images * per_image > detector.max_patches
+
+
 def extract_features(detector, embedding, images, order, device, seed=0):
     """Patch features of ``images[order]``, as :class:`PatchFeatures`
     (at most ``detector.max_patches``, drawn with ``seed``).

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import numpy as np
 import torch
@@ -121,6 +122,13 @@ class RGB:
             raise InvalidParameterError(f"{name} must be positive, got {value!r}.")
 
 
+def is_random_state(value):
+    """What :func:`sklearn.utils.check_random_state` accepts, bools aside."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return 0 <= value < 2**32
+    return value is None or isinstance(value, np.random.RandomState)
+
+
 def validate(constraints, params):
     """Check each of ``params`` that ``constraints`` has a rule for, in its order."""
     for name, rule in constraints.items():
@@ -220,8 +228,8 @@ def _embodied_settings(params):
             return (int(value), int(value))
         return _plain(value)
 
-    names = ("backbone", "layers", "sigma", "alignment", "neighborhood_size", "normalization",
-             "padding", "position_baseline")
+    names = ("backbone", "layers", "weights", "sigma", "alignment", "neighborhood_size",
+             "normalization", "padding", "position_baseline")
     return {
         **{name: _plain(params[name]) for name in names},
         # with normalization="patch" every image_score is the same network
@@ -243,8 +251,8 @@ def check_unchanged_since_fit(estimator):
     """Raise if ``set_params`` changed a parameter that ``estimator``'s fitted
     network embodies: the network would keep the old value while scoring read
     the new one."""
-    fitted = estimator._fitted_settings
-    now = _embodied_settings(estimator.get_params(deep=False))
+    fitted = _whole_image_crop(estimator._fitted_settings)
+    now = _whole_image_crop(_embodied_settings(estimator.get_params(deep=False)))
     changed = [
         f"{name}={now[name]!r} (fitted with {fitted[name]!r})"
         for name in fitted
@@ -257,10 +265,20 @@ def check_unchanged_since_fit(estimator):
         )
 
 
+def _whole_image_crop(settings):
+    """``settings`` with no crop written as a crop to the whole image, which
+    it is; the record keeps None, as models saved before read it."""
+    if settings.get("crop_size") is None:
+        return {**settings, "crop_size": settings.get("image_size")}
+    return settings
+
+
 def _plain(value):
     """Sequences as tuples and numpy scalars as Python ones, for comparisons."""
     if isinstance(value, (tuple, list, np.ndarray)):
         return tuple(_plain(v) for v in value)
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     return value

@@ -379,7 +379,10 @@ def _timm_hub_state_dict(name):
 
 def _read_state_dict(path: Path):
     if not path.is_file():
-        raise WeightsUnavailableError(f"Weights file not found: {path}")
+        raise WeightsUnavailableError(
+            f"weights={str(path)!r}: no such file. Pass weights='imagenet' for the "
+            f"pre-trained weights, None for random ones, or the path of a state dict."
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

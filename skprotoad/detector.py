@@ -181,11 +181,15 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         "crop_size": Delegated(where="_images.check_geometry, with image_size"),
         "mean": RGB(),
         "std": RGB(positive=True),
-        "position_baseline": Satisfies(lambda v: isinstance(v, bool), "True or False"),
+        # numpy bools too: a grid search over a numpy array passes them
+        "position_baseline": Satisfies(lambda v: isinstance(v, (bool, np.bool_)),
+                                       "True or False"),
         "contamination": Satisfies(_calibration.is_contamination, "'auto' or a float in (0, 0.5]"),
         "batch_size": Integer(1),
         "device": Delegated(_validation.torch_device),
-        "random_state": Delegated(where="check_random_state, at fit"),
+        "random_state": Satisfies(
+            _validation.is_random_state, "None, an int in [0, 2**32 - 1] or a RandomState"
+        ),
         "verbose": Delegated(where="only read as a truth value"),
         "n_jobs": Delegated(effective_n_threads),
         "memory": Delegated(_cache.check_feature_memory),
@@ -259,6 +263,7 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
             features = _cache.patch_features(
                 self, images, order, seed,
                 lambda: self._extract_features(embedding, images, order, device, seed),
+                may_cap=_features.may_cap(self, embedding, len(order)),
             )
         _features.check_enough_patches(
             features, len(order) - n_held_out, self.n_clusters, self.n_farthest

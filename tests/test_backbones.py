@@ -84,7 +84,7 @@ def test_weights_that_do_not_fit_are_named(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="Cannot read a state dict"):
         create_feature_extractor("resnet18", (1,), weights=junk)
-    with pytest.raises(WeightsUnavailableError, match="not found"):
+    with pytest.raises(WeightsUnavailableError, match="no such file"):
         create_feature_extractor("resnet18", (1,), weights=tmp_path / "missing.pth")
     with pytest.raises(TypeError, match="weights must be"):
         create_feature_extractor("resnet18", (1,), weights=3)

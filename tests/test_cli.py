@@ -643,7 +643,7 @@ def test_bad_image_files(command, bad, code, message, folders, model, tmp_path, 
         (["--backbone", "no_such_net"], "Unknown backbone", 1),
         (["--backbone", "vit_tiny_patch16_224"], "cannot process 64 x 64 crops", 1),
         (["--n-clusters", "100000"], "more than the .* training patches", 1),
-        (["--weights", "/no/such/weights.pth"], "Weights file not found", 1),
+        (["--weights", "/no/such/weights.pth"], "no such file", 1),
         # wrong whatever the data or the backbone: usage errors
         (["--crop-size", "100"], "larger than image_size", 2),
         (["--neighborhood-size", "2"], "neighborhood_size", 2),

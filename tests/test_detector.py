@@ -225,7 +225,12 @@ def test_auto_contamination_with_few_images_uses_the_worst(normal_images):
         ({"layers": 2}, TypeError, "sequence of stage indices"),
         ({"backbone": "vit_tiny_patch16_224", "layers": (1,)}, ValueError,
          "cannot process 64 x 64 crops"),
-        ({"weights": "/no/such/file.pth"}, OSError, "not found"),
+        ({"weights": "/no/such/file.pth"}, OSError, "no such file"),
+        ({"weights": "imagnet"}, OSError, "Pass weights='imagenet'"),
+        ({"random_state": "x"}, ValueError, "random_state must be"),
+        ({"random_state": 2**32}, ValueError, "random_state must be"),
+        ({"random_state": np.random.default_rng(0)}, TypeError, "random_state must be"),
+        ({"position_baseline": "yes"}, ValueError, "position_baseline must be"),
         ({"n_jobs": 0}, ValueError, "n_jobs"),
         ({"memory": 5}, ValueError, "memory must be"),
     ],
@@ -233,6 +238,13 @@ def test_auto_contamination_with_few_images_uses_the_worst(normal_images):
 def test_bad_parameters_are_named_at_fit(normal_images, params, error, match):
     with pytest.raises(error, match=match):
         ProtoADDetector(**{**TINY, **params}).fit(normal_images)
+
+
+def test_numpy_scalars_from_a_grid_are_valid_parameters():
+    # GridSearchCV over numpy arrays passes numpy scalars
+    params = {**TINY, "position_baseline": np.True_, "n_clusters": np.int64(8),
+              "random_state": np.int64(3), "sigma": np.float32(2.0)}
+    ProtoADDetector(**params)._validate_params()
 
 
 @pytest.mark.parametrize("sigma", [1e300, 1e12, 257.0, float("nan"), float("inf")])
@@ -453,6 +465,7 @@ def test_non_finite_scores_are_never_normal(tiny_detector, synthetic):
     {"sigma": 8.0},
     {"neighborhood_size": 5},
     {"mean": (0.5, 0.5, 0.5)},
+    {"weights": "imagenet"},  # the network keeps its random backbone
 ])
 def test_parameters_changed_after_fit_are_refused(tiny_detector, synthetic, change):
     """set_params(image_size=...) after fit changed the preprocessing silently
@@ -471,7 +484,9 @@ def test_parameters_that_do_not_change_the_model_can_change(tiny_detector, synth
     X = synthetic.X_test[:2]
     det = pickle.loads(pickle.dumps(tiny_detector))
     # with normalization="patch" every image_score is the same network
-    det.set_params(image_score="cosine", batch_size=1, n_clusters=3, image_size=(64, 64))
+    # no crop is the whole 64 x 64 image the crop_size=64 it was fitted with took
+    det.set_params(image_score="cosine", batch_size=1, n_clusters=3, image_size=(64, 64),
+                   crop_size=None, position_baseline=np.False_)
     # (batch size 1: the same up to float rounding)
     np.testing.assert_allclose(det.score_samples(X), tiny_detector.score_samples(X), rtol=1e-5)
 

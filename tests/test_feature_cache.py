@@ -91,6 +91,22 @@ def test_feature_shaping_changes_miss_the_cache(images, tmp_path, extractions, c
     assert len(extractions) == (1 if expected_hit else 2)
 
 
+def test_the_patches_kept_under_the_cap_are_keyed_by_their_seed(images, tmp_path, extractions):
+    # ImageNet weights do not depend on the seed, but the patches max_patches
+    # keeps are drawn with it; two images keep their order at both seeds
+    params = dict(backbone="efficientnet_lite0", image_size=40, clustering="kmeans",
+                  n_clusters=4, n_farthest=0, contamination=0.5, position_baseline=False)
+    capped = {**params, "max_patches": 60}
+    ProtoADDetector(**capped, random_state=0, memory=tmp_path).fit(images[:2])
+    cached = ProtoADDetector(**capped, random_state=1, memory=tmp_path).fit(images[:2])
+    _assert_same_fit(cached, ProtoADDetector(**capped, random_state=1).fit(images[:2]))
+    assert len(extractions) == 3
+    # under the cap the seed shapes nothing: the cache serves other seeds
+    ProtoADDetector(**params, random_state=0, memory=tmp_path).fit(images[:2])
+    ProtoADDetector(**params, random_state=1, memory=tmp_path).fit(images[:2])
+    assert len(extractions) == 4
+
+
 def test_other_images_miss_the_cache(images, tmp_path, extractions):
     ProtoADDetector(**TINY, memory=tmp_path).fit(images)
     changed = images.copy()

@@ -115,8 +115,8 @@ def test_parameters_without_a_json_form(tiny_detector, tmp_path):
     with pytest.warns(UserWarning, match="saved as None"):
         path = persistence.save(model, tmp_path / "m.safetensors")
     assert persistence.load(path).random_state is None
-    model.set_params(random_state=0, weights=object())
-    with pytest.raises(TypeError, match="weights"):
+    model.set_params(random_state=0, verbose=object())
+    with pytest.raises(TypeError, match="verbose"):
         persistence.save(model, tmp_path / "other.safetensors")
 
 
