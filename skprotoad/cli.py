@@ -892,7 +892,10 @@ def _load_dataset(args):
     if not Path(args.root).is_dir():
         raise CommandError(f"no such data set folder: {args.root}", EXIT_USAGE)
     loader = load_btad if args.format == "btad" else load_mvtec
-    return loader(args.root, args.category)
+    try:
+        return loader(args.root, args.category)
+    except FileNotFoundError as exc:  # a category or mask that is not there
+        raise CommandError(str(exc), EXIT_USAGE) from None
 
 
 def _cmd_evaluate(args):

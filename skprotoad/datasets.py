@@ -19,7 +19,7 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.utils import Bunch, check_random_state
 
-from ._images import IMAGE_EXTENSIONS, center_crop_box, check_size
+from ._images import IMAGE_EXTENSIONS, center_crop_box, check_size, upright, upright_size
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -90,6 +90,36 @@ def _find_mask(index, stem):
     return None
 
 
+def _check_unique_stems(images):
+    """Two defect images of one stem (``001.png``, ``001.jpg``) would share a mask."""
+    stems = [p.stem for p in images]
+    shared = sorted({str(p) for p in images if stems.count(p.stem) > 1})
+    if shared:
+        raise ValueError(
+            f"defect images share a file name stem, so one mask would serve them all: "
+            f"{shared[:4]}; rename or remove one of each."
+        )
+
+
+def _check_mask_fits(image, mask):
+    """Open the mask's header now, not after a fit: it must be a readable image
+    of its image's aspect (a mask at another resolution is resized; one of
+    another shape, a transposed one say, belongs to another picture)."""
+    sizes = []
+    for path in (image, mask):
+        try:
+            with Image.open(path) as opened:
+                sizes.append(upright_size(opened))
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ValueError(f"cannot read image {str(path)!r}: {exc}") from None
+    (height, width), (mask_height, mask_width) = sizes
+    if abs(mask_height * width - height * mask_width) > 0.02 * height * mask_width:
+        raise ValueError(
+            f"mask {str(mask)!r} is {mask_height} x {mask_width} pixels, its image "
+            f"{str(image)!r} {height} x {width}: not the same picture's shape (height x width)."
+        )
+
+
 def _missing_mask_error(image, mask_dir):
     return FileNotFoundError(
         f"no ground truth mask for defect image {str(image)!r}: looked for "
@@ -127,7 +157,7 @@ def _load_split_layout(cat_dir, normal_name, dataset, category_given):
         if not category_given:
             candidates = [n for n in _subdirs(cat_dir) if (cat_dir / n / "train").is_dir()]
             if candidates:
-                hint = f" It looks like a dataset root: pass category=one of {candidates}."
+                hint = f" It looks like a dataset root: pass its category, one of {candidates}."
         raise ValueError(
             f"{str(cat_dir)!r} is not a {dataset} category folder: "
             f"'train/{normal_name}' is missing.{hint}"
@@ -145,6 +175,8 @@ def _load_split_layout(cat_dir, normal_name, dataset, category_given):
         is_normal = defect_type == normal_name
         mask_dir = cat_dir / "ground_truth" / defect_type
         index = {} if is_normal else _mask_index(mask_dir)
+        if not is_normal:
+            _check_unique_stems(images)
         for image in images:
             if is_normal:
                 mask = None
@@ -152,6 +184,7 @@ def _load_split_layout(cat_dir, normal_name, dataset, category_given):
                 mask = _find_mask(index, image.stem)
                 if mask is None:
                     raise _missing_mask_error(image, mask_dir)
+                _check_mask_fits(image, mask)
             test_paths.append(str(image))
             labels.append(0 if is_normal else 1)
             mask_paths.append(None if mask is None else str(mask))
@@ -324,9 +357,12 @@ def load_folder(normal_dir, abnormal_dir=None, mask_dir=None):
 def load_masks(mask_paths, image_size=256, crop_size=None):
     """Load binary masks in the model's input geometry.
 
-    Each mask is read as 8-bit grayscale, resized to ``image_size`` with
-    nearest-neighbour interpolation (the images are resized bilinearly to
-    the same size), centre-cropped to ``crop_size`` and thresholded at 127.
+    Each mask's defect pixels are those of any channel above half the
+    mask's own maximum (0/255, 0/1, 16-bit, float, coloured or palette masks
+    alike; an all-zero mask is empty), turned as its EXIF orientation says,
+    resized to ``image_size`` with nearest-neighbour interpolation (the images
+    are resized bilinearly to the same size) and centre-cropped to
+    ``crop_size``.
 
     Parameters
     ----------
@@ -358,13 +394,29 @@ def load_masks(mask_paths, image_size=256, crop_size=None):
 
 
 def _read_mask(path, size):
-    """A mask file as 8-bit grey, resized (nearest) to ``size`` (h, w), > 127."""
+    """A mask file's defect pixels (:func:`_defect_pixels`), resized (nearest)
+    to ``size`` (h, w)."""
     height, width = size
     with Image.open(path) as image:
-        image = image.convert("L")
-        if image.size != (width, height):  # PIL sizes are (width, height)
-            image = image.resize((width, height), Image.NEAREST)
-        return np.asarray(image) > 127
+        mask = _defect_pixels(upright(image))
+    if mask.shape != (height, width):
+        resized = Image.fromarray(mask).resize((width, height), Image.NEAREST)
+        mask = np.asarray(resized)
+    return mask
+
+
+def _defect_pixels(image):
+    """A mask image as bool: pixels where any colour channel exceeds half the
+    mask's own maximum, so that 0/255, 0/1, 16-bit, float, coloured and
+    palette masks all read as drawn (8-bit grey above 127 reads a 0/1 or a
+    red mask as empty). Alpha is ignored; an all-zero mask is empty."""
+    if image.mode not in ("1", "L", "I", "I;16", "F", "RGB"):
+        image = image.convert("L" if image.mode in ("LA", "La") else "RGB")
+    values = np.asarray(image)
+    if values.ndim == 3:
+        values = values.max(axis=2)
+    top = values.max(initial=0)
+    return values > top / 2 if top > 0 else np.zeros(values.shape, dtype=bool)
 
 
 def load_input_masks(mask_paths, sizes):
@@ -385,7 +437,7 @@ def load_input_masks(mask_paths, sizes):
     Returns
     -------
     masks : list of ndarray of bool, shape ``sizes[i]``
-        Each mask read as 8-bit grayscale and thresholded at 127.
+        Each mask's defect pixels, read as :func:`load_masks` reads them.
 
     Examples
     --------

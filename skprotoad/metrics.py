@@ -20,6 +20,7 @@ at the limit, normalised by ``fpr_limit``.
 """
 
 import numbers
+import warnings
 
 import numpy as np
 from scipy import ndimage
@@ -517,6 +518,27 @@ def pixel_f1_max(masks, maps):
     return _f1_max_from_split(neg, pos)
 
 
+def _check_labels_match_masks(y_true, masks):
+    """Refuse normal images whose masks mark defects; warn of anomalous images
+    whose masks mark none (a mask encoding read as empty, say)."""
+    labels = np.asarray(y_true)
+    marked = np.array([bool(np.any(m)) for m in masks])
+    normal = np.flatnonzero(marked & (labels == 0))
+    if normal.size:
+        raise ValueError(
+            f"images {normal[:5].tolist()} are labelled normal (0) in y_true but their "
+            f"masks mark defects: the labels and masks disagree."
+        )
+    empty = np.flatnonzero(~marked & (labels == 1))
+    if empty.size:
+        warnings.warn(
+            f"{empty.size} image(s) labelled anomalous (1) have empty masks (first: "
+            f"{empty[:5].tolist()}): the pixel metrics count all their pixels as normal "
+            f"(a crop that cut the defect away, or a mask encoding read as empty?).",
+            UserWarning, stacklevel=3,
+        )
+
+
 def evaluate_maps(y_true, scores, masks=None, maps=None, fpr_limit=0.3):
     """Compute the standard image- and pixel-level anomaly detection metrics.
 
@@ -569,6 +591,7 @@ def evaluate_maps(y_true, scores, masks=None, maps=None, fpr_limit=0.3):
             f"masks and maps have {len(masks)} images but y_true has "
             f"{np.asarray(y_true).shape[0]} entries."
         )
+    _check_labels_match_masks(y_true, masks)
     neg, pos = _split_pixels(masks, maps)
     _check_both_classes(pos.size, pos.size + neg.size, "masks")
     results["pixel_auroc"] = _auroc_from_split(neg, pos)

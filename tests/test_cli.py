@@ -518,7 +518,8 @@ def test_evaluate_category_folder_and_missing_root(fake_mvtec, tmp_path, capsys)
     code, _, err = _run(["evaluate", tmp_path / "nope", "-q"], capsys)
     assert code == 2 and "nope" in err
     code, _, err = _run(["evaluate", fake_mvtec, "--category", "gadget", "-q"], capsys)
-    assert code == 1 and "widget" in err  # the message lists the available categories
+    # an input path that is not there: a usage error, listing the categories
+    assert code == 2 and "widget" in err
 
 
 # -------------------------------------------------------------------- demo

@@ -11,6 +11,7 @@ from skprotoad.datasets import (
     _make_sample,
     load_btad,
     load_folder,
+    load_input_masks,
     load_masks,
     load_mvtec,
     make_defect_dataset,
@@ -104,7 +105,7 @@ def test_load_mvtec_errors(tmp_path):
     _mvtec_tree(root / "wood")
     with pytest.raises(FileNotFoundError, match=r"'carpet'.*\['tile', 'wood'\]"):
         load_mvtec(root, "carpet")
-    with pytest.raises(ValueError, match="pass category"):
+    with pytest.raises(ValueError, match="pass its category"):
         load_mvtec(root)
     (root / "wood" / "ground_truth" / "crack" / "001_mask.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"001\.png"):
@@ -271,6 +272,65 @@ def test_load_masks_threshold_and_mode(tmp_path):
         masks = load_masks([tmp_path / name], image_size=2, crop_size=2)
         np.testing.assert_array_equal(masks[0], [[False, False], [True, True]])
     assert load_masks([], image_size=4, crop_size=2).shape == (0, 2, 2)
+
+
+def _square_mask(high=255, dtype=np.uint8):
+    mask = np.zeros((8, 8), dtype=dtype)
+    mask[2:6, 1:4] = high
+    return mask
+
+
+def test_masks_read_as_drawn_in_any_encoding(tmp_path):
+    # 8-bit grey above 127 read 0/1, red, palette and float masks as empty
+    expected = _square_mask(True, bool)
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = _square_mask()
+    palette = Image.fromarray(_square_mask(1)).convert("P")
+    palette.putpalette([0, 0, 0, 0, 0, 128])  # index 1: navy
+    rgba = np.dstack([_square_mask()] * 3 + [np.full((8, 8), 255, np.uint8)])
+    encodings = {
+        "grey.png": Image.fromarray(_square_mask()),
+        "zero_one.png": Image.fromarray(_square_mask(1)),
+        "sixteen_bit.png": Image.fromarray(_square_mask(65535, np.uint16)),
+        "sixteen_bit_0_1.png": Image.fromarray(_square_mask(1, np.uint16)),
+        "red.png": Image.fromarray(red),
+        "palette.png": palette,
+        "opaque_rgba.png": Image.fromarray(rgba),
+        "float.tif": Image.fromarray(_square_mask(1.0, np.float32)),
+        "bilevel.png": Image.fromarray(_square_mask(255)).convert("1"),
+    }
+    for name, image in encodings.items():
+        image.save(tmp_path / name)
+        mask = load_masks([tmp_path / name], image_size=(8, 8), crop_size=None)[0]
+        np.testing.assert_array_equal(mask, expected, err_msg=name)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "empty.png")
+    assert not load_masks([tmp_path / "empty.png"], image_size=(8, 8))[0].any()
+
+
+def test_masks_are_turned_as_their_exif_orientation_says(tmp_path):
+    stored = _square_mask()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # viewers turn it a quarter clockwise
+    Image.fromarray(stored).save(tmp_path / "turned.png", exif=exif)
+    mask = load_input_masks([tmp_path / "turned.png"], [(8, 8)])[0]
+    np.testing.assert_array_equal(mask, np.rot90(stored, -1) > 0)
+
+
+def test_loader_checks_each_mask_before_any_fit(tmp_path):
+    root = _mvtec_tree(tmp_path / "tile")  # 8 x 6 images
+    mask = root / "ground_truth" / "crack" / "001_mask.png"
+    _write(mask, size=(6, 8), value=255)  # transposed: another picture's
+    with pytest.raises(ValueError, match="001_mask.png.*not the same picture"):
+        load_mvtec(root)
+    _write(mask, size=(16, 12), value=255)  # twice the resolution: resized
+    load_mvtec(root)
+    mask.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read image.*001_mask.png"):
+        load_mvtec(root)
+    _write(mask, value=255)
+    _write(root / "test" / "crack" / "001.jpg")  # the same stem: one mask for two
+    with pytest.raises(ValueError, match="share a file name stem"):
+        load_mvtec(root)
 
 
 # --------------------------------------------------------------------------

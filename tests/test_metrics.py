@@ -360,3 +360,18 @@ def test_evaluate_maps_image_only_and_errors():
         evaluate_maps([0, 1], [0.1, 0.9], maps=maps)
     with pytest.raises(ValueError, match="y_true has 3"):
         evaluate_maps([0, 1, 1], [0.1, 0.9, 0.5], masks, maps)
+
+
+def test_evaluate_maps_checks_labels_against_masks():
+    masks, maps = _random_case(4)
+    y = masks.reshape(len(masks), -1).any(axis=1).astype(int)
+    assert y.any() and not y.all()
+    scores = np.linspace(0, 1, len(y))
+    wrong = y.copy()
+    wrong[np.flatnonzero(y)[0]] = 0  # a defect image labelled normal
+    with pytest.raises(ValueError, match="labelled normal.*masks mark defects"):
+        evaluate_maps(wrong, scores, masks, maps)
+    empty = masks.copy()
+    empty[np.flatnonzero(y)[0]] = False  # a mask read as empty, say
+    with pytest.warns(UserWarning, match="labelled anomalous.*empty masks"):
+        evaluate_maps(y, scores, empty, maps)
