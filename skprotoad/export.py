@@ -31,6 +31,7 @@ runtimes read).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import numbers
@@ -250,29 +251,55 @@ def _export_onnx(network, example, path, opset, dynamo, outputs=OUTPUT_NAMES, sp
     if spatial:  # raw images of any size: (N, H, W, 3)
         dims.update({1: torch.export.Dim("height", min=2, max=65535),
                      2: torch.export.Dim("width", min=2, max=65535)})
-    with _quiet_tracing():
-        if dynamo:
-            torch.onnx.export(
-                network,
-                (example,),
-                path,
-                **names,
-                opset_version=opset,
-                dynamo=True,
-                dynamic_shapes={INPUT_NAME: dims},
-                external_data=False,
-                verbose=False,
-            )
-        else:
-            torch.onnx.export(
-                network,
-                (example,),
-                path,
-                **names,
-                opset_version=opset,
-                dynamo=False,
-                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
-            )
+    if dynamo:
+        options = dict(dynamo=True, dynamic_shapes={INPUT_NAME: dims}, external_data=False,
+                       verbose=False)
+    else:
+        options = dict(dynamo=False,
+                       dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *outputs)})
+    try:
+        with _quiet_tracing(), _onnx_log_on_stderr():
+            torch.onnx.export(network, (example,), path, **names, opset_version=opset, **options)
+    except Exception as error:
+        # torch's own message is an assertion deep in the exporter, often with
+        # the whole graph: say which model and exporter it was, and what to try
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        raise RuntimeError(
+            f"ONNX export failed ({_settings(network)}; dynamo={dynamo}, opset={opset}): "
+            f"{type(error).__name__}: {first_line} Try another opset"
+            + ("." if spatial else f" or dynamo={not dynamo}.")
+        ) from error
+
+
+def _settings(module):
+    """The exported network's settings that change its graph, for messages."""
+    network = getattr(module, "network", module)
+    embedding = getattr(network, "embedding", None)
+    if embedding is None:
+        return type(module).__name__
+    return (f"backbone={embedding.backbone.name!r}, normalization={embedding.normalization!r}, "
+            f"image_score={network.image_score!r}, alignment={embedding.alignment!r}, "
+            f"padding={embedding.padding!r}, neighborhood_size={embedding.neighborhood_size}, "
+            f"position_baseline={network.score_baseline.numel() > 0}, "
+            f"pipeline={module is not network}")
+
+
+@contextlib.contextmanager
+def _onnx_log_on_stderr():
+    """Send torch's ONNX log to stderr for the block. The legacy exporter
+    turns the log on whatever ``verbose`` says (``setup_onnx_logging`` tests
+    the function ``_jit_is_onnx_log_enabled``, not its value) and writes the
+    whole graph to stdout when it fails, into the output of whatever runs the
+    export; stdout is the log's default stream, restored after."""
+    set_stream = getattr(torch._C, "_jit_set_onnx_log_output_stream", None)
+    if set_stream is None:
+        yield
+        return
+    set_stream("stderr")
+    try:
+        yield
+    finally:
+        set_stream("stdout")
 
 
 class InspectionPipeline(nn.Module):

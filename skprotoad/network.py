@@ -694,8 +694,12 @@ class ProtoADNetwork(nn.Module):
         offsets = offsets[None, :, None, None]
         if scale is not None:
             offsets = offsets * scale
-        projection = torch.addcmul(offsets, products, inverse_norms[None, :, None, None],
-                                   out=products)
+        if tracing():
+            # a new tensor: the legacy ONNX exporter has no symbolic for out=
+            projection = torch.addcmul(offsets, products, inverse_norms[None, :, None, None])
+        else:
+            projection = torch.addcmul(offsets, products, inverse_norms[None, :, None, None],
+                                       out=products)
         projection = projection.amax(dim=1, keepdim=True)
         if scale is not None:
             projection = projection / scale

@@ -1,6 +1,7 @@
 """Exported networks (TorchScript, ONNX) score exactly like the estimator."""
 
 import json
+import sys
 import warnings
 
 import numpy as np
@@ -161,6 +162,58 @@ def test_legacy_onnx_exporter(crop_detector, synthetic, tmp_path):
     for batch in (1, 3):
         maps, scores = _run_onnx(path, x[:batch])
         _assert_matches(crop_detector, X[:batch], maps, scores)
+
+
+@pytest.fixture(scope="module", params=["projection", "cosine"])
+def image_detector(request, normal_images):
+    """The defaults' per-image normalisation, readout and position baseline,
+    on the tiny random backbone."""
+    params = {**TINY, "normalization": "image", "image_score": request.param,
+              "position_baseline": True, "contamination": 0.1}
+    return ProtoADDetector(**params).fit(normal_images[:6])
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_legacy_onnx_exports_the_default_normalization(image_detector, synthetic, tmp_path,
+                                                       capfd, opset):
+    """The projection and cosine readouts failed in the legacy exporter
+    (addcmul with out=) and dumped the graph to stdout."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    path = export.to_onnx(image_detector, tmp_path / "m.onnx", dynamo=False, opset=opset)
+    assert capfd.readouterr().out == ""
+    X = synthetic.X_test[:3]
+    x = export.preprocess(image_detector, X)
+    for batch in (1, 3):
+        maps, scores = _run_onnx(path, x[:batch])
+        _assert_matches(image_detector, X[:batch], maps, scores)
+
+
+class _Unexportable(torch.nn.Module):
+    """What the legacy exporter cannot write: an op with out=."""
+
+    def forward(self, images):
+        out = torch.empty_like(images)
+        return torch.addcmul(images, images, images, out=out), images.sum()
+
+
+def test_onnx_export_failure_names_the_model_and_keeps_stdout_clean(image_detector, tmp_path,
+                                                                    capfd):
+    pytest.importorskip("onnx")
+    with pytest.raises(RuntimeError, match=r"ONNX export failed \(_Unexportable; "
+                                           r"dynamo=False, opset=17\): AssertionError"):
+        export._export_onnx(_Unexportable(), torch.rand(2, 3, 8, 8), tmp_path / "m.onnx", 17,
+                            False)
+    if sys.platform != "win32":  # torch's log goes through C's buffered stdout
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    assert "graph" not in capfd.readouterr().out
+    # a failing export of a detector names its settings
+    network = export._cpu_copy(image_detector)
+    network.forward = _Unexportable().forward
+    with pytest.raises(RuntimeError, match="normalization='image', image_score="):
+        export._export_onnx(network, torch.rand(2, 3, 64, 64), tmp_path / "m.onnx", 17, False)
 
 
 # ------------------------------------- ImageNet backbone, synthetic and real images
