@@ -1,10 +1,13 @@
 """Writing files so that nothing a user saved is lost or left half written."""
 
+import contextlib
+import errno
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 
-# Temporary files are named TEMP_PREFIX + 8 random characters + ".tmp".
+# Temporary files are named TEMP_PREFIX + 8 random hex digits + ".tmp".
 TEMP_PREFIX = ".skprotoad-"
 
 
@@ -25,24 +28,25 @@ def write_new_file(path, write, overwrite=False):
         raise IsADirectoryError(f"{path} is a folder; give a file name.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # A short name, not one derived from path's: a file name of up to 255
-        # bytes is legal, the same name with a prefix and suffix may not be.
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=path.parent)
+        tmp = _new_temporary_file(path.parent)
     except OSError as exc:
         # name the user's file, not the temporary one
         raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
-    os.close(fd)
     try:
+        # the mode the umask gives a new file, for the result; private while written
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
+        os.chmod(tmp, 0o600)
         try:
             write(tmp)
         except OSError as exc:  # a full disk, say: name the user's file
             if exc.errno is None:
                 raise
             raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
-        # mkstemp creates the file private (0600); give it the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        if overwrite:
+            # a file replaced keeps its permissions (a private model stays private)
+            with contextlib.suppress(OSError):
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+        os.chmod(tmp, mode)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -50,6 +54,25 @@ def write_new_file(path, write, overwrite=False):
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def _new_temporary_file(folder):
+    """Create an empty file of a new name in ``folder``, with the permissions
+    of any new file (0666 less the umask); return its path.
+
+    Not ``tempfile.mkstemp``: its files are private (0600), and reading the
+    umask to widen them means setting it, for the whole process, meanwhile.
+    A short name, not one derived from the target's: a name of 255 bytes is
+    legal, the same with a prefix and suffix is not.
+    """
+    for _ in range(100):
+        tmp = Path(folder) / f"{TEMP_PREFIX}{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return str(tmp)
+    raise FileExistsError(errno.EEXIST, f"no free temporary file name in {folder}")
 
 
 def _publish_without_replacing(tmp, path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import numbers
+import threading
 
 import torch
 
@@ -45,6 +46,12 @@ def effective_n_threads(n_jobs):
     return max(joblib.cpu_count() + 1 + n_jobs, 1)
 
 
+# torch_threads calls running now (in any thread), and the count before the first
+_lock = threading.Lock()
+_calls_setting = 0
+_count_before = None
+
+
 @contextlib.contextmanager
 def torch_threads(n_jobs):
     """Run the block with ``effective_n_threads(n_jobs)`` torch threads.
@@ -59,19 +66,29 @@ def torch_threads(n_jobs):
     >>> torch.get_num_threads() == before
     True
     """
+    global _calls_setting, _count_before
     n_threads = effective_n_threads(n_jobs)
     if n_threads is None:
         yield
         return
-    previous = torch.get_num_threads()
-    if n_threads == previous:
-        yield
-        return
-    torch.set_num_threads(n_threads)
+    with _lock:
+        if _calls_setting == 0:
+            _count_before = torch.get_num_threads()
+        _calls_setting += 1
+        previous = torch.get_num_threads()
+        if n_threads != previous:
+            torch.set_num_threads(n_threads)
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
+        # Calls overlapping in several threads each restoring what it saw
+        # would leave the count of whichever started second; the last one
+        # out restores the count from before the first.
+        with _lock:
+            _calls_setting -= 1
+            restore = _count_before if _calls_setting == 0 else previous
+            if torch.get_num_threads() != restore:
+                torch.set_num_threads(restore)
 
 
 @contextlib.contextmanager

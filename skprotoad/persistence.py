@@ -49,7 +49,10 @@ __all__ = ["save", "load", "FORMAT_VERSION"]
 #: Version of the file layout written by :func:`save`; bumped when it changes.
 #: The network description inside carries its own version,
 #: :data:`skprotoad.network.FORMAT_VERSION`, which the detector's pickles share.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions :func:`load` reads: 1 had no ``config_sha256`` (its checksum
+#: covered the tensors only).
+_READABLE_FORMAT_VERSIONS = (1, 2)
 
 _FORMAT_NAME = "skprotoad-safetensors"
 _METADATA_KEY = "skprotoad"
@@ -150,6 +153,7 @@ def save(model, path, *, overwrite=False):
         "network": model.network_.describe(),
         "tensors_sha256": _digest(tensors),
     }
+    config["config_sha256"] = _config_digest(config)
     # Round-trip through JSON and validate what load() will see, so that save
     # never writes a file that load() refuses.
     header = json.dumps(config, allow_nan=False, sort_keys=True)
@@ -228,6 +232,15 @@ def _timm_version():
     return timm.__version__
 
 
+def _config_digest(config):
+    """SHA-256 of the config's canonical JSON, less ``config_sha256`` itself:
+    the thresholds and parameters, which decide every verdict, are checked
+    for corruption as the tensors are. JSON reads back Python floats exactly,
+    so a loaded config digests as the saved one did."""
+    rest = {k: v for k, v in config.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(rest, allow_nan=False, sort_keys=True).encode()).hexdigest()
+
+
 def _digest(tensors):
     """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
     h = hashlib.sha256()
@@ -300,6 +313,7 @@ def _load(path, device):
                 for k in f.keys()
             }
             config = _parse_header(metadata)
+            _check_config_digest(config)
             _check_config(config)
             # every number the network is built from, against the parameters
             # and the tensors' shapes, before anything is allocated from it
@@ -349,6 +363,15 @@ def _parse_header(metadata):
     return config
 
 
+def _check_config_digest(config):
+    # before _check_config, which edits the config it checks
+    if config.get("format_version") == 1:  # written before the config had a checksum
+        return
+    digest = _require(config, "config_sha256", str)
+    if _config_digest(config) != digest:
+        raise _Invalid("the metadata does not match its checksum (corrupted file)")
+
+
 def _refuse_constant(name):
     raise _Invalid(f"the metadata holds the non-finite number {name}")
 
@@ -364,7 +387,8 @@ def _check_config(config):
     )
     for key, ours in versions:
         version = _require(config, key, int)
-        if version != ours:
+        readable = _READABLE_FORMAT_VERSIONS if key == "format_version" else (ours,)
+        if version not in readable:
             raise _Invalid(
                 f"it was saved by skprotoad {saved_by} with {key} {version}; this is "
                 f"skprotoad {__version__} ({key} {ours}). Install that version to "
@@ -382,6 +406,7 @@ def _check_config(config):
     extra = set(config) - {
         "format", "format_version", "network_format_version", "skprotoad_version",
         "torch_version", "timm_version", "params", "fitted", "network", "tensors_sha256",
+        *(("config_sha256",) if config["format_version"] >= 2 else ()),
     }
     if extra:
         raise _Invalid(f"unexpected metadata keys {sorted(extra)}")

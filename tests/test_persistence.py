@@ -223,6 +223,21 @@ def test_saved_file_has_normal_permissions(saved):
     assert saved.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_saving_leaves_the_umask_alone_and_a_replaced_file_its_mode(tiny_detector, tmp_path,
+                                                                    monkeypatch):
+    # setting the umask, even for an instant, is a race with every other
+    # thread creating files
+    calls = []
+    monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or 0o022)
+    path = persistence.save(tiny_detector, tmp_path / "m.safetensors")
+    assert calls == []
+    monkeypatch.undo()
+    os.chmod(path, 0o600)  # a private model stays private when replaced
+    persistence.save(tiny_detector, path, overwrite=True)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
 # ------------------------------------------------------------------ tampering
 
 
@@ -237,8 +252,32 @@ def _rewrite(src, dst, config=None, tensors=None, fix_checksum=True):
         tensors(data)
     if fix_checksum:
         header["tensors_sha256"] = persistence._digest(data)
+        if "config_sha256" in header:
+            header["config_sha256"] = persistence._config_digest(header)
     save_file(data, str(dst), metadata={"skprotoad": json.dumps(header)})
     return dst
+
+
+def test_a_corrupted_threshold_is_caught_by_the_checksum(saved, tmp_path, X):
+    # one digit of offset_ flipped every verdict, and the checksum covered
+    # the tensors only
+    def corrupt(config):
+        config["fitted"]["offset_"] *= 10
+
+    path = _rewrite(saved, tmp_path / "m.safetensors", config=corrupt, fix_checksum=False)
+    with pytest.raises(ValueError, match="metadata does not match its checksum"):
+        persistence.load(path)
+
+
+def test_files_of_format_version_1_still_load(saved, tmp_path, X):
+    # version 1 had no config_sha256
+    def version_1(config):
+        config["format_version"] = 1
+        del config["config_sha256"]
+
+    path = _rewrite(saved, tmp_path / "m.safetensors", config=version_1)
+    np.testing.assert_array_equal(persistence.load(path).score_samples(X),
+                                  persistence.load(saved).score_samples(X))
 
 
 def _flip_byte(src, dst, offset_from_end):

@@ -1,6 +1,8 @@
 """ProtoADDetector(n_jobs=...): torch threads per call, restored afterwards,
 and no oversubscription when joblib runs fits in parallel."""
 
+import threading
+
 import joblib
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch
 from sklearn.model_selection import GridSearchCV, KFold
 
 from skprotoad import ProtoADDetector
-from skprotoad._threads import effective_n_threads
+from skprotoad._threads import effective_n_threads, torch_threads
 
 from .conftest import TINY
 
@@ -65,6 +67,34 @@ def test_threads_are_restored_when_the_call_fails(normal_images, two_threads):
 def test_n_jobs_none_leaves_torch_alone(normal_images, two_threads):
     det = ThreadRecordingDetector(**TINY).fit(normal_images[:6])
     assert det.threads_seen_ == two_threads == torch.get_num_threads()
+
+
+def test_overlapping_calls_in_threads_restore_the_count_from_before(two_threads):
+    # A starts, B starts, A ends, B ends: B restored the count A had set
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def a():
+        with torch_threads(1):
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def b():
+        a_in.wait(10)
+        with torch_threads(3):
+            b_in.set()
+            a_out.wait(10)
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    seen = []
+    new = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    new.start()
+    new.join()
+    assert seen == [2] and torch.get_num_threads() == 2
 
 
 def test_effective_n_threads():
