@@ -112,36 +112,56 @@ def test_network_figure_draws(tmp_path):
         assert image.width > image.height > 100
 
 
-def test_station_runs_the_exported_model_without_torch_or_skprotoad(lite0_detector, synthetic,
-                                                                   tmp_path):
+@pytest.fixture(scope="module")
+def station_model(lite0_detector, tmp_path_factory):
+    """The LITE0 detector's whole inference path as the station's ONNX file."""
     pytest.importorskip("onnxruntime")
-    import subprocess
-
-    import numpy as np
-    from PIL import Image
-
     from skprotoad.export import to_onnx
 
-    model = to_onnx(lite0_detector, tmp_path / "station.onnx", pipeline=True)
+    return to_onnx(lite0_detector, tmp_path_factory.mktemp("station") / "station.onnx",
+                   pipeline=True)
+
+
+# torch and skprotoad cannot be imported in the station's process
+_STATION_GUARD = ("import sys, runpy; sys.modules['torch'] = None; "
+                  "sys.modules['skprotoad'] = None; "
+                  "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def _run_station(*args):
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-c", _STATION_GUARD, str(EXAMPLES / "station_onnxruntime.py"),
+         *map(str, args)],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+def _station_scores(done):
+    """(paths, scores, anomaly verdicts) from the station's output lines."""
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("\t") for line in done.stdout.splitlines()[1:]]
+    return [r[0] for r in rows], np.array([float(r[1]) for r in rows]), [r[2] == "anomaly"
+                                                                         for r in rows]
+
+
+def test_station_runs_the_exported_model_without_torch_or_skprotoad(lite0_detector, synthetic,
+                                                                   station_model, tmp_path):
+    import subprocess
+
+    from PIL import Image
+
     paths = []
     for i, image in enumerate(synthetic.X_test):
         paths.append(tmp_path / f"img_{i:02d}.png")
         Image.fromarray(image).save(paths[-1])
-    # torch and skprotoad cannot be imported in the station's process
-    guard = ("import sys, runpy; sys.modules['torch'] = None; sys.modules['skprotoad'] = None; "
-             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-    done = subprocess.run(
-        [sys.executable, "-c", guard, str(EXAMPLES / "station_onnxruntime.py"), str(model),
-         *map(str, paths), "--masks", str(tmp_path / "masks")],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = [line.split("\t") for line in done.stdout.splitlines()[1:]]
-    assert [r[0] for r in rows] == list(map(str, paths))
-    scores = np.array([float(r[1]) for r in rows])
+    done = _run_station(station_model, *paths, "--masks", tmp_path / "masks")
+    names, scores, verdicts = _station_scores(done)
+    assert names == list(map(str, paths))
     np.testing.assert_allclose(scores, -lite0_detector.score_samples(paths), atol=1e-4)
     flagged = lite0_detector.predict(paths) == -1
-    assert [r[2] == "anomaly" for r in rows] == flagged.tolist()
+    assert verdicts == flagged.tolist()
     masks = [np.asarray(Image.open(tmp_path / "masks" / f"img_{i:02d}_mask.png")) > 0
              for i in range(len(paths))]
     assert not any(m.any() for m, f in zip(masks, flagged) if not f)
@@ -150,6 +170,43 @@ def test_station_runs_the_exported_model_without_torch_or_skprotoad(lite0_detect
         if f:  # the pixels above the pixel threshold (up to float rounding at it)
             assert np.mean(mask == want) > 0.99
     # and the guard does keep torch out
-    blocked = subprocess.run([sys.executable, "-c", guard.split(" sys.argv")[0] + " import torch"],
-                             capture_output=True, text=True)
+    blocked = subprocess.run(
+        [sys.executable, "-c", _STATION_GUARD.split(" sys.argv")[0] + " import torch"],
+        capture_output=True, text=True,
+    )
     assert blocked.returncode != 0 and "import of torch halted" in blocked.stderr
+
+
+def test_station_reads_files_as_the_estimator(lite0_detector, synthetic, station_model,
+                                              tmp_path):
+    """A camera's JPEGs with an EXIF orientation are scored upright, as the
+    estimator reads them (the station scored them as stored); 16-bit and
+    transparent images are refused as the estimator refuses them (the
+    station clipped them to 8 bits and dropped the alpha)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored a quarter turn off, as cameras held upright write them
+    paths = []
+    for i, image in enumerate(synthetic.X_test[[0, 1, -2, -1]]):
+        upright = Image.fromarray(image).resize((96, 64))  # not square: the turn shows
+        paths.append(tmp_path / f"camera_{i}.jpg")
+        upright.transpose(Image.Transpose.ROTATE_90).save(paths[-1], exif=exif.tobytes(),
+                                                          quality=95)
+    _, scores, verdicts = _station_scores(_run_station(station_model, *paths))
+    np.testing.assert_allclose(scores, -lite0_detector.score_samples(paths), atol=1e-4)
+    assert verdicts == (lite0_detector.predict(paths) == -1).tolist()
+
+    image = synthetic.X_test[0]
+    deep = tmp_path / "deep.png"
+    Image.fromarray(image[..., 0].astype(np.uint16) * 257).save(deep)
+    transparent = tmp_path / "transparent.png"
+    alpha = np.full(image.shape[:2] + (1,), 255, np.uint8)
+    alpha[:8] = 0
+    Image.fromarray(np.concatenate([image, alpha], axis=2)).save(transparent)
+    for path, match in [(deep, "16-bit"), (transparent, "transparent pixels")]:
+        with pytest.raises(ValueError, match=match):
+            lite0_detector.score_samples([path])
+        done = _run_station(station_model, path)
+        assert done.returncode != 0 and "Traceback" not in done.stderr
+        assert str(path) in done.stderr and match in done.stderr
