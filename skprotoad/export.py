@@ -111,8 +111,10 @@ def to_torchscript(model, path, *, pipeline=False, overwrite=False, check=True):
         File to write, conventionally ``*.pt``.
     pipeline : bool, default=False
         ``True``: the whole inference path (:class:`InspectionPipeline`: uint8
-        ``(N, H, W, 3)`` images of any size in; maps, scores, verdicts, masks
-        out), as in :func:`to_onnx`.
+        ``(N, H, W, 3)`` images of any size in, or ``(N, H, W, 1)`` grey ones;
+        maps, scores, verdicts, masks out), as in :func:`to_onnx`. The saved
+        module raises on images of another dtype or shape (float images in
+        [0, 1] would otherwise be divided by 255 again).
     overwrite : bool, default=False
         Replace ``path`` if it exists; otherwise an existing file is an error.
     check : bool, default=True
@@ -135,7 +137,9 @@ def to_torchscript(model, path, *, pipeline=False, overwrite=False, check=True):
     exported, example, _, check_against = _export_target(model, pipeline)
     with _quiet_tracing():
         module = torch.jit.trace(exported, example, check_trace=False)
-        if not pipeline:  # the network's input size is fixed: guard it
+        if pipeline:  # the trace casts any dtype to float and divides by 255: guard it
+            module = torch.jit.script(_CheckedImages(module))
+        else:  # the network's input size is fixed: guard it
             module = torch.jit.script(_CheckedInput(module, *exported.input_size))
     if check:
         check_against(lambda x: module(x))
@@ -376,6 +380,33 @@ class _CheckedInput(nn.Module):
         if images.dtype != torch.float32:
             raise ValueError("expected float32 images in [0, 1]")
         return self.network(images)
+
+
+class _CheckedImages(nn.Module):
+    """Scripted guard around the traced :class:`InspectionPipeline`: the trace
+    converts any input to float and divides it by 255, so that float images
+    in [0, 1] would be scored as near-black ones, without an error."""
+
+    def __init__(self, pipeline):
+        super().__init__()
+        self.pipeline = pipeline
+
+    def forward(self, images):
+        # type: (Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]
+        # (N, H, W, 1) grey images broadcast against the 3-channel mean as
+        # the estimator repeats them: allowed
+        if images.dim() != 4 or (images.size(3) != 3 and images.size(3) != 1):
+            raise ValueError(
+                "expected uint8 images of shape (N, H, W, 3) (RGB) or (N, H, W, 1) "
+                "(grey); got shape " + str(images.shape)
+            )
+        if images.dtype != torch.uint8:
+            raise ValueError(
+                "expected uint8 images (0..255), as read from files, not another dtype: "
+                "the pipeline divides by 255 itself (float images in [0, 1]: multiply "
+                "them by 255 and round to uint8 first)"
+            )
+        return self.pipeline(images)
 
 
 def _fitted_network(model):

@@ -325,6 +325,24 @@ def test_pipeline_torchscript_takes_any_image_size(crop_detector, synthetic, tmp
         assert masks.dtype == torch.bool and masks.shape == maps.shape
 
 
+def test_pipeline_torchscript_refuses_images_other_than_uint8(crop_detector, synthetic,
+                                                              tmp_path):
+    """Float images in [0, 1] were divided by 255 again and scored, silently."""
+    module = _jit_load(export.to_torchscript(crop_detector, tmp_path / "p.pt", pipeline=True))
+    X = synthetic.X_test[:2]
+    for bad in (X.astype(np.float32) / 255, X.astype(np.float32), X.astype(np.int64)):
+        with pytest.raises(Exception, match="expected uint8 images"):
+            module(torch.from_numpy(bad))
+    for bad in (X[..., :2], X[0]):
+        with pytest.raises(Exception, match=r"shape \(N, H, W, 3\)"):
+            module(torch.from_numpy(np.ascontiguousarray(bad)))
+    with torch.inference_mode():
+        rgb = module(torch.from_numpy(X))
+        grey = module(torch.from_numpy(X[..., :1]))  # grey images as (N, H, W, 1)
+    _assert_matches(crop_detector, X, rgb[0].numpy(), rgb[1].numpy())
+    _assert_matches(crop_detector, X[..., 0], grey[0].numpy(), grey[1].numpy())
+
+
 def test_pipeline_exports_small_models(normal_images, synthetic, tmp_path):
     # The export check runs the pipeline on images shorter and narrower than
     # image_size: below 38 x 4 pixels it used to ask for negative sizes.
