@@ -31,7 +31,6 @@ runtimes read).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import numbers
@@ -262,7 +261,7 @@ def _export_onnx(network, example, path, opset, dynamo, outputs=OUTPUT_NAMES, sp
         options = dict(dynamo=False,
                        dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *outputs)})
     try:
-        with _quiet_tracing(), _onnx_log_on_stderr():
+        with _quiet_tracing():
             torch.onnx.export(network, (example,), path, **names, opset_version=opset, **options)
     except Exception as error:
         # torch's own message is an assertion deep in the exporter, often with
@@ -286,24 +285,6 @@ def _settings(module):
             f"padding={embedding.padding!r}, neighborhood_size={embedding.neighborhood_size}, "
             f"position_baseline={network.score_baseline.numel() > 0}, "
             f"pipeline={module is not network}")
-
-
-@contextlib.contextmanager
-def _onnx_log_on_stderr():
-    """Send torch's ONNX log to stderr for the block. The legacy exporter
-    turns the log on whatever ``verbose`` says (``setup_onnx_logging`` tests
-    the function ``_jit_is_onnx_log_enabled``, not its value) and writes the
-    whole graph to stdout when it fails, into the output of whatever runs the
-    export; stdout is the log's default stream, restored after."""
-    set_stream = getattr(torch._C, "_jit_set_onnx_log_output_stream", None)
-    if set_stream is None:
-        yield
-        return
-    set_stream("stderr")
-    try:
-        yield
-    finally:
-        set_stream("stdout")
 
 
 class InspectionPipeline(nn.Module):

@@ -1,7 +1,6 @@
 """Exported networks (TorchScript, ONNX) score exactly like the estimator."""
 
 import json
-import sys
 import warnings
 
 import numpy as np
@@ -197,18 +196,12 @@ class _Unexportable(torch.nn.Module):
         return torch.addcmul(images, images, images, out=out), images.sum()
 
 
-def test_onnx_export_failure_names_the_model_and_keeps_stdout_clean(image_detector, tmp_path,
-                                                                    capfd):
+def test_onnx_export_failure_names_the_model(image_detector, tmp_path):
     pytest.importorskip("onnx")
     with pytest.raises(RuntimeError, match=r"ONNX export failed \(_Unexportable; "
                                            r"dynamo=False, opset=17\): AssertionError"):
         export._export_onnx(_Unexportable(), torch.rand(2, 3, 8, 8), tmp_path / "m.onnx", 17,
                             False)
-    if sys.platform != "win32":  # torch's log goes through C's buffered stdout
-        import ctypes
-
-        ctypes.CDLL(None).fflush(None)
-    assert "graph" not in capfd.readouterr().out
     # a failing export of a detector names its settings
     network = export._cpu_copy(image_detector)
     network.forward = _Unexportable().forward
