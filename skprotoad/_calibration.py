@@ -30,9 +30,10 @@ CALIBRATION_IMAGES_NEEDED = math.ceil(1 / TARGET_FALSE_ALARM_RATE - 1)
 MAX_FOLDS = round(1 / CALIBRATION_FRACTION)
 #: Fewer normal images than this: none is held out (too few to learn from).
 MIN_IMAGES_FOR_HOLDOUT = 5
-#: A threshold set on the training images' own scores is raised by this
-#: share of their largest magnitude (float32 rounds at about 1e-7 of it).
+#: Thresholds are raised by this share of the scores' largest magnitude
+#: (float32 rounds at about 1e-7 of it), or of _TIE_SCALE_FLOOR if larger.
 _TIE_MARGIN = 1e-5
+_TIE_SCALE_FLOOR = 0.1
 
 
 class CalibrationWarning(UserWarning):
@@ -72,7 +73,7 @@ def folds(contamination, n_images):
     :data:`MAX_FOLDS`, until they hold :data:`CALIBRATION_IMAGES_NEEDED`
     images: with fewer held-out scores the threshold cannot reach the 1 %
     target, and extra clusterings cost little on the small sets that need
-    them. From 495 images on, one fold suffices.
+    them. From 493 images on, one fold suffices.
 
     Returns
     -------
@@ -136,7 +137,7 @@ def calibration_folds(n_images, random_state=None):
     -------
     folds : list of (fit_indices, held_out_indices)
         Index arrays into the training images, as scikit-learn's
-        cross-validation splitters give them; one fold from 495 images on,
+        cross-validation splitters give them; one fold from 493 images on,
         up to five below; empty for fewer than 5 images, where the training
         images' own scores set the thresholds.
 
@@ -215,20 +216,26 @@ def calibrate(network, n_images, folds, contamination, score_held_out, score, ba
     if baseline is not None and len(score_patches) >= 2:
         # the network only smooths and upsamples there: any of them would do
         network.score_baseline, scores = baseline(network, score_patches, sizes)
+    # An image scoring what the threshold was set on counts as normal
+    # (decision 0), as in IsolationForest; but predict's scores come from the
+    # whole network and these from other paths (the head on the held
+    # features, a fold's network), which float32 rounds apart: raise the
+    # threshold by far more than that rounding, far less than the scores'
+    # spread (a floor for scores all near 0: identical training images).
+    scale = max(float(np.max(np.abs(np.concatenate([scores, map_maxima])))), _TIE_SCALE_FLOOR)
+    margin = _TIE_MARGIN * scale
     if folds:
         calibration_scores = scores
-        threshold = conformal_threshold
+
+        def threshold(values):
+            return conformal_threshold(values) + margin
     else:
         # the training images' scores, which are optimistic (the prototypes
         # were learned from them); "auto" then takes the worst image
         calibration_scores = np.empty(0)
         quantile = 1.0 if contamination == "auto" else 1.0 - contamination
-        # These scores come from the head on the held features, predict's
-        # from the whole network: float32 rounds the two apart, so an image
-        # on the threshold could land on either side of it. It counts as
-        # normal (decision 0), as in IsolationForest: raise the threshold by
-        # far more than that rounding and far less than the scores' spread.
-        margin = _TIE_MARGIN * float(np.max(np.abs(np.concatenate([scores, map_maxima]))))
+        if contamination == "auto":
+            _warn_none_held_out(n_images)
 
         def threshold(values):
             return float(np.quantile(values, quantile)) + margin
@@ -288,6 +295,17 @@ def _warn_if_too_few(n_held_out, n_images):
         f"{mean:.1%} false alarms on new normal images on average, and more than "
         f"{high:.1%} after one fit in ten. Fit on at least {images_needed()} images, or set "
         f"contamination to the rate you accept (see the user guide's Thresholds page).",
+        CalibrationWarning, stacklevel=5,
+    )
+
+
+def _warn_none_held_out(n_images):
+    warnings.warn(
+        f"contamination='auto' holds no image out below {MIN_IMAGES_FOR_HOLDOUT} training "
+        f"images ({n_images} here): the threshold is the worst training image's own score, "
+        f"which new normal images exceed often (the prototypes were learned from it). Fit on "
+        f"at least {images_needed()} images, or set contamination to the rate you accept (see "
+        f"the user guide's Thresholds page).",
         CalibrationWarning, stacklevel=5,
     )
 

@@ -619,10 +619,18 @@ def score_images(network, images, device, batch_size, image_size, keep_maps, ver
     return maps, scores
 
 
-def check_enough_patches(features, n_fit, n_clusters, n_farthest):
-    """Raise if the first ``n_fit`` images have fewer patches than the
-    prototypes asked for (``n_clusters``, ``n_farthest``; None: no number)."""
-    n_patches = len(features.patches(n_fit))
+def check_enough_patches(features, folds, n_clusters, n_farthest):
+    """Raise if a clustering of ``fit`` would have fewer patches than the
+    prototypes asked for (``n_clusters``, ``n_farthest``; None: no number):
+    the one without the calibration fold that holds the most patches (the
+    folds' images differ in size with a scale-factor ``image_size``), or
+    the one of all images when there are no folds."""
+    held = [0]
+    for fold in folds:
+        held.append(sum(features.count(k) for k in fold))
+    largest = int(np.argmax(held))
+    n_patches = len(features.patches()) - held[largest]
+    n_fit = len(features) - (len(folds[largest - 1]) if largest else 0)
     if n_farthest is not None and n_farthest > n_patches:
         raise ValueError(
             f"n_farthest={n_farthest} is more than the {n_patches} training "
@@ -630,8 +638,11 @@ def check_enough_patches(features, n_fit, n_clusters, n_farthest):
         )
     if n_clusters is not None and n_clusters > n_patches:
         held_out = len(features) - n_fit
-        grids = set(features.grids[:n_fit])
+        grids = set(features.grids)
         what = "of {} x {} patches".format(*grids.pop()) if len(grids) == 1 else "of varying sizes"
+        if not features.complete:
+            kept = max(features.count(k) for k in range(len(features)))
+            what += f", of which max_patches keeps at most {kept} each"
         note = f", after holding out {held_out} to calibrate contamination='auto'"
         raise ValueError(
             f"n_clusters={n_clusters} is more than the {n_patches} training "

@@ -102,10 +102,12 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
     mean, std : tuple of 3 floats, default=ImageNet statistics
         Per-channel normalisation of the RGB input in [0, 1].
     contamination : "auto" or float in (0, 0.5], default="auto"
-        ``"auto"``: ``offset_`` set on a random 20 % of the normal images, held
-        out of a second clustering, so that a new normal image is flagged with
-        probability at most 1 %. A float: the share of training images taken to
-        be anomalous, as in IsolationForest. See :doc:`/user_guide/thresholds`.
+        ``"auto"``: ``offset_`` set on folds of 20 % of the normal images, each
+        held out of a clustering of the others and scored by it, so that a new
+        normal image is flagged with probability at most 1 % (given enough
+        images: ``fit`` warns when they are too few). A float: the share of
+        training images taken to be anomalous, as in IsolationForest. See
+        :doc:`/user_guide/thresholds`.
     batch_size : int, default=16
         Images per forward pass.
     device : str or torch.device, default="auto"
@@ -265,9 +267,7 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
                 lambda: self._extract_features(embedding, images, order, device, seed),
                 may_cap=_features.may_cap(self, embedding, len(order)),
             )
-        _features.check_enough_patches(
-            features, len(order) - n_held_out, self.n_clusters, self.n_farthest
-        )
+        _features.check_enough_patches(features, folds, self.n_clusters, self.n_farthest)
 
         def fit_network(n_images, neighbors=None, random_state=seed):
             return _features.fit_network(

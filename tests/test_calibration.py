@@ -191,3 +191,23 @@ def test_a_training_image_on_the_threshold_counts_as_normal():
     assert (det.predict(X) == -1).sum() == 1
     # and the margin is far below the scores' spread
     assert np.sort(decision)[1] < 1e-3 * np.ptp(decision)
+
+
+def test_identical_training_images_are_normal():
+    # their held-out scores are all 0 and the final network's ~1e-8 above
+    X = np.zeros((5, 32, 32, 3), np.uint8)
+    det = ProtoADDetector(image_size=32, layers=(1, 2), random_state=0).fit(X)
+    assert len(det.calibration_scores_) == 5
+    assert det.predict(X).tolist() == [1] * 5
+
+
+def test_too_few_patches_for_a_fold_of_images_of_several_sizes_is_named_first(monkeypatch):
+    # four small images and a large one: the fold without the large one has
+    # too few patches, which the clustering only found after the final fit
+    d = make_defect_dataset(n_train=5, n_test=2, image_size=96, random_state=0)
+    images = [x[:32, :32] for x in d.X_train[:4]] + [d.X_train[4]]
+    monkeypatch.setattr(_features, "fit_network", lambda *a, **k: pytest.fail("fitted"))
+    with pytest.raises(ValueError, match=r"n_clusters=500 is more than the 256 training "
+                                         r"patches \(4 images of varying sizes, after holding "
+                                         r"out 1"):
+        ProtoADDetector(image_size=1.0, layers=(1, 2), n_clusters=500, random_state=0).fit(images)

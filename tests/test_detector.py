@@ -13,7 +13,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 from sklearn.utils import estimator_checks as checks
 
-from skprotoad import ProtoADDetector
+from skprotoad import CalibrationWarning, ProtoADDetector
 from skprotoad.datasets import make_defect_images
 from skprotoad.metrics import image_auroc, pixel_auroc
 
@@ -189,9 +189,11 @@ def test_float_contamination_flags_that_share_of_training(normal_images, contami
 
 
 def test_auto_contamination_with_few_images_uses_the_worst(normal_images):
-    det = ProtoADDetector(**TINY).fit(normal_images[:3])
+    with pytest.warns(CalibrationWarning, match="holds no image out.*3 here"):
+        det = ProtoADDetector(**TINY).fit(normal_images[:3])
     worst = -det.score_samples(normal_images[:3]).min()
-    np.testing.assert_allclose(-det.offset_, worst, rtol=1e-5)
+    np.testing.assert_allclose(-det.offset_, worst, rtol=1e-4)  # up to the tie margin
+    assert -det.offset_ > worst
     assert len(det.calibration_scores_) == 0
 
 

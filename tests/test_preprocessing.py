@@ -32,5 +32,7 @@ def test_model_inputs_batches_indices_and_checks_the_geometry(synthetic):
 
 def test_the_threshold_is_the_conformal_rule_of_the_held_out_scores(tiny_detector):
     # TINY's image score is its map's maximum: one rule sets both thresholds
-    assert -tiny_detector.offset_ == conformal_threshold(tiny_detector.calibration_scores_)
+    # up to the margin that keeps an image scoring the threshold normal
+    assert -tiny_detector.offset_ == pytest.approx(
+        conformal_threshold(tiny_detector.calibration_scores_), rel=1e-4)
     assert tiny_detector.pixel_threshold_ == -tiny_detector.offset_
