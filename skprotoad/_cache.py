@@ -116,6 +116,9 @@ def feature_key(detector, images, seed, may_cap=True):
         "mean": tuple(float(v) for v in np.ravel(detector.mean)),
         "std": tuple(float(v) for v in np.ravel(detector.std)),
         "device": torch_device(detector.device).type,
+        # the backbone's batch moves its outputs by float rounding: a cached
+        # fit must equal the uncached one exactly
+        "batch_size": int(detector.batch_size),
         "max_patches": detector.max_patches,
         "images": images.cache_token(),
     }
