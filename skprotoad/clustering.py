@@ -1504,6 +1504,8 @@ def add_farthest_rows(X, prototypes, n_rows, *, device="cpu", batch_size=None, v
     while len(chosen) < n_rows:
         if len(chosen) > seen:  # bring every row up to date with the new ones
             lower_to(nearest, Xt[chosen[seen:]])
+            # never again, even where every distance left is 0 (identical rows)
+            nearest[chosen[seen:]] = -math.inf
             seen = len(chosen)
         size = min(X.shape[0], _FARTHEST_POOL_MIN + _FARTHEST_POOL_FACTOR * n_rows)
         pool_d, pool = torch.topk(nearest, size)
@@ -1519,6 +1521,7 @@ def add_farthest_rows(X, prototypes, n_rows, *, device="cpu", batch_size=None, v
             pool_d = torch.minimum(
                 pool_d, (pool_sq - 2.0 * (pool_x @ Xt[i]) + x_sq[i]).clamp_min(0.0)
             )
+            pool_d[j] = -math.inf
     steps.close()
     if return_indices:
         return np.array(chosen, dtype=np.int64)

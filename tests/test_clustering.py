@@ -795,6 +795,16 @@ def test_add_farthest_rows_bad_count(n_rows):
         learn_prototypes(X, method="kmeans", n_clusters=2, n_farthest=n_rows)
 
 
+def test_add_farthest_rows_never_picks_a_row_twice():
+    # once every distance left is 0 the same row was picked again and again
+    X = np.array([[1, 0], [1, 0], [0, 1], [0, 1], [1, 1]], np.float32)
+    picked = add_farthest_rows(X, X[:1], 5, return_indices=True)
+    assert sorted(picked) == [0, 1, 2, 3, 4]
+    picked = add_farthest_rows(np.ones((20, 3), np.float32), np.ones((1, 3), np.float32), 4,
+                               return_indices=True)
+    assert len(set(picked.tolist())) == 4
+
+
 def test_add_farthest_rows_refreshes_when_the_pool_runs_dry(monkeypatch):
     # a pool of 3 rows: most steps must refresh every row's distance, and
     # the result is still the exact greedy sequence
