@@ -943,7 +943,7 @@ def _cmd_evaluate(args):
     )
     speed = len(data.test_paths) / score_seconds
     timing = [("fit time (s)", f"{fit_seconds:.1f}"), ("test images/s", f"{speed:.2f}")]
-    name = args.category or Path(args.root).name
+    name = args.category or Path(args.root).resolve().name
     print(f"{name}: {len(data.train_paths)} training images, {len(data.test_paths)} test "
           f"images ({int(data.test_labels.sum())} anomalous)")
     print(format_table(metrics, timing))
@@ -993,7 +993,7 @@ def _write_evaluation_report(args, detector, data, result, crop_maps, maps, mask
         return picture
 
     index = result["index"]
-    name = args.category or Path(args.root).name
+    name = args.category or Path(args.root).resolve().name
     with kept_if_created():
         written = evaluation_report(
             args.report, data.test_labels[index], result["score"], -detector.offset_,

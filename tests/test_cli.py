@@ -512,9 +512,11 @@ def test_report_without_matplotlib_is_a_usage_error(model, folders, tmp_path, ca
     assert not out.exists()
 
 
-def test_evaluate_category_folder_and_missing_root(fake_mvtec, tmp_path, capsys):
-    code, stdout, _ = _run(["evaluate", fake_mvtec / "widget", "-q", *TINY_OPTIONS], capsys)
-    assert code == 0 and "image AUROC" in stdout
+def test_evaluate_category_folder_and_missing_root(fake_mvtec, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(fake_mvtec / "widget")  # the category folder as "."
+    code, stdout, _ = _run(["evaluate", ".", "-q", *TINY_OPTIONS], capsys)
+    assert code == 0 and "image AUROC" in stdout and stdout.startswith("widget: ")
+    monkeypatch.undo()
     code, _, err = _run(["evaluate", tmp_path / "nope", "-q"], capsys)
     assert code == 2 and "nope" in err
     code, _, err = _run(["evaluate", fake_mvtec, "--category", "gadget", "-q"], capsys)
