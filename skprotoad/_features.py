@@ -625,12 +625,12 @@ def check_enough_patches(features, folds, n_clusters, n_farthest):
     the one without the calibration fold that holds the most patches (the
     folds' images differ in size with a scale-factor ``image_size``), or
     the one of all images when there are no folds."""
-    held = [0]
-    for fold in folds:
-        held.append(sum(features.count(k) for k in fold))
-    largest = int(np.argmax(held))
-    n_patches = len(features.patches()) - held[largest]
-    n_fit = len(features) - (len(folds[largest - 1]) if largest else 0)
+    def patches_in(fold):
+        return sum(features.count(k) for k in fold)
+
+    largest = max(folds, key=patches_in, default=range(0))
+    n_patches = len(features.patches()) - patches_in(largest)
+    n_fit = len(features) - len(largest)
     if n_farthest is not None and n_farthest > n_patches:
         raise ValueError(
             f"n_farthest={n_farthest} is more than the {n_patches} training "

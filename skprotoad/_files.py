@@ -47,10 +47,7 @@ def write_new_file(path, write, overwrite=False):
             with contextlib.suppress(OSError):
                 mode = stat.S_IMODE(os.stat(path).st_mode)
         os.chmod(tmp, mode)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _publish_without_replacing(tmp, path)
+        (os.replace if overwrite else _publish_without_replacing)(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path

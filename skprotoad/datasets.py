@@ -12,6 +12,7 @@ layout (missing ``train/good``, no images) raises :class:`ValueError`.
 """
 
 import numbers
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -92,8 +93,8 @@ def _find_mask(index, stem):
 
 def _check_unique_stems(images):
     """Two defect images of one stem (``001.png``, ``001.jpg``) would share a mask."""
-    stems = [p.stem for p in images]
-    shared = sorted({str(p) for p in images if stems.count(p.stem) > 1})
+    stems = Counter(p.stem for p in images)
+    shared = sorted(str(p) for p in images if stems[p.stem] > 1)
     if shared:
         raise ValueError(
             f"defect images share a file name stem, so one mask would serve them all: "
