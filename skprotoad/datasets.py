@@ -12,6 +12,7 @@ layout (missing ``train/good``, no images) raises :class:`ValueError`.
 """
 
 import numbers
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -54,6 +55,32 @@ def _is_image(path):
 def _list_images(directory):
     """Image files directly in ``directory``, sorted by name."""
     return sorted((p for p in Path(directory).iterdir() if _is_image(p)), key=lambda p: p.name)
+
+
+def _warn_nested_images(directory):
+    """Images in sub-folders are not read: say so, rather than let a fit or an
+    evaluation run on fewer images than the folder holds."""
+    nested = [
+        p.name for p in sorted(Path(directory).iterdir())
+        if p.is_dir() and not p.name.startswith(".") and any(_is_image(q) for q in p.iterdir())
+    ]
+    if nested:
+        warnings.warn(
+            f"{str(directory)!r} has sub-folders of images that are not read (only the "
+            f"images directly in it are): {nested[:4]}; move them up to include them.",
+            UserWarning, stacklevel=2,
+        )
+
+
+def _warn_unused_masks(mask_dir, index, used):
+    """A mask that matches no image is a sign of a renamed or misplaced image,
+    whose defect would then be missing from the evaluation."""
+    unused = sorted(p.name for p in index.values() if p not in used)
+    if unused:
+        warnings.warn(
+            f"{len(unused)} mask(s) in {str(mask_dir)!r} match no image and are not "
+            f"used: {unused[:4]}.", UserWarning, stacklevel=2,
+        )
 
 
 def _subdirs(directory):
@@ -121,6 +148,20 @@ def _check_mask_fits(image, mask):
         )
 
 
+def _defect_masks(images, index, mask_dir):
+    """Each defect image's mask from ``index``, checked against its image."""
+    _check_unique_stems(images)
+    masks = []
+    for image in images:
+        mask = _find_mask(index, image.stem)
+        if mask is None:
+            raise _missing_mask_error(image, mask_dir)
+        _check_mask_fits(image, mask)
+        masks.append(mask)
+    _warn_unused_masks(mask_dir, index, set(masks))
+    return masks
+
+
 def _missing_mask_error(image, mask_dir):
     return FileNotFoundError(
         f"no ground truth mask for defect image {str(image)!r}: looked for "
@@ -164,6 +205,7 @@ def _load_split_layout(cat_dir, normal_name, dataset, category_given):
             f"'train/{normal_name}' is missing.{hint}"
         )
     train_paths = _list_images(train_dir)
+    _warn_nested_images(train_dir)
     if not train_paths:
         raise ValueError(f"no training images ({', '.join(IMAGE_EXTENSIONS)}) in {str(train_dir)!r}.")
 
@@ -171,25 +213,25 @@ def _load_split_layout(cat_dir, normal_name, dataset, category_given):
     if not test_dir.is_dir():
         raise ValueError(f"{str(cat_dir)!r} has no 'test' folder.")
     test_paths, labels, mask_paths, types = [], [], [], []
-    for defect_type in _subdirs(test_dir):
+    defect_types = _subdirs(test_dir)
+    for defect_type in defect_types:
         images = _list_images(test_dir / defect_type)
+        _warn_nested_images(test_dir / defect_type)
         is_normal = defect_type == normal_name
         mask_dir = cat_dir / "ground_truth" / defect_type
         index = {} if is_normal else _mask_index(mask_dir)
-        if not is_normal:
-            _check_unique_stems(images)
-        for image in images:
-            if is_normal:
-                mask = None
-            else:
-                mask = _find_mask(index, image.stem)
-                if mask is None:
-                    raise _missing_mask_error(image, mask_dir)
-                _check_mask_fits(image, mask)
-            test_paths.append(str(image))
-            labels.append(0 if is_normal else 1)
-            mask_paths.append(None if mask is None else str(mask))
-            types.append(defect_type)
+        masks = [None] * len(images) if is_normal else _defect_masks(images, index, mask_dir)
+        test_paths += [str(image) for image in images]
+        labels += [0 if is_normal else 1] * len(images)
+        mask_paths += [None if mask is None else str(mask) for mask in masks]
+        types += [defect_type] * len(images)
+    truth_dir = cat_dir / "ground_truth"
+    orphans = [n for n in _subdirs(truth_dir) if n not in defect_types] if truth_dir.is_dir() else []
+    if orphans:
+        warnings.warn(
+            f"ground truth folders without a test folder are not used: {orphans} in "
+            f"{str(truth_dir)!r}.", UserWarning, stacklevel=2,
+        )
     return Bunch(
         train_paths=[str(p) for p in train_paths],
         test_paths=test_paths,
@@ -238,6 +280,13 @@ def load_mvtec(root, category=None):
     ValueError
         If the folder does not have the layout above or holds no training
         image.
+
+    Warns
+    -----
+    UserWarning
+        When images lie in sub-folders of an image folder (they are not
+        read), a mask matches no image, or a ``ground_truth`` folder has no
+        test folder.
 
     Examples
     --------
@@ -289,6 +338,13 @@ def load_btad(root, category=None):
         If the folder does not have the layout above or holds no training
         image.
 
+    Warns
+    -----
+    UserWarning
+        When images lie in sub-folders of an image folder (they are not
+        read), a mask matches no image, or a ``ground_truth`` folder has no
+        test folder.
+
     Examples
     --------
     >>> from skprotoad.datasets import load_btad
@@ -323,26 +379,39 @@ def load_folder(normal_dir, abnormal_dir=None, mask_dir=None):
         sorted by name), ``labels`` (ndarray of int, 1 anomalous) and
         ``mask_paths`` (list of str or None).
 
+    Raises
+    ------
+    FileNotFoundError
+        If a folder does not exist, or an anomalous image has no mask.
+    ValueError
+        If ``normal_dir`` holds no image, a mask cannot be read or has
+        another shape than its image, or two anomalous images share a stem.
+
+    Warns
+    -----
+    UserWarning
+        When images lie in sub-folders of a folder (they are not read) or a
+        mask in ``mask_dir`` matches no image.
+
     Examples
     --------
     >>> from skprotoad.datasets import load_folder
     >>> data = load_folder("images/ok", "images/defect")  # doctest: +SKIP
     """
     normal = _list_images(_require_dir(normal_dir, "normal_dir"))
+    _warn_nested_images(normal_dir)
     if not normal:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {str(normal_dir)!r}.")
     abnormal = []
     if abnormal_dir is not None:
         abnormal = _list_images(_require_dir(abnormal_dir, "abnormal_dir"))
+        _warn_nested_images(abnormal_dir)
     elif mask_dir is not None:
         raise ValueError("mask_dir was given without abnormal_dir.")
     masks = [None] * len(abnormal)
     if mask_dir is not None:
         index = _mask_index(_require_dir(mask_dir, "mask_dir"))
-        for i, image in enumerate(abnormal):
-            masks[i] = _find_mask(index, image.stem)
-            if masks[i] is None:
-                raise _missing_mask_error(image, mask_dir)
+        masks = _defect_masks(abnormal, index, mask_dir)
     return Bunch(
         paths=[str(p) for p in normal + abnormal],
         labels=np.asarray([0] * len(normal) + [1] * len(abnormal), dtype=int),

@@ -1,4 +1,5 @@
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -331,6 +332,45 @@ def test_loader_checks_each_mask_before_any_fit(tmp_path):
     _write(root / "test" / "crack" / "001.jpg")  # the same stem: one mask for two
     with pytest.raises(ValueError, match="share a file name stem"):
         load_mvtec(root)
+
+
+def test_loaders_say_what_they_leave_out(tmp_path):
+    root = _mvtec_tree(tmp_path / "tile")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the complete tree: nothing to say
+        load_mvtec(root)
+    _write(root / "train" / "good" / "batch2" / "010.png")  # images a level down
+    _write(root / "ground_truth" / "crack" / "007_mask.png", value=255)  # image renamed
+    _write(root / "ground_truth" / "scratch" / "000_mask.png", value=255)  # no test folder
+    with pytest.warns(UserWarning) as record:
+        data = load_mvtec(root)
+    messages = " | ".join(str(w.message) for w in record)
+    assert "sub-folders of images that are not read" in messages and "batch2" in messages
+    assert "1 mask(s)" in messages and "007_mask.png" in messages
+    assert "'scratch'" in messages
+    assert len(data.train_paths) == 3  # still read as before, only said
+
+    _write(tmp_path / "ok" / "a.png")
+    _write(tmp_path / "bad" / "z.png")
+    _write(tmp_path / "bad" / "more" / "y.png")
+    _write(tmp_path / "gt" / "z_mask.png", value=255)
+    _write(tmp_path / "gt" / "w_mask.png", value=255)
+    with pytest.warns(UserWarning) as record:
+        load_folder(tmp_path / "ok", tmp_path / "bad", tmp_path / "gt")
+    messages = " | ".join(str(w.message) for w in record)
+    assert "'more'" in messages and "w_mask.png" in messages
+
+
+def test_load_folder_checks_masks_as_the_layouts_do(tmp_path):
+    _write(tmp_path / "ok" / "a.png")
+    _write(tmp_path / "bad" / "z.png")  # 8 x 6
+    _write(tmp_path / "gt" / "z_mask.png", size=(6, 8), value=255)  # transposed
+    with pytest.raises(ValueError, match="not the same picture"):
+        load_folder(tmp_path / "ok", tmp_path / "bad", tmp_path / "gt")
+    _write(tmp_path / "gt" / "z_mask.png", value=255)
+    _write(tmp_path / "bad" / "z.jpg")  # one mask for two images
+    with pytest.raises(ValueError, match="share a file name stem"):
+        load_folder(tmp_path / "ok", tmp_path / "bad", tmp_path / "gt")
 
 
 # --------------------------------------------------------------------------
