@@ -41,6 +41,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from . import _images
+from ._threads import tracing
 from ._validation import check_unchanged_since_fit
 from ._version import __version__
 from .detector import ProtoADDetector
@@ -322,6 +323,8 @@ class InspectionPipeline(nn.Module):
         self.register_buffer("pixel_threshold", torch.tensor(float(pixel_threshold)))
 
     def forward(self, images):
+        if not tracing():  # traced, the check is _CheckedImages' (scripted)
+            _check_uint8_images(images)
         x = images.permute(0, 3, 1, 2).to(torch.float32) / 255.0
         x = nn.functional.interpolate(x, size=self.image_size, mode="bilinear",
                                       antialias=True, align_corners=False)
@@ -374,20 +377,27 @@ class _CheckedImages(nn.Module):
 
     def forward(self, images):
         # type: (Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]
-        # (N, H, W, 1) grey images broadcast against the 3-channel mean as
-        # the estimator repeats them: allowed
-        if images.dim() != 4 or (images.size(3) != 3 and images.size(3) != 1):
-            raise ValueError(
-                "expected uint8 images of shape (N, H, W, 3) (RGB) or (N, H, W, 1) "
-                "(grey); got shape " + str(images.shape)
-            )
-        if images.dtype != torch.uint8:
-            raise ValueError(
-                "expected uint8 images (0..255), as read from files, not another dtype: "
-                "the pipeline divides by 255 itself (float images in [0, 1]: multiply "
-                "them by 255 and round to uint8 first)"
-            )
+        _check_uint8_images(images)
         return self.pipeline(images)
+
+
+def _check_uint8_images(images):
+    # type: (Tensor) -> None
+    """What :class:`InspectionPipeline` takes; TorchScript, so that the saved
+    pipeline keeps the check its trace would lose."""
+    # (N, H, W, 1) grey images broadcast against the 3-channel mean as
+    # the estimator repeats them: allowed
+    if images.dim() != 4 or (images.size(3) != 3 and images.size(3) != 1):
+        raise ValueError(
+            "expected uint8 images of shape (N, H, W, 3) (RGB) or (N, H, W, 1) "
+            "(grey); got shape " + str(images.shape)
+        )
+    if images.dtype != torch.uint8:
+        raise ValueError(
+            "expected uint8 images (0..255), as read from files, not another dtype: "
+            "the pipeline divides by 255 itself (float images in [0, 1]: multiply "
+            "them by 255 and round to uint8 first)"
+        )
 
 
 def _fitted_network(model):

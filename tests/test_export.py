@@ -320,12 +320,17 @@ def test_pipeline_torchscript_takes_any_image_size(crop_detector, synthetic, tmp
 
 def test_pipeline_torchscript_refuses_images_other_than_uint8(crop_detector, synthetic,
                                                               tmp_path):
-    """Float images in [0, 1] were divided by 255 again and scored, silently."""
+    """Float images in [0, 1] were divided by 255 again and scored, silently,
+    by the saved pipeline and by the module in Python alike."""
     module = _jit_load(export.to_torchscript(crop_detector, tmp_path / "p.pt", pipeline=True))
+    in_python = export.InspectionPipeline(crop_detector.network_, crop_detector.image_size,
+                                          -crop_detector.offset_, crop_detector.pixel_threshold_)
     X = synthetic.X_test[:2]
     for bad in (X.astype(np.float32) / 255, X.astype(np.float32), X.astype(np.int64)):
         with pytest.raises(Exception, match="expected uint8 images"):
             module(torch.from_numpy(bad))
+        with pytest.raises(ValueError, match="expected uint8 images"):
+            in_python(torch.from_numpy(bad))
     for bad in (X[..., :2], X[0]):
         with pytest.raises(Exception, match=r"shape \(N, H, W, 3\)"):
             module(torch.from_numpy(np.ascontiguousarray(bad)))
