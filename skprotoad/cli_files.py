@@ -478,17 +478,39 @@ def save_model(detector, path, overwrite=False):
     path : path-like
     overwrite : bool, default=False
         Replace an existing file (``--force``); without it, one (even one
-        created while the command ran) is kept and the command fails.
+        created while the command ran) is kept and the command fails, with
+        the model written beside it (``NAME-1.joblib``, ...) so that the fit
+        is not lost.
     """
-    with kept_if_created():
-        if _is_safe_format_name(path):
-            from .persistence import save
+    try:
+        _save_model(detector, path, overwrite)
+    except FileExistsError as exc:
+        message = str(exc).replace("pass overwrite=True to replace it.",
+                                   "it was created while this command ran and is kept")
+        path = Path(path)
+        for n in range(1, 100):
+            beside = path.with_name(f"{path.stem}-{n}{path.suffix}")
+            try:
+                _save_model(detector, beside, overwrite=False)
+            except FileExistsError:
+                continue
+            except OSError:  # a name made too long, say: report the first failure
+                break
+            raise CommandError(f"{message}; this fit's model was written to "
+                               f"{str(beside)!r} instead.") from None
+        raise CommandError(f"{message}, and this fit's model was not written "
+                           f"(pass --force to replace it).") from None
 
-            save(detector, path, overwrite=overwrite)
-            return
-        import joblib
 
-        write_new_file(path, lambda tmp: joblib.dump(detector, tmp), overwrite=overwrite)
+def _save_model(detector, path, overwrite):
+    if _is_safe_format_name(path):
+        from .persistence import save
+
+        save(detector, path, overwrite=overwrite)
+        return
+    import joblib
+
+    write_new_file(path, lambda tmp: joblib.dump(detector, tmp), overwrite=overwrite)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from PIL import Image
 from skprotoad import cli
 from skprotoad.cli import main
 from skprotoad.cli_files import (
+    load_model,
     CommandError,
     _is_output_name,
     check_distinct_outputs,
@@ -223,13 +224,17 @@ def test_broken_links_are_listed_and_named_hidden_images_scored(synthetic, tmp_p
 def test_fit_keeps_a_model_file_created_while_it_ran(name, images, tiny_detector, tmp_path,
                                                      capsys, monkeypatch):
     """MODEL was checked to be free at the start, then written with
-    overwrite=True: a file created there during the fit was replaced."""
+    overwrite=True: a file created there during the fit was replaced. Then
+    the fitted model was thrown away: now it is written beside."""
     target = tmp_path / name
+    beside = target.with_name(f"{target.stem}-1{target.suffix}")
     monkeypatch.setattr(cli, "_fit", _fit_creating(target, b"theirs", tiny_detector))
     code, _, err = _run(["fit", images, "-o", target, *OPTIONS], capsys)
-    assert code == 1 and "--force" in err and "overwrite=True" not in err, err
+    assert code == 1 and "kept" in err and str(beside) in err and "overwrite=True" not in err, err
     assert target.read_bytes() == b"theirs"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, beside.name])  # no temp
+    assert load_model(beside).n_train_images_ == tiny_detector.n_train_images_
+    beside.unlink()
     code, _, err = _run(["fit", images, "-o", target, "--force", *OPTIONS], capsys)
     assert code == 0, err
     assert target.read_bytes() != b"theirs"
