@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from sklearn.utils.validation import check_is_fitted
 
-from . import _images
+from . import _images, _validation
 from .cli_files import describe_error
 
 __all__ = [
-    "pixel_threshold", "color_range", "score_and_write", "draw_overlay", "new_result",
-    "finish_result",
+    "pixel_threshold", "color_range", "check_scoring_inputs", "score_and_write", "draw_overlay",
+    "new_result", "finish_result",
     "metric_maps_and_masks", "compute_metrics", "per_type_auroc", "format_table",
 ]
 
@@ -89,7 +91,7 @@ def color_range(detector, threshold=None, vmin=None, vmax=None):
     vmin = default_min if vmin is None else float(vmin)
     vmax = default_max if vmax is None else float(vmax)
     if not vmin < vmax:
-        raise ValueError(f"--vmin ({vmin:g}) must be below --vmax ({vmax:g}).")
+        raise ValueError(f"vmin ({vmin:g}) must be below vmax ({vmax:g}).")
     return vmin, vmax
 
 
@@ -171,6 +173,7 @@ def score_and_write(
     """
     from .plotting import save_png
 
+    check_scoring_inputs(detector, len(items), names, out_dir, threshold, write, truth_masks)
     offset = detector.offset_ if threshold is None else -float(threshold)
     pixel_t = pixel_threshold(detector, threshold)
     sequence = _images.ImageSequence(items, name="images")
@@ -214,6 +217,57 @@ def score_and_write(
         if progress is not None:
             progress.update(len(chunk))
     return finish_result(result, keep_maps, crop)
+
+
+def check_scoring_inputs(detector, n_items, names=None, out_dir=None, threshold=None,
+                         write=None, truth_masks=None):
+    """Refuse, before any image is read or file written, what
+    :func:`score_and_write` would otherwise fail on part way, or take for a
+    problem of every image (a model changed after fit would have every image
+    skipped, and the run return nothing, without an error).
+
+    Parameters
+    ----------
+    detector : ProtoADDetector
+    n_items : int
+    names, out_dir, threshold, write, truth_masks
+        As :func:`score_and_write`'s.
+
+    Raises
+    ------
+    sklearn.exceptions.NotFittedError
+        If ``detector`` is not fitted.
+    ValueError
+        If there is no item, the detector's ``device`` is not valid or a parameter changed after
+        fit; ``threshold`` is not finite; ``out_dir`` comes without one name
+        per item, or two names are the same (ignoring case, as some file
+        systems do: one image's overlay would replace the other's);
+        ``write`` or ``truth_masks`` do not have one entry per item.
+    """
+    check_is_fitted(detector, "network_")
+    if n_items == 0:
+        raise ValueError("images is empty: nothing to score.")
+    _validation.torch_device(detector.device)
+    _validation.check_unchanged_since_fit(detector)
+    if threshold is not None:
+        _validation.check_threshold(threshold)
+    if out_dir is not None:
+        if names is None or len(names) != n_items:
+            got = "none" if names is None else len(names)
+            raise ValueError(f"out_dir needs names: one output name per item ({n_items}), "
+                             f"got {got}.")
+        counts = Counter(str(name).casefold() for name in names)
+        repeated = [name for name in names if counts[str(name).casefold()] > 1]
+        if repeated:
+            raise ValueError(
+                f"names must differ (ignoring case): each names an image's overlay and "
+                f"mask files, which another image of the same name would replace; "
+                f"repeated: {sorted(set(map(str, repeated)))[:4]}."
+            )
+    for key, value in (("write", write), ("truth_masks", truth_masks)):
+        if value is not None and len(value) != n_items:
+            raise ValueError(f"{key} must have one entry per item ({n_items}), "
+                             f"got {len(value)}.")
 
 
 def draw_overlay(detector, item, crop_map, size, anomaly, pixel_threshold, vmin, vmax,
@@ -363,10 +417,14 @@ def _score_chunk(detector, items, chunk, strict, skipped):
         yield from zip(chunk, maps, (-scores).tolist())
         return
     except (ValueError, OSError) as exc:
-        if strict:
-            raise
         if len(chunk) == 1:
-            skipped.append((chunk[0], _skip_reason(exc, items[chunk[0]])))
+            reason = _skip_reason(exc, items[chunk[0]])
+            if strict:
+                # the detector names the image by its place in the chunk: name
+                # it by the caller's index
+                error = ValueError if isinstance(exc, ValueError) else OSError
+                raise error(f"image {chunk[0]}: {reason}") from exc
+            skipped.append((chunk[0], reason))
             return
     # One image of the chunk is unreadable (a truncated file, say): find it.
     for index in chunk:

@@ -772,8 +772,9 @@ def _cmd_predict(args):
         raise CommandError(str(exc), EXIT_USAGE) from None
     try:
         vmin, vmax = color_range(detector, args.threshold, args.vmin, args.vmax)
-    except ValueError as exc:  # --vmin not below --vmax
-        raise CommandError(str(exc), EXIT_USAGE) from None
+    except ValueError as exc:  # --vmin not below --vmax; the library names its parameters
+        raise CommandError(str(exc).replace("vmin (", "--vmin (").replace("vmax (", "--vmax ("),
+                           EXIT_USAGE) from None
     if not 0.0 <= args.alpha <= 1.0:
         raise CommandError(f"--alpha must be in [0, 1], got {args.alpha}.", EXIT_USAGE)
     if args.report:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import uuid
 
-from .batch_scoring import finish_result, new_result
+from .batch_scoring import check_scoring_inputs, finish_result, new_result
 from .batch_scoring import score_and_write as _score_and_write_locally
 
 __all__ = ["score_and_write"]
@@ -87,12 +87,8 @@ def score_and_write(detector, items, *, names=None, out_dir=None, partition_size
     if not isinstance(partition_size, int) or isinstance(partition_size, bool) \
             or partition_size < 1:
         raise ValueError(f"partition_size must be a positive int, got {partition_size!r}.")
-    if out_dir is not None and (names is None or len(names) != n):
-        raise ValueError("out_dir needs names: one output name per item.")
-    for key in ("write", "truth_masks"):
-        if kwargs.get(key) is not None and len(kwargs[key]) != n:
-            raise ValueError(f"{key} must have one entry per item ({n}), "
-                             f"got {len(kwargs[key])}.")
+    check_scoring_inputs(detector, n, names, out_dir, kwargs.get("threshold"),
+                         kwargs.get("write"), kwargs.get("truth_masks"))
     # one task holds the model; every partition depends on it, so each worker
     # fetches it once (traverse=False: the estimator is not a collection)
     model = dask.delayed(detector, name=f"skprotoad-model-{uuid.uuid4().hex}",
