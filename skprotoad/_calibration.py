@@ -84,7 +84,12 @@ def folds(contamination, n_images):
     size = n_held_out(contamination, n_images)
     if not size:
         return []
-    count = min(MAX_FOLDS, -(-CALIBRATION_IMAGES_NEEDED // size), n_images // size)
+    wanted = min(MAX_FOLDS, -(-CALIBRATION_IMAGES_NEEDED // size))
+    count = min(wanted, n_images // size)
+    if count < wanted and (n_images // wanted) * wanted > count * size:
+        # a fifth rounded up leaves no room for the folds wanted (104 images:
+        # four of 21, 84 held out): smaller folds then hold out more
+        size, count = n_images // wanted, wanted
     return [range(n_images - (j + 1) * size, n_images - j * size) for j in range(count)]
 
 

@@ -121,7 +121,7 @@ def test_aligned_images_search_lost_neighbours_in_the_shared_lists(monkeypatch):
     assert np.isfinite(det.calibration_scores_).all() and len(det.calibration_scores_) == 20
 
 
-@pytest.mark.parametrize("n_images", [5, 8, 10, 37, 100, 200, 494, 495, 761])
+@pytest.mark.parametrize("n_images", [5, 8, 10, 13, 37, 100, 104, 119, 200, 494, 495, 761])
 def test_folds_are_disjoint_and_enough_for_the_target_when_possible(n_images):
     folds = calibration_folds(n_images, random_state=0)
     held = [i for _, held_out in folds for i in held_out]
@@ -137,6 +137,15 @@ def test_folds_are_disjoint_and_enough_for_the_target_when_possible(n_images):
         assert len(folds) == 1 or fewer < _calibration.CALIBRATION_IMAGES_NEEDED
     else:
         assert len(folds) == min(_calibration.MAX_FOLDS, n_images // len(folds[0][1]))
+
+
+def test_every_set_from_the_count_needed_on_holds_enough_images_out():
+    """A fifth rounded up left room for four folds only: 104 images held out
+    84, and fit warned to use at least 100 images."""
+    needed = _calibration.images_needed()
+    short = [n for n in range(needed, 1200)
+             if sum(map(len, _calibration.folds("auto", n))) < _calibration.CALIBRATION_IMAGES_NEEDED]
+    assert short == []
 
 
 def test_too_few_images_for_the_target_are_named_with_the_count_needed(normal_images):
