@@ -20,6 +20,7 @@ dtype('uint8')
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import numpy as np
@@ -95,7 +96,30 @@ def _colormap_table(colormap):
             ) from None
     table = np.asarray(colormap)
     if table.ndim != 2 or table.shape[1] != 3 or len(table) < 2:
-        raise ValueError(f"a colormap table must have shape (n, 3), got {table.shape}.")
+        hint = ""
+        if table.ndim == 2 and table.shape[1] == 4:
+            hint = " (matplotlib's RGBA tables: drop the alpha column, table[:, :3])"
+        raise ValueError(f"a colormap table must have shape (n, 3), got {table.shape}{hint}.")
+    if table.dtype.kind == "f":
+        # matplotlib's form; cast to uint8 as it is, it would be all but black
+        if not (np.isfinite(table).all() and table.min() >= 0.0 and table.max() <= 1.0):
+            raise ValueError(
+                f"colormap: a float table must lie in [0, 1] (matplotlib's form), got "
+                f"values in [{table.min():g}, {table.max():g}]; give 0..255 colours as "
+                f"integers."
+            )
+        return np.round(table * 255).astype(np.uint8)
+    if table.dtype.kind not in "iu":
+        raise TypeError(
+            f"colormap: a table must hold integers in 0..255 or floats in [0, 1], got "
+            f"dtype {table.dtype}."
+        )
+    if table.min() < 0 or table.max() > 255:
+        # uint8 would wrap them around (300 -> 44): another colour, silently
+        raise ValueError(
+            f"colormap: an integer table must lie in 0..255, got values in "
+            f"[{table.min()}, {table.max()}]."
+        )
     return table.astype(np.uint8)
 
 
@@ -105,11 +129,16 @@ def apply_colormap(values, vmin=None, vmax=None, colormap="inferno"):
     Parameters
     ----------
     values : array-like of shape (H, W)
+        NaN marks values that do not exist (pixels not scored); +inf and
+        -inf are values like others, beyond every range: they get the
+        highest and the lowest colour.
     vmin, vmax : float, default=None
         Values mapped to the lowest and highest colour; values outside are
         clipped. ``None`` takes the finite minimum / maximum of ``values``.
     colormap : str or array of shape (n, 3), default="inferno"
-        A name in :data:`COLORMAPS` or a lookup table of your own.
+        A name in :data:`COLORMAPS` or a lookup table of your own: integers
+        in 0..255, or floats in [0, 1] (matplotlib's form, as
+        ``matplotlib.colormaps["viridis"](np.linspace(0, 1, 256))[:, :3]``).
 
     Returns
     -------
@@ -125,16 +154,17 @@ def apply_colormap(values, vmin=None, vmax=None, colormap="inferno"):
         raise ValueError(f"values must be 2-D (H, W), got shape {values.shape}.")
     table = _colormap_table(colormap)
     vmin, vmax = _value_range(values, vmin, vmax)
-    finite = np.isfinite(values)
+    # NaN alone is "no value"; +-inf scale to +-inf and are clipped to the ends
+    scored = ~np.isnan(values)
     scaled = np.zeros_like(values)
     if vmax > vmin:
-        scaled[finite] = (values[finite] - vmin) / (vmax - vmin)
+        scaled[scored] = (values[scored] - vmin) / (vmax - vmin)
     else:
         # A flat range: everything at or above it is "high", the rest "low".
-        scaled[finite] = (values[finite] >= vmax).astype(np.float64)
+        scaled[scored] = (values[scored] >= vmax).astype(np.float64)
     index = np.round(np.clip(scaled, 0.0, 1.0) * (len(table) - 1)).astype(np.intp)
     rgb = table[index]
-    rgb[~finite] = 0
+    rgb[~scored] = 0
     return rgb
 
 
@@ -153,15 +183,20 @@ def _value_range(values, vmin, vmax):
 
 
 def as_rgb_uint8(image, where="image"):
-    """Any image form (array, PIL image, path) as an (H, W, 3) uint8 array;
-    files turned as their EXIF orientation says, as the detector reads them."""
-    if isinstance(image, (str, os.PathLike)):
-        from ._images import upright  # here: it imports torch, which drawing does not need
+    """Any image form (array, PIL image, path) as an (H, W, 3) uint8 array.
 
-        with Image.open(image) as img:
-            return np.asarray(upright(img).convert("RGB"))
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+    Files and PIL images are read as the detector reads them
+    (:func:`skprotoad.preprocessing.load_image`): turned as their EXIF
+    orientation says; 16-bit and float images and transparent pixels refused,
+    as their colours are unknown. Arrays must be uint8, bool, or float in
+    [0, 1]; anything else is refused too, not clipped to black or white.
+    """
+    if isinstance(image, (str, os.PathLike, Image.Image)):
+        # here: it imports torch, which drawing arrays does not need
+        from ._images import load_image
+
+        # k / 255 in float32 times 255 rounds back to k: the file's own pixels
+        image = np.round(load_image(image, where) * 255).astype(np.uint8)
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
@@ -172,15 +207,45 @@ def as_rgb_uint8(image, where="image"):
     elif arr.dtype != np.uint8:
         if not np.issubdtype(arr.dtype, np.floating):
             raise TypeError(f"{where} must be uint8 or float in [0, 1], got {arr.dtype}.")
-        arr = np.round(np.clip(np.nan_to_num(arr), 0.0, 1.0) * 255).astype(np.uint8)
+        _check_unit_range(arr, where)
+        arr = np.round(arr * 255).astype(np.uint8)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     return arr
 
 
+def _check_unit_range(arr, where):
+    """The detector's check of float images (``_images``), whose module imports torch."""
+    if arr.size and not np.isfinite(arr).all():
+        raise ValueError(f"{where} contains NaN or infinite values.")
+    if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
+        # clipped, 0..255 data would be drawn all but white
+        raise ValueError(
+            f"{where} is a float image with values in [{arr.min():g}, {arr.max():g}]; "
+            f"float images must lie in [0, 1] (divide 8-bit data by 255)."
+        )
+
+
+def _check_int(value, name, minimum, maximum=None):
+    """``value``, an int (any integral type but bool) in [minimum, maximum], as an int."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}.")
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f"at least {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}.")
+    return int(value)
+
+
 def _as_mask(mask, shape):
-    if isinstance(mask, (str, os.PathLike, Image.Image)):
-        mask = np.asarray(as_rgb_uint8(mask, "mask"))[..., 0] > 127
+    if isinstance(mask, (str, os.PathLike)):
+        from ._images import upright  # here: it imports torch, which drawing does not need
+
+        # read as any 8-bit picture, not refused as a 16-bit image would be:
+        # a 0 / 65535 mask is a mask all the same
+        with Image.open(mask) as img:
+            mask = np.asarray(upright(img).convert("RGB"))[..., 0] > 127
+    elif isinstance(mask, Image.Image):
+        mask = np.asarray(mask.convert("RGB"))[..., 0] > 127
     mask = np.asarray(mask)
     if mask.shape != tuple(shape):
         raise ValueError(f"mask has shape {mask.shape}, the image {tuple(shape)}.")
@@ -255,12 +320,16 @@ def overlay(
     Parameters
     ----------
     image : array of shape (H, W[, 3]), PIL image or path
-        uint8, or float in [0, 1]; grey images are shown in grey.
+        uint8, or float in [0, 1]; grey images are shown in grey. Files and PIL
+        images are read as the detector reads them: 16-bit and float images
+        are refused, as 16-bit arrays are, and so are transparent pixels.
     anomaly_map : array of shape (H, W)
         Higher = more anomalous, on the image's own pixel grid, such as one map
         of ``detector.anomaly_maps(X, output="input")``. NaN marks pixels that
         were not scored (cut away by the centre crop): there the image is shown
-        as it is, unblended.
+        as it is, unblended. +inf is scored, as anomalous as can be: it gets
+        the hottest colour (and -inf the coldest), as values beyond ``vmax``
+        (``vmin``) do.
     alpha : float in [0, 1], default=0.5
         Weight of the heatmap; 0 shows only the image, 1 only the heatmap.
     vmin, vmax : float, default=None
@@ -303,7 +372,7 @@ def overlay(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
     colored = apply_colormap(heat, vmin, vmax, colormap).astype(np.float64)
-    weight = np.where(np.isfinite(heat), float(alpha), 0.0)[..., None]
+    weight = np.where(np.isnan(heat), 0.0, float(alpha))[..., None]
     out = np.round((1.0 - weight) * rgb + weight * colored).astype(np.uint8)
     if mask is not None:
         out[contour(_as_mask(mask, heat.shape))] = np.asarray(contour_color, dtype=np.uint8)
@@ -319,7 +388,7 @@ def add_legend(image, entries, background=255):
         Any form :func:`overlay` accepts.
     entries : sequence of (str, tuple of 3 ints)
         ``(label, colour)``, one line each: a colour swatch, then the label.
-    background : int, default=255
+    background : int in [0, 255], default=255
         Grey level of the strip.
 
     Returns
@@ -333,6 +402,7 @@ def add_legend(image, entries, background=255):
     >>> out.shape[0] > 40, bool((out[40:] == PREDICTION_COLOR).all(axis=-1).any())
     (True, True)
     """
+    background = _check_int(background, "background", 0, 255)
     rgb = as_rgb_uint8(image)
     if not entries:
         return rgb.copy()
@@ -424,11 +494,12 @@ def grid(images, titles=None, ncols=4, tile_size=None, pad=4, background=255):
     ncols : int, default=4
         Tiles per row (fewer when there are fewer images).
     tile_size : int or (height, width), default=None
-        Size of each tile; defaults to the largest image height and width.
-        Images are scaled to fit their tile, keeping their aspect.
+        Size of each tile in pixels, at least 1; defaults to the largest image
+        height and width. Images are scaled to fit their tile, keeping their
+        aspect.
     pad : int, default=4
-        Pixels between tiles and around the figure.
-    background : int, default=255
+        Pixels between tiles and around the figure, at least 0.
+    background : int in [0, 255], default=255
         Grey level of the background.
 
     Returns
@@ -445,6 +516,14 @@ def grid(images, titles=None, ncols=4, tile_size=None, pad=4, background=255):
     >>> grid(tiles, ncols=2, pad=1).shape
     (23, 43, 3)
     """
+    if tile_size is not None:
+        if np.ndim(tile_size) == 0:
+            tile_size = (tile_size, tile_size)
+        elif np.ndim(tile_size) != 1 or len(tile_size) != 2:
+            raise ValueError(f"tile_size must be an int or (height, width), got {tile_size!r}.")
+        tile_size = tuple(_check_int(v, "tile_size", 1) for v in tile_size)
+    pad = _check_int(pad, "pad", 0)
+    background = _check_int(background, "background", 0, 255)
     rgbs = [as_rgb_uint8(image, f"images[{i}]") for i, image in enumerate(images)]
     if not rgbs:
         raise ValueError("images is empty: nothing to tile.")
@@ -456,10 +535,8 @@ def grid(images, titles=None, ncols=4, tile_size=None, pad=4, background=255):
     nrows = -(-len(rgbs) // ncols)
     if tile_size is None:
         tile_h, tile_w = max(r.shape[0] for r in rgbs), max(r.shape[1] for r in rgbs)
-    elif np.ndim(tile_size) == 0:
-        tile_h = tile_w = int(tile_size)
     else:
-        tile_h, tile_w = (int(v) for v in tile_size)
+        tile_h, tile_w = tile_size
     font = ImageFont.load_default()
     strip = 0
     if titles is not None:

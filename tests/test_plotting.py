@@ -214,3 +214,87 @@ def test_overlays_are_enlarged_as_far_as_the_pixel_cap_allows(size, expected):
 
     assert _overlay_size(size) == expected
     assert expected[0] * expected[1] <= max(MAX_OUTPUT_PIXELS, size[0] * size[1])
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(tile_size=-5), ValueError, "tile_size must be at least 1, got -5"),
+    # 0 tiled each image as one pixel
+    (dict(tile_size=0), ValueError, "tile_size must be at least 1, got 0"),
+    (dict(tile_size=(10, 0)), ValueError, "tile_size must be at least 1, got 0"),
+    (dict(tile_size=(10, 10, 3)), ValueError, r"tile_size must be an int or \(height, width\)"),
+    (dict(tile_size=12.5), TypeError, "tile_size must be an int"),
+    (dict(pad=-1), ValueError, "pad must be at least 0, got -1"),
+    (dict(background=300), ValueError, r"background must be in \[0, 255\], got 300"),
+    (dict(background=-1), ValueError, r"background must be in \[0, 255\], got -1"),
+])
+def test_grid_refuses_bad_sizes_and_backgrounds(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        grid([np.zeros((4, 4, 3), np.uint8)], **kwargs)
+
+
+def test_legend_refuses_a_background_out_of_the_grey_levels(image):
+    with pytest.raises(ValueError, match=r"background must be in \[0, 255\], got 256"):
+        add_legend(image, [("predicted", PREDICTION_COLOR)], background=256)
+
+
+def test_colormap_tables_in_matplotlibs_float_form_are_scaled():
+    as_floats = np.array([[0.0, 0.0, 0.0], [1.0, 0.5, 0.2]])
+    out = apply_colormap([[0.0, 1.0]], colormap=as_floats)
+    assert out[0, 1].tolist() == [255, 128, 51]  # was cast to [1, 0, 0]: black
+    as_ints = np.array([[0, 0, 0], [255, 128, 51]])
+    np.testing.assert_array_equal(out, apply_colormap([[0.0, 1.0]], colormap=as_ints))
+
+
+@pytest.mark.parametrize("table, error, match", [
+    ([[0, 0, 0], [300, 0, 0]], ValueError, r"integer table must lie in 0\.\.255"),  # was 44
+    ([[0, 0, 0], [-1, 0, 0]], ValueError, r"integer table must lie in 0\.\.255"),
+    ([[0.0, 0.0, 0.0], [255.0, 0.0, 0.0]], ValueError, r"float table must lie in \[0, 1\]"),
+    ([[0.0, 0.0, 0.0], [np.nan, 0.0, 0.0]], ValueError, r"float table must lie in \[0, 1\]"),
+    ([["a", "b", "c"], ["d", "e", "f"]], TypeError, "integers in 0..255 or floats"),
+    (np.ones((4, 4)), ValueError, r"drop the alpha column"),
+])
+def test_colormap_tables_out_of_range_are_refused(table, error, match):
+    with pytest.raises(error, match=match):
+        apply_colormap([[0.0, 1.0]], colormap=table)
+
+
+def test_16_bit_files_are_refused_as_16_bit_arrays_are(tmp_path):
+    """A 16-bit file was drawn almost all white (clipped to 255)."""
+    pixels = np.full((6, 8), 60000, dtype=np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "deep.png")
+    heat = np.zeros(pixels.shape)
+    with pytest.raises(TypeError, match="uint8 or float in"):
+        overlay(pixels, heat)
+    for form in (tmp_path / "deep.png", Image.open(tmp_path / "deep.png")):
+        with pytest.raises(ValueError, match=r"16-bit or float\) image; convert it to 8-bit"):
+            overlay(form, heat)
+    with pytest.raises(ValueError, match=r"images\[1\] .*deep.png\) is a I;16"):
+        grid([np.zeros((6, 8), np.uint8), tmp_path / "deep.png"])
+
+
+@pytest.mark.parametrize("value, match", [
+    (100.0, r"values in \[0.5, 100\]; float images must lie in \[0, 1\]"),  # was white
+    (-0.5, r"values in \[-0.5, 0.5\]; float images must lie in \[0, 1\]"),
+    (np.nan, "contains NaN or infinite values"),
+])
+def test_float_images_outside_0_1_are_refused(value, match, tmp_path):
+    floats = np.full((6, 8), 0.5)
+    floats[0, 0] = value
+    with pytest.raises(ValueError, match=match):
+        overlay(floats, np.zeros(floats.shape))
+    with pytest.raises(ValueError, match=match):
+        save_png(floats, tmp_path / "x.png")
+    assert not any(tmp_path.iterdir())
+
+
+def test_infinite_map_values_are_the_ends_of_the_colour_scale(image):
+    """+inf is a score beyond vmax, not a pixel left unscored as NaN is."""
+    heat = _peak_map(image.shape[:2], (15, 22))
+    heat[3, 4], heat[5, 6], heat[7, 8] = np.inf, -np.inf, np.nan
+    for vmin, vmax in ((0.0, 1.0), (None, None)):
+        out = overlay(image, heat, alpha=1.0, vmin=vmin, vmax=vmax)
+        np.testing.assert_array_equal(out[3, 4], COLORMAPS["inferno"][-1])
+        np.testing.assert_array_equal(out[5, 6], COLORMAPS["inferno"][0])
+        np.testing.assert_array_equal(out[7, 8], image[7, 8])
+        # the finite values keep their colours: the range is theirs
+        np.testing.assert_array_equal(out[15, 22], COLORMAPS["inferno"][-1])
