@@ -22,7 +22,7 @@ import numpy as np
 
 from ._files import refuse_existing, write_new_file
 from .metrics import evaluate_maps, image_auroc, pro_curve
-from .plotting import grid
+from .plotting import _check_int, grid
 
 __all__ = ["evaluation_report", "prediction_report", "EVALUATION_FILES", "PREDICTION_FILES"]
 
@@ -58,9 +58,11 @@ def _png_bytes(fig_or_array):
     return buffer.getvalue()
 
 
-def _write_all(out_dir, pngs, page, overwrite):
+def _write_all(out_dir, pngs, page, overwrite, own_files):
     """Write ``<name>.png`` for each of ``pngs`` and ``index.html``; checked
-    first, so that a refusal leaves no report half replaced."""
+    first, so that a refusal leaves no report half replaced. With
+    ``overwrite``, then remove those of ``own_files`` (the names this kind of
+    report may write) that this one did not write."""
     files = {name: (f"{name}.png", data) for name, data in pngs.items()}
     # file names undecodable in the locale's encoding (surrogates) as their bytes
     files["index"] = ("index.html", page.encode("utf-8", "surrogateescape"))
@@ -71,6 +73,14 @@ def _write_all(out_dir, pngs, page, overwrite):
         paths[name] = write_new_file(Path(out_dir) / file_name,
                                      lambda tmp, data=data: Path(tmp).write_bytes(data),
                                      overwrite=overwrite)
+    if overwrite:
+        # an earlier report's false_alarms.png, say, would contradict this page;
+        # removed after the writes, so that a failed write leaves the old report whole
+        written = {file_name for file_name, _ in files.values()}
+        for file_name in set(own_files) - written:
+            stale = Path(out_dir) / file_name
+            if stale.is_symlink() or stale.is_file():  # a folder of that name is not ours
+                stale.unlink(missing_ok=True)
     return paths
 
 
@@ -164,6 +174,24 @@ def _img(data, alt):
     return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{encoded}'>"
 
 
+def _per_image(values, name, n):
+    """``values``, one per image of ``n``, as a list of str; None stays None."""
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes)):
+        # a str is a sequence too: of characters, one "name" each
+        raise TypeError(f"{name} must be a sequence of one str per image, got {values!r}.")
+    try:
+        values = [str(v) for v in values]
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a sequence of one str per image, got {type(values).__name__}."
+        ) from None
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} values for {n} images.")
+    return values
+
+
 def _check_scores(scores, threshold, n=None, name="scores"):
     scores = np.asarray(scores, dtype=float)
     if scores.ndim != 1 or len(scores) == 0:
@@ -209,13 +237,17 @@ def evaluation_report(out_dir, y_true, scores, threshold, *, defect_types=None, 
         (the highest-scoring normal images above the threshold) and the worst
         misses (the lowest-scoring defective images below it).
     n_examples : int, default=8
-        Images per grid.
+        Images per grid, at most; at least 1 (for no grids, leave
+        ``draw_example`` None).
     fpr_limit : float, default=0.3
         FPR limit of the AUPRO.
     title : str, default="skprotoad evaluation"
     overwrite : bool, default=False
-        Replace existing report files; without it an existing file raises
-        ``FileExistsError`` and nothing of it is lost.
+        Replace existing report files, and remove those of
+        :data:`EVALUATION_FILES` that this report does not write (an earlier
+        report's ``false_alarms.png`` when there is no false alarm now, say),
+        so that the folder holds one report; no other file is touched. Without
+        it an existing file raises ``FileExistsError`` and nothing of it is lost.
 
     Returns
     -------
@@ -239,7 +271,9 @@ def evaluation_report(out_dir, y_true, scores, threshold, *, defect_types=None, 
     scores, threshold = _check_scores(scores, threshold, len(labels))
     if (masks is None) != (maps is None):
         raise ValueError("give masks and maps together, or neither.")
-    names = [str(i) for i in range(len(labels))] if names is None else [str(n) for n in names]
+    defect_types = _per_image(defect_types, "defect_types", len(labels))
+    names = _per_image(names, "names", len(labels)) or [str(i) for i in range(len(labels))]
+    n_examples = _check_int(n_examples, "n_examples", 1)
     flagged = scores > threshold
     metrics = evaluate_maps(labels, scores, masks, maps, fpr_limit=fpr_limit)
     figures = {"scores": _score_histogram(scores, threshold, labels),
@@ -258,7 +292,7 @@ def evaluation_report(out_dir, y_true, scores, threshold, *, defect_types=None, 
                 if v is not None and np.isfinite(v)]
     sections = [("Summary", _table(("measure", "value"), summary))]
     if defect_types is not None:
-        types = np.asarray([str(t) for t in defect_types])
+        types = np.asarray(defect_types)
         rows = []
         for t in sorted(set(types[labels == 1])):
             keep = (types == t) | (labels == 0)
@@ -285,7 +319,7 @@ def evaluation_report(out_dir, y_true, scores, threshold, *, defect_types=None, 
                 sections.append((heading, _img(pngs[key], heading)))
             else:
                 sections.append((heading, f"<p>{none}</p>"))
-    return _write_all(out_dir, pngs, _page(title, sections), overwrite)
+    return _write_all(out_dir, pngs, _page(title, sections), overwrite, EVALUATION_FILES)
 
 
 def prediction_report(out_dir, scores, threshold, *, names=None, draw_example=None,
@@ -307,16 +341,19 @@ def prediction_report(out_dir, scores, threshold, *, names=None, draw_example=No
         ``draw_example(i)`` returns image ``i`` as an RGB uint8 array: the
         contact sheet shows the ``n_examples`` most anomalous images.
     n_examples : int, default=16
+        Images on the contact sheet, at most; at least 1 (for no sheet, leave
+        ``draw_example`` None).
     title : str, default="skprotoad predictions"
     overwrite : bool, default=False
-        As in :func:`evaluation_report`.
+        As in :func:`evaluation_report`, with :data:`PREDICTION_FILES`.
 
     Returns
     -------
     paths : dict
     """
     scores, threshold = _check_scores(scores, threshold)
-    names = [str(i) for i in range(len(scores))] if names is None else [str(n) for n in names]
+    names = _per_image(names, "names", len(scores)) or [str(i) for i in range(len(scores))]
+    n_examples = _check_int(n_examples, "n_examples", 1)
     flagged = scores > threshold
     pngs = {"scores": _png_bytes(_score_histogram(scores, threshold))}
     sections = [("Summary", _table(("measure", "value"), [
@@ -327,4 +364,4 @@ def prediction_report(out_dir, scores, threshold, *, names=None, draw_example=No
         chosen = np.argsort(-scores, kind="stable")[:n_examples]
         pngs["contact_sheet"] = _png_bytes(_examples(chosen, scores, names, draw_example))
         sections.append(("Most anomalous images", _img(pngs["contact_sheet"], "contact sheet")))
-    return _write_all(out_dir, pngs, _page(title, sections), overwrite)
+    return _write_all(out_dir, pngs, _page(title, sections), overwrite, PREDICTION_FILES)

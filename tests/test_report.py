@@ -139,3 +139,57 @@ def test_names_undecodable_in_the_locale_are_written_as_their_bytes(case, tmp_pa
     labels, scores, _, _, _ = case
     paths = evaluation_report(tmp_path, labels, scores, 0.5, title="\udcc3\udca9t\udcc3\udca9")
     assert "<h1>été</h1>".encode() in paths["index"].read_bytes()
+
+
+_Y, _S = np.array([0, 0, 0, 1, 1]), np.array([0.1, 0.2, 0.35, 0.3, 0.9])
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(names=["a"]), ValueError, r"names has 1 values for 5 images"),
+    (dict(defect_types=["good", "crack"]), ValueError, r"defect_types has 2 values for 5 images"),
+    (dict(names="abcde"), TypeError, "names must be a sequence of one str per image"),
+    (dict(defect_types=3), TypeError, "defect_types must be a sequence of one str per image"),
+    # 0 wrote "No normal image is above the threshold." beside a false alarm
+    (dict(n_examples=0), ValueError, "n_examples must be at least 1, got 0"),
+    (dict(n_examples=-2), ValueError, "n_examples must be at least 1, got -2"),
+    (dict(n_examples=2.5), TypeError, "n_examples must be an int"),
+])
+def test_evaluation_report_refuses_bad_per_image_input(kwargs, error, match, tmp_path):
+    with pytest.raises(error, match=match):
+        evaluation_report(tmp_path, _Y, _S, 0.25, draw_example=_drawer([]), **kwargs)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(names=["a", "b"]), ValueError, r"names has 2 values for 5 images"),
+    (dict(n_examples=0), ValueError, "n_examples must be at least 1, got 0"),
+])
+def test_prediction_report_refuses_bad_per_image_input(kwargs, error, match, tmp_path):
+    with pytest.raises(error, match=match):
+        prediction_report(tmp_path, _S, 0.25, draw_example=_drawer([]), **kwargs)
+    assert not any(tmp_path.iterdir())
+
+
+def test_overwrite_removes_what_an_earlier_report_wrote_and_this_one_does_not(tmp_path):
+    """A false_alarms.png left by an earlier report contradicts a page that says
+    there is no false alarm; files that are not the report's own stay."""
+    masks = np.zeros((5, 8, 8), dtype=bool)
+    masks[3:, 2:5, 2:5] = True
+    maps = masks + 0.1 * np.arange(5)[:, None, None]
+    first = evaluation_report(tmp_path, _Y, _S, 0.32, masks=masks, maps=maps,
+                              draw_example=_drawer([]))
+    assert {"pro", "false_alarms", "misses"} <= set(first)
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "contact_sheet.png").write_bytes(b"not the evaluation report's")
+    (tmp_path / "sub").mkdir()
+    # no false alarm at 0.5 and no masks: no false_alarms.png, no pro.png
+    second = evaluation_report(tmp_path, _Y, _S, 0.5, draw_example=_drawer([]), overwrite=True)
+    assert "No normal image is above the threshold." in second["index"].read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "contact_sheet.png", "index.html", "misses.png", "notes.txt", "roc.png", "scores.png",
+        "sub"]
+
+    folder = tmp_path / "p"
+    prediction_report(folder, _S, 0.25, draw_example=_drawer([]))
+    prediction_report(folder, _S, 0.25, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["index.html", "scores.png"]
