@@ -37,7 +37,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._files import refuse_existing, write_new_file
 from ._images import fixed_input_size
 from ._validation import (
-    check_params, check_unchanged_since_fit, record_fitted_settings, validate,
+    check_params, check_unchanged_since_fit, record_fitted_settings, torch_device, validate,
 )
 from ._version import __version__
 from .detector import ProtoADDetector
@@ -278,9 +278,10 @@ def load(path, *, device=None):
     FileNotFoundError
         When ``path`` does not exist.
     ValueError
-        When the file is not a valid model of this format version: truncated,
-        corrupted, edited, or written by an incompatible version of skprotoad
-        (the message says which check failed).
+        When ``device`` is not a device of this machine, or the file is not
+        a valid model of this format version: truncated, corrupted, edited,
+        or written by an incompatible version of skprotoad (the message says
+        which check failed).
 
     Examples
     --------
@@ -288,6 +289,8 @@ def load(path, *, device=None):
     >>> detector = load("model.safetensors", device="cpu")  # doctest: +SKIP
     >>> detector.predict(images)  # doctest: +SKIP
     """
+    if device is not None:
+        torch_device(device)  # the device asked for here must exist here: say so now
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No model file at {path}.")

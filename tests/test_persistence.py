@@ -143,6 +143,11 @@ def test_gpu_fitted_model_loads_on_a_cpu_only_machine(
         np.testing.assert_array_equal(loaded.score_samples(X), tiny_scores)
     on_cpu = persistence.load(path, device="cpu")
     np.testing.assert_array_equal(on_cpu.score_samples(X), tiny_scores)
+    # the device asked for at load is checked there, not at the first score
+    for device, message in (("banana", "device must be"), ("cuda", "CUDA is not available"),
+                            (5, "CUDA is not available")):
+        with pytest.raises(ValueError, match=message):
+            persistence.load(path, device=device)
 
 
 def test_non_default_memory_layout_round_trips(tiny_detector, tmp_path, X, tiny_scores):
