@@ -1,4 +1,4 @@
-"""The ``skprotoad`` command line: ``fit``, ``predict``, ``evaluate`` and ``demo``.
+"""The ``skprotoad`` command line: ``fit``, ``predict``, ``evaluate``, ``export``, ``demo``.
 
 Run ``skprotoad --help`` or ``python -m skprotoad --help``; ``docs/cli.md``
 describes every command and its outputs. This module holds the parser and the
@@ -451,11 +451,11 @@ def build_parser():
     )
     predict.add_argument(
         "--vmin", type=_finite_float, default=None,
-        help="map value shown darkest (default: 0.5 x threshold)",
+        help="map value shown darkest (default: 0.5 x the pixel threshold)",
     )
     predict.add_argument(
         "--vmax", type=_finite_float, default=None,
-        help="map value shown brightest (default: 1.5 x threshold)",
+        help="map value shown brightest (default: 1.5 x the pixel threshold)",
     )
     predict.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (default: 0.5)")
     predict.add_argument(
