@@ -14,6 +14,20 @@ import numpy as np
 from scipy import ndimage
 
 
+def defect_pixels(image):
+    """A mask image as bool: pixels where any colour channel exceeds half the
+    mask's own maximum, so that 0/255, 0/1, 16-bit, float, coloured and
+    palette masks all read as drawn (8-bit grey above 127 reads a 0/1 or a
+    red mask as empty). Alpha is ignored; an all-zero mask is empty."""
+    if image.mode not in ("1", "L", "I", "I;16", "F", "RGB"):
+        image = image.convert("L" if image.mode in ("LA", "La") else "RGB")
+    values = np.asarray(image)
+    if values.ndim == 3:
+        values = values.max(axis=2)
+    top = values.max(initial=0)
+    return values > top / 2 if top > 0 else np.zeros(values.shape, dtype=bool)
+
+
 def peak_region(anomaly_map):
     """The connected region around a map's maximum, at half its prominence.
 

@@ -22,6 +22,7 @@ from scipy import ndimage
 from sklearn.utils import Bunch, check_random_state
 
 from ._images import IMAGE_EXTENSIONS, center_crop_box, check_size, upright, upright_size
+from ._masks import defect_pixels
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -464,29 +465,15 @@ def load_masks(mask_paths, image_size=256, crop_size=None):
 
 
 def _read_mask(path, size):
-    """A mask file's defect pixels (:func:`_defect_pixels`), resized (nearest)
+    """A mask file's defect pixels (:func:`skprotoad._masks.defect_pixels`), resized (nearest)
     to ``size`` (h, w)."""
     height, width = size
     with Image.open(path) as image:
-        mask = _defect_pixels(upright(image))
+        mask = defect_pixels(upright(image))
     if mask.shape != (height, width):
         resized = Image.fromarray(mask).resize((width, height), Image.NEAREST)
         mask = np.asarray(resized)
     return mask
-
-
-def _defect_pixels(image):
-    """A mask image as bool: pixels where any colour channel exceeds half the
-    mask's own maximum, so that 0/255, 0/1, 16-bit, float, coloured and
-    palette masks all read as drawn (8-bit grey above 127 reads a 0/1 or a
-    red mask as empty). Alpha is ignored; an all-zero mask is empty."""
-    if image.mode not in ("1", "L", "I", "I;16", "F", "RGB"):
-        image = image.convert("L" if image.mode in ("LA", "La") else "RGB")
-    values = np.asarray(image)
-    if values.ndim == 3:
-        values = values.max(axis=2)
-    top = values.max(initial=0)
-    return values > top / 2 if top > 0 else np.zeros(values.shape, dtype=bool)
 
 
 def load_input_masks(mask_paths, sizes):

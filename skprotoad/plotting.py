@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from ._files import write_new_file
+from ._masks import defect_pixels
 
 __all__ = [
     "COLORMAPS", "PREDICTION_COLOR", "TRUTH_COLOR", "apply_colormap", "overlay", "contour",
@@ -237,15 +238,14 @@ def _check_int(value, name, minimum, maximum=None):
 
 
 def _as_mask(mask, shape):
+    # read as the evaluation reads mask files: 0/1, 16-bit and coloured masks too
     if isinstance(mask, (str, os.PathLike)):
         from ._images import upright  # here: it imports torch, which drawing does not need
 
-        # read as any 8-bit picture, not refused as a 16-bit image would be:
-        # a 0 / 65535 mask is a mask all the same
         with Image.open(mask) as img:
-            mask = np.asarray(upright(img).convert("RGB"))[..., 0] > 127
+            mask = defect_pixels(upright(img))
     elif isinstance(mask, Image.Image):
-        mask = np.asarray(mask.convert("RGB"))[..., 0] > 127
+        mask = defect_pixels(mask)
     mask = np.asarray(mask)
     if mask.shape != tuple(shape):
         raise ValueError(f"mask has shape {mask.shape}, the image {tuple(shape)}.")

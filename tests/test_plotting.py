@@ -134,13 +134,24 @@ def test_legend_names_each_outline_colour(image):
     assert PREDICTION_COLOR != TRUTH_COLOR
 
 
-def test_draw_contour_accepts_mask_files(image, tmp_path):
-    mask = np.zeros(image.shape[:2], dtype=np.uint8)
-    mask[3:9, 3:9] = 255
-    Image.fromarray(mask).save(tmp_path / "m.png")
-    np.testing.assert_array_equal(
-        draw_contour(image, tmp_path / "m.png"), draw_contour(image, mask > 0)
-    )
+@pytest.mark.parametrize("value, mode", [(255, "L"), (1, "L"), (65535, "I;16"), (200, "RGB")])
+def test_draw_contour_accepts_mask_files(value, mode, image, tmp_path):
+    """Mask files are read as the evaluation reads them: a 0/1 or a red mask
+    drew no outline (grey above 127)."""
+    mask = np.zeros(image.shape[:2], dtype=bool)
+    mask[3:9, 3:9] = True
+    if mode == "RGB":  # red on black
+        picture = Image.fromarray(np.stack([mask * value, 0 * mask, 0 * mask], -1).astype(np.uint8))
+    elif mode == "I;16":
+        picture = Image.fromarray((mask * value).astype(np.uint16))
+    else:
+        picture = Image.fromarray((mask * value).astype(np.uint8))
+    picture.save(tmp_path / "m.png")
+    expected = draw_contour(image, mask)
+    assert (expected != image).any()
+    np.testing.assert_array_equal(draw_contour(image, tmp_path / "m.png"), expected)
+    with Image.open(tmp_path / "m.png") as opened:
+        np.testing.assert_array_equal(draw_contour(image, opened), expected)
 
 
 def test_overlay_rejects_mismatched_shapes(image):
