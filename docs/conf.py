@@ -148,6 +148,11 @@ BENCHMARKS = {
         "(PaDiM's per-position statistics): tried, not taken.",
         "python benchmarks/bench_position_spread.py",
     ),
+    "cluster_spread": (
+        "The anomaly map's distance divided by the nearest prototype's cluster spread: "
+        "tried, not taken.",
+        "python benchmarks/bench_cluster_spread.py",
+    ),
     "head_precision": (
         "The prototype head searched in bfloat16 and rescored in float32, against float32.",
         "python benchmarks/bench_head_precision.py",
