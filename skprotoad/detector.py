@@ -415,7 +415,9 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
             As in :meth:`anomaly_maps`; pixels cut away by the crop are False.
         threshold : float, default=None
             A number: ``anomaly_maps(X) > threshold`` for every image,
-            whatever its verdict. Must be finite.
+            whatever its verdict. Must be finite. A map value, on the scale
+            of ``pixel_threshold_``, not an image threshold (``-offset_``,
+            the command line's ``--threshold``): the two differ.
 
         Returns
         -------
