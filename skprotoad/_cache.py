@@ -20,6 +20,7 @@ import functools
 import hashlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,13 @@ def check_feature_memory(memory):
             f"memory must be None, a folder (str or path) or a joblib.Memory, got "
             f"{memory!r}."
         ) from None
+    except OSError as exc:
+        # joblib creates the folder at once, and would fail with its own traceback
+        warnings.warn(
+            f"memory={memory!r}: the feature cache cannot be created there "
+            f"({exc.strerror or exc}); fitting without it.", UserWarning, stacklevel=3,
+        )
+        return None
     if getattr(memory, "location", "") is None:
         return None  # joblib.Memory(None) caches nothing
     return memory
@@ -127,14 +135,9 @@ def feature_key(detector, images, seed, may_cap=True):
 def _weights_token(weights):
     if weights is None or (isinstance(weights, str) and weights == "imagenet"):
         return weights
-    path = Path(weights)
-    try:
-        stat = path.stat()
-    except OSError:
-        return ("missing", str(path))
-    # Size and modification time, as make does: hashing a 100 MB state dict
-    # on every fit would cost more than it saves on small grids.
-    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    # the file's identity, not its hash: hashing a 100 MB state dict on every
+    # fit would cost more than it saves on small grids
+    return _images.file_identity(weights)
 
 
 @functools.lru_cache(maxsize=None)

@@ -495,14 +495,24 @@ def _item_token(item):
     if isinstance(item, np.ndarray):
         return item
     if _is_pil(item):
-        palette = item.getpalette() if item.mode == "P" else None
+        # a palette image's pixels are its indices: the palette decides the colours
+        palette = item.getpalette() if item.mode in ("P", "PA") else None
         return ("pil", item.mode, item.size, palette, np.asarray(item))
-    path = Path(item)
+    return ("file", *file_identity(item))
+
+
+def file_identity(path):
+    """What tells a file's content from an earlier one's without reading it:
+    its resolved path, size, modification time, and the inode and change
+    time, which a copy that keeps the modification time (``cp -p``,
+    ``rsync -a``, unpacking an archive) or a write that restores it cannot
+    keep; ``("missing", path)`` when it cannot be read."""
+    path = Path(path)
     try:
         stat = path.stat()
     except OSError:
         return ("missing", str(path))
-    return ("file", str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
 
 
 def _is_pil(obj):

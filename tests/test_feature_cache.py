@@ -156,6 +156,52 @@ def test_weights_file_is_keyed_by_its_size_and_mtime(images, tmp_path, extractio
     assert len(extractions) == 3
 
 
+def test_a_file_replaced_under_the_same_size_and_mtime_misses(images, tmp_path, extractions):
+    """A weights file replaced by another of the same size with the old
+    modification time restored (cp -p, rsync -a, an unpacked archive) hit the
+    cache: prototypes from the old weights' features, the new backbone."""
+    weights = tmp_path / "w.pth"
+    state = ProtoADDetector(**TINY).fit(images[:4]).network_.embedding.backbone.model.state_dict()
+    torch.save({k: v.clone() for k, v in state.items()}, weights)
+    params = {**TINY, "weights": str(weights), "memory": tmp_path / "cache"}
+    ProtoADDetector(**params).fit(images)
+    assert len(extractions) == 2
+    stat = weights.stat()
+    changed = {k: v * 2 if v.is_floating_point() else v.clone() for k, v in state.items()}
+    torch.save(changed, tmp_path / "x.pth")  # a name as long: torch.save records it
+    os.replace(tmp_path / "x.pth", weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_size == stat.st_size
+    refit = ProtoADDetector(**params).fit(images)
+    assert len(extractions) == 3
+    _assert_same_fit(refit, ProtoADDetector(**{**params, "memory": None}).fit(images))
+
+
+def test_palette_images_with_transparency_are_keyed_by_their_palette(images, tmp_path,
+                                                                     extractions):
+    """Two "PA" images of the same indices and other palettes had one key."""
+    def pa(palette):
+        image = Image.fromarray(images[0]).convert("RGB").quantize(4)
+        image.putpalette(palette)
+        return image.convert("PA")
+    first = [pa([0, 0, 0, 255, 255, 255] * 128)] * 2
+    second = [pa([255, 255, 255, 0, 0, 0] * 128)] * 2
+    ProtoADDetector(**TINY, memory=tmp_path).fit(first)
+    ProtoADDetector(**TINY, memory=tmp_path).fit(second)
+    assert len(extractions) == 2
+
+
+def test_a_cache_folder_that_cannot_be_created_fits_without_it(images, tmp_path, monkeypatch):
+    """An empty read-only folder failed inside joblib with its own traceback."""
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(os, "makedirs", refuse)
+    with pytest.warns(UserWarning, match="feature cache cannot be created there"):
+        cached = ProtoADDetector(**TINY, memory=tmp_path / "ro").fit(images)
+    monkeypatch.undo()
+    _assert_same_fit(cached, ProtoADDetector(**TINY).fit(images))
+
+
 def test_read_only_memory_mapped_cache(images, tmp_path, recwarn):
     memory = joblib.Memory(tmp_path, mmap_mode="r", verbose=0)
     ProtoADDetector(**TINY, memory=memory).fit(images)
