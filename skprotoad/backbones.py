@@ -405,6 +405,38 @@ def _read_state_dict(path: Path):
     return state
 
 
+def _check_no_inner_extras(target, state, source):
+    """Refuse a checkpoint with more inside a module the backbone keeps whole.
+
+    A truncated backbone drops the modules after its last stage, so a
+    checkpoint of the same architecture has extra tensors only there. One
+    of a deeper sibling (resnet34's for resnet18) holds every tensor of the
+    backbone by name, and more blocks inside ``layer1``, which the backbone
+    uses before ``layer2``: loaded by name it would skip those blocks.
+    """
+    order = {key: i for i, key in enumerate(target)}
+    last_under = {}  # module path -> position of its last tensor in the backbone
+    for key, i in order.items():
+        parts = key.split(".")
+        for depth in range(1, len(parts)):
+            last_under[".".join(parts[:depth])] = i
+    for key in state:
+        if key in order:
+            continue
+        parts = key.split(".")
+        for depth in range(len(parts) - 1, 0, -1):
+            module = ".".join(parts[:depth])
+            if module in last_under:
+                # the backbone goes on after this module: it is not where it was cut
+                if last_under[module] < len(order) - 1:
+                    raise ValueError(
+                        f"Weights from {source} do not fit the backbone: they hold {key!r} "
+                        f"inside {module!r}, which the backbone has without it (another "
+                        f"depth of the same family?)."
+                    )
+                break
+
+
 def _load_matching(model, state, source):
     """Load ``state`` into ``model`` by parameter name, else by order and shape.
 
@@ -414,6 +446,7 @@ def _load_matching(model, state, source):
     """
     target = model.state_dict()
     if all(k in state for k in target):
+        _check_no_inner_extras(target, state, source)
         matched = {k: state[k] for k in target}
     else:
         # Scalar batch-norm counters (num_batches_tracked) are missing from some

@@ -80,6 +80,13 @@ def test_weights_that_do_not_fit_are_named(tmp_path):
     torch.save(timm.create_model("efficientnet_lite0").state_dict(), other)
     with pytest.raises(ValueError, match="do not fit"):
         create_feature_extractor("resnet18", (1, 2), weights=other)
+    # a deeper sibling holds every tensor of resnet18 by name, and more blocks
+    # inside its layer1: loaded by name it skipped them, silently
+    deeper = tmp_path / "resnet34.pth"
+    torch.save(timm.create_model("resnet34").state_dict(), deeper)
+    with pytest.raises(ValueError, match="do not fit.*'layer1.2.conv1.weight' inside 'layer1'"):
+        create_feature_extractor("resnet18", (1, 2), weights=deeper)
+    create_feature_extractor("resnet34", (1, 2), weights=deeper)  # its own, cut after layer2
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="Cannot read a state dict"):
