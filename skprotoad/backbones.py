@@ -275,6 +275,8 @@ def create_feature_extractor(name, layers, weights="imagenet", *, seed=0, verbos
         if isinstance(weights, str) and weights == "imagenet":
             state = _imagenet_state_dict(name, verbose=verbose)
         elif isinstance(weights, (str, os.PathLike)):
+            if not os.fspath(weights):  # Path("") would be the current folder
+                raise ValueError("weights is an empty string: pass 'imagenet', None or a path.")
             state = _read_state_dict(Path(weights))
         else:
             raise TypeError(
@@ -370,6 +372,13 @@ def _torchvision_state_dict(name, verbose):
 def _timm_hub_state_dict(name):
     import timm
 
+    if not timm.list_pretrained(name):
+        # timm has none to fetch, online or not: not a matter of being offline
+        raise ValueError(
+            f"timm has no pre-trained weights for backbone {name!r}: pass weights=None "
+            f"for random ones, the path of a state dict, or another backbone "
+            f"({OFFLINE_BACKBONE!r}'s ship with skprotoad)."
+        )
     try:
         model = timm.create_model(name, pretrained=True)
     except Exception as exc:  # the hub client raises many unrelated types offline
@@ -378,6 +387,8 @@ def _timm_hub_state_dict(name):
 
 
 def _read_state_dict(path: Path):
+    if path.is_dir():
+        raise ValueError(f"weights={str(path)!r} is a folder: pass the path of a state dict file.")
     if not path.is_file():
         raise WeightsUnavailableError(
             f"weights={str(path)!r}: no such file. Pass weights='imagenet' for the "

@@ -93,6 +93,13 @@ def test_weights_that_do_not_fit_are_named(tmp_path):
         create_feature_extractor("resnet18", (1,), weights=junk)
     with pytest.raises(WeightsUnavailableError, match="no such file"):
         create_feature_extractor("resnet18", (1,), weights=tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="is a folder"):  # said "no such file"
+        create_feature_extractor("resnet18", (1,), weights=tmp_path)
+    with pytest.raises(ValueError, match="empty string"):  # read as the folder '.'
+        create_feature_extractor("resnet18", (1,), weights="")
+    # timm has none to fetch: said "not available offline", after the hub's retries
+    with pytest.raises(ValueError, match="no pre-trained weights for backbone 'efficientnet_lite1'"):
+        create_feature_extractor("efficientnet_lite1", (1,), weights="imagenet")
     with pytest.raises(TypeError, match="weights must be"):
         create_feature_extractor("resnet18", (1,), weights=3)
 
