@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_unit_range
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Pillow modes of 16-bit and float images, refused: their scale is unknown.
 HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -542,13 +544,7 @@ def _check_dtype_and_range(arr, where):
         raise TypeError(
             f"{where} has dtype {arr.dtype}; use uint8 (0..255) or float in [0, 1]."
         )
-    if arr.size and not np.isfinite(arr).all():
-        raise ValueError(f"{where} contains NaN or infinite values.")
-    if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
-        raise ValueError(
-            f"{where} is a float image with values in [{arr.min():g}, {arr.max():g}]; "
-            f"float images must lie in [0, 1] (divide 8-bit data by 255)."
-        )
+    check_unit_range(arr, where)
 
 
 def _check_channels(shape, where, batch):

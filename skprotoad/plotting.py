@@ -20,13 +20,13 @@ dtype('uint8')
 
 from __future__ import annotations
 
-import numbers
 import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from ._checks import check_int, check_unit_range
 from ._files import write_new_file
 from ._masks import defect_pixels
 
@@ -208,33 +208,11 @@ def as_rgb_uint8(image, where="image"):
     elif arr.dtype != np.uint8:
         if not np.issubdtype(arr.dtype, np.floating):
             raise TypeError(f"{where} must be uint8 or float in [0, 1], got {arr.dtype}.")
-        _check_unit_range(arr, where)
+        check_unit_range(arr, where)
         arr = np.round(arr * 255).astype(np.uint8)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     return arr
-
-
-def _check_unit_range(arr, where):
-    """The detector's check of float images (``_images``), whose module imports torch."""
-    if arr.size and not np.isfinite(arr).all():
-        raise ValueError(f"{where} contains NaN or infinite values.")
-    if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
-        # clipped, 0..255 data would be drawn all but white
-        raise ValueError(
-            f"{where} is a float image with values in [{arr.min():g}, {arr.max():g}]; "
-            f"float images must lie in [0, 1] (divide 8-bit data by 255)."
-        )
-
-
-def _check_int(value, name, minimum, maximum=None):
-    """``value``, an int (any integral type but bool) in [minimum, maximum], as an int."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}.")
-    if value < minimum or (maximum is not None and value > maximum):
-        bounds = f"at least {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name} must be {bounds}, got {value}.")
-    return int(value)
 
 
 def _as_mask(mask, shape):
@@ -402,7 +380,7 @@ def add_legend(image, entries, background=255):
     >>> out.shape[0] > 40, bool((out[40:] == PREDICTION_COLOR).all(axis=-1).any())
     (True, True)
     """
-    background = _check_int(background, "background", 0, 255)
+    background = check_int(background, "background", 0, 255)
     rgb = as_rgb_uint8(image)
     if not entries:
         return rgb.copy()
@@ -521,9 +499,9 @@ def grid(images, titles=None, ncols=4, tile_size=None, pad=4, background=255):
             tile_size = (tile_size, tile_size)
         elif np.ndim(tile_size) != 1 or len(tile_size) != 2:
             raise ValueError(f"tile_size must be an int or (height, width), got {tile_size!r}.")
-        tile_size = tuple(_check_int(v, "tile_size", 1) for v in tile_size)
-    pad = _check_int(pad, "pad", 0)
-    background = _check_int(background, "background", 0, 255)
+        tile_size = tuple(check_int(v, "tile_size", 1) for v in tile_size)
+    pad = check_int(pad, "pad", 0)
+    background = check_int(background, "background", 0, 255)
     rgbs = [as_rgb_uint8(image, f"images[{i}]") for i, image in enumerate(images)]
     if not rgbs:
         raise ValueError("images is empty: nothing to tile.")

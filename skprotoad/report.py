@@ -16,11 +16,11 @@ from __future__ import annotations
 import base64
 import html
 import io
-import numbers
 from pathlib import Path
 
 import numpy as np
 
+from ._checks import check_int
 from ._files import refuse_existing, write_new_file
 from .metrics import evaluate_maps, image_auroc, pro_curve
 from .plotting import grid
@@ -175,15 +175,6 @@ def _img(data, alt):
     return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{encoded}'>"
 
 
-def _check_n_examples(n_examples):
-    """``n_examples`` as an int of at least 1: no pictures is ``draw_example=None``."""
-    if not isinstance(n_examples, numbers.Integral) or isinstance(n_examples, bool):
-        raise TypeError(f"n_examples must be an int, got {n_examples!r}.")
-    if n_examples < 1:
-        raise ValueError(f"n_examples must be at least 1, got {n_examples}.")
-    return int(n_examples)
-
-
 def _per_image(values, name, n):
     """``values``, one per image of ``n``, as a list of str; None stays None."""
     if values is None:
@@ -283,7 +274,7 @@ def evaluation_report(out_dir, y_true, scores, threshold, *, defect_types=None, 
         raise ValueError("give masks and maps together, or neither.")
     defect_types = _per_image(defect_types, "defect_types", len(labels))
     names = _per_image(names, "names", len(labels)) or [str(i) for i in range(len(labels))]
-    n_examples = _check_n_examples(n_examples)
+    n_examples = check_int(n_examples, "n_examples", 1)
     flagged = scores > threshold
     metrics = evaluate_maps(labels, scores, masks, maps, fpr_limit=fpr_limit)
     figures = {"scores": _score_histogram(scores, threshold, labels),
@@ -363,7 +354,7 @@ def prediction_report(out_dir, scores, threshold, *, names=None, draw_example=No
     """
     scores, threshold = _check_scores(scores, threshold)
     names = _per_image(names, "names", len(scores)) or [str(i) for i in range(len(scores))]
-    n_examples = _check_n_examples(n_examples)
+    n_examples = check_int(n_examples, "n_examples", 1)
     flagged = scores > threshold
     pngs = {"scores": _png_bytes(_score_histogram(scores, threshold))}
     sections = [("Summary", _table(("measure", "value"), [
