@@ -238,11 +238,11 @@ def check_scoring_inputs(detector, n_items, names=None, out_dir=None, threshold=
     sklearn.exceptions.NotFittedError
         If ``detector`` is not fitted.
     ValueError
-        If there is no item, the detector's ``device`` is not valid or a parameter changed after
-        fit; ``threshold`` is not finite; ``out_dir`` comes without one name
-        per item, or two names are the same (ignoring case, as some file
-        systems do: one image's overlay would replace the other's);
-        ``write`` or ``truth_masks`` do not have one entry per item.
+        If there is no item, the detector's ``device`` is not valid or a
+        parameter changed after fit; ``threshold`` is not finite; ``out_dir``
+        comes without one name per item, or two names are the same (ignoring
+        case, as some file systems do: one image's overlay would replace the
+        other's); ``write`` or ``truth_masks`` do not have one entry per item.
     """
     check_is_fitted(detector, "network_")
     if n_items == 0:

@@ -12,6 +12,7 @@ layout (missing ``train/good``, no images) raises :class:`ValueError`.
 """
 
 import numbers
+import os
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -54,23 +55,25 @@ def _is_image(path):
 
 
 def _list_images(directory):
-    """Image files directly in ``directory``, sorted by name."""
-    return sorted((p for p in Path(directory).iterdir() if _is_image(p)), key=lambda p: p.name)
-
-
-def _warn_nested_images(directory):
-    """Images in sub-folders are not read: say so, rather than let a fit or an
-    evaluation run on fewer images than the folder holds."""
-    nested = [
-        p.name for p in sorted(Path(directory).iterdir())
-        if p.is_dir() and not p.name.startswith(".") and any(_is_image(q) for q in p.iterdir())
-    ]
+    """Image files directly in ``directory``, sorted by name. Images in its
+    sub-folders are not read, and a warning says so, rather than let a fit or
+    an evaluation run on fewer images than the folder holds."""
+    # one listing; its entries know their type without a stat per file
+    with os.scandir(directory) as listing:
+        entries = [entry for entry in listing if not entry.name.startswith(".")]
+    nested = sorted(
+        entry.name for entry in entries
+        if entry.is_dir() and any(_is_image(q) for q in Path(entry.path).iterdir())
+    )
     if nested:
         warnings.warn(
             f"{str(directory)!r} has sub-folders of images that are not read (only the "
             f"images directly in it are): {nested[:4]}; move them up to include them.",
-            UserWarning, stacklevel=2,
+            UserWarning, stacklevel=3,
         )
+    images = (Path(entry.path) for entry in entries
+              if entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(images, key=lambda p: p.name)
 
 
 def _warn_unused_masks(mask_dir, index, used):
@@ -206,7 +209,6 @@ def _load_split_layout(cat_dir, normal_name, dataset, category_given):
             f"'train/{normal_name}' is missing.{hint}"
         )
     train_paths = _list_images(train_dir)
-    _warn_nested_images(train_dir)
     if not train_paths:
         raise ValueError(f"no training images ({', '.join(IMAGE_EXTENSIONS)}) in {str(train_dir)!r}.")
 
@@ -217,7 +219,6 @@ def _load_split_layout(cat_dir, normal_name, dataset, category_given):
     defect_types = _subdirs(test_dir)
     for defect_type in defect_types:
         images = _list_images(test_dir / defect_type)
-        _warn_nested_images(test_dir / defect_type)
         is_normal = defect_type == normal_name
         mask_dir = cat_dir / "ground_truth" / defect_type
         index = {} if is_normal else _mask_index(mask_dir)
@@ -400,13 +401,11 @@ def load_folder(normal_dir, abnormal_dir=None, mask_dir=None):
     >>> data = load_folder("images/ok", "images/defect")  # doctest: +SKIP
     """
     normal = _list_images(_require_dir(normal_dir, "normal_dir"))
-    _warn_nested_images(normal_dir)
     if not normal:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {str(normal_dir)!r}.")
     abnormal = []
     if abnormal_dir is not None:
         abnormal = _list_images(_require_dir(abnormal_dir, "abnormal_dir"))
-        _warn_nested_images(abnormal_dir)
     elif mask_dir is not None:
         raise ValueError("mask_dir was given without abnormal_dir.")
     masks = [None] * len(abnormal)
