@@ -507,9 +507,7 @@ def grid(images, titles=None, ncols=4, tile_size=None, pad=4, background=255):
         raise ValueError("images is empty: nothing to tile.")
     if titles is not None and len(titles) != len(rgbs):
         raise ValueError(f"got {len(titles)} titles for {len(rgbs)} images.")
-    if int(ncols) < 1:
-        raise ValueError(f"ncols must be at least 1, got {ncols}.")
-    ncols = min(int(ncols), len(rgbs))
+    ncols = min(check_int(ncols, "ncols", 1), len(rgbs))
     nrows = -(-len(rgbs) // ncols)
     if tile_size is None:
         tile_h, tile_w = max(r.shape[0] for r in rgbs), max(r.shape[1] for r in rgbs)

@@ -237,6 +237,9 @@ def test_overlays_are_enlarged_as_far_as_the_pixel_cap_allows(size, expected):
     (dict(pad=-1), ValueError, "pad must be at least 0, got -1"),
     (dict(background=300), ValueError, r"background must be in \[0, 255\], got 300"),
     (dict(background=-1), ValueError, r"background must be in \[0, 255\], got -1"),
+    (dict(ncols=0), ValueError, "ncols must be at least 1, got 0"),
+    # 2.5 was tiled as 2 columns without a word
+    (dict(ncols=2.5), TypeError, "ncols must be an int"),
 ])
 def test_grid_refuses_bad_sizes_and_backgrounds(kwargs, error, match):
     with pytest.raises(error, match=match):
