@@ -32,10 +32,13 @@ from skprotoad.metrics import evaluate_maps, image_auroc  # noqa: E402
 
 DEFAULT_DATA = _common.data_dir("magnetic_tile")
 
-# Every variant below measured before n_farthest existed, hence n_farthest=0:
-# "default*" are the defaults of that time (the package defaults now add the
-# farthest patches: the "farthest*" variants).
-COMMON = dict(backbone="efficientnet_lite0", random_state=0, n_farthest=0)
+# Every variant below measured before n_farthest, the whole-image geometry and
+# the position baseline existed, hence pinned here to what the defaults were
+# then: "default*" are the defaults of that time (n_farthest: the "farthest*"
+# variants). The threshold's calibration folds have changed since, which moves
+# the FPR column, not the AUROC / AUPRO ones.
+COMMON = dict(backbone="efficientnet_lite0", random_state=0, n_farthest=0,
+              image_size=256, crop_size=224, position_baseline=False)
 VARIANTS = {
     # the package defaults before n_farthest
     "default": dict(),
