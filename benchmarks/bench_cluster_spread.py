@@ -21,14 +21,12 @@ map less the position baseline, which this does not change).
 Writes benchmarks/results/cluster_spread.{json,md}. Measures no time: it may
 run beside other work.
 """
-import argparse
-
 import _common  # first: this checkout's skprotoad
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_suite import _Set, find_sets  # noqa: E402
+from bench_suite import _Set, find_sets, one_fit_run, write_one_fit_results  # noqa: E402
 from skprotoad import ProtoADDetector  # noqa: E402
 from skprotoad.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
 from skprotoad.network import upsample  # noqa: E402
@@ -74,13 +72,7 @@ def spreads(distances, indices, n_prototypes, m):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max-train", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sets", nargs="+", default=None)
-    args = parser.parse_args(argv)
-    command = f"python benchmarks/bench_cluster_spread.py --max-train {args.max_train} " \
-              f"--seed {args.seed}" + (" --sets " + " ".join(args.sets) if args.sets else "")
+    args, command = one_fit_run(__doc__, "bench_cluster_spread.py", argv)
     results = {}
     for name, folder in find_sets(args.sets).items():
         data = _Set(name, folder, args.max_train)
@@ -103,8 +95,6 @@ def main(argv=None):
                     data.labels, maps.reshape(len(maps), -1).max(1))), 4),
             }
         print(name, results[name], flush=True)
-    _common.write_json(_common.RESULTS / "cluster_spread.json",
-                       {"command": command, "results": results})
     names = list(results)
     rows = []
     for p, m in SETTINGS:
@@ -115,17 +105,14 @@ def main(argv=None):
                        for c in cells),
                      f"{np.mean([c['pixel_auroc'] for c in cells]):.3f} / "
                      f"{np.mean([c['aupro'] for c in cells]):.3f}"])
-    lines = [
-        "# The anomaly map divided by the nearest prototype's cluster spread", "",
-        f"Command: `{command}`", "",
+    write_one_fit_results(
+        "cluster_spread", command, results,
+        "The anomaly map divided by the nearest prototype's cluster spread",
         f"The defaults fitted once per set (seed {args.seed}; training images: "
         + ", ".join(f"{n} {results[n]['n_train']}" for n in names)
         + "); each cell: pixel AUROC / AUPRO@0.3 / image AUROC of the map's maximum "
-        "(not the defaults' image score); last column: mean pixel AUROC / AUPRO.", "",
-        *_common.markdown_table(["map: d / s_k^p", *names, f"mean of {len(names)}"], rows),
-    ]
-    _common.write_markdown(_common.RESULTS / "cluster_spread.md", lines)
-    print("\n".join(lines))
+        "(not the defaults' image score); last column: mean pixel AUROC / AUPRO.",
+        ["map: d / s_k^p", *names, f"mean of {len(names)}"], rows)
 
 
 if __name__ == "__main__":

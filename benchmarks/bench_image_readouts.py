@@ -23,14 +23,12 @@ so each row's image AUROC compares readouts on one fitted model.
 Writes benchmarks/results/image_readouts.{json,md}. Run it alone or beside
 other accuracy runs: it measures no time.
 """
-import argparse
-
 import _common  # first: this checkout's skprotoad
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_suite import _Set, find_sets  # noqa: E402
+from bench_suite import _Set, find_sets, one_fit_run, write_one_fit_results  # noqa: E402
 from skprotoad import ProtoADDetector  # noqa: E402
 from skprotoad.metrics import image_auroc  # noqa: E402
 from skprotoad.network import on_grid, upsample  # noqa: E402
@@ -73,13 +71,7 @@ def readouts(maps):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max-train", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sets", nargs="+", default=None)
-    args = parser.parse_args(argv)
-    command = f"python benchmarks/bench_image_readouts.py --max-train {args.max_train} " \
-              f"--seed {args.seed}" + (" --sets " + " ".join(args.sets) if args.sets else "")
+    args, command = one_fit_run(__doc__, "bench_image_readouts.py", argv)
     results = {}
     for name, folder in find_sets(args.sets).items():
         data = _Set(name, folder, args.max_train)
@@ -97,8 +89,6 @@ def main(argv=None):
         }
         results[name]["n_train"] = data.n_train
         print(name, results[name], flush=True)
-    _common.write_json(_common.RESULTS / "image_readouts.json",
-                       {"command": command, "results": results})
     names = list(results)
     keys = list(results[names[0]][MAPS[0]])
     rows = []
@@ -106,17 +96,14 @@ def main(argv=None):
         for key in keys:
             values = [results[n][way][key] for n in names]
             rows.append([way, key, *(f"{v:.3f}" for v in values), f"{np.mean(values):.3f}"])
-    lines = [
-        "# Image readouts of the defaults' score map on the suite's sets", "",
-        f"Command: `{command}`", "",
+    write_one_fit_results(
+        "image_readouts", command, results,
+        "Image readouts of the defaults' score map on the suite's sets",
         f"The defaults fitted once per set (seed {args.seed}; training images: "
         + ", ".join(f"{n} {results[n]['n_train']}" for n in names)
         + "); image AUROC of each readout of each test image's map. `baselined` / `max` is "
-        "the defaults' image score.", "",
-        *_common.markdown_table(["map", "readout", *names, f"mean of {len(names)}"], rows),
-    ]
-    _common.write_markdown(_common.RESULTS / "image_readouts.md", lines)
-    print("\n".join(lines))
+        "the defaults' image score.",
+        ["map", "readout", *names, f"mean of {len(names)}"], rows)
 
 
 if __name__ == "__main__":

@@ -27,14 +27,12 @@ readouts only.
 Writes benchmarks/results/position_spread.{json,md}. Run it alone or beside
 other accuracy runs: it measures no time.
 """
-import argparse
-
 import _common  # first: this checkout's skprotoad
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_suite import _Set, find_sets  # noqa: E402
+from bench_suite import _Set, find_sets, one_fit_run, write_one_fit_results  # noqa: E402
 from skprotoad import ProtoADDetector  # noqa: E402
 from skprotoad.metrics import image_auroc  # noqa: E402
 from skprotoad.network import upsample  # noqa: E402
@@ -82,13 +80,7 @@ def _subset(images, index):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max-train", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sets", nargs="+", default=None)
-    args = parser.parse_args(argv)
-    command = f"python benchmarks/bench_position_spread.py --max-train {args.max_train} " \
-              f"--seed {args.seed}" + (" --sets " + " ".join(args.sets) if args.sets else "")
+    args, command = one_fit_run(__doc__, "bench_position_spread.py", argv)
     results = {}
     for name, folder in find_sets(args.sets).items():
         data = _Set(name, folder, args.max_train)
@@ -108,25 +100,20 @@ def main(argv=None):
         }
         results[name].update(n_fit=data.n_train - n_held, n_held_out=n_held)
         print(name, results[name], flush=True)
-    _common.write_json(_common.RESULTS / "position_spread.json",
-                       {"command": command, "results": results})
     names = list(results)
     rows = []
     for key in READOUTS:
         values = [results[n][key] for n in names]
         rows.append([key, *(f"{v:.3f}" for v in values), f"{np.mean(values):.3f}"])
-    lines = [
-        "# Per-position mean and spread of the score map on the suite's sets", "",
-        f"Command: `{command}`", "",
+    write_one_fit_results(
+        "position_spread", command, results,
+        "Per-position mean and spread of the score map on the suite's sets",
         f"The defaults with `position_baseline=False` fitted once per set on "
         f"{1 - HELD_OUT:.0%} of its training images (seed {args.seed}; "
         + ", ".join(f"{n} {results[n]['n_fit']} / {results[n]['n_held_out']}" for n in names)
         + " fitted / held out); the held-out images' score maps give each position's "
-        "mean and spread; image AUROC of each readout of the test images' maps.", "",
-        *_common.markdown_table(["readout", *names, f"mean of {len(names)}"], rows),
-    ]
-    _common.write_markdown(_common.RESULTS / "position_spread.md", lines)
-    print("\n".join(lines))
+        "mean and spread; image AUROC of each readout of the test images' maps.",
+        ["readout", *names, f"mean of {len(names)}"], rows)
 
 
 if __name__ == "__main__":

@@ -520,6 +520,31 @@ def write_variant_markdown(path, title, results, description, header, rows):
     _common.write_markdown(path, lines)
 
 
+def one_fit_run(doc, script, argv=None):
+    """The arguments of a script that fits the defaults once per suite set
+    (``--max-train``, ``--seed``, ``--sets``) and its command line:
+    ``(args, command)``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--max-train", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sets", nargs="+", default=None)
+    args = parser.parse_args(argv)
+    command = (f"python benchmarks/{script} --max-train {args.max_train} --seed {args.seed}"
+               + (" --sets " + " ".join(args.sets) if args.sets else ""))
+    return args, command
+
+
+def write_one_fit_results(name, command, results, title, description, header, rows):
+    """``benchmarks/results/<name>.json`` (the command and ``results``) and
+    ``<name>.md`` (``title``, the command, ``description``, the table) of a
+    :func:`one_fit_run` script; the page is printed too."""
+    _common.write_json(_common.RESULTS / f"{name}.json", {"command": command, "results": results})
+    lines = [f"# {title}", "", f"Command: `{command}`", "", description, "",
+             *_common.markdown_table(header, rows)]
+    _common.write_markdown(_common.RESULTS / f"{name}.md", lines)
+    print("\n".join(lines))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", nargs="+", default=["defaults", "paper"],
