@@ -153,6 +153,11 @@ BENCHMARKS = {
         "tried, not taken.",
         "python benchmarks/bench_cluster_spread.py",
     ),
+    "map_metric": (
+        "The anomaly map measured with the finest stage's channels whitened, the "
+        "defaults' prototypes and image score kept: a lead.",
+        "python benchmarks/bench_map_metric.py",
+    ),
     "head_precision": (
         "The prototype head searched in bfloat16 and rescored in float32, against float32.",
         "python benchmarks/bench_head_precision.py",

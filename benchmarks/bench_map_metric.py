@@ -1,0 +1,140 @@
+"""The anomaly map in a whitened metric of the finest stage, with the
+defaults' own prototypes, measured on the real-data suite's sets.
+
+PaDiM measures a patch's deviation in the metric of the normal patches'
+covariance (Mahalanobis). Whitening the features before the clustering
+(``bench_feature_maps.py``) improves some sets' maps and costs others' image
+ranking; this keeps the defaults' prototypes and image score and changes the
+anomaly map only: the distance ``|W x - W p_k|`` to the nearest prototype in
+the metric of a fixed matrix ``W`` that whitens the finest backbone stage's
+block of channels (the others as they are). Because ``W`` is linear, ``W p_k``
+are the means of the same clusters in the whitened space: one clustering
+serves both the image score and the map.
+
+For each set of ``bench_suite.py`` (the suite's seeded subset of
+``--max-train`` training images) the defaults are fitted once
+(``random_state=--seed``); ``W`` comes from the stage's covariance ``S`` over
+the training images' features as the network scores them (every 4th patch of
+each image, after the 3 x 3 average and the per-image scale), shrunk towards
+a multiple of the identity by ``lambda``: ``S_l = (1 - l) S + l tr(S)/c I``,
+``W = S_l^(-1/2)`` scaled so that the stage keeps its total variance (only
+the shape of its metric changes, not its weight against the other stages).
+``identity`` is the defaults' map (checked against ``anomaly_maps``).
+Reported per set: pixel AUROC, AUPRO@0.3 and the image AUROC of the map's
+maximum (the defaults' image score reads another map, which this does not
+change).
+
+    python benchmarks/bench_map_metric.py [--max-train 200] [--seed 0] [--sets NAME ...]
+
+Writes benchmarks/results/map_metric.{json,md}. Measures no time: it may run
+beside other work.
+"""
+import _common  # first: this checkout's skprotoad
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench_cluster_spread import smoothed_maps  # noqa: E402
+from bench_suite import _Set, find_sets, one_fit_run, write_one_fit_results  # noqa: E402
+from skprotoad import ProtoADDetector  # noqa: E402
+from skprotoad.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
+from skprotoad.preprocessing import model_inputs  # noqa: E402
+
+#: the covariance's shrinkage towards a multiple of the identity; None: no whitening
+SHRINKAGES = (None, 0.1, 0.3, 0.5)
+
+
+def features(det, images):
+    """The network's patch features of ``images``, batch by batch:
+    ((n, C, h, w) tensor, model input size) pairs."""
+    with torch.inference_mode():
+        for _, batch in model_inputs(images, det.image_size, det.crop_size, 8):
+            yield det.network_.embedding(batch), tuple(batch.shape[-2:])
+
+
+def stage_covariance(det, images, channels):
+    """Covariance of the first ``channels`` feature channels over every 4th
+    patch of each training image, float64."""
+    rows = []
+    for f, _ in features(det, images):
+        rows.append(f[:, :channels].permute(0, 2, 3, 1).reshape(-1, channels)[::4].double())
+    return torch.cov(torch.cat(rows).T)
+
+
+def whitening(covariance, shrinkage):
+    """``S_l^(-1/2)`` scaled so that ``tr(W S W) = tr(S)``."""
+    c = covariance.shape[0]
+    shrunk = (1 - shrinkage) * covariance + shrinkage * covariance.trace() / c * torch.eye(
+        c, dtype=covariance.dtype)
+    values, vectors = torch.linalg.eigh(shrunk)
+    w = vectors @ torch.diag(values.rsqrt()) @ vectors.T
+    return (w * (covariance.trace() / (w @ covariance @ w).trace()).sqrt()).float()
+
+
+def nearest_distances(det, images, w):
+    """Each patch's distance to its nearest prototype in the metric of
+    ``w`` applied to the first ``len(w)`` channels: (n, 1, h, w), and the
+    model input's size."""
+    c = w.shape[0]
+    prototypes = torch.as_tensor(det.prototypes_).clone()
+    prototypes[:, :c] = prototypes[:, :c] @ w.T
+    half_sq = 0.5 * (prototypes * prototypes).sum(1)
+    out = []
+    for f, size in features(det, images):
+        n, channels, height, width = f.shape
+        x = f.permute(0, 2, 3, 1).reshape(-1, channels).clone()
+        x[:, :c] = x[:, :c] @ w.T
+        best = (x @ prototypes.T - half_sq).amax(1)
+        d2 = (x * x).sum(1) - 2 * best
+        out.append(d2.clamp_min(0).sqrt().view(n, 1, height, width))
+    return torch.cat(out), size
+
+
+def main(argv=None):
+    args, command = one_fit_run(__doc__, "bench_map_metric.py", argv)
+    results = {}
+    for name, folder in find_sets(args.sets).items():
+        data = _Set(name, folder, args.max_train)
+        det = ProtoADDetector(backbone="efficientnet_lite0", random_state=args.seed)
+        det.fit(data.train)
+        channels = det.network_.embedding.backbone.channels[0]
+        covariance = stage_covariance(det, data.train, channels)
+        masks = data.masks(det.image_size, det.crop_size)
+        results[name] = {"n_train": data.n_train, "stage_channels": channels}
+        for shrinkage in SHRINKAGES:
+            w = torch.eye(channels) if shrinkage is None else whitening(covariance, shrinkage)
+            distances, size = nearest_distances(det, data.test, w)
+            maps = smoothed_maps(det, distances, size)
+            if shrinkage is None:  # the fitted detector's own anomaly map
+                np.testing.assert_allclose(maps, det.anomaly_maps(data.test),
+                                           rtol=1e-4, atol=1e-4)
+            results[name]["identity" if shrinkage is None else f"lambda={shrinkage:g}"] = {
+                "pixel_auroc": round(float(pixel_auroc(masks, maps)), 4),
+                "aupro": round(float(aupro(masks, maps)), 4),
+                "image_auroc_map_max": round(float(image_auroc(
+                    data.labels, maps.reshape(len(maps), -1).max(1))), 4),
+            }
+        print(name, results[name], flush=True)
+    names = list(results)
+    rows = []
+    for key in ["identity", *(f"lambda={s:g}" for s in SHRINKAGES[1:])]:
+        cells = [results[n][key] for n in names]
+        rows.append([key + (" (the defaults' map)" if key == "identity" else ""),
+                     *(f"{c['pixel_auroc']:.3f} / {c['aupro']:.3f} / {c['image_auroc_map_max']:.3f}"
+                       for c in cells),
+                     f"{np.mean([c['pixel_auroc'] for c in cells]):.3f} / "
+                     f"{np.mean([c['aupro'] for c in cells]):.3f}"])
+    write_one_fit_results(
+        "map_metric", command, results,
+        "The anomaly map in a whitened metric of the finest stage (the defaults' prototypes)",
+        f"The defaults fitted once per set (seed {args.seed}; training images: "
+        + ", ".join(f"{n} {results[n]['n_train']}" for n in names)
+        + "); the map's distance measured with the finest stage's channels whitened, "
+        "covariance shrunk by lambda (see the script). Each cell: pixel AUROC / AUPRO@0.3 / "
+        "image AUROC of the map's maximum (not the defaults' image score); last column: mean "
+        "pixel AUROC / AUPRO.",
+        ["map metric", *names, f"mean of {len(names)}"], rows)
+
+
+if __name__ == "__main__":
+    main()
