@@ -26,16 +26,19 @@ change).
 
     python benchmarks/bench_map_metric.py [--max-train 200] [--seed 0] [--sets NAME ...]
 
-Writes benchmarks/results/map_metric.{json,md}. Measures no time: it may run
-beside other work.
+Writes benchmarks/results/map_metric.{json,md}; runs with other seeds merge
+into them (the page shows the mean over the seeds run). Measures no time: it
+may run beside other work.
 """
+import json
+
 import _common  # first: this checkout's skprotoad
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench_cluster_spread import smoothed_maps  # noqa: E402
-from bench_suite import _Set, find_sets, one_fit_run, write_one_fit_results  # noqa: E402
+from bench_suite import _Set, find_sets, one_fit_run  # noqa: E402
 from skprotoad import ProtoADDetector  # noqa: E402
 from skprotoad.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
 from skprotoad.preprocessing import model_inputs  # noqa: E402
@@ -92,7 +95,10 @@ def nearest_distances(det, images, w):
 
 def main(argv=None):
     args, command = one_fit_run(__doc__, "bench_map_metric.py", argv)
-    results = {}
+    path = _common.RESULTS / "map_metric.json"
+    # runs of several seeds merge, one command each
+    stored = _common.read_json(path, {"commands": [], "runs": {}})
+    stored["commands"].append(command)
     for name, folder in find_sets(args.sets).items():
         data = _Set(name, folder, args.max_train)
         det = ProtoADDetector(backbone="efficientnet_lite0", random_state=args.seed)
@@ -100,7 +106,7 @@ def main(argv=None):
         channels = det.network_.embedding.backbone.channels[0]
         covariance = stage_covariance(det, data.train, channels)
         masks = data.masks(det.image_size, det.crop_size)
-        results[name] = {"n_train": data.n_train, "stage_channels": channels}
+        run = {"set": name, "seed": args.seed, "n_train": data.n_train}
         for shrinkage in SHRINKAGES:
             w = torch.eye(channels) if shrinkage is None else whitening(covariance, shrinkage)
             distances, size = nearest_distances(det, data.test, w)
@@ -108,32 +114,51 @@ def main(argv=None):
             if shrinkage is None:  # the fitted detector's own anomaly map
                 np.testing.assert_allclose(maps, det.anomaly_maps(data.test),
                                            rtol=1e-4, atol=1e-4)
-            results[name]["identity" if shrinkage is None else f"lambda={shrinkage:g}"] = {
+            run[_metric_name(shrinkage)] = {
                 "pixel_auroc": round(float(pixel_auroc(masks, maps)), 4),
                 "aupro": round(float(aupro(masks, maps)), 4),
                 "image_auroc_map_max": round(float(image_auroc(
                     data.labels, maps.reshape(len(maps), -1).max(1))), 4),
             }
-        print(name, results[name], flush=True)
-    names = list(results)
+        print(json.dumps(run), flush=True)
+        stored["runs"][f"{name}|{args.seed}|{data.n_train}"] = run
+        _common.write_json(path, stored)
+    _write_page(stored)
+
+
+def _metric_name(shrinkage):
+    return "identity" if shrinkage is None else f"lambda={shrinkage:g}"
+
+
+def _write_page(stored):
+    by_set = {}
+    for run in stored["runs"].values():
+        by_set.setdefault(run["set"], []).append(run)
+    names = list(by_set)
     rows = []
-    for key in ["identity", *(f"lambda={s:g}" for s in SHRINKAGES[1:])]:
-        cells = [results[n][key] for n in names]
+    for key in map(_metric_name, SHRINKAGES):
+        means = {n: {m: np.mean([r[key][m] for r in by_set[n]]) for m in by_set[n][0][key]}
+                 for n in names}
         rows.append([key + (" (the defaults' map)" if key == "identity" else ""),
-                     *(f"{c['pixel_auroc']:.3f} / {c['aupro']:.3f} / {c['image_auroc_map_max']:.3f}"
-                       for c in cells),
-                     f"{np.mean([c['pixel_auroc'] for c in cells]):.3f} / "
-                     f"{np.mean([c['aupro'] for c in cells]):.3f}"])
-    write_one_fit_results(
-        "map_metric", command, results,
-        "The anomaly map in a whitened metric of the finest stage (the defaults' prototypes)",
-        f"The defaults fitted once per set (seed {args.seed}; training images: "
-        + ", ".join(f"{n} {results[n]['n_train']}" for n in names)
-        + "); the map's distance measured with the finest stage's channels whitened, "
-        "covariance shrunk by lambda (see the script). Each cell: pixel AUROC / AUPRO@0.3 / "
-        "image AUROC of the map's maximum (not the defaults' image score); last column: mean "
-        "pixel AUROC / AUPRO.",
-        ["map metric", *names, f"mean of {len(names)}"], rows)
+                     *(f"{means[n]['pixel_auroc']:.3f} / {means[n]['aupro']:.3f} / "
+                       f"{means[n]['image_auroc_map_max']:.3f}" for n in names),
+                     f"{np.mean([means[n]['pixel_auroc'] for n in names]):.3f} / "
+                     f"{np.mean([means[n]['aupro'] for n in names]):.3f}"])
+    runs = ", ".join(
+        f"{n} {by_set[n][0]['n_train']} (seeds {','.join(str(r['seed']) for r in by_set[n])})"
+        for n in names)
+    lines = [
+        "# The anomaly map in a whitened metric of the finest stage (the defaults' prototypes)",
+        "", "Commands:", "", *(f"- `{c}`" for c in stored["commands"]), "",
+        f"The defaults fitted once per set and seed (training images: {runs}); the map's "
+        "distance measured with the finest stage's channels whitened, covariance shrunk by "
+        "lambda (see the script). Each cell: pixel AUROC / AUPRO@0.3 / image AUROC of the "
+        "map's maximum (not the defaults' image score), mean over the seeds; last column: "
+        "mean pixel AUROC / AUPRO.", "",
+        *_common.markdown_table(["map metric", *names, f"mean of {len(names)}"], rows),
+    ]
+    _common.write_markdown(_common.RESULTS / "map_metric.md", lines)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
