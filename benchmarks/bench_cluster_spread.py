@@ -21,7 +21,7 @@ map less the position baseline, which this does not change).
 Writes benchmarks/results/cluster_spread.{json,md}. Measures no time: it may
 run beside other work.
 """
-import _common  # first: this checkout's skprotoad
+import _common  # noqa: F401  (first: this checkout's skprotoad)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -23,7 +23,7 @@ so each row's image AUROC compares readouts on one fitted model.
 Writes benchmarks/results/image_readouts.{json,md}. Run it alone or beside
 other accuracy runs: it measures no time.
 """
-import _common  # first: this checkout's skprotoad
+import _common  # noqa: F401  (first: this checkout's skprotoad)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -27,7 +27,7 @@ readouts only.
 Writes benchmarks/results/position_spread.{json,md}. Run it alone or beside
 other accuracy runs: it measures no time.
 """
-import _common  # first: this checkout's skprotoad
+import _common  # noqa: F401  (first: this checkout's skprotoad)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
