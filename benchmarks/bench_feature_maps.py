@@ -91,6 +91,15 @@ def _whitening(covariance, shrinkage):
     return vectors @ torch.diag(values.rsqrt()) @ vectors.T
 
 
+def stage_whitening(block, shrinkage):
+    """The whitening of one stage's covariance ``block`` (shrunk by
+    ``shrinkage``), scaled so that the stage's total variance stays its own:
+    only the shape of its metric changes, not its weight against the other
+    stages."""
+    whitening = _whitening(block, shrinkage)
+    return whitening * (block.trace() / (whitening @ block @ whitening).trace()).sqrt()
+
+
 def fitted_map(kind, value, statistic, stage=None):
     """(where, C x C matrix) of the map ``kind`` with ``value`` (shrinkage or
     dimensions), from :func:`training_statistic`; ``stage``: whiten that
@@ -101,12 +110,8 @@ def fitted_map(kind, value, statistic, stage=None):
         channels = create_feature_extractor("efficientnet_lite0", (1, 2, 3)).channels
         a = sum(channels[:stage])
         b = a + channels[stage]
-        block = statistic[a:b, a:b]
         matrix = torch.eye(statistic.shape[0], dtype=statistic.dtype)
-        # scaled so that the block's total variance stays the stage's own:
-        # only its shape changes, not its weight against the other stages
-        whitening = _whitening(block, value)
-        matrix[a:b, a:b] = whitening * (block.trace() / (whitening @ block @ whitening).trace()).sqrt()
+        matrix[a:b, a:b] = stage_whitening(statistic[a:b, a:b], value)
         return "join", matrix.float()
     _, vectors = torch.linalg.eigh(statistic)
     top = vectors[:, -value:]

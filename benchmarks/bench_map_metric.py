@@ -38,7 +38,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench_cluster_spread import smoothed_maps  # noqa: E402
-from bench_suite import _Set, find_sets, one_fit_run  # noqa: E402
+from bench_feature_maps import stage_whitening  # noqa: E402
+from bench_suite import _Set, find_sets, one_fit_run, write_variant_markdown  # noqa: E402
 from skprotoad import ProtoADDetector  # noqa: E402
 from skprotoad.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
 from skprotoad.preprocessing import model_inputs  # noqa: E402
@@ -64,33 +65,26 @@ def stage_covariance(det, images, channels):
     return torch.cov(torch.cat(rows).T)
 
 
-def whitening(covariance, shrinkage):
-    """``S_l^(-1/2)`` scaled so that ``tr(W S W) = tr(S)``."""
-    c = covariance.shape[0]
-    shrunk = (1 - shrinkage) * covariance + shrinkage * covariance.trace() / c * torch.eye(
-        c, dtype=covariance.dtype)
-    values, vectors = torch.linalg.eigh(shrunk)
-    w = vectors @ torch.diag(values.rsqrt()) @ vectors.T
-    return (w * (covariance.trace() / (w @ covariance @ w).trace()).sqrt()).float()
-
-
-def nearest_distances(det, images, w):
-    """Each patch's distance to its nearest prototype in the metric of
-    ``w`` applied to the first ``len(w)`` channels: (n, 1, h, w), and the
-    model input's size."""
-    c = w.shape[0]
-    prototypes = torch.as_tensor(det.prototypes_).clone()
-    prototypes[:, :c] = prototypes[:, :c] @ w.T
-    half_sq = 0.5 * (prototypes * prototypes).sum(1)
-    out = []
+def nearest_distances(det, images, whitenings):
+    """Each patch's distance to its nearest prototype in the metric of each
+    of ``whitenings`` (applied to the first ``len(w)`` channels), one pass
+    over ``images``: a list of (n, 1, h, w) tensors, and the model input's size."""
+    metrics = []
+    for w in whitenings:
+        prototypes = torch.as_tensor(det.prototypes_).clone()
+        prototypes[:, :len(w)] = prototypes[:, :len(w)] @ w.T
+        metrics.append((w, prototypes, 0.5 * (prototypes * prototypes).sum(1)))
+    out = [[] for _ in whitenings]
     for f, size in features(det, images):
         n, channels, height, width = f.shape
-        x = f.permute(0, 2, 3, 1).reshape(-1, channels).clone()
-        x[:, :c] = x[:, :c] @ w.T
-        best = (x @ prototypes.T - half_sq).amax(1)
-        d2 = (x * x).sum(1) - 2 * best
-        out.append(d2.clamp_min(0).sqrt().view(n, 1, height, width))
-    return torch.cat(out), size
+        patches = f.permute(0, 2, 3, 1).reshape(-1, channels)
+        for (w, prototypes, half_sq), distances in zip(metrics, out):
+            x = patches.clone()
+            x[:, :len(w)] = x[:, :len(w)] @ w.T
+            best = (x @ prototypes.T - half_sq).amax(1)
+            d2 = (x * x).sum(1) - 2 * best
+            distances.append(d2.clamp_min(0).sqrt().view(n, 1, height, width))
+    return [torch.cat(d) for d in out], size
 
 
 def main(argv=None):
@@ -107,9 +101,11 @@ def main(argv=None):
         covariance = stage_covariance(det, data.train, channels)
         masks = data.masks(det.image_size, det.crop_size)
         run = {"set": name, "seed": args.seed, "n_train": data.n_train}
-        for shrinkage in SHRINKAGES:
-            w = torch.eye(channels) if shrinkage is None else whitening(covariance, shrinkage)
-            distances, size = nearest_distances(det, data.test, w)
+        whitenings = [torch.eye(channels) if shrinkage is None
+                      else stage_whitening(covariance, shrinkage).float()
+                      for shrinkage in SHRINKAGES]
+        by_metric, size = nearest_distances(det, data.test, whitenings)
+        for shrinkage, distances in zip(SHRINKAGES, by_metric):
             maps = smoothed_maps(det, distances, size)
             if shrinkage is None:  # the fitted detector's own anomaly map
                 np.testing.assert_allclose(maps, det.anomaly_maps(data.test),
@@ -147,18 +143,16 @@ def _write_page(stored):
     runs = ", ".join(
         f"{n} {by_set[n][0]['n_train']} (seeds {','.join(str(r['seed']) for r in by_set[n])})"
         for n in names)
-    lines = [
-        "# The anomaly map in a whitened metric of the finest stage (the defaults' prototypes)",
-        "", "Commands:", "", *(f"- `{c}`" for c in stored["commands"]), "",
+    write_variant_markdown(
+        _common.RESULTS / "map_metric.md",
+        "The anomaly map in a whitened metric of the finest stage (the defaults' prototypes)",
+        stored,
         f"The defaults fitted once per set and seed (training images: {runs}); the map's "
         "distance measured with the finest stage's channels whitened, covariance shrunk by "
         "lambda (see the script). Each cell: pixel AUROC / AUPRO@0.3 / image AUROC of the "
         "map's maximum (not the defaults' image score), mean over the seeds; last column: "
-        "mean pixel AUROC / AUPRO.", "",
-        *_common.markdown_table(["map metric", *names, f"mean of {len(names)}"], rows),
-    ]
-    _common.write_markdown(_common.RESULTS / "map_metric.md", lines)
-    print("\n".join(lines))
+        "mean pixel AUROC / AUPRO.",
+        ["map metric", *names, f"mean of {len(names)}"], rows)
 
 
 if __name__ == "__main__":
