@@ -138,6 +138,7 @@ for _name in set(SETTINGS) - {"defaults", "whole256_baseline"}:
 # today's defaults but for one parameter (position_baseline as in the defaults)
 SETTINGS.update({
     "score_map": dict(image_score="map"),
+    "map_euclidean": dict(map_metric="euclidean"),
     "score_cosine": dict(image_score="cosine"),
     "nbhd1": dict(neighborhood_size=1),
     "nbhd5": dict(neighborhood_size=5),

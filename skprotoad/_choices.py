@@ -15,3 +15,5 @@ NORMALIZATIONS = ("image", "patch")
 PADDINGS = ("zeros", "reflect")
 #: How an image's anomaly score is read out (``image_score``).
 IMAGE_SCORES = ("projection", "cosine", "map")
+#: The metric the anomaly map measures distances in (``map_metric``).
+MAP_METRICS = ("whitened", "euclidean")

@@ -25,6 +25,7 @@ DETECTOR_DEFAULTS = MappingProxyType({
     "neighborhood_size": 3,
     "normalization": "image",
     "image_score": "projection",
+    "map_metric": "whitened",
     "position_baseline": True,
     "image_size": 256,
     "crop_size": None,

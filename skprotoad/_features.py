@@ -21,9 +21,12 @@ import numpy as np
 import torch
 
 from . import _images, _progress
+from ._whitening import stage_whitening
 from .backbones import create_feature_extractor
 from .clustering import SharedSearch, add_farthest_rows, learn_prototypes
-from .network import PatchEmbedding, ProtoADNetwork, effective_image_score, on_grid
+from .network import (
+    PatchEmbedding, ProtoADNetwork, effective_image_score, effective_map_metric, on_grid,
+)
 
 #: ``n_farthest=None``: this many farthest patches, at most ``MAX_FARTHEST_SHARE``
 #: of the training patches (so that a small training set is not memorised whole).
@@ -283,10 +286,15 @@ def fit_network(detector, embedding, patches, random_state, device, shared=None)
         prototypes = learn_prototypes(patches, **params)
     else:
         prototypes = shared.learn_prototypes(patches, **params)
+    whitening = None
+    if effective_map_metric(detector.normalization, detector.map_metric) == "whitened":
+        # of this fit's own patches, so that each calibration fold has its own
+        whitening = torch.from_numpy(stage_whitening(patches[:, : embedding.backbone.channels[0]]))
     network = ProtoADNetwork(
         embedding, torch.from_numpy(prototypes),
         _images.fixed_input_size(detector.image_size, detector.crop_size), detector.sigma,
         effective_image_score(detector.normalization, detector.image_score),
+        map_whitening=whitening,
     )
     return network.to(device).eval()
 

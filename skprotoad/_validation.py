@@ -221,7 +221,7 @@ def check_params(estimator):
 def _embodied_settings(params):
     """The detector parameters a fitted network embodies (and ``image_size``,
     which scoring reads along with it), in a form that compares by value."""
-    from .network import effective_image_score
+    from .network import effective_image_score, effective_map_metric
 
     def size(value):
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
@@ -234,6 +234,7 @@ def _embodied_settings(params):
         **{name: _plain(params[name]) for name in names},
         # with normalization="patch" every image_score is the same network
         "image_score": effective_image_score(params["normalization"], params["image_score"]),
+        "map_metric": effective_map_metric(params["normalization"], params["map_metric"]),
         "image_size": size(params["image_size"]),
         "crop_size": size(params["crop_size"]),
         "mean": _plain(params["mean"]),

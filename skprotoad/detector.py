@@ -9,7 +9,7 @@ from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from . import _cache, _calibration, _features, _images, _masks, _pickling, _progress, _validation
-from ._choices import CLUSTERING_METHODS
+from ._choices import CLUSTERING_METHODS, MAP_METRICS
 from ._threads import effective_n_threads, with_torch_threads
 from ._validation import Delegated, Integer, OneOf, RealInterval, RGB, Satisfies
 from .network import IMAGENET_MEAN, IMAGENET_STD, NETWORK_CONSTRAINTS
@@ -77,6 +77,16 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         With ``normalization="image"``, the map whose maximum is the image score:
         ``|x| (1 - max cosine)``, ``1 - max cosine`` or the anomaly map; all the
         same with ``"patch"``. See :doc:`/user_guide/normalization`.
+    map_metric : {"whitened", "euclidean"}, default="whitened"
+        With ``normalization="image"``, the metric of the anomaly map's
+        distance to the nearest prototype. ``"whitened"``: the finest stage's
+        channels whitened by their covariance over the training patches
+        (shrunk towards the identity, the stage's total variance kept), so
+        that weak, low-contrast deviations show, as in PaDiM's Mahalanobis
+        metric. ``"euclidean"``: the plain distance, the same metric as the
+        image score's. The image score reads its own map (unless
+        ``image_score="map"``), so only the maps and masks change; unused
+        with ``"patch"``. See :doc:`/user_guide/defaults`.
     position_baseline : bool, default=True
         Subtract, position by position, the mean image-score map of normal
         images (the held-out calibration images, else the training images)
@@ -184,6 +194,7 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         "mean": RGB(),
         "std": RGB(positive=True),
         # numpy bools too: a grid search over a numpy array passes them
+        "map_metric": OneOf(MAP_METRICS),
         "position_baseline": Satisfies(lambda v: isinstance(v, (bool, np.bool_)),
                                        "True or False"),
         "contamination": Satisfies(_calibration.is_contamination, "'auto' or a float in (0, 0.5]"),
@@ -202,7 +213,7 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         clustering="finch", n_clusters=None, n_farthest=None,
         max_patches=2_000_000, sigma=4.0, alignment="center",
         neighborhood_size=3, normalization="image", image_score="projection",
-        position_baseline=True, image_size=256,
+        map_metric="whitened", position_baseline=True, image_size=256,
         crop_size=None, padding="zeros", mean=IMAGENET_MEAN, std=IMAGENET_STD, contamination="auto",
         batch_size=16, device="auto", random_state=None, verbose=False, n_jobs=None,
         memory=None,
@@ -219,6 +230,7 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         self.neighborhood_size = neighborhood_size
         self.normalization = normalization
         self.image_score = image_score
+        self.map_metric = map_metric
         self.position_baseline = position_baseline
         self.image_size = image_size
         self.crop_size = crop_size

@@ -9,7 +9,11 @@ patch norm instead, and the patch score is the Euclidean distance to the
 nearest prototype, ``sqrt(|x|^2 - max_k (2 x.p_k - |p_k|^2))``: the same 1x1
 conv and max, with a bias. With ``image_score="cosine"`` the image score is then
 read from the same conv's output as ``1 - max cosine`` (a second max), while the
-map stays the distance.
+map stays the distance. With a ``map_whitening`` ``W`` of the finest stage's
+channels, the map measures that distance in the metric ``W`` gives those
+channels, ``|W x_0 - W p_0|^2 + |x_r - p_r|^2``: the same products plus one
+of the finest stage's channels with ``(W^2 - I) p_0``, while the image score
+reads the products in the plain metric.
 
 On the CPU (not while traced or exported), :meth:`ProtoADNetwork.forward`
 multiplies the coarser stages by the prototypes at their own stride and
@@ -25,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._choices import ALIGNMENTS, IMAGE_SCORES, NORMALIZATIONS, PADDINGS
+from ._choices import ALIGNMENTS, IMAGE_SCORES, MAP_METRICS, NORMALIZATIONS, PADDINGS
 from ._threads import tracing
 from ._validation import Integer, OneOf, validate
 from ._version import __version__
@@ -34,7 +38,7 @@ from .backbones import FeatureExtractor, create_feature_extractor
 __all__ = [
     "ProtoADNetwork", "PatchEmbedding", "GaussianSmoothing", "IMAGENET_MEAN", "IMAGENET_STD",
     "FORMAT_VERSION",
-    "ALIGNMENTS", "NORMALIZATIONS", "IMAGE_SCORES",
+    "ALIGNMENTS", "NORMALIZATIONS", "IMAGE_SCORES", "MAP_METRICS",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,7 +46,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Version of what :meth:`ProtoADNetwork.describe` returns, shared by the
 #: detector's pickles and :mod:`skprotoad.persistence`; bumped when it changes.
-FORMAT_VERSION = 1
+#: 2 added ``map_whitening_shape``.
+FORMAT_VERSION = 2
+#: The versions this one reads: a version-1 network has no map whitening.
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 
 class GaussianSmoothing(nn.Module):
@@ -450,6 +457,14 @@ def effective_image_score(normalization, image_score):
     return image_score if normalization == "image" else "map"
 
 
+def effective_map_metric(normalization, map_metric):
+    """The metric the network's map measures in for the detector's two
+    parameters: ``map_metric`` with distances (``normalization="image"``);
+    with unit features the map is ``1 - max cosine``, recorded as
+    ``"euclidean"`` (no whitening)."""
+    return map_metric if normalization == "image" else "euclidean"
+
+
 class ProtoADNetwork(nn.Module):
     """Backbone plus prototype head: images in, anomaly maps and scores out.
 
@@ -480,6 +495,16 @@ class ProtoADNetwork(nn.Module):
         subtracted from it before its maximum is taken (see
         :meth:`image_scores`); set by the detector's ``position_baseline``.
         None: the score is the map's maximum, as in the paper.
+    map_whitening : torch.Tensor of shape (c_0, c_0) or None, default=None
+        A symmetric matrix ``W`` over the finest stage's ``c_0`` channels
+        (the first of the features); only with ``normalization="image"``.
+        The anomaly map is then the distance to the nearest prototype with
+        those channels mapped by ``W``, ``min_k |W x_0 - W p_k0|^2 + |x_r -
+        p_kr|^2`` under the root, which the same prototypes serve because
+        ``W`` is linear; the ``"projection"`` and ``"cosine"`` image scores
+        stay in the plain metric. Set by the detector's ``map_metric``
+        (:func:`skprotoad._whitening.stage_whitening`). None: the plain
+        Euclidean distance.
 
     Notes
     -----
@@ -510,6 +535,7 @@ class ProtoADNetwork(nn.Module):
         sigma: float = 4.0,
         image_score: str = "map",
         score_baseline: torch.Tensor | None = None,
+        map_whitening: torch.Tensor | None = None,
     ):
         super().__init__()
         validate(NETWORK_CONSTRAINTS, {"image_score": image_score})
@@ -537,6 +563,18 @@ class ProtoADNetwork(nn.Module):
         # dict names the same tensors
         baseline = torch.zeros(0, 0) if score_baseline is None else score_baseline
         self.register_buffer("score_baseline", torch.as_tensor(baseline, dtype=torch.float32))
+        whitening = torch.zeros(0, 0) if map_whitening is None else map_whitening
+        whitening = torch.as_tensor(whitening, dtype=torch.float32)
+        if whitening.numel():
+            c0 = embedding.backbone.channels[0]
+            if tuple(whitening.shape) != (c0, c0):
+                raise ValueError(
+                    f"map_whitening must have shape ({c0}, {c0}) (the finest stage's "
+                    f"channels), got {tuple(whitening.shape)}."
+                )
+            if embedding.normalization != "image":
+                raise ValueError("map_whitening needs normalization='image' (distances).")
+        self.register_buffer("map_whitening", whitening)
 
     @property
     def reads_score_from_map(self) -> bool:
@@ -661,12 +699,38 @@ class ProtoADNetwork(nn.Module):
         half_sq = self._half_squares()
         products = F.conv2d(features, self.prototype_conv.weight, -half_sq)
         feature_sq = (features * features).sum(dim=1, keepdim=True)
-        return self._scores_of_products(products, feature_sq, half_sq)
+        if not self.map_whitening.numel():
+            return self._scores_of_products(products, feature_sq, half_sq)
+        finest = features[:, : self.map_whitening.shape[0]]
+        weight, bias = self._whitening_correction()
+        map_products = products + F.conv2d(finest, weight[:, :, None, None], bias)
+        map_feature_sq = feature_sq + self._whitening_square_gain(finest)
+        return self._scores_of_products(products, feature_sq, half_sq,
+                                        map_products=map_products, map_feature_sq=map_feature_sq)
 
     def _half_squares(self) -> torch.Tensor:
         return 0.5 * (self.prototypes * self.prototypes).sum(dim=1)
 
-    def _scores_of_products(self, products, feature_sq=None, half_sq=None, scale=None):
+    def _whitening_correction(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What turns the products ``x.p - |p|^2 / 2`` into those of the
+        whitened metric, ``x.p + x_0 (M - I) p_0 - |p|_M^2 / 2`` with ``M =
+        W^2``: a (K, c_0) weight on the finest stage's channels ``x_0`` and a
+        (K,) bias, ``(|p_0|^2 - p_0 M p_0) / 2``."""
+        w = self.map_whitening
+        p0 = self.prototypes[:, : w.shape[0]]
+        whitened = p0 @ w  # W is symmetric: the rows W p_0
+        weight = whitened @ w - p0
+        bias = 0.5 * ((p0 * p0).sum(dim=1) - (whitened * whitened).sum(dim=1))
+        return weight, bias
+
+    def _whitening_square_gain(self, finest: torch.Tensor) -> torch.Tensor:
+        """``|W x_0|^2 - |x_0|^2`` of the finest stage's channels (N, c_0, h,
+        w), (N, 1, h, w): what ``|x|^2`` gains in the whitened metric."""
+        whitened = F.conv2d(finest, self.map_whitening[:, :, None, None])
+        return (whitened * whitened - finest * finest).sum(dim=1, keepdim=True)
+
+    def _scores_of_products(self, products, feature_sq=None, half_sq=None, scale=None,
+                            map_products=None, map_feature_sq=None):
         """Patch scores (two (N, 1, h, w) maps) from the products of the
         patches with the prototypes.
 
@@ -674,15 +738,19 @@ class ProtoADNetwork(nn.Module):
         ``x.p_k`` (``"patch"``) or ``scale`` times ``x.p_k - |p_k|^2 / 2``
         (``"image"``), for the normalised features ``x`` (``scale`` None: 1;
         else a tensor that broadcasts to (N, 1, h, w)); ``feature_sq`` is
-        ``|x|^2``.
+        ``|x|^2``. ``map_products`` and ``map_feature_sq``, when given, are
+        the same in the metric of ``map_whitening``, which the map's
+        distances are read from.
         """
-        best = products.amax(dim=1, keepdim=True)
+        if map_products is None:
+            map_products, map_feature_sq = products, feature_sq
+        best = map_products.amax(dim=1, keepdim=True)
         if scale is not None:
             best = best / scale
         if self.embedding.normalization == "patch":
             patches = 1.0 - best
             return patches, patches
-        distances = (feature_sq - 2.0 * best).clamp_min(0.0).sqrt()
+        distances = (map_feature_sq - 2.0 * best).clamp_min(0.0).sqrt()
         if self.image_score == "map":
             return distances, distances
         # the same products read as projections onto the prototype
@@ -742,6 +810,11 @@ class ProtoADNetwork(nn.Module):
         coarse_weights = [(k, factor, by_stage[k].T.contiguous()) for k, factor in stages]
         half_sq = self._half_squares()
         by_image = emb.normalization == "image"
+        whitened = self.map_whitening.numel() > 0
+        if whitened:  # stage 0 is never coarse: its channels lead the fine ones
+            c0 = self.map_whitening.shape[0]
+            correction_weight, correction_bias = self._whitening_correction()
+            correction_weight = correction_weight.T.contiguous()
         multiple = int(np.lcm.reduce(list(coarse.values())))
         map_parts, score_parts, workspace = [], [], {}
         for chunk in _backbone_chunks(images):
@@ -755,9 +828,13 @@ class ProtoADNetwork(nn.Module):
             fine = F.pad(torch.cat([parts[k] for k in fine_stages], dim=1), pad)
             fine = fine.permute(0, 2, 3, 1).contiguous()
             grid_h, grid_w = fine.shape[1:3]
-            feature_sq = None
+            feature_sq = map_feature_sq = None
             if by_image:
                 feature_sq = (joined * joined).sum(dim=1, keepdim=True) / divisors.square()
+                if whitened:
+                    map_feature_sq = F.pad(
+                        feature_sq + self._whitening_square_gain(parts[0]) / divisors.square(),
+                        pad)
                 feature_sq = F.pad(feature_sq, pad)
             else:
                 divisors = F.pad(divisors, pad, value=1.0)
@@ -775,11 +852,25 @@ class ProtoADNetwork(nn.Module):
                     r1 = min(grid_h, r0 + rows)
                     products = _band_products(fine[i, r0:r1], fine_weight, coarse_products, r0,
                                               workspace)
+                    whitening = {}
+                    if whitened:
+                        # before _scores_of_products overwrites the products
+                        flat = products.permute(0, 2, 3, 1).reshape(-1, products.shape[1])
+                        map_products = _work(workspace, "whitened", flat.shape, flat)
+                        torch.addmm(scale.flatten() * correction_bias,
+                                    fine[i, r0:r1, :, :c0].reshape(-1, c0), correction_weight,
+                                    out=map_products).add_(flat)
+                        whitening = dict(
+                            map_products=map_products.view(1, r1 - r0, grid_w, -1).permute(
+                                0, 3, 1, 2),
+                            map_feature_sq=map_feature_sq[i : i + 1, :, r0:r1],
+                        )
                     bands.append(self._scores_of_products(
                         products,
                         None if feature_sq is None else feature_sq[i : i + 1, :, r0:r1],
                         half_sq,
                         scale if by_image else scale[:, :, r0:r1],
+                        **whitening,
                     ))
                 cut = (..., slice(0, height), slice(0, width))
                 map_parts.append(torch.cat([b[0] for b in bands], dim=2)[cut])
@@ -877,6 +968,7 @@ class ProtoADNetwork(nn.Module):
             "padding": embedding.padding,
             "image_score": self.image_score,
             "score_baseline_shape": list(self.score_baseline.shape),
+            "map_whitening_shape": list(self.map_whitening.shape),
             "input_size": self.input_size,
             "sigma": self.smoothing.sigma,
             "n_prototypes": int(self.prototype_conv.out_channels),
@@ -893,10 +985,13 @@ class ProtoADNetwork(nn.Module):
         Parameters
         ----------
         description : dict
-            What :meth:`describe` returned; other keys are ignored.
+            What :meth:`describe` returned; other keys are ignored. Without
+            ``map_whitening_shape`` (format 1), a network without whitening.
         state_dict : dict of tensors, default=None
-            Loaded strictly into the network; ``None`` leaves placeholder
-            weights (to compare a file's tensors with before loading them).
+            Loaded strictly into the network, which takes an empty
+            ``map_whitening`` when it has none (format 1); ``None`` leaves
+            placeholder weights (to compare a file's tensors with before
+            loading them).
 
         Returns
         -------
@@ -921,8 +1016,11 @@ class ProtoADNetwork(nn.Module):
             description["sigma"],
             image_score=description["image_score"],
             score_baseline=torch.zeros(description["score_baseline_shape"]),
+            map_whitening=torch.zeros(description.get("map_whitening_shape", (0, 0))),
         )
         if state_dict is not None:
+            if "map_whitening_shape" not in description:  # format 1: no whitening
+                state_dict = {**state_dict, "map_whitening": network.map_whitening}
             network.load_state_dict(state_dict, strict=True)
         return network.eval()
 
@@ -949,7 +1047,7 @@ class ProtoADNetwork(nn.Module):
             When a key of the description is missing (a pre-release state).
         """
         version = state.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise ValueError(
                 f"This model was saved by skprotoad {state.get('skprotoad_version', '?')} "
                 f"(format {version}); this is skprotoad {__version__} (format "
