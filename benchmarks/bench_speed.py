@@ -11,8 +11,9 @@ image at 256 x 256):
 - ``defaults``: the fitted ``ProtoADDetector()`` network (on the CPU: the
   coarsest stage's products with the prototypes at its own stride); the
   same with its head on the joined stages in bands of patches (the way
-  before); with that head in one piece (as exports run it); and the same
-  network with K random prototypes (250 to 4,000; speed only);
+  before); with that head in one piece (as exports run it); the same
+  prototypes with the map in the plain metric (``map_metric="euclidean"``);
+  and the same network with K random prototypes (250 to 4,000; speed only);
 - ``PaDiM`` (100 random dimensions) and ``PatchCore`` (1 % coreset) from
   ``benchmarks/anchors.py``, fitted on the same training images.
 
@@ -248,6 +249,7 @@ def main(argv=None):
     network = det.network_.eval()
     embedding = network.embedding
     baseline = network.score_baseline if network.score_baseline.numel() else None
+    whitening = network.map_whitening if network.map_whitening.numel() else None
     network_name = f"defaults ({network.prototypes.shape[0]} prototypes)"
     methods = {
         "backbone": lambda x: normalise(x, extractor),
@@ -260,11 +262,16 @@ def main(argv=None):
         # conv over all patches of the batch
         "defaults, head in one piece": lambda x: network.readout(*network._patch_scores(
             embedding(x).contiguous(memory_format=torch.channels_last))),
+        # the same prototypes, the map in the plain metric (map_metric="euclidean")
+        "defaults, euclidean map": ProtoADNetwork(
+            embedding, network.prototypes.detach().clone(), (SIZE, SIZE),
+            image_score=network.image_score, score_baseline=baseline).eval(),
     }
     for k in KS:
         methods[f"defaults, {k} random prototypes"] = ProtoADNetwork(
             embedding, torch.randn(k, embedding.n_channels), (SIZE, SIZE),
-            image_score=network.image_score, score_baseline=baseline).eval()
+            image_score=network.image_score, score_baseline=baseline,
+            map_whitening=whitening).eval()
     methods["PaDiM"] = lambda x: padim(normalise(x, extractor))
     methods["PatchCore 1 %"] = lambda x: patchcore(normalise(x, extractor))
     speed = throughput(methods, _tensors(test), args.rounds)

@@ -242,6 +242,12 @@ def _embodied_settings(params):
     }
 
 
+#: Detector parameters added with network format 2
+#: (:data:`skprotoad.network.FORMAT_VERSION`), at the values that reproduce a
+#: format-1 model: its files and pickles lack them, and read with them.
+FORMAT_1_PARAMS = {"map_metric": "euclidean"}
+
+
 def record_fitted_settings(estimator):
     """Note the parameters ``estimator``'s fitted network embodies, for
     :func:`check_unchanged_since_fit`; what ``fit`` and loading a model do last."""

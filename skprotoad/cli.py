@@ -24,7 +24,9 @@ from pathlib import Path
 # Only light modules here: `skprotoad --help` must not wait for torch (about
 # 1.5 s). torch, numpy and the modules that import them (the detector, images,
 # scoring, plotting, data sets) are imported by the commands that use them.
-from ._choices import ALIGNMENTS, CLUSTERING_METHODS, IMAGE_SCORES, NORMALIZATIONS, PADDINGS
+from ._choices import (
+    ALIGNMENTS, CLUSTERING_METHODS, IMAGE_SCORES, MAP_METRICS, NORMALIZATIONS, PADDINGS,
+)
 from ._defaults import DETECTOR_DEFAULTS
 from ._version import __version__
 from .cli_files import (
@@ -350,6 +352,12 @@ def _add_detector_options(parser):
         "maximum (map) (default: %(default)s)",
     )
     group.add_argument(
+        "--map-metric", choices=MAP_METRICS, default=default["map_metric"],
+        help="with --normalization image: the anomaly map's distance with the finest "
+        "stage's channels whitened by the normal patches' covariance (whitened), or the "
+        "plain distance (euclidean); the image score does not change (default: %(default)s)",
+    )
+    group.add_argument(
         "--position-baseline", action=argparse.BooleanOptionalAction,
         default=default["position_baseline"],
         help="read the image score against the normal images' mean score map, position "
@@ -654,6 +662,7 @@ _DETECTOR_OPTIONS = {
     "neighborhood_size": "neighborhood_size",
     "normalization": "normalization",
     "image_score": "image_score",
+    "map_metric": "map_metric",
     "position_baseline": "position_baseline",
     "image_size": "image_size",
     "crop_size": "crop_size",

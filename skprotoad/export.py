@@ -285,6 +285,7 @@ def _settings(module):
             f"image_score={network.image_score!r}, alignment={embedding.alignment!r}, "
             f"padding={embedding.padding!r}, neighborhood_size={embedding.neighborhood_size}, "
             f"position_baseline={network.score_baseline.numel() > 0}, "
+            f"map_whitened={network.whitened_channels > 0}, "
             f"pipeline={module is not network}")
 
 
@@ -535,8 +536,9 @@ def _metadata(model, pipeline=False):
         },
         "normalization": network.embedding.normalization,
         "outputs": {
-            "maps": f"float32 (N, crop_h, crop_w), {_MAP_MEANING[network.embedding.normalization]}, "
-            "higher = more anomalous",
+            "maps": f"float32 (N, crop_h, crop_w), {_MAP_MEANING[network.embedding.normalization]}"
+            + (" with the finest stage's channels whitened" if network.whitened_channels else "")
+            + ", higher = more anomalous",
             "scores": "float32 (N,), "
             + _SCORE_MEANING["map" if network.reads_score_from_map else network.image_score]
             + (" less the normal images' mean of it at each position"

@@ -503,7 +503,7 @@ class ProtoADNetwork(nn.Module):
         p_kr|^2`` under the root, which the same prototypes serve because
         ``W`` is linear; the ``"projection"`` and ``"cosine"`` image scores
         stay in the plain metric. Set by the detector's ``map_metric``
-        (:func:`skprotoad._whitening.stage_whitening`). None: the plain
+        (``skprotoad._whitening.stage_whitening``). None: the plain
         Euclidean distance.
 
     Notes
@@ -575,6 +575,9 @@ class ProtoADNetwork(nn.Module):
             if embedding.normalization != "image":
                 raise ValueError("map_whitening needs normalization='image' (distances).")
         self.register_buffer("map_whitening", whitening)
+        # a plain int (fixed with the buffer's shape): a traced or exported
+        # graph branches on it without reading a tensor
+        self.whitened_channels = int(whitening.shape[0]) if whitening.numel() else 0
 
     @property
     def reads_score_from_map(self) -> bool:
@@ -699,9 +702,9 @@ class ProtoADNetwork(nn.Module):
         half_sq = self._half_squares()
         products = F.conv2d(features, self.prototype_conv.weight, -half_sq)
         feature_sq = (features * features).sum(dim=1, keepdim=True)
-        if not self.map_whitening.numel():
+        if not self.whitened_channels:
             return self._scores_of_products(products, feature_sq, half_sq)
-        finest = features[:, : self.map_whitening.shape[0]]
+        finest = features[:, : self.whitened_channels]
         weight, bias = self._whitening_correction()
         map_products = products + F.conv2d(finest, weight[:, :, None, None], bias)
         map_feature_sq = feature_sq + self._whitening_square_gain(finest)
@@ -810,9 +813,9 @@ class ProtoADNetwork(nn.Module):
         coarse_weights = [(k, factor, by_stage[k].T.contiguous()) for k, factor in stages]
         half_sq = self._half_squares()
         by_image = emb.normalization == "image"
-        whitened = self.map_whitening.numel() > 0
+        whitened = self.whitened_channels > 0
         if whitened:  # stage 0 is never coarse: its channels lead the fine ones
-            c0 = self.map_whitening.shape[0]
+            c0 = self.whitened_channels
             correction_weight, correction_bias = self._whitening_correction()
             correction_weight = correction_weight.T.contiguous()
         multiple = int(np.lcm.reduce(list(coarse.values())))

@@ -37,12 +37,16 @@ from sklearn.utils.validation import check_is_fitted
 from ._files import refuse_existing, write_new_file
 from ._images import fixed_input_size
 from ._validation import (
-    check_params, check_unchanged_since_fit, record_fitted_settings, torch_device, validate,
+    FORMAT_1_PARAMS, check_params, check_unchanged_since_fit, record_fitted_settings,
+    torch_device, validate,
 )
 from ._version import __version__
 from .detector import ProtoADDetector
 from .network import FORMAT_VERSION as NETWORK_FORMAT_VERSION
-from .network import NETWORK_CONSTRAINTS, ProtoADNetwork, all_finite, effective_image_score
+from .network import READABLE_FORMAT_VERSIONS as READABLE_NETWORK_FORMAT_VERSIONS
+from .network import (
+    NETWORK_CONSTRAINTS, ProtoADNetwork, all_finite, effective_image_score, effective_map_metric,
+)
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
 
@@ -327,6 +331,9 @@ def _load(path, device):
                 for k, v in network.state_dict().items()
             }
             expected[_CALIBRATION] = ("F64", layout.get(_CALIBRATION, ("F64", (0,)))[1])
+            format_1 = "map_whitening_shape" not in config["network"]
+            if format_1:  # saved before the map could be whitened: it is not
+                del expected[_NETWORK_PREFIX + "map_whitening"]
             _check_layout(layout, expected)
             tensors = {k: f.get_tensor(k) for k in sorted(layout)}
     except SafetensorError as exc:
@@ -335,6 +342,8 @@ def _load(path, device):
         raise _Invalid("the tensor data does not match its checksum (corrupted file)")
     _check_tensor_values(tensors, config)
     state = {k[len(_NETWORK_PREFIX):]: v for k, v in tensors.items() if k != _CALIBRATION}
+    if format_1:
+        state["map_whitening"] = network.map_whitening
     network.load_state_dict(state, strict=True)
     return _assemble(config, network.eval(), tensors[_CALIBRATION], device)
 
@@ -390,7 +399,8 @@ def _check_config(config):
     )
     for key, ours in versions:
         version = _require(config, key, int)
-        readable = _READABLE_FORMAT_VERSIONS if key == "format_version" else (ours,)
+        readable = (_READABLE_FORMAT_VERSIONS if key == "format_version"
+                    else READABLE_NETWORK_FORMAT_VERSIONS)
         if version not in readable:
             raise _Invalid(
                 f"it was saved by skprotoad {saved_by} with {key} {version}; this is "
@@ -403,9 +413,11 @@ def _check_config(config):
     # save writes None; any other value (an edited file) is a cache folder of
     # another machine, which checking the parameters would create
     params["memory"] = None
+    if config["network_format_version"] == 1:  # before these parameters existed
+        params.update({k: v for k, v in FORMAT_1_PARAMS.items() if k not in params})
     _check_params(params, saved_by)
     _check_fitted(_require(config, "fitted", dict))
-    _check_network(_require(config, "network", dict), saved_by)
+    _check_network(_require(config, "network", dict), saved_by, config["network_format_version"])
     extra = set(config) - {
         "format", "format_version", "network_format_version", "skprotoad_version",
         "torch_version", "timm_version", "params", "fitted", "network", "tensors_sha256",
@@ -501,11 +513,12 @@ def _check_fitted(fitted):
         raise _Invalid(f"unexpected fitted keys {sorted(fitted)}")
 
 
-def _check_network(network, saved_by):
+def _check_network(network, saved_by, version):
     where = "network "
     required = {
         "backbone", "layers", "mean", "std", "alignment", "neighborhood_size", "normalization",
         "padding", "image_score", "score_baseline_shape", "input_size", "sigma", "n_prototypes",
+        *(("map_whitening_shape",) if version >= 2 else ()),
     }
     if not required <= set(network):
         raise _Invalid(_PRE_RELEASE.format(saved_by))
@@ -529,6 +542,10 @@ def _check_network(network, saved_by):
     baseline = _require_list(network, "score_baseline_shape", int, 2, where)
     if min(baseline) < 0 or max(baseline) > _MAX_GRID or (0 in baseline and max(baseline)):
         raise _Invalid(f"network 'score_baseline_shape' {baseline} is not a patch grid")
+    if version >= 2:
+        whitening = _require_list(network, "map_whitening_shape", int, 2, where)
+        if whitening[0] != whitening[1] or whitening[0] < 0:
+            raise _Invalid(f"network 'map_whitening_shape' {whitening} is not square")
 
 
 def _check_consistency(config, layout):
@@ -591,6 +608,17 @@ def _check_consistency(config, layout):
             raise _Invalid(
                 f"network 'score_baseline_shape' {baseline} is not the patch grid {grid}"
             )
+    whitening = network.get("map_whitening_shape", [0, 0])  # format 1: none
+    if (whitening != [0, 0]) != (
+        effective_map_metric(model.normalization, model.map_metric) == "whitened"
+    ):
+        raise _Invalid(
+            f"network 'map_whitening_shape' {whitening} does not match its parameters' "
+            f"map_metric={model.map_metric!r} (normalization={model.normalization!r})"
+        )
+    if whitening != [0, 0] and list(layout.get(_NETWORK_PREFIX + "map_whitening",
+                                               (None, []))[1]) != whitening:
+        raise _Invalid(f"network 'map_whitening_shape' {whitening} is not its tensor's shape")
     score_is_map_max = baseline == [0, 0] and (
         expected["image_score"] == "map" or expected["normalization"] == "patch"
     )

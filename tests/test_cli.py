@@ -109,6 +109,16 @@ def test_fit_passes_normalization_and_image_score(folders, tmp_path, capsys):
     assert code == 2 and "invalid choice" in err
 
 
+def test_fit_passes_map_metric(folders, tmp_path, capsys):
+    argv = ["fit", folders / "train", "-o", tmp_path / "m.joblib", "-q", *TINY_OPTIONS,
+            "--normalization", "image", "--map-metric", "euclidean"]
+    assert _run(argv, capsys)[0] == 0
+    detector = joblib.load(tmp_path / "m.joblib")
+    assert detector.map_metric == "euclidean" and detector.network_.whitened_channels == 0
+    code, _, err = _run([*argv[:-1], "mahalanobis"], capsys)
+    assert code == 2 and "invalid choice" in err
+
+
 def test_fit_passes_n_farthest(folders, tmp_path, capsys):
     argv = ["fit", folders / "train", "-o", tmp_path / "m.joblib", "-q", *TINY_OPTIONS,
             "--n-farthest", "3"]

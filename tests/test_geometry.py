@@ -513,4 +513,11 @@ def test_split_image_score_in_scale_mode(mixed):
     assert split.pixel_threshold_ == pytest.approx(np.quantile(maxima, 0.75), abs=2e-5 * maxima.max())  # up to the tie margin
     assert not np.allclose(-split.score_samples(mixed), maxima)
     masks = split.predict_masks(mixed)
-    assert [m.any() for m in masks] == list(maxima > split.pixel_threshold_)
+    flagged = split.predict(mixed) == -1
+    # masks follow the verdicts: the pixels above the pixel threshold where
+    # there are some, else the peak; nothing for an image passed as normal
+    assert [m.any() for m in masks] == list(flagged)
+    assert (flagged & (maxima > split.pixel_threshold_)).any()
+    for mask, m, anomalous in zip(masks, maps, flagged):
+        if anomalous and m.max() > split.pixel_threshold_:
+            np.testing.assert_array_equal(mask, m > split.pixel_threshold_)

@@ -162,13 +162,15 @@ def test_head_in_bands_equals_the_head_in_one_piece(embedding, monkeypatch, norm
 
 
 @pytest.mark.parametrize(
-    "normalization, image_score, padding",
-    [("patch", "map", "zeros"), ("image", "map", "reflect"), ("image", "projection", "zeros"),
-     ("image", "cosine", "zeros")],
+    "normalization, image_score, padding, whitened",
+    [("patch", "map", "zeros", False), ("image", "map", "reflect", False),
+     ("image", "projection", "zeros", False), ("image", "cosine", "zeros", False),
+     ("image", "projection", "zeros", True), ("image", "map", "reflect", True)],
 )
 @pytest.mark.parametrize("size", [(64, 64), (72, 52)])
 def test_products_at_each_stages_stride_equal_the_joined_head(monkeypatch, normalization,
-                                                              image_score, padding, size):
+                                                              image_score, padding, whitened,
+                                                              size):
     # On the CPU the network multiplies the coarser stages by the prototypes
     # at their own stride and interpolates the products; traced, it joins the
     # stages first. Stages 2 and 3 (factors 2 and 4) interpolated, in bands
@@ -181,7 +183,8 @@ def test_products_at_each_stages_stride_equal_the_joined_head(monkeypatch, norma
                          padding=padding)
     torch.manual_seed(0)
     net = ProtoADNetwork(emb, torch.randn(9, 448), size, image_score=image_score,
-                         score_baseline=torch.rand(4, 4)).eval()
+                         score_baseline=torch.rand(4, 4),
+                         map_whitening=_random_whitening(64) if whitened else None).eval()
     assert net._interpolated_stages() == [(1, 2), (2, 4)]
     x = torch.rand(3, 3, *size)
     with torch.inference_mode():
@@ -194,6 +197,57 @@ def test_products_at_each_stages_stride_equal_the_joined_head(monkeypatch, norma
     torch.testing.assert_close(scores, traced_scores, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(maps, one_piece[0], atol=2e-5, rtol=1e-5)
     assert not torch.equal(maps, traced_maps)  # the two ways really differ
+
+
+def _random_whitening(channels, seed=0):
+    """A symmetric positive definite matrix far from the identity."""
+    a = torch.randn(channels, channels, generator=torch.Generator().manual_seed(seed))
+    return a @ a.T / channels + 0.1 * torch.eye(channels)
+
+
+@pytest.mark.parametrize("image_score", ["projection", "cosine", "map"])
+def test_whitened_map_is_the_distance_in_the_whitened_metric(image_score):
+    # map_whitening W on the finest stage's 64 channels: the map is
+    # min_k |W x0 - W p0|^2 + |x_r - p_r|^2 (under the root), in every way
+    # the network computes it: stage-wise (CPU), one piece, traced; the
+    # projection and cosine scores stay those of the plain metric
+    backbone = create_feature_extractor("resnet18", (1, 2, 3), weights=None)
+    emb = PatchEmbedding(backbone, neighborhood_size=3, normalization="image")
+    torch.manual_seed(0)
+    prototypes = torch.randn(9, 448) * 0.2
+    w = _random_whitening(64)
+    net = ProtoADNetwork(emb, prototypes, (64, 64), image_score=image_score,
+                         map_whitening=w).eval()
+    plain = ProtoADNetwork(emb, prototypes, (64, 64), image_score=image_score).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        features = emb(x)
+        mapped = features.clone()
+        mapped[:, :64] = torch.einsum("ij,njhw->nihw", w, features[:, :64])
+        mapped_prototypes = prototypes.clone()
+        mapped_prototypes[:, :64] = prototypes[:, :64] @ w
+        expected = torch.cdist(mapped.permute(0, 2, 3, 1).reshape(-1, 448),
+                               mapped_prototypes).amin(dim=1).view(2, 1, 16, 16)
+        traced = torch.jit.trace(net, x[:1], check_trace=False)
+        staged = net.image_patch_scores(x)
+        for map_patches, score_patches in (staged, net.patch_scores(features)):
+            torch.testing.assert_close(map_patches, expected, atol=2e-5, rtol=1e-4)
+            plain_map, plain_score = plain.patch_scores(features)
+            if image_score == "map":
+                assert score_patches is map_patches
+            else:
+                torch.testing.assert_close(score_patches, plain_score, atol=2e-5, rtol=1e-4)
+        assert (staged[0] - plain_map).abs().max() > 0.01  # the metric does change the map
+        torch.testing.assert_close(traced(x)[0], net(x)[0], atol=2e-5, rtol=1e-4)
+
+
+def test_bad_map_whitening_is_named(embedding):
+    prototypes = torch.randn(3, 192)
+    image = PatchEmbedding(embedding.backbone, normalization="image")
+    with pytest.raises(ValueError, match=r"map_whitening must have shape \(64, 64\)"):
+        ProtoADNetwork(image, prototypes, (64, 64), map_whitening=torch.eye(192))
+    with pytest.raises(ValueError, match="needs normalization='image'"):
+        ProtoADNetwork(embedding, prototypes, (64, 64), map_whitening=torch.eye(64))
 
 
 def test_stage_products_are_interpolated_only_where_they_save_work(embedding, monkeypatch):

@@ -298,7 +298,11 @@ def test_split_detector_with_auto_contamination_holds_out_images(split_detector)
     # 12 images: five folds of 2 held out in turn, both thresholds from
     # their 10 scores (with so few, the conformal threshold is their maximum)
     assert len(split_detector.calibration_scores_) == 10
-    assert -split_detector.offset_ == pytest.approx(split_detector.calibration_scores_.max(), rel=1e-4)
+    # up to the tie margin, a fraction of the larger of the scores and the
+    # map maxima (whose largest is about the pixel threshold here)
+    margin = 2e-5 * max(split_detector.pixel_threshold_, split_detector.calibration_scores_.max())
+    assert -split_detector.offset_ == pytest.approx(split_detector.calibration_scores_.max(),
+                                                    abs=margin)
     assert split_detector.pixel_threshold_ > 0
 
 

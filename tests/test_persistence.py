@@ -582,3 +582,43 @@ def test_reflect_padding_round_trips_and_is_checked(normal_images, tmp_path, X):
                    config=lambda c: c["network"].update({"padding": "zeros"}))
     with pytest.raises(ValueError, match="padding"):
         persistence.load(bad)
+
+
+@pytest.fixture(scope="module")
+def euclidean_image_model(normal_images):
+    """Distances in the plain metric: what every model of network format 1 was."""
+    return ProtoADDetector(**{**TINY, "normalization": "image", "map_metric": "euclidean"}).fit(
+        normal_images)
+
+
+def test_files_of_network_format_1_load_with_the_euclidean_map(euclidean_image_model,
+                                                               tmp_path, X):
+    # saved before map_metric and the map_whitening tensor existed
+    saved = persistence.save(euclidean_image_model, tmp_path / "new.safetensors")
+
+    def version_1(config):
+        config["network_format_version"] = 1
+        del config["params"]["map_metric"]
+        del config["network"]["map_whitening_shape"]
+
+    def without_whitening(tensors):
+        del tensors["network.map_whitening"]
+
+    path = _rewrite(saved, tmp_path / "old.safetensors", config=version_1,
+                    tensors=without_whitening)
+    loaded = persistence.load(path)
+    assert loaded.map_metric == "euclidean"
+    _assert_same_model(loaded, euclidean_image_model, X)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_setter("params.map_metric", "euclidean"), "does not match its parameters' map_metric"),
+    (_setter("network.map_whitening_shape", [0, 0]), "does not match its parameters' map_metric"),
+    (_setter("network.map_whitening_shape", [24, 23]), "is not square"),
+    (_setter("network.map_whitening_shape", [23, 23]), "is not its tensor's shape"),
+])
+def test_a_map_whitening_that_disagrees_is_refused(lite0_detector, tmp_path, edit, message):
+    saved = persistence.save(lite0_detector, tmp_path / "w.safetensors")
+    path = _rewrite(saved, tmp_path / "edited.safetensors", config=edit)
+    with pytest.raises(ValueError, match=message):
+        persistence.load(path)
