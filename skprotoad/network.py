@@ -511,7 +511,8 @@ class ProtoADNetwork(nn.Module):
     Input: a float tensor (N, 3, H, W) of RGB values in [0, 1], already resized
     and cropped to ``input_size``. Output: ``(maps, scores)``, maps of shape
     (N, H, W) with ``1 - max cosine`` (``normalization="patch"``) or the distance
-    to the nearest prototype (``"image"``), higher = more anomalous; scores (N,)
+    to the nearest prototype (``"image"``; in the metric of ``map_whitening``
+    when there is one), higher = more anomalous; scores (N,)
     the maximum of each map (of the ``image_score`` map when that is not
     ``"map"``).
 
