@@ -155,7 +155,7 @@ BENCHMARKS = {
     ),
     "map_metric": (
         "The anomaly map measured with the finest stage's channels whitened, the "
-        "defaults' prototypes and image score kept: a lead.",
+        "prototypes and image score kept: the study behind map_metric='whitened'.",
         "python benchmarks/bench_map_metric.py",
     ),
     "head_precision": (
