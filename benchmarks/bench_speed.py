@@ -281,6 +281,8 @@ def main(argv=None):
     products = _product_speed()
     command = (f"python benchmarks/bench_speed.py --n-train {args.n_train} "
                f"--rounds {args.rounds}")
+    if args.out.resolve() != _common.RESULTS.resolve():
+        command += f" --out {args.out}"
     result = {"command": command, "machine": _common.machine(), "data": name,
               "n_train": len(train), "n_test": N_TEST, "threads": torch.get_num_threads(),
               "images_per_second": speed, "fit_seconds": fit_seconds,
