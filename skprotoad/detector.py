@@ -193,8 +193,8 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         "crop_size": Delegated(where="_images.check_geometry, with image_size"),
         "mean": RGB(),
         "std": RGB(positive=True),
-        # numpy bools too: a grid search over a numpy array passes them
         "map_metric": OneOf(MAP_METRICS),
+        # numpy bools too: a grid search over a numpy array passes them
         "position_baseline": Satisfies(lambda v: isinstance(v, (bool, np.bool_)),
                                        "True or False"),
         "contamination": Satisfies(_calibration.is_contamination, "'auto' or a float in (0, 0.5]"),

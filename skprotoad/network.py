@@ -1023,10 +1023,16 @@ class ProtoADNetwork(nn.Module):
             map_whitening=torch.zeros(description.get("map_whitening_shape", (0, 0))),
         )
         if state_dict is not None:
-            if "map_whitening_shape" not in description:  # format 1: no whitening
-                state_dict = {**state_dict, "map_whitening": network.map_whitening}
-            network.load_state_dict(state_dict, strict=True)
+            network.load_described_state(state_dict, description)
         return network.eval()
+
+    def load_described_state(self, state_dict, description) -> None:
+        """Load ``state_dict`` strictly, as :meth:`describe` gave
+        ``description`` with it: one of format 1 (no ``map_whitening_shape``)
+        has no ``map_whitening`` tensor, and takes this network's empty one."""
+        if "map_whitening_shape" not in description:
+            state_dict = {**state_dict, "map_whitening": self.map_whitening}
+        self.load_state_dict(state_dict, strict=True)
 
     def to_state(self) -> dict:
         """What a pickle of the detector holds: :meth:`describe`, the format

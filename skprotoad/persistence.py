@@ -331,8 +331,7 @@ def _load(path, device):
                 for k, v in network.state_dict().items()
             }
             expected[_CALIBRATION] = ("F64", layout.get(_CALIBRATION, ("F64", (0,)))[1])
-            format_1 = "map_whitening_shape" not in config["network"]
-            if format_1:  # saved before the map could be whitened: it is not
+            if "map_whitening_shape" not in config["network"]:  # format 1: no whitening
                 del expected[_NETWORK_PREFIX + "map_whitening"]
             _check_layout(layout, expected)
             tensors = {k: f.get_tensor(k) for k in sorted(layout)}
@@ -342,9 +341,7 @@ def _load(path, device):
         raise _Invalid("the tensor data does not match its checksum (corrupted file)")
     _check_tensor_values(tensors, config)
     state = {k[len(_NETWORK_PREFIX):]: v for k, v in tensors.items() if k != _CALIBRATION}
-    if format_1:
-        state["map_whitening"] = network.map_whitening
-    network.load_state_dict(state, strict=True)
+    network.load_described_state(state, config["network"])
     return _assemble(config, network.eval(), tensors[_CALIBRATION], device)
 
 
