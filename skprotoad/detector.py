@@ -177,6 +177,15 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
     212
     >>> tuple(det.network_.score_baseline.shape)  # held-out images' mean score map
     (16, 16)
+
+    The map's metric changes the maps, not the image scores:
+
+    >>> from sklearn.base import clone
+    >>> plain = clone(det).set_params(map_metric="euclidean").fit(X)
+    >>> bool(np.allclose(plain.score_samples(X), det.score_samples(X), atol=1e-6))
+    True
+    >>> bool(np.allclose(plain.anomaly_maps(X[:2]), det.anomaly_maps(X[:2]), atol=1e-6))
+    False
     """
 
     _parameter_constraints = {
