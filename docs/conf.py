@@ -158,6 +158,11 @@ BENCHMARKS = {
         "prototypes and image score kept: the study behind map_metric='whitened'.",
         "python benchmarks/bench_map_metric.py",
     ),
+    "rounding": (
+        "The defaults fitted on the same training images with their features moved in "
+        "the last bits: how far float rounding alone moves the results.",
+        "python benchmarks/bench_rounding.py --sets magnetic_tile bsdata_pitting --max-train 0",
+    ),
     "head_precision": (
         "The prototype head searched in bfloat16 and rescored in float32, against float32.",
         "python benchmarks/bench_head_precision.py",
