@@ -32,7 +32,6 @@ The map goes into :class:`skprotoad.network.PatchEmbedding` for the run
 """
 
 import contextlib
-import json
 
 import _common  # first: this checkout's skprotoad
 
@@ -160,10 +159,9 @@ def main(argv=None):
                 keep = ("crop_image_auroc", "crop_pixel_auroc", "crop_aupro", "fpr", "tpr")
                 row = {"set": name, "variant": variant, "seed": seed,
                        "n_train": data.n_train, **{k: row[k] for k in keep}}
-                print(json.dumps(row), flush=True)
-                results["runs"][f"{name}|{variant}|{seed}|{data.n_train}"] = row
-                _common.write_json(path, results, indent=1)
-                _write_markdown(results, args.out / "feature_maps.md")
+                bench_suite.record_run(
+                    results, path, f"{name}|{variant}|{seed}|{data.n_train}", row,
+                    lambda results: _write_markdown(results, args.out / "feature_maps.md"))
 
 
 def _write_markdown(results, path):

@@ -41,7 +41,8 @@ import torch  # noqa: E402
 
 from bench_cluster_spread import smoothed_maps  # noqa: E402
 from bench_feature_maps import stage_whitening  # noqa: E402
-from bench_suite import _Set, find_sets, one_fit_run, write_variant_markdown  # noqa: E402
+from bench_suite import (  # noqa: E402
+    _Set, find_sets, one_fit_run, results_with_command, write_variant_markdown)
 from skprotoad import ProtoADDetector  # noqa: E402
 from skprotoad.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
 from skprotoad.preprocessing import model_inputs  # noqa: E402
@@ -93,8 +94,7 @@ def main(argv=None):
     args, command = one_fit_run(__doc__, "bench_map_metric.py", argv)
     path = _common.RESULTS / "map_metric.json"
     # runs of several seeds merge, one command each
-    stored = _common.read_json(path, {"commands": [], "runs": {}})
-    stored["commands"].append(command)
+    stored = results_with_command(path, command)
     for name, folder in find_sets(args.sets).items():
         data = _Set(name, folder, args.max_train)
         # the plain map, the default when this ran: the whitened ones are measured here

@@ -18,7 +18,7 @@ seed, training-set size and factor) and ``rounding.md``.
 """
 
 import argparse
-import json
+import copy
 import sys
 from pathlib import Path
 
@@ -49,15 +49,10 @@ def run(data, seed, factor):
     """One fit of the defaults on ``data``'s training images (from their
     files when ``factor`` is None, else as :func:`_float_images`)."""
     if factor is not None:
-        data = _with_training_images(data, _float_images(data.train, factor))
+        data = copy.copy(data)
+        data.train = _float_images(data.train, factor)
     row = bench_suite.run_one(data, "defaults", seed, None)
     return {k: row[k] for k in (*METRICS, "image_auroc_by_type")}
-
-
-def _with_training_images(data, images):
-    copy = object.__new__(type(data))
-    copy.__dict__.update(data.__dict__, train=images)
-    return copy
 
 
 def main(argv=None):
@@ -74,8 +69,7 @@ def main(argv=None):
     command = "python benchmarks/bench_rounding.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     path = args.out / "rounding.json"
-    results = _common.read_json(path, {"commands": [], "runs": {}})
-    results["commands"].append(command)
+    results = bench_suite.results_with_command(path, command)
     for name, folder in bench_suite.find_sets(args.sets).items():
         if folder is None:
             continue  # the generated sets are arrays already: nothing is read from files
@@ -84,10 +78,9 @@ def main(argv=None):
             label = "files" if factor is None else repr(factor)
             row = {"set": name, "seed": args.seed, "n_train": data.n_train, "factor": label,
                    **run(data, args.seed, factor)}
-            print(json.dumps(row), flush=True)
-            results["runs"][f"{name}|{args.seed}|{data.n_train}|{label}"] = row
-            _common.write_json(path, results, indent=1)
-            _write_markdown(results, args.out / "rounding.md")
+            bench_suite.record_run(
+                results, path, f"{name}|{args.seed}|{data.n_train}|{label}", row,
+                lambda results: _write_markdown(results, args.out / "rounding.md"))
 
 
 def _write_markdown(results, path):

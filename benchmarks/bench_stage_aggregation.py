@@ -29,7 +29,6 @@ features);
 """
 
 import contextlib
-import json
 
 import _common  # first: this checkout's skprotoad
 
@@ -131,10 +130,9 @@ def main(argv=None):
                     row = bench_suite.run_one(data, "defaults", seed, None)
                 row = {"set": name, "variant": variant, "seed": seed, "n_train": data.n_train,
                        **{k: row[k] for k in (*METRICS, "fpr", "tpr")}}
-                print(json.dumps(row), flush=True)
-                results["runs"][f"{name}|{variant}|{seed}|{data.n_train}"] = row
-                _common.write_json(path, results, indent=1)
-                _write_markdown(results, args.out / "stage_aggregation.md")
+                bench_suite.record_run(
+                    results, path, f"{name}|{variant}|{seed}|{data.n_train}", row,
+                    lambda results: _write_markdown(results, args.out / "stage_aggregation.md"))
 
 
 def _write_markdown(results, path):

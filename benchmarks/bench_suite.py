@@ -506,9 +506,26 @@ def variant_run(doc, variants, script, results_name, argv=None):
     args = parser.parse_args(argv)
     command = f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
     path = args.out / f"{results_name}.json"
+    return args, path, results_with_command(path, command)
+
+
+def results_with_command(path, command):
+    """The results stored at ``path`` (``{"commands": [...], "runs": {...}}``,
+    empty when there are none yet), ``command`` appended: runs of several
+    commands merge into one file."""
     results = _common.read_json(path, {"commands": [], "runs": {}})
     results["commands"].append(command)
-    return args, path, results
+    return results
+
+
+def record_run(results, path, key, row, write_page):
+    """Print ``row``, store it in ``results`` under ``key``, write them to
+    ``path`` and call ``write_page(results)``: after every run, so that an
+    interrupted script keeps what it measured."""
+    print(json.dumps(row), flush=True)
+    results["runs"][key] = row
+    _common.write_json(path, results, indent=1)
+    write_page(results)
 
 
 def write_variant_markdown(path, title, results, description, header, rows):

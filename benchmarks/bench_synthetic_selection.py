@@ -25,7 +25,6 @@ real test images. Variants: ``defaults``; ``reflect``
 """
 
 import contextlib
-import json
 import types
 
 import _common  # first: this checkout's skprotoad
@@ -147,10 +146,9 @@ def main(argv=None):
         for variant in args.variants:
             for seed in args.seeds:
                 row = run(data, images, variant, seed)
-                print(json.dumps(row), flush=True)
-                results["runs"][f"{name}|{variant}|{seed}|{data.n_train}"] = row
-                _common.write_json(path, results, indent=1)
-                _write_markdown(results, args.out / "synthetic_selection.md")
+                bench_suite.record_run(
+                    results, path, f"{name}|{variant}|{seed}|{data.n_train}", row,
+                    lambda results: _write_markdown(results, args.out / "synthetic_selection.md"))
 
 
 def _write_markdown(results, path):
