@@ -13,6 +13,7 @@ image at 256 x 256):
   same with its head on the joined stages in bands of patches (the way
   before); with that head in one piece (as exports run it); the same
   prototypes with the map in the plain metric (``map_metric="euclidean"``);
+  with the image score half-way to the whitened metric (``score_whitening=0.5``);
   and the same network with K random prototypes (250 to 4,000; speed only);
 - ``PaDiM`` (100 random dimensions) and ``PatchCore`` (1 % coreset) from
   ``benchmarks/anchors.py``, fitted on the same training images.
@@ -266,12 +267,17 @@ def main(argv=None):
         "defaults, euclidean map": ProtoADNetwork(
             embedding, network.prototypes.detach().clone(), (SIZE, SIZE),
             image_score=network.image_score, score_baseline=baseline).eval(),
+        # the same network, the image score half-way to the whitened metric
+        "defaults, score_whitening=0.5": ProtoADNetwork(
+            embedding, network.prototypes.detach().clone(), (SIZE, SIZE),
+            image_score=network.image_score, score_baseline=baseline,
+            map_whitening=whitening, score_whitening=0.5).eval(),
     }
     for k in KS:
         methods[f"defaults, {k} random prototypes"] = ProtoADNetwork(
             embedding, torch.randn(k, embedding.n_channels), (SIZE, SIZE),
             image_score=network.image_score, score_baseline=baseline,
-            map_whitening=whitening).eval()
+            map_whitening=whitening, score_whitening=network.score_whitening).eval()
     methods["PaDiM"] = lambda x: padim(normalise(x, extractor))
     methods["PatchCore 1 %"] = lambda x: patchcore(normalise(x, extractor))
     speed = throughput(methods, _tensors(test), args.rounds)

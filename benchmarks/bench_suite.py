@@ -139,6 +139,8 @@ for _name in set(SETTINGS) - {"defaults", "whole256_baseline"}:
 SETTINGS.update({
     "score_map": dict(image_score="map"),
     "map_euclidean": dict(map_metric="euclidean"),
+    # the image score's metric half-way to the whitened map's
+    "score_whiten05": dict(score_whitening=0.5),
     "score_cosine": dict(image_score="cosine"),
     "nbhd1": dict(neighborhood_size=1),
     "nbhd5": dict(neighborhood_size=5),

@@ -26,6 +26,7 @@ DETECTOR_DEFAULTS = MappingProxyType({
     "normalization": "image",
     "image_score": "projection",
     "map_metric": "whitened",
+    "score_whitening": 0.0,
     "position_baseline": True,
     "image_size": 256,
     "crop_size": None,

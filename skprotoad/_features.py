@@ -25,7 +25,8 @@ from ._whitening import stage_whitening
 from .backbones import create_feature_extractor
 from .clustering import SharedSearch, add_farthest_rows, learn_prototypes
 from .network import (
-    PatchEmbedding, ProtoADNetwork, effective_image_score, effective_map_metric, on_grid,
+    PatchEmbedding, ProtoADNetwork, effective_image_score, effective_map_metric,
+    effective_score_whitening, on_grid,
 )
 
 #: ``n_farthest=None``: this many farthest patches, at most ``MAX_FARTHEST_SHARE``
@@ -295,6 +296,9 @@ def fit_network(detector, embedding, patches, random_state, device, shared=None)
         _images.fixed_input_size(detector.image_size, detector.crop_size), detector.sigma,
         effective_image_score(detector.normalization, detector.image_score),
         map_whitening=whitening,
+        score_whitening=effective_score_whitening(
+            detector.normalization, detector.image_score, detector.map_metric,
+            detector.score_whitening),
     )
     return network.to(device).eval()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import FORMAT_1_PARAMS
+from ._validation import params_missing_from_format
 from .network import ProtoADNetwork
 
 _PRE_RELEASE = (
@@ -35,9 +35,10 @@ def split_state(state, param_names):
     """``(state, network_state)``: what :func:`pickled_state` gave, less the
     network's part (None for an unfitted detector), checked for its layout."""
     network_state = state.pop("_network_state", None)
-    if network_state is None or network_state.get("format_version") == 1:
-        # pickled before these parameters existed: the values it was fitted with
-        state = {**FORMAT_1_PARAMS, **state}
+    # parameters added since it was pickled, at the values it was fitted with
+    # (an unfitted detector's pickle says nothing of its version: the oldest)
+    version = 1 if network_state is None else network_state.get("format_version")
+    state = {**params_missing_from_format(version), **state}
     if not set(param_names) <= set(state) or (
         network_state is not None and not all(name in state for name in _FITTED)
     ):

@@ -221,7 +221,7 @@ def check_params(estimator):
 def _embodied_settings(params):
     """The detector parameters a fitted network embodies (and ``image_size``,
     which scoring reads along with it), in a form that compares by value."""
-    from .network import effective_image_score, effective_map_metric
+    from .network import effective_image_score, effective_map_metric, effective_score_whitening
 
     def size(value):
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
@@ -235,6 +235,9 @@ def _embodied_settings(params):
         # with normalization="patch" every image_score is the same network
         "image_score": effective_image_score(params["normalization"], params["image_score"]),
         "map_metric": effective_map_metric(params["normalization"], params["map_metric"]),
+        "score_whitening": effective_score_whitening(
+            params["normalization"], params["image_score"], params["map_metric"],
+            params["score_whitening"]),
         "image_size": size(params["image_size"]),
         "crop_size": size(params["crop_size"]),
         "mean": _plain(params["mean"]),
@@ -242,10 +245,20 @@ def _embodied_settings(params):
     }
 
 
-#: Detector parameters added with network format 2
+#: Detector parameters added with each network format
 #: (:data:`skprotoad.network.FORMAT_VERSION`), at the values that reproduce a
-#: format-1 model: its files and pickles lack them, and read with them.
-FORMAT_1_PARAMS = {"map_metric": "euclidean"}
+#: model of an earlier format: its files and pickles lack them, and read with them.
+PARAMS_ADDED_WITH_FORMAT = {2: {"map_metric": "euclidean"}, 3: {"score_whitening": 0.0}}
+
+
+def params_missing_from_format(version):
+    """The parameters a model of network format ``version`` lacks, at the
+    values it was fitted with (none for an unknown version, which loading
+    refuses by its own check)."""
+    if not isinstance(version, int):
+        return {}
+    return {name: value for added, params in PARAMS_ADDED_WITH_FORMAT.items()
+            if added > version for name, value in params.items()}
 
 
 def record_fitted_settings(estimator):

@@ -355,7 +355,14 @@ def _add_detector_options(parser):
         "--map-metric", choices=MAP_METRICS, default=default["map_metric"],
         help="with --normalization image: the anomaly map's distance with the finest "
         "stage's channels whitened by the normal patches' covariance (whitened), or the "
-        "plain distance (euclidean); the image score does not change (default: %(default)s)",
+        "plain distance (euclidean); the image score reads the metric --score-whitening "
+        "sets (default: %(default)s)",
+    )
+    group.add_argument(
+        "--score-whitening", type=float, default=default["score_whitening"], metavar="S",
+        help="with the whitened map and an image score other than map: how far the image "
+        "score's metric moves from the plain one (0) to the map's whitened one (1) "
+        "(default: %(default)s)",
     )
     group.add_argument(
         "--position-baseline", action=argparse.BooleanOptionalAction,
@@ -663,6 +670,7 @@ _DETECTOR_OPTIONS = {
     "normalization": "normalization",
     "image_score": "image_score",
     "map_metric": "map_metric",
+    "score_whitening": "score_whitening",
     "position_baseline": "position_baseline",
     "image_size": "image_size",
     "crop_size": "crop_size",

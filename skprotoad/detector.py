@@ -83,10 +83,20 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         channels whitened by their covariance over the training patches
         (shrunk towards the identity, the stage's total variance kept), so
         that weak, low-contrast deviations show, as in PaDiM's Mahalanobis
-        metric. ``"euclidean"``: the plain distance, the same metric as the
-        image score's. The image score reads its own map (unless
-        ``image_score="map"``), so only the maps and masks change; unused
-        with ``"patch"``. See :doc:`/user_guide/defaults`.
+        metric. ``"euclidean"``: the plain distance. The image score reads
+        its own map (unless ``image_score="map"``), in the metric
+        ``score_whitening`` sets; unused with ``"patch"``. See
+        :doc:`/user_guide/defaults`.
+    score_whitening : float in [0, 1], default=0.0
+        With the whitened map and an ``image_score`` other than ``"map"``:
+        how far the image score's metric moves from the plain one (0)
+        towards the map's whitened one (1); the finest stage's channels are
+        measured in ``(1 - s) I + s W^2``, ``W`` the map's whitening. Towards
+        1 faint deviations along directions in which normal patches hardly
+        vary (a fine texture's) count more, towards 0 the channels that vary
+        most decide, as in the plain metric; the maps do not change. Try 0.5
+        for textures with faint, low-contrast defects; keep 0 for aligned
+        parts. Unused otherwise. See :doc:`/user_guide/defaults`.
     position_baseline : bool, default=True
         Subtract, position by position, the mean image-score map of normal
         images (the held-out calibration images, else the training images)
@@ -203,6 +213,7 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         "mean": RGB(),
         "std": RGB(positive=True),
         "map_metric": OneOf(MAP_METRICS),
+        "score_whitening": RealInterval(0.0, 1.0),
         # numpy bools too: a grid search over a numpy array passes them
         "position_baseline": Satisfies(lambda v: isinstance(v, (bool, np.bool_)),
                                        "True or False"),
@@ -222,7 +233,7 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         clustering="finch", n_clusters=None, n_farthest=None,
         max_patches=2_000_000, sigma=4.0, alignment="center",
         neighborhood_size=3, normalization="image", image_score="projection",
-        map_metric="whitened", position_baseline=True, image_size=256,
+        map_metric="whitened", score_whitening=0.0, position_baseline=True, image_size=256,
         crop_size=None, padding="zeros", mean=IMAGENET_MEAN, std=IMAGENET_STD, contamination="auto",
         batch_size=16, device="auto", random_state=None, verbose=False, n_jobs=None,
         memory=None,
@@ -240,6 +251,7 @@ class ProtoADDetector(_pickling.NetworkPickling, OutlierMixin, BaseEstimator):
         self.normalization = normalization
         self.image_score = image_score
         self.map_metric = map_metric
+        self.score_whitening = score_whitening
         self.position_baseline = position_baseline
         self.image_size = image_size
         self.crop_size = crop_size

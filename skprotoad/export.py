@@ -286,6 +286,7 @@ def _settings(module):
             f"padding={embedding.padding!r}, neighborhood_size={embedding.neighborhood_size}, "
             f"position_baseline={network.score_baseline.numel() > 0}, "
             f"map_whitened={network.whitened_channels > 0}, "
+            f"score_whitening={network.score_whitening:g}, "
             f"pipeline={module is not network}")
 
 
@@ -541,11 +542,14 @@ def _metadata(model, pipeline=False):
             + ", higher = more anomalous",
             "scores": "float32 (N,), "
             + _SCORE_MEANING["map" if network.reads_score_from_map else network.image_score]
+            + (f", the finest stage's channels {network.score_whitening:g} of the way "
+               "to the map's whitened metric" if network.score_whitening else "")
             + (" less the normal images' mean of it at each position"
                if network.score_baseline.numel() else "")
             + " = -score_samples",
         },
         "image_score": network.image_score,
+        "score_whitening": network.score_whitening,
         "threshold": float(-model.offset_),
         "pixel_threshold": float(model.pixel_threshold_),
         "backbone": network.embedding.backbone.name,

@@ -13,7 +13,9 @@ map stays the distance. With a ``map_whitening`` ``W`` of the finest stage's
 channels, the map measures that distance in the metric ``W`` gives those
 channels, ``|W x_0 - W p_0|^2 + |x_r - p_r|^2``: the same products plus one
 of the finest stage's channels with ``(W^2 - I) p_0``, while the image score
-reads the products in the plain metric.
+reads the products in the metric ``(1 - s) I + s W^2`` (``score_whitening``
+``s``; 0: the plain metric), the same blend of the plain and the whitened
+products.
 
 On the CPU (not while traced or exported), :meth:`ProtoADNetwork.forward`
 multiplies the coarser stages by the prototypes at their own stride and
@@ -31,7 +33,7 @@ from torch import nn
 
 from ._choices import ALIGNMENTS, IMAGE_SCORES, MAP_METRICS, NORMALIZATIONS, PADDINGS
 from ._threads import tracing
-from ._validation import Integer, OneOf, validate
+from ._validation import Integer, OneOf, RealInterval, validate
 from ._version import __version__
 from .backbones import FeatureExtractor, create_feature_extractor
 
@@ -46,10 +48,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Version of what :meth:`ProtoADNetwork.describe` returns, shared by the
 #: detector's pickles and :mod:`skprotoad.persistence`; bumped when it changes.
-#: 2 added ``map_whitening_shape``.
-FORMAT_VERSION = 2
-#: The versions this one reads: a version-1 network has no map whitening.
-READABLE_FORMAT_VERSIONS = (1, 2)
+#: 2 added ``map_whitening_shape``, 3 ``score_whitening``.
+FORMAT_VERSION = 3
+#: The versions this one reads: a version-1 network has no map whitening, a
+#: version-2 one scores images in the plain metric.
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 
 
 class GaussianSmoothing(nn.Module):
@@ -279,6 +282,7 @@ NETWORK_CONSTRAINTS = {
     "normalization": OneOf(NORMALIZATIONS),
     "padding": OneOf(PADDINGS),
     "image_score": OneOf(IMAGE_SCORES),
+    "score_whitening": RealInterval(0.0, 1.0),
 }
 
 
@@ -465,6 +469,16 @@ def effective_map_metric(normalization, map_metric):
     return map_metric if normalization == "image" else "euclidean"
 
 
+def effective_score_whitening(normalization, image_score, map_metric, score_whitening):
+    """The network's ``score_whitening`` for the detector's parameters: 0
+    where the image score has no whitened metric to move towards (a plain
+    map, unit features) or is the map itself (``image_score="map"``)."""
+    if (effective_map_metric(normalization, map_metric) != "whitened"
+            or effective_image_score(normalization, image_score) == "map"):
+        return 0.0
+    return float(score_whitening)
+
+
 class ProtoADNetwork(nn.Module):
     """Backbone plus prototype head: images in, anomaly maps and scores out.
 
@@ -502,9 +516,15 @@ class ProtoADNetwork(nn.Module):
         those channels mapped by ``W``, ``min_k |W x_0 - W p_k0|^2 + |x_r -
         p_kr|^2`` under the root, which the same prototypes serve because
         ``W`` is linear; the ``"projection"`` and ``"cosine"`` image scores
-        stay in the plain metric. Set by the detector's ``map_metric``
-        (``skprotoad._whitening.stage_whitening``). None: the plain
-        Euclidean distance.
+        measure in the metric ``score_whitening`` says. Set by the
+        detector's ``map_metric`` (``skprotoad._whitening.stage_whitening``).
+        None: the plain Euclidean distance.
+    score_whitening : float in [0, 1], default=0.0
+        With ``map_whitening`` and an ``image_score`` other than ``"map"``:
+        the image score measures the finest stage's channels in the metric
+        ``(1 - s) I + s W^2``, from the plain one (0) to the map's own (1);
+        the products it needs are the same blend of the plain and the
+        map's products, the metric being linear in them. Ignored otherwise.
 
     Notes
     -----
@@ -537,10 +557,14 @@ class ProtoADNetwork(nn.Module):
         image_score: str = "map",
         score_baseline: torch.Tensor | None = None,
         map_whitening: torch.Tensor | None = None,
+        score_whitening: float = 0.0,
     ):
         super().__init__()
-        validate(NETWORK_CONSTRAINTS, {"image_score": image_score})
+        validate(NETWORK_CONSTRAINTS, {"image_score": image_score,
+                                       "score_whitening": score_whitening})
         self.image_score = image_score
+        # a plain float: traced and exported graphs hold it as a constant
+        self.score_whitening = float(score_whitening)
         prototypes = torch.as_tensor(prototypes, dtype=torch.float32)
         n_channels = embedding.n_channels
         if prototypes.ndim != 2 or prototypes.shape[1] != n_channels:
@@ -709,8 +733,8 @@ class ProtoADNetwork(nn.Module):
         weight, bias = self._whitening_correction()
         map_products = products + F.conv2d(finest, weight[:, :, None, None], bias)
         map_feature_sq = feature_sq + self._whitening_square_gain(finest)
-        return self._scores_of_products(products, feature_sq, half_sq,
-                                        map_products=map_products, map_feature_sq=map_feature_sq)
+        return self._scores_of_products(products, feature_sq, half_sq, map_products=map_products,
+                                        map_feature_sq=map_feature_sq, map_half_sq=half_sq - bias)
 
     def _half_squares(self) -> torch.Tensor:
         return 0.5 * (self.prototypes * self.prototypes).sum(dim=1)
@@ -734,7 +758,7 @@ class ProtoADNetwork(nn.Module):
         return (whitened * whitened - finest * finest).sum(dim=1, keepdim=True)
 
     def _scores_of_products(self, products, feature_sq=None, half_sq=None, scale=None,
-                            map_products=None, map_feature_sq=None):
+                            map_products=None, map_feature_sq=None, map_half_sq=None):
         """Patch scores (two (N, 1, h, w) maps) from the products of the
         patches with the prototypes.
 
@@ -742,9 +766,10 @@ class ProtoADNetwork(nn.Module):
         ``x.p_k`` (``"patch"``) or ``scale`` times ``x.p_k - |p_k|^2 / 2``
         (``"image"``), for the normalised features ``x`` (``scale`` None: 1;
         else a tensor that broadcasts to (N, 1, h, w)); ``feature_sq`` is
-        ``|x|^2``. ``map_products`` and ``map_feature_sq``, when given, are
-        the same in the metric of ``map_whitening``, which the map's
-        distances are read from.
+        ``|x|^2`` and ``half_sq`` ``|p_k|^2 / 2``. ``map_products``,
+        ``map_feature_sq`` and ``map_half_sq``, when given, are the same in
+        the metric of ``map_whitening``, which the map's distances are read
+        from, and the score's as far as ``score_whitening`` says.
         """
         if map_products is None:
             map_products, map_feature_sq = products, feature_sq
@@ -757,6 +782,16 @@ class ProtoADNetwork(nn.Module):
         distances = (map_feature_sq - 2.0 * best).clamp_min(0.0).sqrt()
         if self.image_score == "map":
             return distances, distances
+        if self.score_whitening and map_products is not products:
+            # every term is linear in the metric, so the score's metric
+            # (1 - s) I + s W^2 has the same blend of the two metrics' terms
+            s = self.score_whitening
+            if tracing():
+                products = products + s * (map_products - products)
+            else:
+                products = products.lerp_(map_products, s)
+            feature_sq = feature_sq + s * (map_feature_sq - feature_sq)
+            half_sq = half_sq + s * (map_half_sq - half_sq)
         # the same products read as projections onto the prototype
         # directions, x.p / |p|: one more max. In place, since the (N, K, h, w)
         # products are the largest tensor here and each extra copy of them
@@ -819,6 +854,7 @@ class ProtoADNetwork(nn.Module):
             c0 = self.whitened_channels
             correction_weight, correction_bias = self._whitening_correction()
             correction_weight = correction_weight.T.contiguous()
+            map_half_sq = half_sq - correction_bias
         multiple = int(np.lcm.reduce(list(coarse.values())))
         map_parts, score_parts, workspace = [], [], {}
         for chunk in _backbone_chunks(images):
@@ -868,6 +904,7 @@ class ProtoADNetwork(nn.Module):
                             map_products=map_products.view(1, r1 - r0, grid_w, -1).permute(
                                 0, 3, 1, 2),
                             map_feature_sq=map_feature_sq[i : i + 1, :, r0:r1],
+                            map_half_sq=map_half_sq,
                         )
                     bands.append(self._scores_of_products(
                         products,
@@ -973,6 +1010,7 @@ class ProtoADNetwork(nn.Module):
             "image_score": self.image_score,
             "score_baseline_shape": list(self.score_baseline.shape),
             "map_whitening_shape": list(self.map_whitening.shape),
+            "score_whitening": self.score_whitening,
             "input_size": self.input_size,
             "sigma": self.smoothing.sigma,
             "n_prototypes": int(self.prototype_conv.out_channels),
@@ -990,7 +1028,9 @@ class ProtoADNetwork(nn.Module):
         ----------
         description : dict
             What :meth:`describe` returned; other keys are ignored. Without
-            ``map_whitening_shape`` (format 1), a network without whitening.
+            ``map_whitening_shape`` (format 1), a network without whitening;
+            without ``score_whitening`` (formats 1 and 2), a score in the
+            plain metric.
         state_dict : dict of tensors, default=None
             Loaded strictly into the network, which takes an empty
             ``map_whitening`` when it has none (format 1); ``None`` leaves
@@ -1021,6 +1061,8 @@ class ProtoADNetwork(nn.Module):
             image_score=description["image_score"],
             score_baseline=torch.zeros(description["score_baseline_shape"]),
             map_whitening=torch.zeros(description.get("map_whitening_shape", (0, 0))),
+            # formats 1 and 2: the score in the plain metric
+            score_whitening=description.get("score_whitening", 0.0),
         )
         if state_dict is not None:
             network.load_described_state(state_dict, description)

@@ -37,8 +37,8 @@ from sklearn.utils.validation import check_is_fitted
 from ._files import refuse_existing, write_new_file
 from ._images import fixed_input_size
 from ._validation import (
-    FORMAT_1_PARAMS, check_params, check_unchanged_since_fit, record_fitted_settings,
-    torch_device, validate,
+    check_params, check_unchanged_since_fit, params_missing_from_format,
+    record_fitted_settings, torch_device, validate,
 )
 from ._version import __version__
 from .detector import ProtoADDetector
@@ -46,6 +46,7 @@ from .network import FORMAT_VERSION as NETWORK_FORMAT_VERSION
 from .network import READABLE_FORMAT_VERSIONS as READABLE_NETWORK_FORMAT_VERSIONS
 from .network import (
     NETWORK_CONSTRAINTS, ProtoADNetwork, all_finite, effective_image_score, effective_map_metric,
+    effective_score_whitening,
 )
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
@@ -410,8 +411,9 @@ def _check_config(config):
     # save writes None; any other value (an edited file) is a cache folder of
     # another machine, which checking the parameters would create
     params["memory"] = None
-    if config["network_format_version"] == 1:  # before these parameters existed
-        params.update({k: v for k, v in FORMAT_1_PARAMS.items() if k not in params})
+    # parameters added since its format, at the values it was fitted with
+    missing = params_missing_from_format(config["network_format_version"])
+    params.update({k: v for k, v in missing.items() if k not in params})
     _check_params(params, saved_by)
     _check_fitted(_require(config, "fitted", dict))
     _check_network(_require(config, "network", dict), saved_by, config["network_format_version"])
@@ -516,6 +518,7 @@ def _check_network(network, saved_by, version):
         "backbone", "layers", "mean", "std", "alignment", "neighborhood_size", "normalization",
         "padding", "image_score", "score_baseline_shape", "input_size", "sigma", "n_prototypes",
         *(("map_whitening_shape",) if version >= 2 else ()),
+        *(("score_whitening",) if version >= 3 else ()),
     }
     if not required <= set(network):
         raise _Invalid(_PRE_RELEASE.format(saved_by))
@@ -526,6 +529,8 @@ def _check_network(network, saved_by, version):
     _require_list(network, "layers", int, None, where)
     _require_list(network, "mean", float, 3, where)
     _require_list(network, "std", float, 3, where, positive=True)
+    if version >= 3:
+        _require(network, "score_whitening", float, where)
     try:
         validate(NETWORK_CONSTRAINTS, network)
     except ValueError as exc:
@@ -612,6 +617,14 @@ def _check_consistency(config, layout):
         raise _Invalid(
             f"network 'map_whitening_shape' {whitening} does not match its parameters' "
             f"map_metric={model.map_metric!r} (normalization={model.normalization!r})"
+        )
+    score_whitening = network.get("score_whitening", 0.0)  # formats 1, 2: plain
+    expected_whitening = effective_score_whitening(
+        model.normalization, model.image_score, model.map_metric, model.score_whitening)
+    if score_whitening != expected_whitening:
+        raise _Invalid(
+            f"network 'score_whitening' {score_whitening!r} is not the "
+            f"{expected_whitening!r} of its parameters"
         )
     if whitening != [0, 0] and list(layout.get(_NETWORK_PREFIX + "map_whitening",
                                                (None, []))[1]) != whitening:

@@ -25,7 +25,8 @@ def test_whitening_changes_the_maps_not_the_image_scores(lite0_detector, euclide
     assert lite0_detector.map_metric == "whitened"
     assert lite0_detector.network_.whitened_channels == 24  # efficientnet_lite0's stage 1
     assert euclidean_detector.network_.map_whitening.numel() == 0
-    # the image score reads the plain metric, so the threshold is the same too
+    # the image score reads the plain metric (score_whitening=0), so the
+    # threshold is the same too
     # (to its tie margin, a fraction of the larger of scores and map maxima)
     np.testing.assert_allclose(lite0_detector.score_samples(X),
                                euclidean_detector.score_samples(X), rtol=1e-5, atol=1e-6)
@@ -70,9 +71,9 @@ def test_bad_map_metric_is_named(normal_images):
 def test_a_pickle_of_format_1_loads_with_the_euclidean_map(euclidean_detector, synthetic):
     # pickled before map_metric existed: no parameter, no whitening buffer
     state = euclidean_detector.__getstate__()
-    del state["map_metric"]
+    del state["map_metric"], state["score_whitening"]
     network = dict(state["_network_state"], format_version=1)
-    del network["map_whitening_shape"]
+    del network["map_whitening_shape"], network["score_whitening"]
     network["tensors"] = {k: v for k, v in network["tensors"].items() if k != "map_whitening"}
     state["_network_state"] = network
     old = ProtoADDetector.__new__(ProtoADDetector)

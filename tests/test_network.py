@@ -241,6 +241,53 @@ def test_whitened_map_is_the_distance_in_the_whitened_metric(image_score):
         torch.testing.assert_close(traced(x)[0], net(x)[0], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("image_score", ["projection", "cosine"])
+@pytest.mark.parametrize("score_whitening", [0.5, 1.0])
+def test_score_whitening_scores_in_the_blended_metric(image_score, score_whitening):
+    # the image score in the metric M = (1 - s) I + s W^2 on the finest
+    # stage: computed directly through M's square root (features and
+    # prototypes mapped by it, then the plain formulas), against every way the
+    # network computes it; the map stays the whitened distance
+    backbone = create_feature_extractor("resnet18", (1, 2, 3), weights=None)
+    emb = PatchEmbedding(backbone, neighborhood_size=3, normalization="image")
+    torch.manual_seed(0)
+    prototypes = torch.randn(9, 448) * 0.2
+    w = _random_whitening(64)
+    net = ProtoADNetwork(emb, prototypes, (64, 64), image_score=image_score,
+                         map_whitening=w, score_whitening=score_whitening).eval()
+    whitened_only = ProtoADNetwork(emb, prototypes, (64, 64), image_score=image_score,
+                                   map_whitening=w).eval()
+    values, vectors = torch.linalg.eigh(
+        (1 - score_whitening) * torch.eye(64) + score_whitening * w @ w)
+    root = (vectors * values.sqrt()) @ vectors.T
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        features = emb(x)
+        mapped = features.clone()
+        mapped[:, :64] = torch.einsum("ij,njhw->nihw", root, features[:, :64])
+        mapped = mapped.permute(0, 2, 3, 1).reshape(-1, 448)
+        mapped_prototypes = prototypes.clone()
+        mapped_prototypes[:, :64] = prototypes[:, :64] @ root
+        norms = mapped.norm(dim=1)
+        projection = (mapped @ F.normalize(mapped_prototypes, dim=1).T).amax(dim=1)
+        expected = norms - projection if image_score == "projection" else 1 - projection / norms
+        expected = expected.view(2, 1, 16, 16)
+        staged = net.image_patch_scores(x)
+        for map_patches, score_patches in (staged, net.patch_scores(features)):
+            torch.testing.assert_close(score_patches, expected, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(map_patches, whitened_only.patch_scores(features)[0],
+                                       atol=2e-5, rtol=1e-4)
+        # the score does move with the metric
+        assert (staged[1] - whitened_only.patch_scores(features)[1]).abs().max() > 1e-3
+        traced = torch.jit.trace(net, x[:1], check_trace=False)
+        torch.testing.assert_close(traced(x)[1], net(x)[1], atol=2e-5, rtol=1e-4)
+
+
+def test_bad_score_whitening_is_named(embedding):
+    with pytest.raises(ValueError, match=r"score_whitening must be in \[0, 1\]"):
+        ProtoADNetwork(embedding, torch.randn(3, 192), (64, 64), score_whitening=1.5)
+
+
 def test_bad_map_whitening_is_named(embedding):
     prototypes = torch.randn(3, 192)
     image = PatchEmbedding(embedding.backbone, normalization="image")

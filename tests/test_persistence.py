@@ -598,8 +598,10 @@ def test_files_of_network_format_1_load_with_the_euclidean_map(euclidean_image_m
 
     def version_1(config):
         config["network_format_version"] = 1
-        del config["params"]["map_metric"]
+        for key in ("map_metric", "score_whitening"):
+            del config["params"][key]
         del config["network"]["map_whitening_shape"]
+        del config["network"]["score_whitening"]
 
     def without_whitening(tensors):
         del tensors["network.map_whitening"]
@@ -609,6 +611,34 @@ def test_files_of_network_format_1_load_with_the_euclidean_map(euclidean_image_m
     loaded = persistence.load(path)
     assert loaded.map_metric == "euclidean"
     _assert_same_model(loaded, euclidean_image_model, X)
+
+
+def test_files_of_network_format_2_load_with_the_plain_score_metric(lite0_detector, tmp_path,
+                                                                     synthetic):
+    # saved before score_whitening existed: the image score in the plain metric
+    assert lite0_detector.score_whitening == 0.0
+    saved = persistence.save(lite0_detector, tmp_path / "new.safetensors")
+
+    def version_2(config):
+        config["network_format_version"] = 2
+        del config["params"]["score_whitening"]
+        del config["network"]["score_whitening"]
+
+    loaded = persistence.load(_rewrite(saved, tmp_path / "old.safetensors", config=version_2))
+    assert loaded.score_whitening == 0.0 == loaded.network_.score_whitening
+    _assert_same_model(loaded, lite0_detector, synthetic.X_test)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_setter("network.score_whitening", 0.5), "network 'score_whitening' 0.5 is not the 0.0"),
+    (_setter("network.score_whitening", "half"), "'score_whitening' must be float"),
+    (_setter("network.score_whitening", 2.0), r"score_whitening must be in \[0, 1\]"),
+])
+def test_a_score_whitening_that_disagrees_is_refused(lite0_detector, tmp_path, edit, message):
+    saved = persistence.save(lite0_detector, tmp_path / "s.safetensors")
+    path = _rewrite(saved, tmp_path / "edited.safetensors", config=edit)
+    with pytest.raises(ValueError, match=message):
+        persistence.load(path)
 
 
 @pytest.mark.parametrize("edit, message", [
