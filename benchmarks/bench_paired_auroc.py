@@ -2,7 +2,7 @@
 the uncertainty that comes from the test images themselves.
 
     python benchmarks/bench_paired_auroc.py [--results PATH] [--against defaults]
-        [--resamples 2000] [--random-state 0]
+        [--settings NAME ...] [--resamples 2000] [--random-state 0] [--name paired_auroc]
 
 The suite's seed ranges say how far a setting's image AUROC moves with the
 fit's randomness on one fixed test set. They do not say how far it would
@@ -18,7 +18,8 @@ setting's AUROC on each resample, and reports the difference to the
 ``--against`` setting on the same resample: the difference on the test set
 as it is, the 2.5 / 97.5 % percentiles of the resampled differences (a 95 %
 interval) and the share of resamples where the setting ranks better, and
-each setting's own interval. Results: ``benchmarks/results/paired_auroc.{json,md}``.
+each setting's own interval (``--settings``: only these, and the
+``--against`` one). Results: ``benchmarks/results/NAME.{json,md}``.
 """
 
 import argparse
@@ -96,13 +97,19 @@ def main(argv=None):
     parser.add_argument("--against", default="defaults")
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--random-state", type=int, default=0)
+    parser.add_argument("--settings", nargs="+", default=None,
+                        help="compare only these settings (default: every one with scores)")
+    parser.add_argument("--name", default="paired_auroc",
+                        help="results file name, without extension")
     args = parser.parse_args(argv)
     rows = list(_common.read_json(args.results, {"runs": {}})["runs"].values())
+    if args.settings is not None:
+        rows = [r for r in rows if r.get("setting") in {*args.settings, args.against}]
     table = compare(rows, args.against, args.resamples, args.random_state)
     if not table:
         sys.exit(f"no rows with test_scores and setting {args.against!r} in {args.results}")
     command = "python benchmarks/bench_paired_auroc.py " + " ".join(argv or sys.argv[1:])
-    _common.write_json(_common.RESULTS / "paired_auroc.json",
+    _common.write_json(_common.RESULTS / f"{args.name}.json",
                        {"command": command.strip(), "rows": table}, indent=1)
     lines = [
         "# Image AUROC on the same test images: differences with their 95 % intervals",
@@ -123,14 +130,16 @@ def main(argv=None):
         low, high = r["interval"]
         d_low, d_high = r["difference_interval"]
         is_base = r["setting"] == args.against
-        rows.append([r["set"], r["seed"], f"{r['n_normal']} / {r['n_defective']}", r["setting"],
+        rows.append([r["set"], r["seed"], r["n_train"], f"{r['n_normal']} / {r['n_defective']}",
+                     r["setting"],
                      f"{r['image_auroc']:.3f} ({low:.3f}-{high:.3f})",
                      "" if is_base else f"{r['difference']:+.3f} ({d_low:+.3f} to {d_high:+.3f})",
                      "" if is_base else f"{r['share_above']:.2f}"])
     lines += _common.markdown_table(
-        ["set", "seed", "normal / defective", "setting", "image AUROC (95 % interval)",
+        ["set", "seed", "training images", "normal / defective", "setting",
+         "image AUROC (95 % interval)",
          f"difference to {args.against} (95 % interval)", "above"], rows)
-    _common.write_markdown(_common.RESULTS / "paired_auroc.md", lines)
+    _common.write_markdown(_common.RESULTS / f"{args.name}.md", lines)
     print("\n".join(lines))
 
 
