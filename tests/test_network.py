@@ -205,29 +205,42 @@ def _random_whitening(channels, seed=0):
     return a @ a.T / channels + 0.1 * torch.eye(channels)
 
 
+@pytest.fixture(scope="module")
+def whitening_case():
+    """An embedding with distances, prototypes and a whitening ``W`` of its
+    finest stage's 64 channels."""
+    backbone = create_feature_extractor("resnet18", (1, 2, 3), weights=None)
+    emb = PatchEmbedding(backbone, neighborhood_size=3, normalization="image")
+    torch.manual_seed(0)
+    return emb, torch.randn(9, 448) * 0.2, _random_whitening(64)
+
+
+def _mapped_finest(features, prototypes, matrix):
+    """The features' rows (n h w, C) and the prototypes with their first
+    ``len(matrix)`` channels mapped by the symmetric ``matrix``."""
+    c0 = len(matrix)
+    mapped = features.clone()
+    mapped[:, :c0] = torch.einsum("ij,njhw->nihw", matrix, features[:, :c0])
+    mapped_prototypes = prototypes.clone()
+    mapped_prototypes[:, :c0] = prototypes[:, :c0] @ matrix
+    return mapped.permute(0, 2, 3, 1).reshape(-1, features.shape[1]), mapped_prototypes
+
+
 @pytest.mark.parametrize("image_score", ["projection", "cosine", "map"])
-def test_whitened_map_is_the_distance_in_the_whitened_metric(image_score):
+def test_whitened_map_is_the_distance_in_the_whitened_metric(whitening_case, image_score):
     # map_whitening W on the finest stage's 64 channels: the map is
     # min_k |W x0 - W p0|^2 + |x_r - p_r|^2 (under the root), in every way
     # the network computes it: stage-wise (CPU), one piece, traced; the
     # projection and cosine scores stay those of the plain metric
-    backbone = create_feature_extractor("resnet18", (1, 2, 3), weights=None)
-    emb = PatchEmbedding(backbone, neighborhood_size=3, normalization="image")
-    torch.manual_seed(0)
-    prototypes = torch.randn(9, 448) * 0.2
-    w = _random_whitening(64)
+    emb, prototypes, w = whitening_case
     net = ProtoADNetwork(emb, prototypes, (64, 64), image_score=image_score,
                          map_whitening=w).eval()
     plain = ProtoADNetwork(emb, prototypes, (64, 64), image_score=image_score).eval()
     x = torch.rand(2, 3, 64, 64)
     with torch.inference_mode():
         features = emb(x)
-        mapped = features.clone()
-        mapped[:, :64] = torch.einsum("ij,njhw->nihw", w, features[:, :64])
-        mapped_prototypes = prototypes.clone()
-        mapped_prototypes[:, :64] = prototypes[:, :64] @ w
-        expected = torch.cdist(mapped.permute(0, 2, 3, 1).reshape(-1, 448),
-                               mapped_prototypes).amin(dim=1).view(2, 1, 16, 16)
+        expected = torch.cdist(*_mapped_finest(features, prototypes, w)).amin(dim=1)
+        expected = expected.view(2, 1, 16, 16)
         traced = torch.jit.trace(net, x[:1], check_trace=False)
         staged = net.image_patch_scores(x)
         for map_patches, score_patches in (staged, net.patch_scores(features)):
@@ -243,16 +256,13 @@ def test_whitened_map_is_the_distance_in_the_whitened_metric(image_score):
 
 @pytest.mark.parametrize("image_score", ["projection", "cosine"])
 @pytest.mark.parametrize("score_whitening", [0.5, 1.0])
-def test_score_whitening_scores_in_the_blended_metric(image_score, score_whitening):
+def test_score_whitening_scores_in_the_blended_metric(whitening_case, image_score,
+                                                       score_whitening):
     # the image score in the metric M = (1 - s) I + s W^2 on the finest
     # stage: computed directly through M's square root (features and
     # prototypes mapped by it, then the plain formulas), against every way the
     # network computes it; the map stays the whitened distance
-    backbone = create_feature_extractor("resnet18", (1, 2, 3), weights=None)
-    emb = PatchEmbedding(backbone, neighborhood_size=3, normalization="image")
-    torch.manual_seed(0)
-    prototypes = torch.randn(9, 448) * 0.2
-    w = _random_whitening(64)
+    emb, prototypes, w = whitening_case
     net = ProtoADNetwork(emb, prototypes, (64, 64), image_score=image_score,
                          map_whitening=w, score_whitening=score_whitening).eval()
     whitened_only = ProtoADNetwork(emb, prototypes, (64, 64), image_score=image_score,
@@ -263,11 +273,7 @@ def test_score_whitening_scores_in_the_blended_metric(image_score, score_whiteni
     x = torch.rand(2, 3, 64, 64)
     with torch.inference_mode():
         features = emb(x)
-        mapped = features.clone()
-        mapped[:, :64] = torch.einsum("ij,njhw->nihw", root, features[:, :64])
-        mapped = mapped.permute(0, 2, 3, 1).reshape(-1, 448)
-        mapped_prototypes = prototypes.clone()
-        mapped_prototypes[:, :64] = prototypes[:, :64] @ root
+        mapped, mapped_prototypes = _mapped_finest(features, prototypes, root)
         norms = mapped.norm(dim=1)
         projection = (mapped @ F.normalize(mapped_prototypes, dim=1).T).amax(dim=1)
         expected = norms - projection if image_score == "projection" else 1 - projection / norms
