@@ -529,8 +529,6 @@ def _check_network(network, saved_by, version):
     _require_list(network, "layers", int, None, where)
     _require_list(network, "mean", float, 3, where)
     _require_list(network, "std", float, 3, where, positive=True)
-    if version >= 3:
-        _require(network, "score_whitening", float, where)
     try:
         validate(NETWORK_CONSTRAINTS, network)
     except ValueError as exc:

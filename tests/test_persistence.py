@@ -631,7 +631,7 @@ def test_files_of_network_format_2_load_with_the_plain_score_metric(lite0_detect
 
 @pytest.mark.parametrize("edit, message", [
     (_setter("network.score_whitening", 0.5), "network 'score_whitening' 0.5 is not the 0.0"),
-    (_setter("network.score_whitening", "half"), "'score_whitening' must be float"),
+    (_setter("network.score_whitening", "half"), "score_whitening must be a number"),
     (_setter("network.score_whitening", 2.0), r"score_whitening must be in \[0, 1\]"),
 ])
 def test_a_score_whitening_that_disagrees_is_refused(lite0_detector, tmp_path, edit, message):
