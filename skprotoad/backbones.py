@@ -379,11 +379,62 @@ def _timm_hub_state_dict(name):
             f"for random ones, the path of a state dict, or another backbone "
             f"({OFFLINE_BACKBONE!r}'s ship with skprotoad)."
         )
+    cached = _hub_cached_weights(name)
+    # offline, the hub client retries for most of a minute before it gives up
+    if cached is None and not _hub_reachable():
+        from huggingface_hub import constants
+
+        raise _unavailable(
+            name, f"not in the Hugging Face cache {constants.HF_HUB_CACHE} and "
+            f"{constants.ENDPOINT} cannot be reached"
+        )
+    overlay = {} if cached is None else {"file": cached}
     try:
-        model = timm.create_model(name, pretrained=True)
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as exc:  # the hub client raises many unrelated types offline
         raise _unavailable(name, f"timm could not fetch them: {exc}") from exc
     return model.state_dict()
+
+
+def _hub_cached_weights(name):
+    """The path of ``name``'s timm weights in the Hugging Face cache, or None."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    config = get_pretrained_cfg(name)
+    if config is None or not config.hf_hub_id:
+        return None
+    repo, _, revision = config.hf_hub_id.partition("@")
+    # timm prefers the safetensors file where the repository has one
+    names = [config.hf_hub_filename] if config.hf_hub_filename else [
+        "model.safetensors", "pytorch_model.bin"]
+    for filename in names:
+        path = try_to_load_from_cache(repo, filename, revision=revision or None)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def _hub_reachable(timeout=5.0):
+    """Whether a connection to the Hugging Face endpoint opens (assumed so
+    behind a proxy, which a direct connection cannot test)."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    if urllib.request.getproxies().get(endpoint.scheme):
+        return True
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _read_state_dict(path: Path):

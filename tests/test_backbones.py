@@ -130,6 +130,62 @@ def test_cached_torchvision_weights_are_used(tmp_path, monkeypatch):
     assert torch.equal(net.model.conv1.weight, source.conv1.weight)
 
 
+def _no_hub(monkeypatch, tmp_path):
+    """An empty Hugging Face cache and no route to the hub."""
+    import socket
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    def no_route(*args, **kwargs):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(socket, "create_connection", no_route)
+    monkeypatch.setattr(urllib.request, "getproxies", dict)
+
+
+def test_timm_hub_weights_come_from_the_hugging_face_cache_offline(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    _no_hub(monkeypatch, tmp_path)
+    # the cache's layout: models--<org>--<name>/refs/main names the snapshot
+    repo = tmp_path / "models--timm--resnet10t.c3_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    source = timm.create_model("resnet10t")
+
+    def hub_client(*args, **kwargs):  # offline it retries for most of a minute
+        raise AssertionError("the hub was asked for cached weights")
+
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", hub_client)
+    save_file(source.state_dict(), repo / "snapshots" / "abc123" / "model.safetensors")
+    net = create_feature_extractor("resnet10t", (1,))
+    assert torch.equal(net.model.conv1[0].weight, source.conv1[0].weight)
+
+
+def test_unreachable_hub_fails_at_once_naming_the_offline_options(tmp_path, monkeypatch):
+    _no_hub(monkeypatch, tmp_path)
+    with pytest.raises(WeightsUnavailableError) as info:
+        create_feature_extractor("resnet10t", (1,))
+    message = str(info.value)
+    # not the hub client's error after its retries
+    assert "cannot be reached" in message and str(tmp_path) in message
+    assert "efficientnet_lite0" in message and "weights=" in message
+
+
+def test_behind_a_proxy_the_hub_is_tried(monkeypatch, tmp_path):
+    import urllib.request
+
+    from skprotoad.backbones import _hub_reachable
+
+    _no_hub(monkeypatch, tmp_path)
+    assert not _hub_reachable()
+    monkeypatch.setattr(urllib.request, "getproxies", lambda: {"https": "http://proxy:3128"})
+    assert _hub_reachable()
+
+
 @pytest.mark.parametrize(
     "layers, error, match",
     [
