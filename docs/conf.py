@@ -143,6 +143,11 @@ BENCHMARKS = {
         "the suite's sets.",
         "python benchmarks/bench_image_readouts.py",
     ),
+    "score_union": (
+        "The image score in the plain and a whitened metric at once, each standardised "
+        "by the held-out normal scores: a lead, not taken yet.",
+        "python benchmarks/bench_score_union.py",
+    ),
     "position_spread": (
         "The image score less each position's normal mean and divided by its spread "
         "(PaDiM's per-position statistics): tried, not taken.",
