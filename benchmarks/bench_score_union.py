@@ -19,8 +19,10 @@ the same combination of the held-out scores (pooled over the calibration
 folds), for every row alike; not the detector's ``predict``.
 
     python benchmarks/bench_score_union.py [--max-train 200] [--seeds 0 1 2] [--sets NAME ...]
+        [--name score_union]
 
-Writes benchmarks/results/score_union.{json,md}. Run it alone or beside
+``--max-train 0``: every training image. Writes
+benchmarks/results/<name>.{json,md}. Run it alone or beside
 other accuracy runs: it measures no time.
 """
 import _common  # noqa: F401  (first: this checkout's skprotoad)
@@ -63,10 +65,13 @@ def main(argv=None):
     parser.add_argument("--max-train", type=int, default=200)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--sets", nargs="+", default=None)
+    parser.add_argument("--name", default="score_union",
+                        help="results file name in benchmarks/results (without suffix)")
     args = parser.parse_args(argv)
     command = (f"python benchmarks/bench_score_union.py --max-train {args.max_train} --seeds "
                + " ".join(map(str, args.seeds))
-               + (" --sets " + " ".join(args.sets) if args.sets else ""))
+               + (" --sets " + " ".join(args.sets) if args.sets else "")
+               + (f" --name {args.name}" if args.name != "score_union" else ""))
     results = {}
     for name, folder in find_sets(args.sets).items():
         data = _Set(name, folder, args.max_train)
@@ -102,7 +107,7 @@ def main(argv=None):
                          f"{100 * np.mean([r['tpr'] for r in runs]):.0f} %")
         table.append([row, *cells, f"{np.mean(means):.3f}"])
     write_one_fit_results(
-        "score_union", command, results,
+        args.name, command, results,
         "The image score in two metrics at once, each standardised by the held-out normal scores",
         "The defaults fitted with score_whitening 0, 0.5 and 1 per set and seed (seeds "
         + ", ".join(map(str, args.seeds)) + "; training images: "
